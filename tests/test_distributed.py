@@ -1,0 +1,37 @@
+"""gather_with_grad on real gloo ranks: values, ragged row counts, and the backward sum."""
+
+import torch
+
+from _multiproc import run_ranks
+from vembed_blocks.distributed import gather_with_grad, gather_with_offset, get_rank, get_world_size
+
+
+def _rows(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(rank + 2, 3, generator=g, dtype=torch.float64)  # ragged: 2, 3, 4 rows
+
+
+def _body(rank, world_size):
+    x = _rows(rank).requires_grad_()
+    full, offset = gather_with_offset(x)
+    expected = torch.cat([_rows(r) for r in range(world_size)])
+    assert torch.equal(full.detach(), expected)
+    assert offset == sum(r + 2 for r in range(rank))
+    # Loss on rank r: sum(full * w_r). d/dx_r of the summed-over-ranks loss = sum_r' w_r'[rows of r].
+    w = torch.arange(full.numel(), dtype=torch.float64).reshape(full.shape) * (rank + 1)
+    (full * w).sum().backward()
+    base = torch.arange(full.numel(), dtype=torch.float64).reshape(full.shape)
+    want = base * sum(r + 1 for r in range(world_size))
+    assert torch.allclose(x.grad, want[offset : offset + x.shape[0]])
+    return get_rank(), get_world_size()
+
+
+def test_gather_with_grad_ragged_2_and_3_ranks():
+    assert run_ranks(_body, 2) == [(0, 2), (1, 2)]
+    assert run_ranks(_body, 3) == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_gather_is_identity_without_process_group():
+    x = torch.randn(4, 2, requires_grad=True)
+    assert gather_with_grad(x) is x
+    assert get_rank() == 0 and get_world_size() == 1

@@ -1,0 +1,9 @@
+"""vembed-blocks: composable building blocks for training embedding models.
+
+Every block lives in its own module and can be imported on its own; this package
+re-exports the public names flat: ``from vembed_blocks import GradCache, InfoNCE``.
+"""
+
+from .distributed import gather_with_grad, gather_with_offset, get_rank, get_world_size, init_distributed, is_main_process
+
+__version__ = "0.1.0"

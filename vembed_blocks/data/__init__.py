@@ -1,0 +1,1 @@
+"""Data blocks: records, images, collators, the weighted task sampler, embedding stores."""

@@ -1,0 +1,139 @@
+"""Process-group helpers and an all-gather that carries gradient.
+
+`gather_with_grad` is the one piece of distributed logic the losses need: each rank
+scores its own rows against candidates gathered from every rank. Its backward sums the
+incoming gradients over ranks and returns each rank its own slice, so that with
+DDP/FSDP gradient averaging the parameter gradients equal those of one process on the
+concatenated global batch (the loss averages over local rows; averaging over W ranks
+turns that into the global mean).
+
+Everything here is the identity / a constant at world size 1 or without an initialised
+process group, so single-process code needs no branches.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "is_dist",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "init_distributed",
+    "gather_with_grad",
+    "gather_with_offset",
+    "all_gather_sizes",
+    "pad_dim",
+]
+
+
+def is_dist() -> bool:
+    """True when a process group is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+    """Initialise the default process group from torchrun's environment.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Without them
+    (plain ``python script.py``) nothing is initialised and ``(0, 1, device)`` is
+    returned. Backend: nccl when CUDA is available, else gloo. On CUDA the local
+    device is selected. Calling it twice is harmless.
+
+    Returns ``(rank, world_size, device)``.
+    """
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return get_rank(), get_world_size(), device
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Gather one integer from every rank (e.g. a local batch size). ``[n]`` at world size 1."""
+    if not is_dist():
+        return [int(n)]
+    t = torch.tensor([int(n)], device=device, dtype=torch.long)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+def pad_dim(x: torch.Tensor, dim: int, size: int, value: float = 0.0) -> torch.Tensor:
+    """Pad ``x`` with ``value`` along ``dim`` up to ``size`` (no copy when already that size)."""
+    extra = size - x.shape[dim]
+    if extra < 0:
+        raise ValueError(f"cannot pad dim {dim} of size {x.shape[dim]} down to {size}")
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        rank = dist.get_rank()
+        ctx.sizes, ctx.rank = sizes, rank
+        padded = pad_dim(x.contiguous(), 0, max(sizes))
+        buf = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(buf, padded)
+        return torch.cat([b[:n] for b, n in zip(buf, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every rank's loss depends on every rank's rows: sum the gradients over ranks,
+        # then keep this rank's slice (a reduce-scatter; all_reduce works on every backend).
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x[n_r, ...]`` from all ranks along dim 0, differentiably.
+
+    Ranks may hold different numbers of rows (trailing dims must match). Returns
+    ``[sum_r n_r, ...]`` in rank order. The backward pass sums gradients over ranks.
+    Identity at world size 1 or without a process group. Every rank must call it (it is
+    a collective).
+    """
+    return gather_with_offset(x)[0]
+
+
+def gather_with_offset(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`gather_with_grad`, also returning where this rank's rows start in the result.
+
+    Returns ``(gathered[sum_r n_r, ...], offset)``; ``(x, 0)`` at world size 1.
+    """
+    if not is_dist():
+        return x, 0
+    sizes = all_gather_sizes(x.shape[0], device=x.device)
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[: dist.get_rank()])
