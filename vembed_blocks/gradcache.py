@@ -1,0 +1,453 @@
+"""GradCache: contrastive training with a batch larger than activation memory allows.
+
+``encode`` embeds the batch chunk by chunk without keeping activations (except those of
+the last chunk), and returns ``Tensor[B, ...]`` that requires grad. The loss is computed
+on the full batch, so every row still sees every in-batch negative. When ``backward``
+reaches the embeddings, their gradient ``dL/de [B, ...]`` is cached; once the whole
+backward pass is done, each chunk is re-run with grad (same RNG, same autocast state)
+and backpropagated with its slice of that gradient. By the chain rule this gives
+exactly the full-batch parameter gradients while holding one chunk of activations.
+
+Beyond the classic algorithm, the graph of the last ``keep_last`` chunks of every
+``encode`` call is kept from the first pass and backpropagated directly (no no-grad pass,
+no replay for them), and chunks whose cached gradient is all zero are not replayed.
+
+    gc = GradCache(chunk_size=32)               # or GradCache(max_tokens=8192)
+    q = gc.encode(model, **query_inputs)        # fn(**chunk) -> Tensor[b, ...]
+    p = gc.encode(model, **doc_inputs)
+    loss = criterion(q, p)
+    loss.backward()                             # replays the chunks here
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+try:  # FSDP2
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - very old torch
+    FSDPModule = ()  # type: ignore[assignment,misc]
+
+__all__ = ["GradCache", "RandState"]
+
+# Flat per-patch vision inputs (Qwen-VL style) and the grid that says how many patches
+# each image/video has; mm_token_type_ids marks image (1) / video (2) tokens per row.
+_PIXEL_TO_GRID = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
+_GRID_TOKEN_TYPE = {"image_grid_thw": 1, "video_grid_thw": 2}
+
+
+class RandState:
+    """Snapshot of the CPU generator and of every initialised CUDA device's generator.
+
+    Taken at construction. ``with state.replay():`` runs the block with these states and
+    puts the states that were current back afterwards, so a replay draws exactly the
+    random numbers (dropout masks) of the first pass without disturbing the training
+    stream. All CUDA devices are captured (cheap, host-side seed/offset pairs) because a
+    chunk may touch devices that none of its inputs live on.
+    """
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda: list[torch.Tensor] = []
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+
+    def _apply(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for i, state in enumerate(self.cuda):
+            torch.cuda.set_rng_state(state, i)
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        outer = RandState()
+        self._apply()
+        try:
+            yield
+        finally:
+            outer._apply()
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds]
+
+
+@contextmanager
+def _autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for kind, enabled, dtype in state:
+            stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+        yield
+
+
+def _runs(types: torch.Tensor, value: int) -> torch.Tensor:
+    """Per row of ``types[B, L]``: how many contiguous runs equal ``value`` (one run = one image/frame)."""
+    hit = types == value
+    start = hit.clone()
+    start[:, 1:] &= ~hit[:, :-1]
+    return start.sum(1)
+
+
+class _Splitter:
+    """Slices nested inputs (tensors in dicts/lists/tuples) into row ranges.
+
+    Every tensor with a leading dim must have B rows, except flat ``pixel_values[patches, C]``
+    and their ``*_grid_thw[images, 3]``, which are sliced by the patches/images of the rows,
+    and Qwen-VL ``position_ids[3, B, L]`` (rows on dim 1). 0-d tensors and non-tensors pass through.
+    """
+
+    def __init__(self, tree: Any) -> None:
+        self.sizes: list[tuple[str, int]] = []
+        self.grids: list[Mapping] = []
+        self.offsets: dict[tuple[int, str], list[int]] = {}
+        self._scan(tree, "input")
+        if not self.sizes:
+            raise ValueError("GradCache.encode needs at least one tensor argument with a batch dim to split.")
+        self.rows = self.sizes[0][1]
+        bad = [f"{p}: {n}" for p, n in self.sizes if n != self.rows]
+        if bad:
+            raise ValueError(
+                f"inconsistent batch sizes in encode inputs ({self.sizes[0][0]} has {self.rows} rows; {', '.join(bad)}); "
+                "every tensor must have the batch on dim 0 (flat pixel_values need their image_grid_thw next to them)."
+            )
+        if self.rows == 0:
+            raise ValueError("GradCache.encode got an empty batch (0 rows).")
+        for mapping in self.grids:
+            self._grid_offsets(mapping)
+
+    def _scan(self, obj: Any, path: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.ndim:
+                self.sizes.append((path, obj.shape[0]))
+        elif isinstance(obj, Mapping):
+            special = {g for p, g in _PIXEL_TO_GRID.items() if p in obj and g in obj}
+            special |= {p for p, g in _PIXEL_TO_GRID.items() if g in special}
+            if special:
+                self.grids.append(obj)
+            for key, value in obj.items():
+                if key in special:
+                    continue
+                if key == "position_ids" and isinstance(value, torch.Tensor) and value.ndim == 3:
+                    self.sizes.append((f"{path}.{key}[dim 1]", value.shape[1]))
+                else:
+                    self._scan(value, f"{path}.{key}")
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                self._scan(value, f"{path}[{i}]")
+
+    def _grid_offsets(self, m: Mapping) -> None:
+        """Row -> first grid row / first patch offsets (length B+1) for each pixel/grid pair in ``m``."""
+        for pix_key, grid_key in _PIXEL_TO_GRID.items():
+            if grid_key not in m or pix_key not in m:
+                continue
+            grid = m[grid_key].long().cpu()
+            units = grid[:, 0] if grid_key == "video_grid_thw" else torch.ones(len(grid), dtype=torch.long)
+            types = m.get("mm_token_type_ids")
+            if isinstance(types, torch.Tensor):
+                per_row = _runs(types.cpu(), _GRID_TOKEN_TYPE[grid_key])
+            elif len(grid) == self.rows and bool((units == 1).all()):
+                per_row = torch.ones(self.rows, dtype=torch.long)  # one image per row
+            else:
+                raise ValueError(
+                    f"cannot tell which of the {len(grid)} {grid_key} rows belong to which of the {self.rows} samples: "
+                    "pass mm_token_type_ids (the processor returns it) alongside the pixels."
+                )
+            unit_cum = [0] + per_row.cumsum(0).tolist()
+            grid_cum = [0] + units.cumsum(0).tolist()
+            patch_cum = [0] + grid.prod(1).cumsum(0).tolist()
+            at = {u: j for j, u in enumerate(grid_cum)}
+            if unit_cum[-1] != grid_cum[-1] or any(u not in at for u in unit_cum):
+                raise ValueError(f"mm_token_type_ids count {unit_cum[-1]} vision runs but {grid_key} describes {grid_cum[-1]}.")
+            if patch_cum[-1] != m[pix_key].shape[0]:
+                raise ValueError(f"{pix_key} has {m[pix_key].shape[0]} patches but {grid_key} describes {patch_cum[-1]}.")
+            self.offsets[(id(m), grid_key)] = [at[u] for u in unit_cum]
+            self.offsets[(id(m), pix_key)] = [patch_cum[at[u]] for u in unit_cum]
+
+    def slice(self, obj: Any, s: int, e: int) -> Any:
+        """The rows ``[s, e)`` of ``obj`` (views, no copies)."""
+        if isinstance(obj, torch.Tensor):
+            return obj[s:e] if obj.ndim else obj
+        if isinstance(obj, Mapping):
+            out = {}
+            for key, value in obj.items():
+                off = self.offsets.get((id(obj), key))
+                if off is not None:
+                    if off[s] == off[e]:
+                        continue  # no image in these rows: drop the vision keys (models reject empty grids)
+                    out[key] = value[off[s] : off[e]]
+                elif key == "position_ids" and isinstance(value, torch.Tensor) and value.ndim == 3:
+                    out[key] = value[:, s:e]
+                else:
+                    out[key] = self.slice(value, s, e)
+            try:
+                return type(obj)(out)
+            except Exception:
+                return out
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            return type(obj)(*(self.slice(v, s, e) for v in obj))
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.slice(v, s, e) for v in obj)
+        return obj
+
+
+def _find_mask(tree: Any) -> torch.Tensor | None:
+    if isinstance(tree, Mapping):
+        if isinstance(tree.get("attention_mask"), torch.Tensor):
+            return tree["attention_mask"]
+        values = list(tree.values())
+    elif isinstance(tree, (list, tuple)):
+        values = list(tree)
+    else:
+        return None
+    for v in values:
+        found = _find_mask(v)
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass(eq=False)
+class _Record:
+    """One ``encode`` call: what is needed to replay its chunks, dropped after replay."""
+
+    fn: Callable[..., torch.Tensor] | None
+    chunks: list[Any]  # (args, kwargs) per chunk, or None once done
+    states: list[RandState | None]
+    bounds: list[tuple[int, int]]
+    autocast: list[tuple[str, bool, torch.dtype]]
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk -> output with its graph
+    sync: list[nn.Module] = field(default_factory=list)
+    grad: torch.Tensor | None = None
+
+
+class _CachedEmbedding(torch.autograd.Function):
+    """Identity on the (detached) embeddings whose backward caches their gradient.
+
+    ``anchor`` is a leaf that requires grad, so that autograd calls our backward even
+    though the embeddings were computed without a graph.
+    """
+
+    @staticmethod
+    def forward(ctx, owner: "GradCache", record: _Record, anchor: torch.Tensor, *outs: torch.Tensor) -> torch.Tensor:
+        ctx.owner, ctx.record, ctx.n = owner, record, len(outs)
+        return torch.cat(outs, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.record.fn is None:
+            raise RuntimeError("GradCache: this encode output was already backpropagated; each encode is replayed once.")
+        ctx.record.grad = grad
+        # The replay must wait until every encode output of this backward has its gradient.
+        torch.autograd.Variable._execution_engine.queue_callback(ctx.owner._flush)
+        return (None, None, None) + (None,) * ctx.n
+
+
+class GradCache:
+    """Chunked encoding with cached-gradient replay; parameter gradients equal full-batch ones.
+
+    Args:
+        chunk_size: rows per chunk.
+        max_tokens: real tokens (``attention_mask`` sum) per chunk; rows are packed greedily,
+            a row longer than the budget gets a chunk of its own. May be combined with ``chunk_size``.
+        keep_last: chunks at the end of each ``encode`` whose graph is kept from the first pass
+            instead of being re-run (0 = classic GradCache; each kept chunk costs its activations).
+        sync_module: the DDP or FSDP2 module (or a list) whose gradient sync GradCache must
+            control. ``fn`` itself (or the module a bound method ``fn`` belongs to) is detected.
+            DDP: every chunk but the very last replayed one runs under ``no_sync``, so one
+            all-reduce per step. FSDP2: ``set_requires_gradient_sync(False)`` until the last unit.
+        sync_each_chunk: FSDP2 only: reduce-scatter after every chunk (sharded gradients) instead
+            of accumulating unsharded gradients until the end.
+    """
+
+    def __init__(
+        self,
+        chunk_size: int | None = None,
+        max_tokens: int | None = None,
+        keep_last: int = 1,
+        sync_module: nn.Module | list[nn.Module] | None = None,
+        sync_each_chunk: bool = False,
+    ) -> None:
+        if chunk_size is None and max_tokens is None:
+            raise ValueError("GradCache needs chunk_size=<rows> or max_tokens=<real tokens per chunk>.")
+        if (chunk_size is not None and chunk_size < 1) or (max_tokens is not None and max_tokens < 1) or keep_last < 0:
+            raise ValueError("chunk_size and max_tokens must be positive, keep_last >= 0.")
+        mods = [] if sync_module is None else list(sync_module) if isinstance(sync_module, (list, tuple)) else [sync_module]
+        if sync_each_chunk and any(isinstance(m, DistributedDataParallel) for m in mods):
+            raise ValueError("sync_each_chunk is for FSDP2; DDP must reduce once per step.")
+        self.chunk_size, self.max_tokens, self.keep_last = chunk_size, max_tokens, keep_last
+        self.sync_modules, self.sync_each_chunk = mods, sync_each_chunk
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._pending: list[weakref.ref[_Record]] = []
+
+    def _bounds(self, split: _Splitter, tree: Any) -> list[tuple[int, int]]:
+        """Row ranges ``[s, e)`` of the chunks."""
+        rows, cap = split.rows, self.chunk_size or split.rows
+        if self.max_tokens is None:
+            return [(s, min(s + cap, rows)) for s in range(0, rows, cap)]
+        mask = _find_mask(tree)
+        if mask is None or mask.ndim != 2:
+            raise ValueError("max_tokens needs a 2-D attention_mask[B, L] in the inputs; use chunk_size instead.")
+        bounds, start, used = [], 0, 0
+        for i, n in enumerate(mask.sum(1).tolist()):
+            if i > start and (used + n > self.max_tokens or i - start >= cap):
+                bounds.append((start, i))
+                start, used = i, 0
+            used += n
+        return bounds + [(start, rows)]
+
+    def _sync_modules(self, fn: Any) -> list[nn.Module]:
+        found = list(self.sync_modules)
+        for cand in (fn, getattr(fn, "__self__", None)):
+            if isinstance(cand, (DistributedDataParallel, FSDPModule)) and cand not in found:
+                found.append(cand)
+        return found
+
+    def encode(self, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run ``fn(*args, **kwargs)`` chunk by chunk; return ``Tensor[B, ...]`` that requires grad.
+
+        Every tensor in ``args``/``kwargs`` (nested dicts/lists/tuples too) is split on dim 0
+        (see `_Splitter` for vision inputs). ``fn`` must return ``Tensor[b, ...]`` for a chunk of b rows.
+        Under ``no_grad`` with a model in eval mode this is just a chunked forward.
+        """
+        split = _Splitter((args, kwargs))
+        bounds = self._bounds(split, (args, kwargs))
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            owners = [*self.sync_modules, fn, getattr(fn, "__self__", None)]
+            if any(isinstance(m, nn.Module) and m.training for m in owners):
+                raise RuntimeError(
+                    "GradCache.encode was called under torch.no_grad()/inference_mode() while the model is in "
+                    "training mode, so its output could not carry gradient: call it with grad enabled, or call "
+                    "model.eval() first to embed without gradient."
+                )
+            return torch.cat([fn(*split.slice(args, s, e), **split.slice(kwargs, s, e)) for s, e in bounds])
+        rec = _Record(fn, [], [], bounds, _autocast_state(), sync=self._sync_modules(fn))
+        outs, first_kept = [], len(bounds) - min(self.keep_last, len(bounds))
+        for i, (s, e) in enumerate(bounds):
+            chunk = (split.slice(args, s, e), split.slice(kwargs, s, e))
+            rec.chunks.append(chunk)
+            rec.states.append(RandState())
+            if i >= first_kept:
+                with self._no_sync(rec.sync):  # the final all-reduce belongs to the last replayed unit
+                    out = fn(*chunk[0], **chunk[1])
+                self._check(out, e - s, outs, i)
+                if not out.requires_grad:  # frozen tower: nothing to replay
+                    return torch.cat(outs + [out])
+                rec.kept[i] = out
+                out = out.detach()
+            else:
+                with torch.no_grad():
+                    out = fn(*chunk[0], **chunk[1])
+                self._check(out, e - s, outs, i)
+            outs.append(out)
+        self._pending.append(weakref.ref(rec))
+        return _CachedEmbedding.apply(self, rec, self._anchor, *outs)
+
+    @staticmethod
+    def _check(out: Any, rows: int, prev: list[torch.Tensor], i: int) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"GradCache: fn must return a Tensor[b, ...], got {type(out).__name__}; encode each output separately.")
+        if out.ndim == 0 or out.shape[0] != rows or (prev and out.shape[1:] != prev[0].shape[1:]):
+            want = f"[{rows}, {', '.join(map(str, prev[0].shape[1:]))}]" if prev else f"[{rows}, ...]"
+            raise ValueError(
+                f"GradCache: chunk {i} output has shape {list(out.shape)}, expected {want}: fn must return one row "
+                "per input row with the same trailing shape for every chunk (pad token outputs to a fixed length)."
+            )
+
+    @contextmanager
+    def _no_sync(self, mods: list[nn.Module]) -> Iterator[None]:
+        """DDP ``no_sync`` for a forward+backward that must not all-reduce."""
+        with ExitStack() as stack:
+            for m in mods:
+                if isinstance(m, DistributedDataParallel):
+                    stack.enter_context(m.no_sync())
+            yield
+
+    def reset(self) -> None:
+        """Forget every pending ``encode`` output (e.g. after an exception, or embeddings not trained on)."""
+        for ref in self._pending:
+            rec = ref()
+            if rec is not None:
+                _release(rec)
+        self._pending = []
+
+    def _flush(self) -> None:
+        """Autograd final callback: backpropagate every pending encode output, chunk by chunk."""
+        records = [r for r in (ref() for ref in self._pending) if r is not None and r.fn is not None]
+        if not any(r.grad is not None for r in records):
+            return  # another callback of this backward pass already did the work
+        self._pending = []
+        try:
+            missing = [f"#{k} ({r.bounds[-1][1]} rows)" for k, r in enumerate(records) if r.grad is None]
+            if missing:
+                raise RuntimeError(
+                    f"GradCache: encode output(s) {', '.join(missing)} received no gradient in this backward. "
+                    "Every tensor returned by encode must feed the loss that is backpropagated (backward each "
+                    "micro-batch's loss before encoding the next, or call gc.reset() to drop unused outputs)."
+                )
+            self._run([r for r in records if r.grad is not None])
+        finally:
+            for r in records:
+                _release(r)
+
+    def _run(self, ready: list[_Record]) -> None:
+        """Kept graphs first (frees their activations early), then replays; the last unit syncs."""
+        units = [(r, i) for r in ready for i in sorted(r.kept)]
+        units += [(r, i) for r in ready for i in range(len(r.bounds)) if i not in r.kept]
+        # A chunk whose cached gradient is all zero contributes nothing: skip it (exact).
+        nonzero = [(r, i) for r, i in units if bool(r.grad[slice(*r.bounds[i])].any())]
+        units = nonzero or units[-1:]
+        mods = list({id(m): m for r in ready for m in r.sync}.values())
+        if any(isinstance(m, DistributedDataParallel) for m in mods) and units[-1][1] in units[-1][0].kept:
+            # DDP decides to all-reduce at forward time: the final unit must be a fresh forward.
+            units[-1][0].kept.pop(units[-1][1])
+        fsdp = [m for m in mods if isinstance(m, FSDPModule)] if not self.sync_each_chunk else []
+        user_flags = [_fsdp_sync_flag(m) for m in fsdp]
+        try:
+            for k, (r, i) in enumerate(units):
+                last = k == len(units) - 1
+                for m, flag in zip(fsdp, user_flags):
+                    m.set_requires_gradient_sync(flag and last)
+                with nullcontext() if last else self._no_sync(mods):
+                    _backprop_chunk(r, i)
+        finally:
+            for m, flag in zip(fsdp, user_flags):
+                m.set_requires_gradient_sync(flag)
+
+
+def _backprop_chunk(r: _Record, i: int) -> None:
+    """Backpropagate chunk ``i``'s cached gradient, through its kept graph or a replay."""
+    s, e = r.bounds[i]
+    grad = r.grad[s:e]
+    out = r.kept.pop(i, None)
+    if out is None:
+        args, kwargs = r.chunks[i]
+        with r.states[i].replay(), _autocast(r.autocast), torch.enable_grad():
+            out = r.fn(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape != grad.shape:
+            raise RuntimeError(f"GradCache: replaying chunk {i} gave a different output shape than the first pass.")
+    r.chunks[i] = r.states[i] = None
+    if out.requires_grad:
+        torch.autograd.backward(out, grad)
+
+
+def _release(r: _Record) -> None:
+    """Drop everything a record holds (inputs, RNG states, graphs, cached gradient)."""
+    r.fn, r.chunks, r.states, r.grad, r.sync = None, [], [], None, []
+    r.kept.clear()
+
+
+def _fsdp_sync_flag(m: nn.Module) -> bool:
+    """Whether FSDP2 gradient sync is currently on for ``m`` (what the user set for this step)."""
+    try:
+        groups = [g for sub in m.modules() if isinstance(sub, FSDPModule) for g in sub._get_fsdp_state()._fsdp_param_groups]
+        return all(g.reduce_grads for g in groups)
+    except AttributeError:  # private layout changed: assume the default
+        return True
