@@ -16,12 +16,14 @@ hanging CI. Group many checks into one launch: each costs a few seconds of start
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -47,7 +49,10 @@ def _worker(fn, rank, world_size, port, args, out):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
-            out.put((rank, True, fn(rank, world_size, *args)))
+            # Serialise to bytes: tensors sent as-is go through shared memory that dies with this process.
+            buf = io.BytesIO()
+            torch.save(fn(rank, world_size, *args), buf)
+            out.put((rank, True, buf.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report everything, including assertion errors, to the parent
@@ -71,7 +76,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 raise TimeoutError(f"{fn.__name__}: a rank did not finish within {timeout:.0f} s (hang?)") from None
             if not ok:
                 raise AssertionError(f"{fn.__name__} failed on rank {rank}:\n{value}")
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=10)

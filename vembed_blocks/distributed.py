@@ -136,4 +136,7 @@ def gather_with_offset(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not is_dist():
         return x, 0
     sizes = all_gather_sizes(x.shape[0], device=x.device)
-    return _GatherWithGrad.apply(x, sizes), sum(sizes[: dist.get_rank()])
+    offset = sum(sizes[: dist.get_rank()])
+    if max(sizes) == 0:  # nothing anywhere: skip the collective on empty buffers
+        return x, offset
+    return _GatherWithGrad.apply(x, sizes), offset

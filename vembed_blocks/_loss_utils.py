@@ -1,0 +1,90 @@
+"""Input checks and small tensor helpers shared by the loss modules (private)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .distributed import gather_with_offset
+
+
+def check_rows(name: str, **tensors: torch.Tensor) -> None:
+    """All tensors non-empty, at least 2-D, same number of rows and same last dim."""
+    items = list(tensors.items())
+    for key, t in items:
+        if t.dim() < 2:
+            raise ValueError(f"{name}: {key} must be [B, ..., D], got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name}: {key} is an empty batch")
+    key0, t0 = items[0]
+    for key, t in items[1:]:
+        if t.shape[0] != t0.shape[0]:
+            raise ValueError(f"{name}: {key0} has {t0.shape[0]} rows but {key} has {t.shape[0]}")
+        if t.shape[-1] != t0.shape[-1]:
+            raise ValueError(f"{name}: {key0} has dim {t0.shape[-1]} but {key} has dim {t.shape[-1]}")
+
+
+def check_temperature(name: str, value: float, what: str = "temperature") -> None:
+    if not value > 0:
+        raise ValueError(f"{name}: {what} must be > 0, got {value}")
+
+
+def check_mask(name: str, key: str, mask: torch.Tensor | None, shape: Sequence[int]) -> None:
+    if mask is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: {key} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+
+
+def scale_param(value: float, learn: bool) -> nn.Parameter | float:
+    """A learnable scalar parameter, or a plain float (exact in any input dtype)."""
+    return nn.Parameter(torch.tensor(float(value))) if learn else float(value)
+
+
+def on_device(value: nn.Parameter | float, like: torch.Tensor) -> torch.Tensor | float:
+    """``value`` moved to ``like``'s device if it is a tensor."""
+    return value.to(like.device) if torch.is_tensor(value) else value
+
+
+def gather(x: torch.Tensor | None, enabled: bool) -> tuple[torch.Tensor | None, int]:
+    """`gather_with_offset` when enabled (bool tensors too); ``(x, 0)`` otherwise."""
+    if x is None or not enabled:
+        return x, 0
+    if x.dtype == torch.bool:  # collectives do not all take bool
+        out, off = gather_with_offset(x.to(torch.uint8))
+        return out.bool(), off
+    return gather_with_offset(x)
+
+
+def flatten_negatives(
+    name: str, rows: int, dim: int, negatives: torch.Tensor | None, mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Flatten hard negatives: [B,K,D] (+mask[B,K]) or [M,D] (+mask[M]) -> candidates [N,D], validity [N] or None."""
+    if negatives is None:
+        if mask is not None:
+            raise ValueError(f"{name}: negatives_mask given without negatives")
+        return None, None
+    if negatives.dim() == 3:
+        if negatives.shape[0] != rows:
+            raise ValueError(f"{name}: negatives has {negatives.shape[0]} rows but query has {rows}")
+        check_mask(name, "negatives_mask", mask, negatives.shape[:2])
+        flat = negatives.reshape(-1, negatives.shape[-1])
+        mask = None if mask is None else mask.reshape(-1)
+    elif negatives.dim() == 2:
+        check_mask(name, "negatives_mask", mask, negatives.shape[:1])
+        flat = negatives
+    else:
+        raise ValueError(f"{name}: negatives must be [B, K, D] or [M, D], got shape {tuple(negatives.shape)}")
+    if flat.shape[-1] != dim:
+        raise ValueError(f"{name}: query has dim {dim} but negatives have dim {flat.shape[-1]}")
+    return flat, (None if mask is None else mask.bool())
+
+
+def same_label_mask(labels: torch.Tensor | None, labels_all: torch.Tensor | None, offset: int) -> torch.Tensor | None:
+    """[B, N] True where column j shares row i's label but is not row i's own target."""
+    if labels is None:
+        return None
+    same = labels[:, None] == labels_all[None, :]
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    same[rows, offset + rows] = False
+    return same

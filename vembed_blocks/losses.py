@@ -1,0 +1,320 @@
+"""Embedding losses: InfoNCE, SigLIP, Triplet, CoSENT, ColBERT, Matryoshka, Distill, mining.
+
+Inputs are raw embeddings; cosine losses normalise internally. B rows, D dims, K negatives.
+
+Distributed (``gather=True``): each rank scores its own B rows against the candidates
+gathered from every rank with gradient (`gather_with_grad`) and averages over its own
+rows. With DDP/FSDP averaging gradients over W ranks, parameter gradients equal those of
+one process on the concatenated global batch. The returned loss is this rank's mean;
+the global loss is the mean of the ranks' losses (for equal local batch sizes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._loss_utils import check_mask, check_rows, check_temperature, flatten_negatives, gather, on_device, same_label_mask, scale_param
+from .colbert import ColBERT
+from .mining import mine_hard_negatives
+
+__all__ = ["InfoNCE", "SigLIP", "Triplet", "CoSENT", "ColBERT", "Matryoshka", "Distill", "mine_hard_negatives"]
+
+
+# ----------------------------------------------------------------------------- InfoNCE
+
+
+class InfoNCE(nn.Module):
+    """Contrastive cross-entropy of each query against every (gathered) positive and hard negative.
+
+    ``forward(query[B,D], positive[B,D], negatives=None, negatives_mask=None, labels=None)``:
+
+    - candidates for each query: all positives in the global batch plus all hard negatives in
+      the global batch; the target is the query's own positive;
+    - ``negatives``: ``[B,K,D]`` per-row (``negatives_mask[B,K]`` True = real, so rows may have
+      fewer) or ``[M,D]`` a pool (each rank's pool is gathered too);
+    - ``labels[B]``: positives of other rows with the same label are removed from the
+      candidates (duplicates are not negatives);
+    - ``symmetric``: also each positive against all (gathered) queries, the two averaged.
+
+    Logits are ``cos / temperature``; with ``learn_temperature`` the log of ``1/temperature``
+    is a parameter (put the loss's parameters in your optimizer).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        learn_temperature: bool = False,
+        symmetric: bool = False,
+        gather: bool = True,
+        tile_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_temperature("InfoNCE", temperature)
+        if tile_size is not None:
+            raise NotImplementedError("InfoNCE: the tiled path (tile_size) is not available yet")
+        self.log_scale = scale_param(math.log(1.0 / temperature), learn_temperature)
+        self.learn, self.symmetric, self.gather, self.tile_size = learn_temperature, symmetric, gather, tile_size
+
+    @property
+    def temperature(self) -> float:
+        return math.exp(-float(self.log_scale))
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        positive: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        negatives_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_rows("InfoNCE", query=query, positive=positive)
+        if query.dim() != 2:
+            raise ValueError(f"InfoNCE: query must be [B, D], got shape {tuple(query.shape)}")
+        check_mask("InfoNCE", "labels", labels, query.shape[:1])
+        rows = query.shape[0]
+        neg, neg_valid = flatten_negatives("InfoNCE", rows, query.shape[1], negatives, negatives_mask)
+        q, p = F.normalize(query, dim=-1), F.normalize(positive, dim=-1)
+        scale = torch.exp(on_device(self.log_scale, q)) if self.learn else math.exp(self.log_scale)
+
+        p_all, offset = gather(p, self.gather)
+        labels_all, _ = gather(labels, self.gather)
+        same = same_label_mask(labels, labels_all, offset)
+        target = offset + torch.arange(rows, device=q.device)
+
+        logits = scale * (q @ p_all.T)
+        if same is not None:
+            logits = logits.masked_fill(same, float("-inf"))
+        if neg is not None:
+            neg_all, _ = gather(F.normalize(neg, dim=-1), self.gather)
+            neg_logits = scale * (q @ neg_all.T)
+            if neg_valid is not None:
+                valid_all, _ = gather(neg_valid, self.gather)
+                neg_logits = neg_logits.masked_fill(~valid_all[None, :], float("-inf"))
+            logits = torch.cat([logits, neg_logits], dim=1)
+        loss = F.cross_entropy(logits, target)
+        if not self.symmetric:
+            return loss
+
+        q_all, _ = gather(q, self.gather)
+        back = scale * (p @ q_all.T)
+        if same is not None:
+            back = back.masked_fill(same, float("-inf"))
+        return (loss + F.cross_entropy(back, target)) / 2
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+
+class SigLIP(nn.Module):
+    """Pairwise sigmoid loss: ``-sum_ij log sigmoid(z_ij (t cos(a_i, b_j) + bias)) / B``.
+
+    ``z_ij = +1`` for the pair (i, i) and for pairs with equal ``labels``, else ``-1``.
+    ``t`` (init ``temperature``) and ``bias`` are learnable when ``learn`` (t as a log).
+    Distributed: this rank's rows of ``a`` against the gathered ``b`` (the local positive
+    block plus negative-only blocks from other ranks), divided by the local B, so the
+    mean over ranks is the dense loss of the global batch.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 10.0,
+        bias: float = -10.0,
+        learn: bool = True,
+        gather: bool = True,
+        tile_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_temperature("SigLIP", temperature)
+        if tile_size is not None:
+            raise NotImplementedError("SigLIP: the tiled path (tile_size) is not available yet")
+        self.log_scale = scale_param(math.log(temperature), learn)
+        self.bias = scale_param(bias, learn)
+        self.learn, self.gather, self.tile_size = learn, gather, tile_size
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_rows("SigLIP", a=a, b=b)
+        if a.dim() != 2:
+            raise ValueError(f"SigLIP: a must be [B, D], got shape {tuple(a.shape)}")
+        check_mask("SigLIP", "labels", labels, a.shape[:1])
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        b_all, offset = gather(b, self.gather)
+        scale = torch.exp(on_device(self.log_scale, a)) if self.learn else math.exp(self.log_scale)
+        logits = scale * (a @ b_all.T) + on_device(self.bias, a)
+        rows = torch.arange(a.shape[0], device=a.device)
+        positive = torch.zeros_like(logits, dtype=torch.bool)
+        positive[rows, offset + rows] = True
+        if labels is not None:
+            labels_all, _ = gather(labels, self.gather)
+            positive |= labels[:, None] == labels_all[None, :]
+        sign = positive.to(logits.dtype) * 2 - 1
+        return -F.logsigmoid(sign * logits).sum() / a.shape[0]
+
+
+# ----------------------------------------------------------------------------- Triplet
+
+
+class Triplet(nn.Module):
+    """Margin loss ``relu(d(a, p) - d(a, n) + margin)``.
+
+    ``distance``: ``"cosine"`` (1 - cos) or ``"euclidean"`` (on the raw embeddings).
+    ``negatives``: None (in-batch: the other rows' positives), ``[B,D]`` (one per row) or
+    ``[B,K,D]`` with optional ``negatives_mask[B,K]``. ``mining="hardest"`` takes each
+    anchor's closest negative; ``"all"`` averages over every (anchor, negative) triplet.
+    """
+
+    def __init__(self, margin: float = 0.2, distance: str = "cosine", mining: str = "hardest") -> None:
+        super().__init__()
+        if distance not in ("cosine", "euclidean"):
+            raise ValueError(f"Triplet: distance must be 'cosine' or 'euclidean', got {distance!r}")
+        if mining not in ("hardest", "all"):
+            raise ValueError(f"Triplet: mining must be 'hardest' or 'all', got {mining!r}")
+        self.margin, self.distance, self.mining = margin, distance, mining
+
+    def _dist(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.distance == "cosine":
+            return 1 - F.cosine_similarity(x, y, dim=-1)
+        return torch.linalg.vector_norm(x - y, dim=-1)
+
+    def forward(
+        self,
+        anchor: torch.Tensor,
+        positive: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        negatives_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_rows("Triplet", anchor=anchor, positive=positive)
+        rows = anchor.shape[0]
+        d_ap = self._dist(anchor, positive)
+        if negatives is None:
+            if rows < 2:
+                raise ValueError("Triplet: in-batch negatives need a batch of at least 2 rows")
+            d_an = self._dist(anchor[:, None, :], positive[None, :, :])
+            valid = ~torch.eye(rows, dtype=torch.bool, device=anchor.device)
+        else:
+            check_rows("Triplet", anchor=anchor, negatives=negatives)
+            neg = negatives[:, None, :] if negatives.dim() == 2 else negatives
+            check_mask("Triplet", "negatives_mask", negatives_mask, neg.shape[:2])
+            d_an = self._dist(anchor[:, None, :], neg)
+            valid = torch.ones_like(d_an, dtype=torch.bool) if negatives_mask is None else negatives_mask.bool()
+        if self.mining == "hardest":
+            hardest = d_an.masked_fill(~valid, float("inf")).amin(dim=1)
+            return F.relu(d_ap - hardest + self.margin).mean()
+        return F.relu(d_ap[:, None] - d_an + self.margin)[valid].mean()
+
+
+# ----------------------------------------------------------------------------- CoSENT
+
+
+class CoSENT(nn.Module):
+    """Ranking loss on pair scores: ``log(1 + sum_{s_i > s_j} exp(scale (cos_j - cos_i)))``.
+
+    ``forward(a[B,D], b[B,D], scores[B])``: pairs with a higher gold score should have a
+    higher cosine than every pair with a lower gold score.
+    """
+
+    def __init__(self, scale: float = 20.0) -> None:
+        super().__init__()
+        check_temperature("CoSENT", scale, "scale")
+        self.scale = scale
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_rows("CoSENT", a=a, b=b)
+        check_mask("CoSENT", "scores", scores, a.shape[:1])
+        cos = F.cosine_similarity(a, b, dim=-1) * self.scale
+        diff = cos[None, :] - cos[:, None]  # [i, j] = scale * (cos_j - cos_i)
+        ordered = scores[:, None] > scores[None, :]
+        return torch.logsumexp(torch.cat([diff.new_zeros(1), diff[ordered]]), dim=0)
+
+
+# ----------------------------------------------------------------------------- Matryoshka
+
+
+class Matryoshka(nn.Module):
+    """Sum over nested prefixes of the embedding: ``sum_d weight_d * loss(x[..., :d], ...)``.
+
+    ``forward(*embeddings, **kwargs)``: every floating tensor of at least 2 dims whose last
+    dim equals the full embedding dim (that of the first positional argument), positional
+    or keyword (e.g. ``negatives``), is truncated; masks, labels and scores pass as given.
+    ``dims`` are sorted largest first with their ``weights`` kept paired (default all 1).
+    """
+
+    def __init__(self, loss: Callable[..., torch.Tensor], dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        dims = [int(d) for d in dims]
+        weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+        if not dims:
+            raise ValueError("Matryoshka: dims is empty")
+        if len(weights) != len(dims):
+            raise ValueError(f"Matryoshka: {len(dims)} dims but {len(weights)} weights")
+        if min(dims) <= 0 or len(set(dims)) != len(dims):
+            raise ValueError(f"Matryoshka: dims must be distinct positive integers, got {dims}")
+        pairs = sorted(zip(dims, weights), key=lambda dw: -dw[0])
+        self.loss = loss
+        self.dims = [d for d, _ in pairs]
+        self.weights = [w for _, w in pairs]
+
+    def forward(self, *embeddings: Any, **kwargs: Any) -> torch.Tensor:
+        if not embeddings or not torch.is_tensor(embeddings[0]):
+            raise ValueError("Matryoshka: the first positional argument must be an embedding tensor")
+        full = embeddings[0].shape[-1]
+        if self.dims[0] > full:
+            raise ValueError(f"Matryoshka: dim {self.dims[0]} is larger than the embedding dim {full}")
+
+        def cut(x: Any, d: int) -> Any:
+            is_emb = torch.is_tensor(x) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] == full
+            return x[..., :d] if is_emb else x
+
+        total = 0
+        for d, w in zip(self.dims, self.weights):
+            total = total + w * self.loss(*(cut(x, d) for x in embeddings), **{k: cut(v, d) for k, v in kwargs.items()})
+        return total
+
+
+# ----------------------------------------------------------------------------- Distill
+
+
+class Distill(nn.Module):
+    """Match the student's query-document similarity structure to a teacher's.
+
+    ``forward(student_q[B,Ds], student_d[N,Ds], teacher_q[B,Dt], teacher_d[N,Dt])``; cosine
+    score matrices ``S[B,N]`` for both (the teacher may have another dim, and may be
+    precomputed; it gets no gradient). ``kind="kl"``: ``T^2 * mean_i KL(softmax(S_t,i / T) ||
+    softmax(S_s,i / T))``; ``kind="mse"``: ``mean((S_s - S_t)^2)``.
+    """
+
+    def __init__(self, temperature: float = 1.0, kind: str = "kl") -> None:
+        super().__init__()
+        check_temperature("Distill", temperature)
+        if kind not in ("kl", "mse"):
+            raise ValueError(f"Distill: kind must be 'kl' or 'mse', got {kind!r}")
+        self.temperature, self.kind = temperature, kind
+
+    def forward(
+        self, student_q: torch.Tensor, student_d: torch.Tensor, teacher_q: torch.Tensor, teacher_d: torch.Tensor
+    ) -> torch.Tensor:
+        mats = {"student_q": student_q, "student_d": student_d, "teacher_q": teacher_q, "teacher_d": teacher_d}
+        for key, x in mats.items():
+            if x.dim() != 2 or x.shape[0] == 0:
+                raise ValueError(f"Distill: {key} must be a non-empty [rows, D] matrix, got shape {tuple(x.shape)}")
+        for a, b, axis, what in (
+            ("student_q", "teacher_q", 0, "rows"),
+            ("student_d", "teacher_d", 0, "rows"),
+            ("student_q", "student_d", 1, "dims"),
+            ("teacher_q", "teacher_d", 1, "dims"),
+        ):
+            if mats[a].shape[axis] != mats[b].shape[axis]:
+                raise ValueError(f"Distill: {a} has {mats[a].shape[axis]} {what} but {b} has {mats[b].shape[axis]}")
+        s = F.normalize(student_q, dim=-1) @ F.normalize(student_d, dim=-1).T
+        with torch.no_grad():
+            t = F.normalize(teacher_q.detach().to(s.dtype), dim=-1) @ F.normalize(teacher_d.detach().to(s.dtype), dim=-1).T
+        if self.kind == "mse":
+            return F.mse_loss(s, t)
+        tau = self.temperature
+        log_p_s = F.log_softmax(s / tau, dim=-1)
+        log_p_t = F.log_softmax(t / tau, dim=-1)
+        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau**2
