@@ -1,0 +1,339 @@
+"""GradCache gradients against plainly written full-batch training (float64, no mocks).
+
+Every reference here is ordinary training: one forward of the whole batch (or, where
+dropout is on, the same chunks forwarded with grad in the same RNG order), the same loss,
+one backward. Multi-process checks run on real gloo ranks via `run_ranks`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc as pygc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from _multiproc import run_ranks
+from vembed_blocks.gradcache import GradCache
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """Exact comparisons in float64, for this module only (other modules keep float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+class Tower(nn.Module):
+    """Token embedding -> MLP block (optionally checkpointed) -> masked mean pool: [B, L] -> [B, D]."""
+
+    def __init__(self, vocab: int = 40, dim: int = 12, dropout: float = 0.0, ckpt: bool = False, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, dim)
+        self.block = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.drop, self.ckpt = nn.Dropout(dropout), ckpt
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.emb(input_ids))
+        h = h + (checkpoint(self.block, h, use_reentrant=False) if self.ckpt else self.block(h))
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
+
+def batch(n: int, seed: int, length: int = 7, vocab: int = 40) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    return {"input_ids": torch.randint(0, vocab, (n, length), generator=g) * mask, "attention_mask": mask}
+
+
+def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: torch.Tensor | float = 0.1) -> torch.Tensor:
+    q, p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+    return F.cross_entropy(q @ p.T / temperature, torch.arange(len(q)))
+
+
+def grads(*modules: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for m in modules for p in m.parameters()]
+
+
+def assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size,keep_last", [(1, 1), (3, 1), (3, 0), (3, 2), (64, 1)])
+def test_two_towers_match_full_batch(chunk_size: int, keep_last: int) -> None:
+    """Separate query/doc towers, batch 10 (ragged last chunk at 3), learnable temperature."""
+    qt, dt = Tower(seed=1), Tower(seed=2)
+    temp = nn.Parameter(torch.tensor(0.2))
+    q_in, d_in = batch(10, 0), batch(10, 1)
+    rq, rd, rtemp = copy.deepcopy(qt), copy.deepcopy(dt), copy.deepcopy(temp)
+    info_nce(rq(**q_in), rd(**d_in), rtemp).backward()
+
+    gc = GradCache(chunk_size=chunk_size, keep_last=keep_last)
+    q, p = gc.encode(qt, **q_in), gc.encode(dt, **d_in)
+    assert q.shape == (10, 12) and q.requires_grad
+    info_nce(q, p, temp).backward()
+    assert_close(grads(qt, dt) + [temp.grad], grads(rq, rd) + [rtemp.grad])
+
+
+def test_shared_tower_and_three_calls() -> None:
+    """One module encodes queries, positives and a hard-negative set (three encode calls)."""
+    tower = Tower()
+    q_in, d_in, n_in = batch(9, 0), batch(9, 1), batch(9, 2)
+    ref = copy.deepcopy(tower)
+    q, d, n = ref(**q_in), ref(**d_in), ref(**n_in)
+    info_nce(q, torch.cat([d, n])).backward()
+
+    gc = GradCache(chunk_size=4)
+    q, d, n = gc.encode(tower, **q_in), gc.encode(tower, **d_in), gc.encode(tower, **n_in)
+    info_nce(q, torch.cat([d, n])).backward()
+    assert_close(grads(tower), grads(ref))
+
+
+def test_token_budget_chunks() -> None:
+    """max_tokens packs rows by real tokens; gradients are unchanged."""
+    tower = Tower()
+    q_in, d_in = batch(12, 3, length=9), batch(12, 4, length=9)
+    ref = copy.deepcopy(tower)
+    info_nce(ref(**q_in), ref(**d_in)).backward()
+
+    seen: list[int] = []
+
+    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        seen.append(int(attention_mask.sum()))
+        assert int(attention_mask.sum()) <= 12 or len(attention_mask) == 1
+        return tower(input_ids, attention_mask)
+
+    gc = GradCache(max_tokens=12)
+    q, d = gc.encode(fn, input_ids=q_in["input_ids"], attention_mask=q_in["attention_mask"]), gc.encode(tower, **d_in)
+    info_nce(q, d).backward()
+    assert_close(grads(tower), grads(ref))
+    assert len(seen) > 3  # really chunked (first pass plus replays)
+
+
+class FlatVisionModel(nn.Module):
+    """Qwen-VL-shaped inputs: flat pixel_values[patches, C], image_grid_thw[images, 3] and
+    mm_token_type_ids[B, L] (1 = image token; one contiguous run per image). The image
+    feature (mean over its patches) is added to the row the image belongs to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.text, self.vis = nn.Embedding(40, 8), nn.Linear(6, 8)
+
+    def forward(self, input_ids, attention_mask, mm_token_type_ids, pixel_values=None, image_grid_thw=None):
+        m = attention_mask.unsqueeze(-1).to(torch.float64)
+        out = (self.text(input_ids) * m).sum(1) / m.sum(1)
+        runs = [[j for j in range(t.shape[0]) if t[j] == 1 and (j == 0 or t[j - 1] != 1)] for t in mm_token_type_ids]
+        n_images = sum(len(r) for r in runs)
+        if n_images == 0:
+            assert pixel_values is None and image_grid_thw is None
+            return out
+        sizes = image_grid_thw.prod(1).tolist()
+        assert len(sizes) == n_images and sum(sizes) == pixel_values.shape[0]
+        feats = [f.mean(0) for f in torch.split(self.vis(pixel_values), sizes)]
+        owner = [row for row, r in enumerate(runs) for _ in r]
+        extra = torch.zeros_like(out).index_add(0, torch.tensor(owner), torch.stack(feats))
+        return out + torch.tanh(extra)
+
+
+def vlm_batch() -> dict[str, torch.Tensor]:
+    """5 rows with 1, 0, 2, 1, 0 images of different patch counts."""
+    images_per_row, grids = [1, 0, 2, 1, 0], [[1, 2, 2], [1, 2, 4], [1, 4, 2], [1, 2, 2]]
+    types = torch.zeros(5, 10, dtype=torch.long)
+    for row, n in enumerate(images_per_row):
+        for j in range(n):  # image tokens at 1-2 and 4-5, a text token between
+            types[row, 1 + 3 * j : 3 + 3 * j] = 1
+    g = torch.Generator().manual_seed(9)
+    grid = torch.tensor(grids)
+    return {
+        "input_ids": torch.randint(0, 40, (5, 10), generator=g),
+        "attention_mask": torch.ones(5, 10, dtype=torch.long),
+        "mm_token_type_ids": types,
+        "pixel_values": torch.randn(int(grid.prod(1).sum()), 6, generator=g),
+        "image_grid_thw": grid,
+    }
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3])
+def test_vlm_flat_pixel_values(chunk_size: int) -> None:
+    model, text = FlatVisionModel(), Tower(vocab=40, dim=8)
+    inputs, d_in = vlm_batch(), batch(5, 7)
+    rm, rt = copy.deepcopy(model), copy.deepcopy(text)
+    info_nce(rm(**inputs), rt(**d_in)).backward()
+
+    gc = GradCache(chunk_size=chunk_size)
+    info_nce(gc.encode(model, **inputs), gc.encode(text, **d_in)).backward()
+    assert_close(grads(model, text), grads(rm, rt))
+
+
+def test_accumulation_and_loss_scaling() -> None:
+    """Two micro-steps of (loss / 2), then a loss scaled like GradScaler does: grads add and scale."""
+    tower = Tower()
+    micro = [(batch(6, 10), batch(6, 11)), (batch(6, 12), batch(6, 13))]
+    ref = copy.deepcopy(tower)
+    for q_in, d_in in micro:
+        (info_nce(ref(**q_in), ref(**d_in)) / 2).backward()
+    want = grads(ref)
+
+    gc = GradCache(chunk_size=4)
+    for q_in, d_in in micro:
+        (info_nce(gc.encode(tower, **q_in), gc.encode(tower, **d_in)) / 2).backward()
+    assert_close(grads(tower), want)
+
+    tower.zero_grad()
+    q_in, d_in = micro[0]
+    (1024.0 * info_nce(gc.encode(tower, **q_in), gc.encode(tower, **d_in))).backward()
+    ref.zero_grad()
+    info_nce(ref(**q_in), ref(**d_in)).backward()
+    assert_close(grads(tower), [1024.0 * g for g in grads(ref)])
+
+
+def test_dropout_replay_is_bit_identical() -> None:
+    """Replayed chunks equal the first pass bit for bit; grads equal a reference drawing the same RNG."""
+    tower = Tower(dropout=0.3)
+    q_in, d_in = batch(7, 20), batch(7, 21)
+    passes: list[torch.Tensor] = []
+
+    def fn(**chunk: torch.Tensor) -> torch.Tensor:
+        out = tower(**chunk)
+        passes.append(out.detach().clone())
+        return out
+
+    ref = copy.deepcopy(tower)
+    torch.manual_seed(123)  # reference: the same chunks, forwarded with grad in the same order
+    q = torch.cat([ref(**{k: v[s : s + 3] for k, v in q_in.items()}) for s in (0, 3, 6)])
+    d = torch.cat([ref(**{k: v[s : s + 3] for k, v in d_in.items()}) for s in (0, 3, 6)])
+    info_nce(q, d).backward()
+    after_ref = torch.rand(3)
+
+    torch.manual_seed(123)
+    gc = GradCache(chunk_size=3)
+    q, d = gc.encode(fn, **q_in), gc.encode(fn, **d_in)
+    first = list(passes)
+    info_nce(q, d).backward()
+    replays = passes[6:]
+    # Chunks 0 and 1 of each call are replayed (chunk 2's graph is kept): compare bit for bit.
+    assert len(replays) == 4
+    for got, want in zip(replays, [first[0], first[1], first[3], first[4]]):
+        assert torch.equal(got, want)
+    assert_close(grads(tower), grads(ref))
+    assert torch.equal(torch.rand(3), after_ref)  # the replays did not disturb the RNG stream
+
+
+def test_activation_checkpointing() -> None:
+    """torch.utils.checkpoint inside our tower, and HF BertModel with gradient checkpointing on."""
+    from transformers import BertConfig, BertModel
+
+    tower, plain = Tower(dim=16, ckpt=True), Tower(dim=16, ckpt=False)
+    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(3)
+    bert = BertModel(cfg, add_pooling_layer=False).to(torch.float64)
+    rbert = copy.deepcopy(bert)
+    bert.activation_checkpointing_enable({"use_reentrant": False})
+    bert.train()
+
+    def bert_fn(input_ids, attention_mask, model=bert):
+        h = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
+    q_in, d_in = batch(8, 30), batch(8, 31)
+    info_nce(plain(**q_in), bert_fn(**d_in, model=rbert)).backward()
+    gc = GradCache(chunk_size=3)
+    info_nce(gc.encode(tower, **q_in), gc.encode(bert_fn, **d_in)).backward()
+    assert_close(grads(tower, bert), grads(plain, rbert))
+
+
+def test_autocast_state_is_replayed() -> None:
+    """Encode under CPU bf16 autocast: replays run under bf16 too and reproduce the first pass."""
+    lin = nn.Linear(6, 4).float()
+    x = torch.randn(6, 6, dtype=torch.float32)
+    passes: list[torch.Tensor] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = lin(x)
+        passes.append(out.detach().clone())
+        return out
+
+    gc = GradCache(chunk_size=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = gc.encode(fn, x)
+    assert e.dtype == torch.bfloat16
+    e.float().square().sum().backward()  # backward outside autocast, as usual
+    assert all(p.dtype == torch.bfloat16 for p in passes)
+    assert torch.equal(passes[3], passes[0]) and torch.equal(passes[4], passes[1])
+    ref = copy.deepcopy(lin)
+    ref.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # reference: same chunks with grad
+        want = torch.cat([ref(x[s : s + 2]) for s in (0, 2, 4)])
+    want.float().square().sum().backward()
+    # The reference sums the chunks' weight grads in bf16 (one cached cast), GradCache in fp32.
+    for a, b in zip(lin.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=1e-2)
+
+
+def test_frozen_tower_returns_plain_embeddings() -> None:
+    tower = Tower().requires_grad_(False)
+    e = GradCache(chunk_size=3).encode(tower, **batch(7, 0))
+    assert not e.requires_grad and e.shape == (7, 12)
+
+
+def test_clear_errors() -> None:
+    tower = Tower()
+    q_in, d_in = batch(6, 0), batch(6, 1)
+    gc = GradCache(chunk_size=4)
+    q, p = gc.encode(tower, **q_in), gc.encode(tower, **d_in)
+    with pytest.raises(RuntimeError, match="received no gradient"):
+        info_nce(q, q.detach() + 0).backward()  # p unused
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no_grad"):
+        gc.encode(tower, **q_in)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="training mode"):
+        gc.encode(tower, **q_in)
+    tower.eval()
+    with torch.no_grad():  # evaluation: a plain chunked forward
+        torch.testing.assert_close(gc.encode(tower, **q_in), tower(**q_in))
+    tower.train()
+
+    with pytest.raises(ValueError, match="chunk 1 output has shape"):
+        gc.encode(lambda input_ids, attention_mask: tower(input_ids, attention_mask)[:, : len(input_ids)], **q_in)
+    with pytest.raises(ValueError, match="inconsistent batch sizes"):
+        gc.encode(tower, input_ids=q_in["input_ids"], attention_mask=q_in["attention_mask"][:5])
+    with pytest.raises(ValueError, match="chunk_size"):
+        GradCache()
+    with pytest.raises(ValueError, match="attention_mask"):
+        GradCache(max_tokens=4).encode(lambda x: x, torch.ones(3, 2))
+
+
+def test_nothing_kept_after_backward() -> None:
+    """Chunk inputs, activations and cached gradients are released once backward returns."""
+    tower = Tower()
+    acts: list[weakref.ref] = []
+    hook = tower.block.register_forward_hook(lambda m, i, o: acts.append(weakref.ref(o)))
+    q_in = batch(8, 0)
+    ids, mask = q_in["input_ids"].clone(), q_in["attention_mask"].clone()
+    inputs = [weakref.ref(ids), weakref.ref(mask)]
+    gc = GradCache(chunk_size=3)
+    q = gc.encode(tower, input_ids=ids, attention_mask=mask)
+    p = gc.encode(tower, **batch(8, 1))
+    del ids, mask
+    loss = info_nce(q, p)
+    loss.backward()
+    del q, p  # the loss graph (and its nodes) may stay alive: it must not hold chunk data
+    pygc.collect()
+    hook.remove()
+    assert acts and all(r() is None for r in acts)
+    assert all(r() is None for r in inputs)
+    assert gc._pending == []
