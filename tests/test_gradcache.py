@@ -337,3 +337,79 @@ def test_nothing_kept_after_backward() -> None:
     assert acts and all(r() is None for r in acts)
     assert all(r() is None for r in inputs)
     assert gc._pending == []
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+def _gathered_info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """This rank's rows against every rank's positives (gathered with grad), mean over local rows."""
+    from vembed_blocks.distributed import gather_with_offset
+
+    q, p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+    all_p, offset = gather_with_offset(p)
+    return F.cross_entropy(q @ all_p.T / temperature, torch.arange(len(q)) + offset)
+
+
+def _counting_allreduce(counter: list[int], bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    counter[0] += 1
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+def _max_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return max(float(((a - b).abs() / (b.abs() + 1e-8)).max()) for a, b in zip(got, want))
+
+
+def _dist_body(rank: int, world: int) -> dict:
+    """One launch: DDP (all-reduce count + gradients) and FSDP2 (gradients), vs one process on the full batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_default_dtype(torch.float64)
+    q_all, d_all = batch(6 * world, 40), batch(6 * world, 41)
+
+    def local(b: dict) -> dict:
+        return {k: v[rank * 6 : (rank + 1) * 6] for k, v in b.items()}
+
+    ref = Tower()
+    info_nce(ref(**q_all), ref(**d_all)).backward()
+    want, out = grads(ref), {}
+
+    model = Tower()
+    ddp, counter = DDP(model), [0]
+    ddp.register_comm_hook(counter, _counting_allreduce)
+    _gathered_info_nce(ddp(**local(q_all)), ddp(**local(d_all))).backward()  # plain DDP step
+    out["plain"] = (counter[0], _max_err(grads(model), want))
+    for name, chunk, explicit in [("c2", 2, False), ("c4", 4, False), ("c100", 100, False), ("closure", 4, True)]:
+        model.zero_grad()
+        counter[0] = 0
+        gc = GradCache(chunk_size=chunk, sync_module=ddp if explicit else None)
+        fn = (lambda **kw: ddp(**kw)) if explicit else ddp
+        _gathered_info_nce(gc.encode(fn, **local(q_all)), gc.encode(fn, **local(d_all))).backward()
+        out[name] = (counter[0], _max_err(grads(model), want))
+
+    mesh = init_device_mesh("cpu", (world,))
+    for name, chunk, each in [("fsdp_c2", 2, False), ("fsdp_each", 2, True), ("fsdp_c100", 100, False)]:
+        m = Tower()
+        fully_shard(m.block, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        gc = GradCache(chunk_size=chunk, sync_each_chunk=each)
+        _gathered_info_nce(gc.encode(m, **local(q_all)), gc.encode(m, **local(d_all))).backward()
+        out[name] = _max_err([p.grad.full_tensor() for p in m.parameters()], want)
+    return out
+
+
+def test_ddp_and_fsdp2_two_ranks() -> None:
+    """2 gloo ranks: gradients equal single-process full batch; DDP all-reduces exactly once per step."""
+    for res in run_ranks(_dist_body, 2, timeout=180):
+        plain_count, err = res.pop("plain")
+        assert plain_count == 1 and err < 1e-5  # one bucket: one all-reduce per plain step
+        for name, value in res.items():
+            if name.startswith("fsdp"):
+                assert value < 1e-5, (name, value)
+            else:
+                count, err = value
+                assert count == 1 and err < 1e-5, (name, count, err)
