@@ -1,0 +1,173 @@
+"""records.py / images.py: every format parses to the expected Record; bad rows fail loudly or are counted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+from PIL import Image
+
+from vembed_blocks.data.images import ImageLoadError, load_image
+from vembed_blocks.data.records import Item, RecordError, read_records
+
+
+def _img(path, size=(8, 6), color=(255, 0, 0)):
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def d(tmp_path):
+    for name in ("a.jpg", "b.jpg", "c.png", "s1.png", "s2.png", "t.png"):
+        _img(tmp_path / name)
+    return tmp_path
+
+
+def _jsonl(d, rows, name="data.jsonl"):
+    path = d / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_every_pair_format(d):
+    p = _jsonl(d, [
+        {"query": "a red cat", "positive": "a.jpg", "negatives": ["b.jpg", "c.png"], "label": 3},
+        {"query": "a dog", "positive": "b.jpg"},
+    ], "t2i.jsonl")  # fmt: skip
+    r1, r2 = list(read_records(p))
+    assert r1.format == "t2i" and r1.query == Item(text="a red cat")
+    assert r1.positive == Item(images=(str(d / "a.jpg"),))
+    assert r1.negatives == [Item(images=(str(d / "b.jpg"),)), Item(images=(str(d / "c.png"),))]
+    assert r1.label == 3 and r1.source == f"{p}:1"
+    assert r2.negatives == [] and r2.label is None and r2.source == f"{p}:2"
+
+    i2i = list(read_records(_jsonl(d, [{"query_image": "a.jpg", "positive": "b.JPG".lower(), "negatives": ["c.png"]}], "i2i.jsonl")))[0]
+    assert i2i.format == "i2i" and i2i.query == Item(images=(str(d / "a.jpg"),)) and i2i.positive.images == (str(d / "b.jpg"),)
+
+    i2t = list(read_records(_jsonl(d, [{"query_image": "a.jpg", "positive": "a red square", "negatives": ["blue"]}], "i2t.jsonl")))[0]
+    assert i2t.format == "i2t" and i2t.positive == Item(text="a red square") and i2t.negatives == [Item(text="blue")]
+
+    m2i = list(read_records(_jsonl(d, [{"query_image": "a.jpg", "query": "make it blue", "positive": "b.jpg"}], "m2i.jsonl")))[0]
+    assert m2i.format == "m2i" and m2i.query == Item(text="make it blue", images=(str(d / "a.jpg"),))
+
+    t2t = list(read_records(_jsonl(d, [{"query": "q", "positive": "p", "negatives": ["n1", "n2"], "task": "nli", "score": 0.5}], "t2t.jsonl")))[0]
+    assert t2t.format == "t2t" and t2t.positive == Item(text="p") and [n.text for n in t2t.negatives] == ["n1", "n2"]
+    assert t2t.task == "nli" and t2t.extra == {"score": 0.5}
+
+
+def test_declared_format_and_column_mapping(d):
+    os.rename(d / "a.jpg", d / "img_without_ext")
+    p = _jsonl(d, [{"caption": "a cat", "img": "img_without_ext"}])
+    # Without a declared format a path with no image extension is text (the documented rule) ...
+    (r,) = read_records(p, columns={"query": "caption", "positive": "img"})
+    assert r.format == "t2t" and r.positive == Item(text="img_without_ext")
+    # ... and declaring the format makes it an image.
+    (r,) = read_records(p, columns={"query": "caption", "positive": "img"}, format="t2i", task="coco")
+    assert r.positive == Item(images=(str(d / "img_without_ext"),)) and r.task == "coco"
+
+
+def test_edit_format(d):
+    rows = [
+        {"source_image": "s1.png", "target_image": "t.png", "instruction": "make sunset", "instruction_cn": "日落",
+         "inverse_instruction": "a blue sky", "inverse_instruction_cn": "蓝天"},
+        {"source_image": ["s1.png", "s2.png"], "target_image": "t.png", "instruction": "merge", "instruction_cn": "合并"},
+        {"source_image": None, "target_image": "t.png", "instruction": "a cat", "instruction_cn": "猫"},
+    ]  # fmt: skip
+    p = _jsonl(d, rows)
+    recs = list(read_records(p))
+    assert [r.source.rsplit(":", 1)[1] for r in recs] == ["1", "1", "2", "3"]
+    fwd, inv, multi, t2i = recs
+    s1, s2, t = (str(d / n) for n in ("s1.png", "s2.png", "t.png"))
+    assert fwd.query == Item(text="make sunset", images=(s1,)) and fwd.positive == Item(images=(t,))
+    assert inv.query == Item(text="a blue sky", images=(t,)) and inv.positive == Item(images=(s1,))
+    assert inv.extra == {"num_source_images": 1, "inverse": True}
+    assert multi.query.images == (s1, s2) and multi.extra["num_source_images"] == 2
+    assert t2i.query == Item(text="a cat") and t2i.extra["num_source_images"] == 0
+
+    cn = list(read_records(p, inverse=False, language="cn"))
+    assert [r.query.text for r in cn] == ["日落", "合并", "猫"]
+    t2i_mode = list(read_records(p, t2i_mode=True))
+    assert [r.query for r in t2i_mode] == [Item(text="make sunset"), Item(text="merge"), Item(text="a cat")]
+
+
+def test_csv(d):
+    path = d / "data.csv"
+    path.write_text('query,positive,negatives,label\na cat,a.jpg,"[""b.jpg""]",1\na dog,b.jpg,,2\n', encoding="utf-8")
+    r1, r2 = read_records(str(path))
+    assert r1.positive.images == (str(d / "a.jpg"),) and r1.negatives == [Item(images=(str(d / "b.jpg"),))]
+    assert r1.label == "1" and r1.source == f"{path}:2"
+    assert r2.negatives == [] and r2.source == f"{path}:3"
+
+
+def test_parquet_needs_extra(d):
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install vembed-blocks\[parquet\]"):
+            list(read_records(str(d / "x.parquet")))
+    else:
+        pytest.skip("pyarrow installed")
+
+
+def _corrupt(d):
+    (d / "trunc.jpg").write_bytes((d / "a.jpg").read_bytes()[:40])  # a JPEG cut off mid-stream
+    (d / "junk.png").write_bytes(b"not an image at all")
+
+
+# (row as written on line 2, expected message fragment); line 1 and 3 are good rows.
+BAD = [
+    ('{"query": "a cat", "positive": ', "malformed JSON"),
+    ({"query": "a cat"}, "missing field 'positive'"),
+    ({"caption": "a cat", "image": "a.jpg"}, "unknown format"),
+    ({"query": "a cat", "positive": "missing.jpg"}, "image file not found"),
+    ({"query": "a cat", "positive": "trunc.jpg"}, "cannot load image"),
+    ({"query": "a cat", "positive": "junk.png"}, "cannot load image"),
+    ({"query": "   ", "positive": "a.jpg"}, "empty text in field 'query'"),
+    ({"query": "a cat", "positive": "a.jpg", "negatives": "b.jpg"}, "'negatives' must be a list"),
+    ({"query": "a cat", "positive": "a red cat"}, "format 't2t' differs"),
+    ({"query_image": "a.jpg"}, "missing field 'positive'"),
+    ({"source_image": "s1.png", "target_image": "t.png"}, "missing field 'instruction'"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD, ids=[m for _, m in BAD])
+def test_bad_rows_fail_with_file_line_or_are_counted(d, bad, message, caplog):
+    _corrupt(d)
+    good = {"query": "a dog", "positive": "b.jpg"}
+    p = _jsonl(d, [good, bad, good])
+    with pytest.raises(RecordError, match=message) as err:
+        list(read_records(p, verify_images=True))
+    assert str(err.value).startswith(f"{p}:2: ")
+    with caplog.at_level(logging.WARNING):
+        reader = read_records(p, skip_bad=True, verify_images=True)
+        recs = list(reader)
+    assert [r.source for r in recs] == [f"{p}:1", f"{p}:3"]
+    assert reader.skipped == 1 and reader.rows == 3
+    assert "skipped 1 of 3 rows" in caplog.text and message in caplog.text
+
+
+def test_streaming_reads_lazily(d):
+    # A file whose tail is garbage: the first record arrives before the bad line is ever read.
+    p = _jsonl(d, [{"query": "q", "positive": "p"}] + ["{bad"] * 3)
+    reader = read_records(p)
+    assert next(reader).query.text == "q" and reader.rows == 1
+
+
+def test_load_image_orientation_rgb_cap_and_errors(d):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": stored 40x20 shows as 20x40
+    img.save(d / "rot.jpg", exif=exif)
+    assert load_image(str(d / "rot.jpg")).size == (20, 40)
+    assert load_image(str(d / "rot.jpg"), max_side=10).size == (5, 10)
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(d / "clear.png")
+    rgb = load_image(str(d / "clear.png"))
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255)
+    Image.new("L", (4, 4), 7).save(d / "gray.png")
+    assert load_image(str(d / "gray.png")).getpixel((1, 1)) == (7, 7, 7)
+    _corrupt(d)
+    for name, reason in (("trunc.jpg", "truncated|OSError"), ("junk.png", "cannot identify"), ("nope.png", "file not found")):
+        with pytest.raises(ImageLoadError, match=rf"^data.jsonl:7: cannot load image .*{name}: .*({reason})"):
+            load_image(str(d / name), source="data.jsonl:7")

@@ -1,0 +1,366 @@
+"""Read training data files (JSONL, CSV, Parquet) into typed ``Record``s, streaming.
+
+One record = one training example: a query, one positive, zero or more hard negatives,
+each an ``Item`` (optional text + zero or more image paths). ``read_records`` iterates the
+file line by line (a 10 GB JSONL costs one line of memory), validates every row and
+either raises ``RecordError`` naming ``file:line`` or, with ``skip_bad=True``, skips the
+row and counts it (``reader.skipped``; a summary is logged at the end).
+
+Formats (detected per row from its keys, see ``_detect``)::
+
+    t2i  {"query": text, "positive": image, "negatives": [image, ...]}
+    i2i  {"query_image": image, "positive": image, "negatives": [...]}
+    i2t  {"query_image": image, "positive": text}
+    m2i  {"query_image": image, "query": text, "positive": image}
+    t2t  {"query": text, "positive": text, "negatives": [text, ...]}
+    edit {"source_image": image | [image, ...] | null, "target_image": image,
+          "instruction": text, "instruction_cn": text,
+          "inverse_instruction": text, "inverse_instruction_cn": text}
+
+plus an optional ``label`` (and ``task``) on every format.
+
+THE IMAGE-VS-TEXT RULE (the only place it is decided, ``_is_image``):
+fields whose name ends in ``_image`` are always images; ``query`` and the instruction
+fields are always text; ``positive`` and ``negatives`` follow the declared ``format``
+(``"t2i" | "i2i" | "m2i"`` -> images, ``"i2t" | "t2t"`` -> text) and, when no format is
+declared, are images iff the string ends with one of ``IMAGE_EXTENSIONS``
+(case-insensitive). Paths without such an extension are text unless you declare the format.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from .images import ImageLoadError, load_image
+
+__all__ = ["IMAGE_EXTENSIONS", "FORMATS", "Item", "Record", "RecordError", "RecordReader", "read_records", "parse_row"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+FORMATS = ("t2i", "i2i", "i2t", "m2i", "t2t", "edit")
+_IMAGE_DOC_FORMATS = {"t2i": True, "i2i": True, "m2i": True, "i2t": False, "t2t": False}
+_LANG_SUFFIX = {"en": "", "cn": "_cn"}
+# Canonical field names a column mapping may rename.
+_FIELDS = (
+    "query", "query_image", "positive", "negatives", "label", "task", "source_image", "target_image",
+    "instruction", "instruction_cn", "inverse_instruction", "inverse_instruction_cn",
+)  # fmt: skip
+
+
+class RecordError(ValueError):
+    """A bad input row; ``str(err)`` starts with ``file:line``."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source
+
+
+@dataclass(frozen=True)
+class Item:
+    """One side of a pair: optional text and zero or more (resolved) image paths."""
+
+    text: str | None = None
+    images: tuple[str, ...] = ()
+
+    @property
+    def is_image(self) -> bool:
+        return bool(self.images)
+
+
+@dataclass
+class Record:
+    """One example. ``negatives`` may be empty; ``source`` is ``"file:line"`` for messages."""
+
+    query: Item
+    positive: Item
+    negatives: list[Item] = field(default_factory=list)
+    label: Any = None
+    task: str | None = None
+    format: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def _is_image(name: str, value: str, fmt: str | None) -> bool:
+    """The image-vs-text rule (see module docstring). ``name`` is the canonical field name."""
+    if name.endswith("_image"):
+        return True
+    if name in ("positive", "negatives") and fmt in _IMAGE_DOC_FORMATS:
+        return _IMAGE_DOC_FORMATS[fmt]
+    if name in ("positive", "negatives"):
+        return value.lower().endswith(IMAGE_EXTENSIONS)
+    return False
+
+
+class _Row:
+    """Typed accessors over one raw row that raise ``RecordError`` naming the row."""
+
+    def __init__(self, raw: Mapping[str, Any], source: str, base_dir: str, check_images: bool, verify_images: bool) -> None:
+        self.raw, self.source, self.base_dir = raw, source, base_dir
+        self.check_images, self.verify_images = check_images, verify_images
+
+    def fail(self, message: str) -> RecordError:
+        return RecordError(self.source, message)
+
+    def has(self, name: str) -> bool:
+        return self.raw.get(name) not in (None, "")
+
+    def text(self, name: str, required: bool = True) -> str | None:
+        value = self.raw.get(name)
+        if value is None:
+            if required:
+                raise self.fail(f"missing field {name!r} (row keys: {sorted(self.raw)})")
+            return None
+        if not isinstance(value, str):
+            raise self.fail(f"field {name!r} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            if required:
+                raise self.fail(f"empty text in field {name!r}")
+            return None
+        return value
+
+    def image(self, name: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"field {name!r}: expected an image path, got {value!r}")
+        if value.startswith(("http://", "https://")):
+            raise self.fail(f"field {name!r}: URLs are not fetched ({value}); download the images first")
+        path = value if os.path.isabs(value) else os.path.join(self.base_dir, value)
+        if self.check_images and not os.path.isfile(path):
+            raise self.fail(f"field {name!r}: image file not found: {path}")
+        if self.verify_images:  # full decode: catches truncated/corrupt files up front (slow)
+            try:
+                load_image(path)
+            except ImageLoadError as e:
+                raise self.fail(f"field {name!r}: {e}") from e
+        return path
+
+    def item(self, name: str, value: Any, fmt: str | None) -> Item:
+        """A positive/negative entry: image or text by the rule."""
+        if not isinstance(value, str):
+            raise self.fail(f"field {name!r}: expected a string, got {type(value).__name__}")
+        if _is_image(name, value, fmt):
+            return Item(images=(self.image(name, value),))
+        if not value.strip():
+            raise self.fail(f"empty text in field {name!r}")
+        return Item(text=value)
+
+    def images(self, name: str) -> tuple[str, ...]:
+        """An ``*_image`` field that may be a path, a list of paths, or null."""
+        value = self.raw.get(name)
+        if value is None or value == "":
+            return ()
+        values = value if isinstance(value, list) else [value]
+        return tuple(self.image(name, v) for v in values)
+
+
+def _detect(row: _Row, declared: str | None) -> str:
+    if declared is not None:
+        return declared
+    if row.has("target_image"):
+        return "edit"
+    if row.has("query_image"):
+        if row.has("query"):
+            return "m2i"
+        pos = row.raw.get("positive")
+        return "i2i" if isinstance(pos, str) and _is_image("positive", pos, None) else "i2t"
+    if row.has("query"):
+        pos = row.raw.get("positive")
+        return "t2i" if isinstance(pos, str) and _is_image("positive", pos, None) else "t2t"
+    raise row.fail(f"unknown format: row keys {sorted(row.raw)} match none of {FORMATS}")
+
+
+def _pair(row: _Row, fmt: str) -> Record:
+    if fmt == "m2i":
+        query = Item(text=row.text("query"), images=row.images("query_image"))
+    elif fmt in ("i2i", "i2t"):
+        query = Item(images=row.images("query_image"))
+    else:
+        query = Item(text=row.text("query"))
+    if fmt in ("i2i", "i2t", "m2i") and not query.images:
+        raise row.fail("missing field 'query_image'")
+    if "positive" not in row.raw or row.raw["positive"] is None:
+        raise row.fail(f"missing field 'positive' (row keys: {sorted(row.raw)})")
+    doc_fmt = fmt if fmt in _IMAGE_DOC_FORMATS else None
+    positive = row.item("positive", row.raw["positive"], doc_fmt)
+    raw_negs = row.raw.get("negatives")
+    if raw_negs is None:
+        raw_negs = []
+    if not isinstance(raw_negs, list):
+        raise row.fail(f"'negatives' must be a list, got {type(raw_negs).__name__}")
+    negatives = [row.item("negatives", v, doc_fmt) for v in raw_negs]
+    for i, neg in enumerate(negatives):
+        if neg.is_image != positive.is_image:  # mixed modalities would silently feed the wrong tower
+            kind = "image" if neg.is_image else "text"
+            raise row.fail(f"negative {i} is {kind} but the positive is not; declare format= to force one")
+    return Record(query=query, positive=positive, negatives=negatives, format=fmt)
+
+
+def _edit(row: _Row, t2i_mode: bool, inverse: bool, language: str) -> list[Record]:
+    """Seed-004 edit row -> forward record, plus an inverse record (target + inverse -> source)."""
+    suffix = _LANG_SUFFIX[language]
+    target = row.images("target_image")
+    if len(target) != 1:
+        raise row.fail("missing field 'target_image' (expected one image path)")
+    sources = () if t2i_mode else row.images("source_image")
+    nsrc = len(row.images("source_image"))
+    forward = Record(
+        query=Item(text=row.text("instruction" + suffix), images=sources),
+        positive=Item(images=target),
+        format="edit",
+        extra={"num_source_images": nsrc, "inverse": False},
+    )
+    out = [forward]
+    inv_text = row.text("inverse_instruction" + suffix, required=False)
+    # No inverse row when there is nothing to invert to or no text for it (documented).
+    if inverse and not t2i_mode and sources and inv_text:
+        back = Item(images=sources)
+        out.append(Record(query=Item(text=inv_text, images=target), positive=back, format="edit",
+                          extra={"num_source_images": nsrc, "inverse": True}))  # fmt: skip
+    return out
+
+
+def parse_row(
+    raw: Any, source: str, base_dir: str = ".", *, format: str | None = None, task: str | None = None,
+    t2i_mode: bool = False, inverse: bool = True, language: str = "en", check_images: bool = True,
+    verify_images: bool = False,
+) -> list[Record]:  # fmt: skip
+    """Validate one already-renamed row and turn it into records (edit rows may give two)."""
+    if not isinstance(raw, Mapping):
+        raise RecordError(source, f"expected a JSON object, got {type(raw).__name__}")
+    row = _Row(raw, source, base_dir, check_images, verify_images)
+    fmt = _detect(row, format)
+    records = _edit(row, t2i_mode, inverse, language) if fmt == "edit" else [_pair(row, fmt)]
+    used = set(_FIELDS)
+    extra = {k: v for k, v in raw.items() if k not in used}
+    for rec in records:
+        rec.label = raw.get("label")
+        rec.task = task if task is not None else raw.get("task")
+        rec.extra = {**extra, **rec.extra}
+        rec.source = source
+    return records
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:  # bytes: offsets stay exact and bad UTF-8 is reported per line
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield lineno, RecordError(f"{path}:{lineno}", f"malformed JSON ({e})")
+
+
+def _csv_cell(name: str, value: str) -> Any:
+    """CSV cells are strings; list-valued fields are written as JSON arrays (``["a.jpg", "b.jpg"]``)."""
+    if value == "":
+        return None
+    if name in ("negatives", "source_image") and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # reported by the parser as "not a list" / bad path
+    return value
+
+
+def _csv_rows(path: str) -> Iterator[tuple[int, Any]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield reader.line_num, {k: _csv_cell(k, v or "") for k, v in row.items() if k is not None}
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs pyarrow: pip install vembed-blocks[parquet]") from e
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):  # bounded memory
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
+_READERS = {".jsonl": _jsonl_rows, ".json": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
+class RecordReader:
+    """Iterator over the records of one file; ``skipped`` counts rows dropped by ``skip_bad``."""
+
+    def __init__(self, path: str, skip_bad: bool = False, *, columns: Mapping[str, str] | None = None,
+                 format: str | None = None, **options: Any) -> None:  # fmt: skip
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in _READERS:
+            raise ValueError(f"{path}: unsupported file type {ext!r} (expected one of {sorted(_READERS)})")
+        if format is not None and format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+        if options.get("language", "en") not in _LANG_SUFFIX:
+            raise ValueError(f"language must be one of {sorted(_LANG_SUFFIX)}, got {options['language']!r}")
+        unknown = set(columns or {}) - set(_FIELDS)
+        if unknown:
+            raise ValueError(f"columns maps unknown fields {sorted(unknown)}; known: {_FIELDS}")
+        self.path, self.skip_bad, self.format, self.options = path, skip_bad, format, options
+        # canonical name -> name in the file; reversed once so each row is renamed cheaply
+        self._rename = {file_name: canon for canon, file_name in (columns or {}).items()}
+        self.rows = 0
+        self.skipped = 0
+        self.errors: list[str] = []  # the first few skip messages, for the summary
+        self._it = self._records(_READERS[ext])
+
+    def __iter__(self) -> RecordReader:
+        return self
+
+    def __next__(self) -> Record:
+        return next(self._it)
+
+    def _records(self, rows_of) -> Iterator[Record]:
+        base = os.path.dirname(os.path.abspath(self.path))
+        seen_format: str | None = None
+        for lineno, raw in rows_of(self.path):
+            self.rows += 1
+            source = f"{self.path}:{lineno}"
+            try:
+                if isinstance(raw, RecordError):
+                    raise raw
+                if self._rename and isinstance(raw, Mapping):
+                    raw = {self._rename.get(k, k): v for k, v in raw.items()}
+                records = parse_row(raw, source, base, format=self.format, **self.options)
+                fmt = records[0].format
+                if seen_format is not None and fmt != seen_format:  # e.g. one path without extension
+                    raise RecordError(source, f"format {fmt!r} differs from {seen_format!r} of earlier rows; "
+                                      "declare format= if this is intended")  # fmt: skip
+            except RecordError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped += 1
+                if len(self.errors) < 5:
+                    self.errors.append(str(e))
+                continue
+            seen_format = fmt
+            yield from records
+        if self.skipped:
+            log.warning("%s: skipped %d of %d rows; first errors:\n  %s", self.path, self.skipped, self.rows,
+                        "\n  ".join(self.errors))  # fmt: skip
+
+
+def read_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> RecordReader:
+    """Stream the records of a JSONL / CSV / Parquet file.
+
+    Options: ``columns`` (canonical name -> the file's column name, e.g.
+    ``{"query": "caption", "positive": "image"}``), ``format`` (one of ``FORMATS``; forces the
+    modality of positive/negatives), ``task`` (overrides a row's ``task`` field),
+    ``check_images`` (stat every image path, default True), ``verify_images`` (also decode
+    every image to catch corrupt files, slow, default False), and for edit rows
+    ``t2i_mode`` (drop source images), ``inverse`` (emit inverse rows, default True) and
+    ``language`` (``"en"`` or ``"cn"``). Relative image paths resolve against the file's
+    directory. Raises ``RecordError`` (``file:line: what``) on the first bad row, or with
+    ``skip_bad=True`` skips it and counts it in the returned reader's ``skipped``.
+    """
+    return RecordReader(os.fspath(path), skip_bad, **options)
