@@ -1,0 +1,102 @@
+"""retrieval_metrics against hand-computed rankings and a brute-force reference; search vs dense sort."""
+
+import math
+
+import pytest
+import torch
+
+from vembed_blocks.metrics import retrieval_metrics, search
+
+
+def log2(x):
+    return math.log(x, 2)
+
+
+def test_hand_made_rankings_with_ties_multiple_relevant_and_no_relevant():
+    scores = torch.tensor(
+        [
+            [0.9, 0.5, 0.5, 0.1, 0.7],  # ranking 0,4,1,2,3 (tie 1/2 -> lower index first); relevant {2,3} at ranks 4,5
+            [0.2, 0.8, 0.8, 0.8, 0.0],  # ranking 1,2,3,0,4; relevant {3} at rank 3
+            [0.1, 0.2, 0.3, 0.4, 0.5],  # no relevant doc: left out of the averages
+        ]
+    )
+    m = retrieval_metrics(scores, [{2, 3}, {3}, set()], ks=(1, 3, 5))
+    expect = {
+        "recall@1": 0.0, "hit@1": 0.0, "mrr@1": 0.0, "ndcg@1": 0.0, "map@1": 0.0,
+        "recall@3": (0 + 1) / 2, "hit@3": 0.5, "mrr@3": (0 + 1 / 3) / 2,
+        "ndcg@3": (0 + (1 / log2(4)) / 1) / 2, "map@3": (0 + 1 / 3) / 2,
+        "recall@5": 1.0, "hit@5": 1.0, "mrr@5": (1 / 4 + 1 / 3) / 2,
+        "ndcg@5": ((1 / log2(5) + 1 / log2(6)) / (1 + 1 / log2(3)) + 0.5) / 2,
+        "map@5": ((1 / 4 + 2 / 5) / 2 + 1 / 3) / 2,
+    }
+    assert m.keys() == expect.keys()
+    for name, v in expect.items():
+        assert m[name] == pytest.approx(v, abs=1e-12), name
+
+
+def brute_force(scores, relevant, k):
+    """Plain per-query reference straight from the trec_eval definitions."""
+    out = {f"{n}@{k}": [] for n in ("recall", "hit", "mrr", "ndcg", "map")}
+    for i, rel in enumerate(relevant):
+        if not rel:
+            continue
+        ranked = sorted(range(scores.shape[1]), key=lambda d: (-scores[i, d].item(), d))[:k]
+        ranks = [r + 1 for r, d in enumerate(ranked) if d in rel]
+        out[f"recall@{k}"].append(len(ranks) / len(rel))
+        out[f"hit@{k}"].append(1.0 if ranks else 0.0)
+        out[f"mrr@{k}"].append(1 / ranks[0] if ranks else 0.0)
+        idcg = sum(1 / log2(r + 1) for r in range(1, min(k, len(rel)) + 1))
+        out[f"ndcg@{k}"].append(sum(1 / log2(r + 1) for r in ranks) / idcg)
+        out[f"map@{k}"].append(sum((n + 1) / r for n, r in enumerate(ranks)) / len(rel))
+    return {name: sum(v) / len(v) for name, v in out.items()}
+
+
+def test_random_scores_match_brute_force_with_five_relevant_per_query():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (40, 60), generator=g).float()  # many ties
+    relevant = [set(torch.randperm(60, generator=g)[: 1 + i % 5].tolist()) for i in range(40)]
+    got = retrieval_metrics(scores, relevant, ks=(1, 5, 10), chunk_size=7)
+    for k in (1, 5, 10):
+        for name, v in brute_force(scores, relevant, k).items():
+            assert got[name] == pytest.approx(v, abs=1e-12), name
+
+
+def test_label_relevance_excluding_the_query_itself():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    emb = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
+    scores = emb @ emb.T
+    got = retrieval_metrics(scores, (labels, labels), ks=(1, 3), exclude_self=True)
+    # Reference: drop doc i from query i; label 2 has no other member, so query 5 is left out.
+    relevant = []
+    for i in range(6):
+        rel = {j for j in range(6) if labels[j] == labels[i] and j != i}
+        relevant.append(rel)
+    masked = scores.clone()
+    masked.fill_diagonal_(float("-inf"))
+    for k in (1, 3):
+        for name, v in brute_force(masked, relevant, k).items():
+            assert got[name] == pytest.approx(v, abs=1e-12), name
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="no query has a relevant document"):
+        retrieval_metrics(torch.zeros(2, 3), [set(), set()])
+    with pytest.raises(ValueError, match="2 relevance sets for 3 queries"):
+        retrieval_metrics(torch.zeros(3, 3), [{0}, {1}])
+    with pytest.raises(ValueError, match="outside 0..2"):
+        retrieval_metrics(torch.zeros(1, 3), [{5}])
+    with pytest.raises(ValueError, match="exclude_self needs Q == N"):
+        retrieval_metrics(torch.zeros(2, 3), [{0}, {1}], exclude_self=True)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 50, 1000])
+def test_search_equals_dense_sort(chunk_size):
+    g = torch.Generator().manual_seed(2)
+    q, d = torch.randn(9, 16, generator=g), torch.randn(50, 16, generator=g)
+    q[0] = 0  # an all-tie row: order must be by index
+    s, i = search(q, d, k=10, chunk_size=chunk_size)
+    full = q @ d.T
+    want = torch.sort(full, dim=1, descending=True, stable=True)
+    assert torch.equal(i, want.indices[:, :10])
+    assert torch.allclose(s, want.values[:, :10])
+    assert i[0].tolist() == list(range(10))

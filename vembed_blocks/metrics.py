@@ -1,0 +1,152 @@
+"""Retrieval metrics (trec_eval definitions) and chunked top-k search.
+
+Conventions, stated once:
+- Ranking: documents sorted by score, highest first; ties go to the lower document index
+  (a stable sort), so results are deterministic.
+- Relevance is binary. ``relevant`` is either a list of Q sets of document indices, or a
+  pair ``(query_labels[Q], doc_labels[N])`` meaning "same label is relevant".
+- A query with no relevant document is left out of every average (as trec_eval does,
+  since it has no qrels); if no query has one, ``ValueError``.
+- ``exclude_self=True`` (I2I with the corpus as its own queries, Q == N) removes document i
+  from query i's ranking and relevance before anything is computed.
+
+Per query, with ``R`` its relevant set and ``rank(d)`` 1-based:
+- ``recall@k`` = |R ∩ top-k| / |R|               (trec_eval recall_k)
+- ``hit@k``    = 1 if R ∩ top-k else 0            (the "R@k" of CLIP-style papers)
+- ``mrr@k``    = 1 / rank of the first relevant doc in the top k, else 0
+- ``ndcg@k``   = sum_{d in R ∩ top-k} 1/log2(rank(d)+1) / sum_{i=1..min(k,|R|)} 1/log2(i+1)
+- ``map@k``    = sum_{d in R ∩ top-k} precision@rank(d) / |R|   (trec_eval map_cut_k)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["retrieval_metrics", "search", "relevance_from_labels"]
+
+
+def relevance_from_labels(query_labels: Sequence | torch.Tensor, doc_labels: Sequence | torch.Tensor) -> list[set[int]]:
+    """``relevant[i] = {j : doc_labels[j] == query_labels[i]}``."""
+    by_label: dict = {}
+    for j, lab in enumerate(_as_list(doc_labels)):
+        by_label.setdefault(lab, set()).add(j)
+    return [set(by_label.get(lab, ())) for lab in _as_list(query_labels)]
+
+
+def _as_list(x) -> list:
+    return x.tolist() if hasattr(x, "tolist") else list(x)
+
+
+def _relevant_sets(relevant, num_queries: int, num_docs: int) -> list[set[int]]:
+    if isinstance(relevant, tuple) and len(relevant) == 2:
+        relevant = relevance_from_labels(*relevant)
+    relevant = [set(int(j) for j in r) for r in relevant]
+    if len(relevant) != num_queries:
+        raise ValueError(f"retrieval_metrics: {len(relevant)} relevance sets for {num_queries} queries")
+    for i, r in enumerate(relevant):
+        bad = [j for j in r if not 0 <= j < num_docs]
+        if bad:
+            raise ValueError(f"retrieval_metrics: query {i} lists document(s) {bad[:5]} outside 0..{num_docs - 1}")
+    return relevant
+
+
+def _query_metrics(ranked: list[int], rel: set[int], ks: Iterable[int]) -> dict[str, float]:
+    hits = [d in rel for d in ranked]
+    out = {}
+    for k in ks:
+        top = hits[:k]
+        found = sum(top)
+        first = next((i for i, h in enumerate(top) if h), None)
+        dcg = sum(1.0 / math.log2(i + 2) for i, h in enumerate(top) if h)
+        idcg = sum(1.0 / math.log2(i + 2) for i in range(min(k, len(rel))))
+        precisions, seen = [], 0
+        for i, h in enumerate(top):
+            if h:
+                seen += 1
+                precisions.append(seen / (i + 1))
+        out[f"recall@{k}"] = found / len(rel)
+        out[f"hit@{k}"] = float(found > 0)
+        out[f"mrr@{k}"] = 0.0 if first is None else 1.0 / (first + 1)
+        out[f"ndcg@{k}"] = dcg / idcg
+        out[f"map@{k}"] = sum(precisions) / len(rel)
+    return out
+
+
+def retrieval_metrics(
+    scores: torch.Tensor,
+    relevant: Sequence[Iterable[int]] | tuple,
+    ks: Sequence[int] = (1, 5, 10),
+    exclude_self: bool = False,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Average ``recall@k``, ``hit@k``, ``mrr@k``, ``ndcg@k``, ``map@k`` over queries.
+
+    ``scores[Q, N]`` (tensor or array; higher = more similar). See the module docstring
+    for the exact definitions, tie-breaking and the treatment of queries without a
+    relevant document. Rows are ranked ``chunk_size`` queries at a time.
+    """
+    scores = torch.as_tensor(scores)
+    if scores.dim() != 2 or 0 in scores.shape:
+        raise ValueError(f"retrieval_metrics: scores must be a non-empty [Q, N] matrix, got {tuple(scores.shape)}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] <= 0:
+        raise ValueError(f"retrieval_metrics: ks must be positive integers, got {ks}")
+    num_q, num_d = scores.shape
+    relevant = _relevant_sets(relevant, num_q, num_d)
+    if exclude_self:
+        if num_q != num_d:
+            raise ValueError(f"retrieval_metrics: exclude_self needs Q == N, got {num_q} x {num_d}")
+        relevant = [r - {i} for i, r in enumerate(relevant)]
+    depth = min(ks[-1], num_d)
+    totals: dict[str, float] = {}
+    counted = 0
+    for start in range(0, num_q, chunk_size):
+        block = scores[start : start + chunk_size].float().clone()
+        if exclude_self:
+            rows = torch.arange(block.shape[0])
+            block[rows, start + rows] = float("-inf")
+        order = torch.sort(block, dim=1, descending=True, stable=True).indices[:, :depth].tolist()
+        for i, ranked in enumerate(order):
+            rel = relevant[start + i]
+            if not rel:
+                continue
+            if exclude_self:
+                ranked = [d for d in ranked if d != start + i]
+            counted += 1
+            for name, v in _query_metrics(ranked, rel, ks).items():
+                totals[name] = totals.get(name, 0.0) + v
+    if counted == 0:
+        raise ValueError("retrieval_metrics: no query has a relevant document")
+    return {name: v / counted for name, v in totals.items()}
+
+
+@torch.no_grad()
+def search(
+    query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, chunk_size: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k documents by dot product, ``chunk_size`` documents at a time.
+
+    ``query_emb[Q, D]``, ``doc_emb[N, D]`` (normalise both first for cosine). Returns
+    ``(scores[Q, k], indices[Q, k])``, best first, ties to the lower document index. Only
+    ``Q x (k + chunk_size)`` scores exist at any moment, never ``Q x N``.
+    """
+    if query_emb.dim() != 2 or doc_emb.dim() != 2 or query_emb.shape[1] != doc_emb.shape[1]:
+        raise ValueError(f"search: need [Q, D] and [N, D], got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}")
+    num_d = doc_emb.shape[0]
+    if not 0 < k <= num_d:
+        raise ValueError(f"search: k must be in 1..{num_d}, got {k}")
+    if chunk_size <= 0:
+        raise ValueError(f"search: chunk_size must be positive, got {chunk_size}")
+    best_s = query_emb.new_empty(query_emb.shape[0], 0)
+    best_i = torch.empty(query_emb.shape[0], 0, dtype=torch.long, device=query_emb.device)
+    for start in range(0, num_d, chunk_size):
+        chunk = query_emb @ doc_emb[start : start + chunk_size].T
+        idx = torch.arange(start, start + chunk.shape[1], device=query_emb.device).expand_as(chunk)
+        # Earlier (lower-index) candidates come first, so a stable sort keeps ties in index order.
+        cat_s, cat_i = torch.cat([best_s, chunk], 1), torch.cat([best_i, idx], 1)
+        order = torch.sort(cat_s, dim=1, descending=True, stable=True).indices[:, :k]
+        best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
+    return best_s, best_i
