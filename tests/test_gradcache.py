@@ -177,6 +177,59 @@ def test_vlm_flat_pixel_values(chunk_size: int) -> None:
     assert_close(grads(model, text), grads(rm, rt))
 
 
+def tiny_qwen3_vl():
+    """A ~80k-parameter Qwen3-VL (random weights) and a processor-shaped batch: 4 rows with
+    1, 0, 2, 1 images of different grids, right padding."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    text = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16,
+                rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=150, video_token_id=151,
+                        vision_start_token_id=152, vision_end_token_id=153)
+    torch.manual_seed(11)
+    model = Qwen3VLModel(cfg)
+    grids = [[[1, 4, 4]], [], [[1, 4, 8], [1, 8, 4]], [[1, 4, 4]]]
+    rows = []
+    for k, row_grids in enumerate(grids):
+        ids = [1, 10 + k]
+        for t, h, w in row_grids:  # <vision_start> image tokens (t*h*w / merge^2) <vision_end>
+            ids += [152] + [150] * (t * h * w // 4) + [153]
+        rows.append(ids + [20 + k] * (k + 1))
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    grid = torch.tensor([g for row in grids for g in row])
+    g = torch.Generator().manual_seed(12)
+    inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == 150).long(),
+              "pixel_values": torch.randn(int(grid.prod(1).sum()), 3 * 2 * 4 * 4, generator=g), "image_grid_thw": grid}
+    return model, inputs
+
+
+def test_real_qwen3_vl_chunks() -> None:
+    """The real Qwen3-VL model accepts every chunk (pixels, grids and mm_token_type_ids agree)."""
+    model, inputs = tiny_qwen3_vl()
+    text = Tower(vocab=200, dim=32)
+    d_in = batch(4, 13, vocab=200)
+
+    def embed(model=model, **kw):
+        h = model(**kw).last_hidden_state
+        m = kw["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
+    rm, rt = copy.deepcopy(model), copy.deepcopy(text)
+    info_nce(embed(model=rm, **inputs), rt(**d_in)).backward()
+    want = grads(rm, rt)
+    for chunk in (1, 3):
+        model.zero_grad(), text.zero_grad()
+        gc = GradCache(chunk_size=chunk)
+        info_nce(gc.encode(embed, **inputs), gc.encode(text, **d_in)).backward()
+        assert_close(grads(model, text), want)
+
+
 def test_accumulation_and_loss_scaling() -> None:
     """Two micro-steps of (loss / 2), then a loss scaled like GradScaler does: grads add and scale."""
     tower = Tower()

