@@ -34,11 +34,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from .images import ImageLoadError, load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "FORMATS", "Item", "Record", "RecordError", "RecordReader", "read_records", "parse_row"]
+__all__ = ["IMAGE_EXTENSIONS", "FORMATS", "Item", "Record", "RecordError", "RecordReader", "IndexedRecords", "read_records", "parse_row"]
 
 log = logging.getLogger(__name__)
 
@@ -312,13 +314,24 @@ class RecordReader:
         self.rows = 0
         self.skipped = 0
         self.errors: list[str] = []  # the first few skip messages, for the summary
-        self._it = self._records(_READERS[ext])
+        self._it: Iterator[Record] | None = self._records(_READERS[ext])
 
     def __iter__(self) -> RecordReader:
         return self
 
     def __next__(self) -> Record:
+        if self._it is None:
+            raise StopIteration  # an unpickled copy only parses (IndexedRecords in DataLoader workers)
         return next(self._it)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_it": None}  # generators do not pickle
+
+    def parse(self, raw: Any, source: str, base_dir: str) -> list[Record]:
+        """One raw row -> its records, with this reader's column mapping and options."""
+        if self._rename and isinstance(raw, Mapping):
+            raw = {self._rename.get(k, k): v for k, v in raw.items()}
+        return parse_row(raw, source, base_dir, format=self.format, **self.options)
 
     def _records(self, rows_of) -> Iterator[Record]:
         base = os.path.dirname(os.path.abspath(self.path))
@@ -329,9 +342,7 @@ class RecordReader:
             try:
                 if isinstance(raw, RecordError):
                     raise raw
-                if self._rename and isinstance(raw, Mapping):
-                    raw = {self._rename.get(k, k): v for k, v in raw.items()}
-                records = parse_row(raw, source, base, format=self.format, **self.options)
+                records = self.parse(raw, source, base)
                 fmt = records[0].format
                 if seen_format is not None and fmt != seen_format:  # e.g. one path without extension
                     raise RecordError(source, f"format {fmt!r} differs from {seen_format!r} of earlier rows; "
@@ -364,3 +375,45 @@ def read_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any
     ``skip_bad=True`` skips it and counts it in the returned reader's ``skipped``.
     """
     return RecordReader(os.fspath(path), skip_bad, **options)
+
+
+class IndexedRecords(Sequence[Record]):
+    """Random access to the records of a JSONL file without holding them in memory.
+
+    Construction validates every row once (same options and ``skip_bad`` as
+    ``read_records``) and keeps ~17 bytes per record: the byte offset of each line and which
+    record of its line it is. ``records[i]`` seeks and re-parses that line. ``groups`` holds
+    ``extra["num_source_images"]`` per record (-1 when absent) for the sampler's grouping.
+    """
+
+    def __init__(self, path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> None:
+        self.path = os.fspath(path)
+        if not self.path.endswith((".jsonl", ".json")):
+            raise ValueError(f"{self.path}: IndexedRecords needs JSONL; load CSV/Parquet with list(read_records(...))")
+        self.reader = RecordReader(self.path, skip_bad, **options)
+        offsets = [0]
+        with open(self.path, "rb") as f:
+            for line in f:
+                offsets.append(offsets[-1] + len(line))
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        lines, subs, groups, prev = [], [], [], None
+        for rec in self.reader:
+            line = int(rec.source.rsplit(":", 1)[1])
+            subs.append(subs[-1] + 1 if line == prev else 0)
+            lines.append(line)
+            groups.append(int(rec.extra.get("num_source_images", -1)))
+            prev = line
+        self._lines = np.asarray(lines, dtype=np.int64)
+        self._subs = np.asarray(subs, dtype=np.int8)
+        self.groups = np.asarray(groups, dtype=np.int16)
+        self._base = os.path.dirname(os.path.abspath(self.path))
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        line = int(self._lines[i])
+        with open(self.path, "rb") as f:
+            f.seek(int(self._offsets[line - 1]))
+            raw = json.loads(f.readline())
+        return self.reader.parse(raw, f"{self.path}:{line}", self._base)[int(self._subs[i])]

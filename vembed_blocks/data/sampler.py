@@ -1,0 +1,366 @@
+"""Weighted multi-task batch sampler: every rank draws the same task, disjoint rows.
+
+``WeightedTaskSampler`` yields ``(task, indices)`` forever. Step ``t``'s task (and group)
+is a pure function of ``(seed, t)``, so all ranks agree without communicating and the whole
+global batch (``batch_size * world_size`` rows; ``batch_size`` is per rank) comes from one
+task: in-batch and cross-rank negatives are then of the same kind. Rows come from a
+per-(task, group) stream: pass ``p`` of the stream is a keyed permutation (a Feistel
+bijection, never materialised) derived from ``(seed, task, group, p)``; a cursor walks it, so small tasks cycle (a fresh shuffle per
+pass) and large ones are never enumerated up front. The state is the step plus one
+``(pass, offset)`` cursor per stream: O(#streams) to save and to restore, no replay.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+import zlib
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+__all__ = ["WeightedTaskSampler", "TaskBatches", "load_task_dir", "parse_weights", "parse_group_weights"]
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(*keys: int) -> int:
+    """splitmix64 over a key tuple: a stateless, platform-independent 64-bit hash."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = (h ^ (k & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 31
+    return h
+
+
+def _uniform(*keys: int) -> float:
+    return (_mix(*keys) >> 11) / float(1 << 53)  # 53 random bits -> [0, 1)
+
+
+def _name_key(name: Any) -> int:
+    return zlib.crc32(str(name).encode("utf-8"))  # stable across processes (unlike hash())
+
+
+def parse_weights(spec: str, what: str = "weights") -> dict[str, float]:
+    """Parse ``"dataset_a=0.5,dataset_b=1.2"`` into ``{"dataset_a": 0.5, "dataset_b": 1.2}``.
+
+    Raises ``ValueError`` naming the bad entry on: a missing ``=``, an empty name, a
+    duplicate name, a weight that is not a finite non-negative number, or an empty string.
+    """
+    out: dict[str, float] = {}
+    entries = [e.strip() for e in spec.split(",")]
+    if not spec.strip():
+        raise ValueError(f"empty {what} string")
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise ValueError(f"bad {what} entry {entry!r} in {spec!r}: expected name=weight")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"bad {what} entry {entry!r} in {spec!r}: {value!r} is not a number") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"bad {what} entry {entry!r} in {spec!r}: weight must be finite and >= 0")
+        if name in out:
+            raise ValueError(f"duplicate name {name!r} in {what} {spec!r}")
+        out[name] = weight
+    return out
+
+
+def parse_group_weights(spec: str) -> dict[int, float]:
+    """Parse ``"0=1,1=1,2=1,3=0"`` (weight per number of source images) into ``{0: 1.0, ...}``."""
+    out: dict[int, float] = {}
+    for name, weight in parse_weights(spec, "group weights").items():
+        try:
+            out[int(name)] = weight
+        except ValueError:
+            raise ValueError(f"bad group weights entry {name!r} in {spec!r}: group must be an integer") from None
+    return out
+
+
+def _feistel(x: np.ndarray, n: int, round_keys: list[int]) -> np.ndarray:
+    """A keyed bijection of ``[0, n)`` applied to ``x`` without materialising it.
+
+    A balanced Feistel network on the smallest even-bit domain >= n, with cycle-walking
+    (re-encrypt values that land >= n) to stay inside ``[0, n)``; O(len(x)) time and memory,
+    so a pass over a 10^9-row task costs nothing until its rows are drawn.
+    """
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift, m1, m2 = np.uint64(half), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+    def encrypt(v: np.ndarray) -> np.ndarray:
+        left, right = v >> shift, v & mask
+        for key in round_keys:
+            h = (right ^ np.uint64(key)) * m1  # wraps mod 2^64, as intended
+            h = (h ^ (h >> np.uint64(29))) * m2
+            left, right = right, left ^ ((h ^ (h >> np.uint64(32))) & mask)
+        return (left << shift) | right
+
+    out = encrypt(x.astype(np.uint64))
+    todo = out >= n
+    while todo.any():
+        out[todo] = encrypt(out[todo])
+        todo = out >= n
+    return out.astype(np.int64)
+
+
+class _Stream:
+    """Rows of one (task, group): a seeded permutation per pass, walked by a cursor.
+
+    ``members`` lists the rows of a group (``None``: the whole task, rows ``0..size-1``).
+    """
+
+    _CACHE_ROWS = 1 << 20  # streams up to this size keep their current pass in memory (speed)
+
+    def __init__(self, size: int, members: np.ndarray | None, keys: tuple[int, ...]) -> None:
+        self.size, self.members, self.keys = size, members, keys
+        self.pass_, self.offset = 0, 0
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def _positions(self, start: int, stop: int) -> np.ndarray:
+        round_keys = [_mix(*self.keys, self.pass_, r) for r in range(4)]
+        if self.size > self._CACHE_ROWS:
+            return _feistel(np.arange(start, stop), self.size, round_keys)
+        if self._cached is None or self._cached[0] != self.pass_:
+            self._cached = (self.pass_, _feistel(np.arange(self.size), self.size, round_keys))
+        return self._cached[1][start:stop]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def take(self, n: int) -> np.ndarray:
+        out = []
+        while n > 0:
+            k = min(n, self.size - self.offset)
+            pos = self._positions(self.offset, self.offset + k)
+            out.append(pos if self.members is None else self.members[pos])
+            n -= k
+            self.offset += k
+            if self.offset == self.size:
+                self.pass_, self.offset = self.pass_ + 1, 0
+        return np.concatenate(out)
+
+    def state(self) -> list[int]:
+        return [self.pass_, self.offset]
+
+    def restore(self, state: Sequence[int]) -> None:
+        self.pass_, self.offset = int(state[0]), int(state[1])
+
+
+class WeightedTaskSampler:
+    """Infinite ``(task, indices)`` iterator; see the module docstring.
+
+    Args:
+        task_sizes: rows per task. Task names are sorted, so dict order never matters.
+        batch_size: rows per rank per step; the global batch is ``batch_size * world_size``.
+        weights: task -> weight; ``P(task) = w / sum(w)``. Tasks missing from it are excluded
+            (a warning names them). ``None`` weights every task by its size (like one
+            concatenated dataset).
+        seed: everything (task draws, group draws, shuffles) derives from it.
+        rank, world_size: this rank's slice; default from the process group (0 / 1 without one).
+        group_of: task -> the group of each of its rows (``len == task_sizes[task]``), e.g. the
+            number of source images; tasks not in it are not grouped.
+        group_weights: group -> weight, drawn after the task among the groups that task has.
+            Groups missing from it are excluded with a warning. ``None``: all groups weigh 1.
+
+    Raises ``ValueError`` for weights naming unknown tasks, a zero total weight, an empty
+    task with weight, a grouped task none of whose groups can be drawn, or a weighted group
+    that no task has (all would otherwise loop forever or sample nothing).
+    """
+
+    def __init__(
+        self, task_sizes: Mapping[str, int], batch_size: int, weights: Mapping[str, float] | None = None,
+        seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
+        group_of: Mapping[str, Sequence[Hashable]] | None = None, group_weights: Mapping[Hashable, float] | None = None,
+    ) -> None:  # fmt: skip
+        if rank is None or world_size is None:
+            from ..distributed import get_rank, get_world_size
+
+            rank = get_rank() if rank is None else rank
+            world_size = get_world_size() if world_size is None else world_size
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, int(seed)
+        self.global_batch = batch_size * world_size
+        self.step = 0
+        self.tasks, task_w = self._task_weights(dict(task_sizes), weights)
+        self._task_cum = np.cumsum(task_w)
+        self._groups: dict[str, tuple[list[str], np.ndarray]] = {}  # task -> (group names, cumulative weights)
+        self._streams: dict[str, _Stream] = {}
+        self._build_streams(dict(task_sizes), group_of or {}, group_weights)
+        small = sorted(k for k, s in self._streams.items() if len(s) < self.global_batch)
+        if small:
+            warnings.warn(f"streams smaller than the global batch ({self.global_batch}) repeat rows within a batch: {small}")
+
+    def _task_weights(self, sizes: dict[str, int], weights: Mapping[str, float] | None) -> tuple[list[str], list[float]]:
+        if weights is None:
+            weights = {t: float(n) for t, n in sizes.items()}
+        unknown = sorted(set(weights) - set(sizes))
+        if unknown:
+            raise ValueError(f"weights name unknown tasks {unknown}; tasks are {sorted(sizes)}")
+        absent = sorted(set(sizes) - set(weights))
+        if absent:
+            warnings.warn(f"tasks without a weight are excluded from sampling: {absent}")
+        if any(w < 0 or not math.isfinite(w) for w in weights.values()):
+            raise ValueError(f"task weights must be finite and >= 0: {dict(weights)}")
+        tasks = sorted(t for t, w in weights.items() if w > 0)
+        if not tasks:
+            raise ValueError(f"task weights sum to zero: {dict(weights)}")
+        empty = [t for t in tasks if sizes[t] <= 0]
+        if empty:
+            raise ValueError(f"tasks with weight but no rows: {empty}")
+        return tasks, [float(weights[t]) for t in tasks]
+
+    def _build_streams(self, sizes: dict[str, int], group_of: Mapping[str, Sequence[Hashable]],
+                       group_weights: Mapping[Hashable, float] | None) -> None:  # fmt: skip
+        gw = None if group_weights is None else {str(g): float(w) for g, w in group_weights.items()}
+        seen: set[str] = set()
+        for task in self.tasks:
+            if task not in group_of:
+                self._streams[task] = _Stream(sizes[task], None, (self.seed, _name_key(task)))
+                continue
+            labels = np.asarray([str(g) for g in group_of[task]])
+            if len(labels) != sizes[task]:
+                raise ValueError(f"group_of[{task!r}] has {len(labels)} entries but the task has {sizes[task]} rows")
+            names = sorted(set(labels.tolist()))
+            seen.update(names)
+            if gw is not None and set(names) - set(gw):
+                warnings.warn(f"task {task!r}: groups without a weight are excluded: {sorted(set(names) - set(gw))}")
+            drawn = [g for g in names if (1.0 if gw is None else gw.get(g, 0.0)) > 0]
+            if not drawn:
+                raise ValueError(f"task {task!r} has weight but none of its groups {names} has a positive group weight")
+            for g in drawn:
+                members = np.flatnonzero(labels == g)
+                self._streams[f"{task}/{g}"] = _Stream(len(members), members, (self.seed, _name_key(task), _name_key(g)))
+            self._groups[task] = (drawn, np.cumsum([1.0 if gw is None else gw[g] for g in drawn]))
+        if gw is not None and group_of:
+            orphans = sorted(g for g, w in gw.items() if w > 0 and g not in seen)
+            if orphans:
+                raise ValueError(f"groups {orphans} have weight but no rows in any sampled task")
+
+    def draw(self, step: int) -> tuple[str, str]:
+        """The (task, stream key) of global step ``step``: a pure function of (seed, step)."""
+        u = _uniform(self.seed, step, 0) * self._task_cum[-1]
+        task = self.tasks[min(int(np.searchsorted(self._task_cum, u, side="right")), len(self.tasks) - 1)]
+        if task not in self._groups:
+            return task, task
+        names, cum = self._groups[task]
+        u = _uniform(self.seed, step, 1, _name_key(task)) * cum[-1]
+        group = names[min(int(np.searchsorted(cum, u, side="right")), len(names) - 1)]
+        return task, f"{task}/{group}"
+
+    def __iter__(self) -> Iterator[tuple[str, list[int]]]:
+        return self
+
+    def __next__(self) -> tuple[str, list[int]]:
+        task, key = self.draw(self.step)
+        rows = self._streams[key].take(self.global_batch)  # every rank advances the same cursor
+        self.step += 1
+        return task, rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step + one ``[pass, offset]`` per stream (JSON-serialisable)."""
+        return {
+            "step": self.step, "seed": self.seed, "global_batch": self.global_batch,
+            "streams": {k: s.state() for k, s in self._streams.items()},
+        }  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next batches equal those an uninterrupted run would have drawn.
+
+        The world size may change if the global batch does not.
+        """
+        if state["seed"] != self.seed or state["global_batch"] != self.global_batch:
+            raise ValueError(f"sampler state is for seed {state['seed']} / global batch {state['global_batch']}, "
+                             f"this sampler has {self.seed} / {self.global_batch}")  # fmt: skip
+        if set(state["streams"]) != set(self._streams):
+            raise ValueError(f"sampler state has streams {sorted(state['streams'])}, expected {sorted(self._streams)}")
+        for key, cursor in state["streams"].items():
+            self._streams[key].restore(cursor)
+        self.step = int(state["step"])
+
+
+def load_task_dir(root: str | os.PathLike, skip_bad: bool = False, **read_options: Any) -> dict[str, Sequence[Any]]:
+    """Seed-004 layout: every subdirectory of ``root`` is a task holding its data file(s).
+
+    JSONL files become ``IndexedRecords`` (offsets only, lazy); CSV/Parquet are read into
+    lists. A task with several files concatenates them (sorted by name). Records get
+    ``task`` = the subdirectory name.
+    """
+    from .records import IndexedRecords, read_records
+
+    tasks: dict[str, Sequence[Any]] = {}
+    for name in sorted(os.listdir(root)):
+        sub = os.path.join(root, name)
+        if not os.path.isdir(sub):
+            continue
+        parts: list[Sequence[Any]] = []
+        for fname in sorted(os.listdir(sub)):
+            path = os.path.join(sub, fname)
+            if fname.endswith((".jsonl", ".json")):
+                parts.append(IndexedRecords(path, skip_bad, task=name, **read_options))
+            elif fname.endswith((".csv", ".parquet")):
+                parts.append(list(read_records(path, skip_bad, task=name, **read_options)))
+        if not parts:
+            raise ValueError(f"task directory {sub} has no .jsonl/.csv/.parquet file")
+        tasks[name] = parts[0] if len(parts) == 1 else _Concat(parts)
+    if not tasks:
+        raise ValueError(f"{root} has no task subdirectories")
+    return tasks
+
+
+class _Concat(Sequence[Any]):
+    def __init__(self, parts: list[Sequence[Any]]) -> None:
+        self.parts, self.ends = parts, np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        j = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[j][i - (int(self.ends[j - 1]) if j else 0)]
+
+
+class TaskBatches(IterableDataset):
+    """The sampler's batches as a ``DataLoader`` dataset; identical for any ``num_workers``.
+
+    Use ``DataLoader(TaskBatches(tasks, sampler, collate_fn), batch_size=None, num_workers=N)``.
+    Worker ``w`` of ``N`` builds the batches of steps ``t % N == w`` (each worker replays the
+    cheap index draws of the others, never their loading), and the DataLoader's in-order
+    round robin puts them back in step order. Each item is a dict
+    ``{"step", "task", "batch", "sampler_state"}``: ``batch`` is ``collate_fn(records)`` (the
+    list of records without one) and ``sampler_state`` is the sampler's state *after* this
+    step: save the one of the last batch you trained on, and pass it as ``state`` (or load it
+    into the sampler) to resume exactly. ``steps`` makes the stream finite.
+    """
+
+    def __init__(self, tasks: Mapping[str, Sequence[Any]], sampler: WeightedTaskSampler,
+                 collate_fn: Callable[[list[Any]], Any] | None = None, steps: int | None = None,
+                 state: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        missing = sorted(set(sampler.tasks) - set(tasks))
+        if missing:
+            raise ValueError(f"sampler draws tasks with no records: {missing}")
+        self.tasks, self.collate_fn, self.steps = tasks, collate_fn, steps
+        self.sampler = copy.deepcopy(sampler)  # the caller's sampler is never advanced behind its back
+        if state is not None:
+            self.sampler.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        sampler = copy.deepcopy(self.sampler)  # every epoch/iterator restarts from the same state
+        end = None if self.steps is None else sampler.step + self.steps
+        while end is None or sampler.step < end:
+            step = sampler.step
+            task, rows = next(sampler)
+            if step % nw != wid:
+                continue
+            records = [self.tasks[task][i] for i in rows]
+            batch = self.collate_fn(records) if self.collate_fn is not None else records
+            yield {"step": step, "task": task, "batch": batch, "sampler_state": sampler.state_dict()}
