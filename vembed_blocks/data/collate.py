@@ -1,0 +1,199 @@
+"""Collators: a list of ``Record``s -> model inputs, built by the model's own HF processor.
+
+Every collator returns a plain dict (B records, K = most negatives of any record, M = the
+number of real negatives, ``M = negatives_mask.sum()``)::
+
+    {
+      "query":    {model inputs for the B queries},
+      "positive": {model inputs for the B positives},
+      "negatives": {model inputs for the M real negatives, row-major by record},   # only if K > 0
+      "negatives_mask": BoolTensor[B, K],   True = real negative                   # only if K > 0
+      "labels": Tensor[B],                                                          # only if every record has a label
+    }
+
+Each inner dict goes straight into the model or ``GradCache.encode(fn, **batch["query"])``.
+Negatives are encoded flat (no padding rows burn compute); ``scatter_negatives`` turns
+their ``[M, D]`` embeddings into the ``[B, K, D]`` + mask that the losses take.
+Labels: str labels become ids by first appearance in the batch (equal label = equal id),
+ints/bools a LongTensor, floats a FloatTensor (e.g. CoSENT scores).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .images import load_images
+from .records import Item, Record, RecordError
+
+__all__ = ["TextCollator", "DualEncoderCollator", "VLMCollator", "scatter_negatives"]
+
+
+def scatter_negatives(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``embeddings[M, ...]`` of the real negatives -> ``[B, K, ...]`` with zeros where ``mask`` is False.
+
+    Differentiable (gradients flow back to ``embeddings``).
+    """
+    if int(mask.sum()) != embeddings.shape[0]:
+        raise ValueError(f"mask marks {int(mask.sum())} real negatives but got {embeddings.shape[0]} embeddings")
+    out = embeddings.new_zeros(*mask.shape, *embeddings.shape[1:])
+    out[mask.to(embeddings.device)] = embeddings
+    return out
+
+
+def _labels(records: Sequence[Record]) -> torch.Tensor | None:
+    values = [r.label for r in records]
+    if all(v is None for v in values):
+        return None
+    for r in records:
+        if r.label is None:  # a silently dropped label would un-mask false negatives
+            raise RecordError(r.source, "record has no label but others in its batch do")
+    if all(isinstance(v, str) for v in values):
+        ids: dict[str, int] = {}
+        return torch.tensor([ids.setdefault(v, len(ids)) for v in values], dtype=torch.long)
+    if all(isinstance(v, (bool, int)) for v in values):
+        return torch.tensor(values, dtype=torch.long)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return torch.tensor(values, dtype=torch.float)
+    raise RecordError(records[0].source, f"labels in a batch must all be str, all int or all numbers: {values}")
+
+
+class _Collator:
+    """Shared skeleton: encode query / positive / flat negatives side by side."""
+
+    query_instruction: str | None = None
+    doc_instruction: str | None = None
+
+    def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, records: Sequence[Record]) -> dict[str, Any]:
+        if not records:
+            raise ValueError("cannot collate an empty batch")
+        sources = [r.source for r in records]
+        out: dict[str, Any] = {
+            "query": self.encode([r.query for r in records], sources, True),
+            "positive": self.encode([r.positive for r in records], sources, False),
+        }
+        k = max(len(r.negatives) for r in records)
+        if k:
+            negs = [(n, r.source) for r in records for n in r.negatives]
+            out["negatives"] = self.encode([n for n, _ in negs], [s for _, s in negs], False)
+            out["negatives_mask"] = torch.tensor([[j < len(r.negatives) for j in range(k)] for r in records])
+        labels = _labels(records)
+        if labels is not None:
+            out["labels"] = labels
+        return out
+
+    def _text(self, item: Item, is_query: bool) -> str | None:
+        prefix = self.query_instruction if is_query else self.doc_instruction
+        if item.text is None or not prefix:
+            return item.text
+        return prefix + item.text
+
+
+class TextCollator(_Collator):
+    """Text-only pairs (bi-encoders, ColBERT) through a tokenizer.
+
+    ``query_instruction`` / ``doc_instruction`` are prefixed verbatim (include any separator,
+    e.g. ``"query: "``). Each side: the tokenizer's tensors, ``input_ids[n, L]`` +
+    ``attention_mask[n, L]`` (+ ``token_type_ids`` if it makes them), right-padded unless the
+    tokenizer says otherwise.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 512, query_instruction: str | None = None,
+                 doc_instruction: str | None = None) -> None:  # fmt: skip
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.query_instruction, self.doc_instruction = query_instruction, doc_instruction
+
+    def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
+        for item, src in zip(items, sources):
+            if item.images or item.text is None:
+                raise RecordError(src, "TextCollator needs text-only records (this one has images)")
+        texts = [self._text(it, is_query) for it in items]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return dict(enc)
+
+
+class DualEncoderCollator(_Collator):
+    """CLIP / SigLIP style: each side is text (``input_ids``, ``attention_mask``), one image
+    per item (``pixel_values[n, 3, H, W]``), or both (M2I queries: fuse them yourself).
+
+    ``padding``: ``True`` pads to the longest text; SigLIP was trained with
+    ``padding="max_length"`` (and ``max_length=64``), use that for it. ``max_image_side``
+    caps decoded images before the processor resizes them (saves decode-time memory).
+    """
+
+    def __init__(self, processor: Any, max_length: int = 77, padding: bool | str = True,
+                 max_image_side: int | None = None, query_instruction: str | None = None,
+                 doc_instruction: str | None = None) -> None:  # fmt: skip
+        self.processor, self.max_length, self.padding, self.max_image_side = processor, max_length, padding, max_image_side
+        self.query_instruction, self.doc_instruction = query_instruction, doc_instruction
+
+    def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
+        with_text = [it.text is not None for it in items]
+        with_image = [bool(it.images) for it in items]
+        out: dict[str, torch.Tensor] = {}
+        for present, kind in ((with_text, "text"), (with_image, "an image")):
+            if any(present) and not all(present):
+                src = sources[present.index(False)]
+                raise RecordError(src, f"this record has no {kind} where others in the batch do; one tower per side")
+        if all(with_text):
+            texts = [self._text(it, is_query) for it in items]
+            enc = self.processor.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_length,
+                                           return_tensors="pt")  # fmt: skip
+            out.update(enc)
+        if all(with_image):
+            images = []
+            for it, src in zip(items, sources):
+                if len(it.images) != 1:
+                    raise RecordError(src, f"a dual encoder takes one image per item, got {len(it.images)}")
+                images += load_images(it.images, max_side=self.max_image_side, source=src)
+            out["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return out
+
+
+class VLMCollator(_Collator):
+    """Qwen3-VL (and other chat VLMs): one chat per item, images as placeholders, left padded.
+
+    Each item becomes ``[system: instruction] [user: <image>... text]`` rendered by the
+    processor's chat template (``add_generation_prompt`` appends the assistant prefix, whose
+    last token is then the pooled one). The processor expands each image placeholder to
+    ``prod(image_grid_thw) / merge_size**2`` tokens. Left padding puts every row's last real
+    token at position -1 (``pool(..., "last")`` works for either side anyway).
+
+    Each side: everything the processor returns: ``input_ids[n, L]``, ``attention_mask[n, L]``,
+    ``mm_token_type_ids[n, L]`` and, when the side has images, flat ``pixel_values[patches, C*T*P*P]``
+    + ``image_grid_thw[images, 3]`` (``GradCache.encode`` splits these by row).
+    """
+
+    def __init__(self, processor: Any, query_instruction: str = "Represent the user's input.",
+                 doc_instruction: str | None = None, max_image_side: int | None = None,
+                 add_generation_prompt: bool = True,
+                 message_fn: Callable[[Item, str | None], list[dict]] | None = None) -> None:  # fmt: skip
+        self.processor, self.max_image_side, self.add_generation_prompt = processor, max_image_side, add_generation_prompt
+        self.query_instruction, self.doc_instruction = query_instruction, doc_instruction or query_instruction
+        self.message_fn = message_fn or _chat
+
+    def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
+        instruction = self.query_instruction if is_query else self.doc_instruction
+        texts, images = [], []
+        for it, src in zip(items, sources):
+            messages = self.message_fn(it, instruction)
+            texts.append(self.processor.apply_chat_template(messages, tokenize=False,
+                                                            add_generation_prompt=self.add_generation_prompt))  # fmt: skip
+            images += load_images(it.images, max_side=self.max_image_side, source=src)
+        enc = self.processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+        return dict(enc)
+
+
+def _chat(item: Item, instruction: str | None) -> list[dict]:
+    """The default conversation: optional system instruction, then the item's images and text."""
+    content: list[dict] = [{"type": "image"} for _ in item.images]
+    if item.text is not None:
+        content.append({"type": "text", "text": item.text})
+    messages = [{"role": "user", "content": content}]
+    if instruction:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": instruction}]})
+    return messages
