@@ -1,1 +1,13 @@
 """Data blocks: records, images, collators, the weighted task sampler, embedding stores."""
+
+from .collate import DualEncoderCollator, TextCollator, VLMCollator, scatter_negatives
+from .images import ImageLoadError, load_image, load_images
+from .records import IMAGE_EXTENSIONS, IndexedRecords, Item, Record, RecordError, RecordReader, read_records
+from .sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_group_weights, parse_weights
+
+__all__ = [
+    "DualEncoderCollator", "TextCollator", "VLMCollator", "scatter_negatives",
+    "ImageLoadError", "load_image", "load_images",
+    "IMAGE_EXTENSIONS", "IndexedRecords", "Item", "Record", "RecordError", "RecordReader", "read_records",
+    "TaskBatches", "WeightedTaskSampler", "load_task_dir", "parse_group_weights", "parse_weights",
+]  # fmt: skip
