@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .distributed import gather_with_offset
+from .distributed import all_gather_sizes, gather_with_offset, get_rank
+from .tiled import Side, ring_pad
 
 
 def check_rows(name: str, **tensors: torch.Tensor) -> None:
@@ -80,11 +81,46 @@ def flatten_negatives(
     return flat, (None if mask is None else mask.bool())
 
 
-def same_label_mask(labels: torch.Tensor | None, labels_all: torch.Tensor | None, offset: int) -> torch.Tensor | None:
-    """[B, N] True where column j shares row i's label but is not row i's own target."""
-    if labels is None:
-        return None
-    same = labels[:, None] == labels_all[None, :]
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    same[rows, offset + rows] = False
-    return same
+def contrastive_sides(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    negatives: torch.Tensor | None = None,
+    negatives_valid: torch.Tensor | None = None,
+    *,
+    gather_on: bool,
+    ring: bool = False,
+) -> tuple[Side, Side]:
+    """Rows and candidate columns of a contrastive score matrix, with the metadata that masks it.
+
+    ``rows[B,D]`` (this rank's, already scaled) and ``cols[B,D]`` (this rank's positives:
+    column ``offset + i`` is row i's target); ``negatives[M,D]`` with ``negatives_valid[M]``
+    are extra columns with no label and id -1. Without ``ring`` the columns are gathered from
+    every rank (with gradient) when ``gather_on``; with ``ring`` they stay this rank's own
+    (padded to the largest rank's count) for `tiled_logsumexp`'s ring to pass around.
+    """
+    n = rows.shape[0]
+    if ring:
+        offset = sum(all_gather_sizes(n, rows.device)[: get_rank()])
+        col_offset = offset
+    else:
+        (cols, offset), (labels_all, _) = gather(cols, gather_on), gather(labels, gather_on)
+        negatives, _ = gather(negatives, gather_on)
+        negatives_valid, _ = gather(negatives_valid, gather_on)
+        col_offset = 0
+    labels_cols = labels if ring else labels_all
+    row_meta = {"id": offset + torch.arange(n, device=rows.device)}
+    col_meta = {"id": col_offset + torch.arange(cols.shape[0], device=rows.device)}
+    if labels is not None:
+        row_meta["label"], col_meta["label"] = labels, labels_cols
+    if negatives is not None:
+        m = negatives.shape[0]
+        cols = torch.cat([cols, negatives.to(cols.dtype)])
+        col_meta["id"] = torch.cat([col_meta["id"], col_meta["id"].new_full((m,), -1)])
+        if labels is not None:  # negatives carry no label: any value, never compared (id -1)
+            col_meta["label"] = torch.cat([col_meta["label"], col_meta["label"].new_zeros(m)])
+        if negatives_valid is not None:
+            valid = torch.ones(cols.shape[0] - m, dtype=torch.bool, device=rows.device)
+            col_meta["valid"] = torch.cat([valid, negatives_valid])
+    col_side = Side(cols, col_meta)
+    return Side(rows, row_meta), (ring_pad(col_side) if ring else col_side)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ __all__ = [
     "gather_with_offset",
     "all_gather_sizes",
     "pad_dim",
+    "ring_shift",
 ]
 
 
@@ -140,3 +142,30 @@ def gather_with_offset(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if max(sizes) == 0:  # nothing anywhere: skip the collective on empty buffers
         return x, offset
     return _GatherWithGrad.apply(x, sizes), offset
+
+
+def ring_shift(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callable[[], None]]:
+    """Post a ring exchange: send each tensor to rank+1, receive same-shaped ones from rank-1.
+
+    Every rank must call it with tensors of the same shapes and dtypes (pad first). Returns
+    ``(received, wait)``: the receive buffers are valid only after ``wait()``; the sends keep
+    reading ``tensors`` until then, so do not modify them in between (computing on them is
+    fine, which is what lets the caller overlap the transfer with work). Bool tensors travel
+    as uint8 (not every backend sends bool). Without a process group: ``(tensors, no-op)``.
+    """
+    if not is_dist():
+        return list(tensors), lambda: None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    send = [t.contiguous().view(torch.uint8) if t.dtype == torch.bool else t.contiguous() for t in tensors]
+    recv = [torch.empty_like(t) for t in send]
+    ops = [dist.P2POp(dist.isend, t, (rank + 1) % world) for t in send]
+    ops += [dist.P2POp(dist.irecv, t, (rank - 1) % world) for t in recv]
+    works = dist.batch_isend_irecv(ops)
+    out = [r.view(torch.bool) if t.dtype == torch.bool else r for r, t in zip(recv, tensors)]
+
+    def wait() -> None:
+        for w in works:
+            w.wait()
+        send.clear()  # the sends are done: drop the references that kept the buffers alive
+
+    return out, wait

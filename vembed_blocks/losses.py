@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._loss_utils import check_mask, check_rows, check_temperature, flatten_negatives, gather, on_device, same_label_mask, scale_param
+from ._loss_utils import check_mask, check_rows, check_temperature, contrastive_sides, flatten_negatives, on_device, scale_param
+from .distributed import is_dist
+from .tiled import Side, dropped, resolve_tile, signed_logits, tiled_logsumexp, tiled_sigmoid_loss
 from .colbert import ColBERT
 from .mining import mine_hard_negatives
 
@@ -43,6 +45,13 @@ class InfoNCE(nn.Module):
 
     Logits are ``cos / temperature``; with ``learn_temperature`` the log of ``1/temperature``
     is a parameter (put the loss's parameters in your optimizer).
+
+    Memory (`vembed_blocks.tiled`): ``tile_size=None`` computes the dense ``[B, N]`` logits
+    unless they would exceed ``AUTO_TILE_ELEMENTS`` (2**26) elements, and otherwise tiles of
+    ``AUTO_TILE_SIZE`` (4096) rows x candidates; ``0`` forces dense, ``n > 0`` forces tiles of
+    n x n. Tiled, extra memory is ``O((B + N) * D + tile^2)`` and the result equals the dense
+    loss. ``ring=True`` (with ``gather`` under a process group): candidates are not gathered
+    but passed rank to rank, so no rank holds them all (always tiled).
     """
 
     def __init__(
@@ -52,13 +61,14 @@ class InfoNCE(nn.Module):
         symmetric: bool = False,
         gather: bool = True,
         tile_size: int | None = None,
+        ring: bool = False,
     ) -> None:
         super().__init__()
         check_temperature("InfoNCE", temperature)
-        if tile_size is not None:
-            raise NotImplementedError("InfoNCE: the tiled path (tile_size) is not available yet")
+        resolve_tile(tile_size, 0, 0)  # validates
         self.log_scale = scale_param(math.log(1.0 / temperature), learn_temperature)
-        self.learn, self.symmetric, self.gather, self.tile_size = learn_temperature, symmetric, gather, tile_size
+        self.learn, self.symmetric, self.gather = learn_temperature, symmetric, gather
+        self.tile_size, self.ring = tile_size, ring
 
     @property
     def temperature(self) -> float:
@@ -76,35 +86,27 @@ class InfoNCE(nn.Module):
         if query.dim() != 2:
             raise ValueError(f"InfoNCE: query must be [B, D], got shape {tuple(query.shape)}")
         check_mask("InfoNCE", "labels", labels, query.shape[:1])
-        rows = query.shape[0]
-        neg, neg_valid = flatten_negatives("InfoNCE", rows, query.shape[1], negatives, negatives_mask)
+        neg, neg_valid = flatten_negatives("InfoNCE", query.shape[0], query.shape[1], negatives, negatives_mask)
         q, p = F.normalize(query, dim=-1), F.normalize(positive, dim=-1)
+        neg = None if neg is None else F.normalize(neg, dim=-1)
         scale = torch.exp(on_device(self.log_scale, q)) if self.learn else math.exp(self.log_scale)
-
-        p_all, offset = gather(p, self.gather)
-        labels_all, _ = gather(labels, self.gather)
-        same = same_label_mask(labels, labels_all, offset)
-        target = offset + torch.arange(rows, device=q.device)
-
-        logits = scale * (q @ p_all.T)
-        if same is not None:
-            logits = logits.masked_fill(same, float("-inf"))
-        if neg is not None:
-            neg_all, _ = gather(F.normalize(neg, dim=-1), self.gather)
-            neg_logits = scale * (q @ neg_all.T)
-            if neg_valid is not None:
-                valid_all, _ = gather(neg_valid, self.gather)
-                neg_logits = neg_logits.masked_fill(~valid_all[None, :], float("-inf"))
-            logits = torch.cat([logits, neg_logits], dim=1)
-        loss = F.cross_entropy(logits, target)
+        ring = self.ring and self.gather and is_dist()
+        kw = {"gather_on": self.gather, "ring": ring}
+        loss = self._direction(*contrastive_sides(scale * q, p, labels, neg, neg_valid, **kw), p, ring)
         if not self.symmetric:
             return loss
+        return (loss + self._direction(*contrastive_sides(scale * p, q, labels, **kw), q, ring)) / 2
 
-        q_all, _ = gather(q, self.gather)
-        back = scale * (p @ q_all.T)
-        if same is not None:
-            back = back.masked_fill(same, float("-inf"))
-        return (loss + F.cross_entropy(back, target)) / 2
+    def _direction(self, rows: Side, cols: Side, own: torch.Tensor, ring: bool) -> torch.Tensor:
+        """Mean cross-entropy of each row's own column (``own``, unscaled) among its candidates."""
+        tile = resolve_tile(self.tile_size, len(rows), len(cols), ring=ring)
+        if tile is None:  # dense: the whole score matrix at once
+            logits = rows.x @ cols.x.T
+            drop = dropped(rows, cols)
+            logits = logits if drop is None else logits.masked_fill(drop, float("-inf"))
+            return F.cross_entropy(logits, rows.meta["id"])
+        lse = tiled_logsumexp(rows, cols, tile, ring=ring)
+        return (lse - (rows.x * own).sum(-1)).mean()
 
 
 # ----------------------------------------------------------------------------- SigLIP
@@ -117,7 +119,8 @@ class SigLIP(nn.Module):
     ``t`` (init ``temperature``) and ``bias`` are learnable when ``learn`` (t as a log).
     Distributed: this rank's rows of ``a`` against the gathered ``b`` (the local positive
     block plus negative-only blocks from other ranks), divided by the local B, so the
-    mean over ranks is the dense loss of the global batch.
+    mean over ranks is the dense loss of the global batch. ``tile_size`` / ``ring``: as
+    for `InfoNCE` (pairs are independent, so tiles need no running statistics).
     """
 
     def __init__(
@@ -127,14 +130,14 @@ class SigLIP(nn.Module):
         learn: bool = True,
         gather: bool = True,
         tile_size: int | None = None,
+        ring: bool = False,
     ) -> None:
         super().__init__()
         check_temperature("SigLIP", temperature)
-        if tile_size is not None:
-            raise NotImplementedError("SigLIP: the tiled path (tile_size) is not available yet")
+        resolve_tile(tile_size, 0, 0)  # validates
         self.log_scale = scale_param(math.log(temperature), learn)
         self.bias = scale_param(bias, learn)
-        self.learn, self.gather, self.tile_size = learn, gather, tile_size
+        self.learn, self.gather, self.tile_size, self.ring = learn, gather, tile_size, ring
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         check_rows("SigLIP", a=a, b=b)
@@ -142,17 +145,15 @@ class SigLIP(nn.Module):
             raise ValueError(f"SigLIP: a must be [B, D], got shape {tuple(a.shape)}")
         check_mask("SigLIP", "labels", labels, a.shape[:1])
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        b_all, offset = gather(b, self.gather)
         scale = torch.exp(on_device(self.log_scale, a)) if self.learn else math.exp(self.log_scale)
-        logits = scale * (a @ b_all.T) + on_device(self.bias, a)
-        rows = torch.arange(a.shape[0], device=a.device)
-        positive = torch.zeros_like(logits, dtype=torch.bool)
-        positive[rows, offset + rows] = True
-        if labels is not None:
-            labels_all, _ = gather(labels, self.gather)
-            positive |= labels[:, None] == labels_all[None, :]
-        sign = positive.to(logits.dtype) * 2 - 1
-        return -F.logsigmoid(sign * logits).sum() / a.shape[0]
+        bias = on_device(self.bias, a) if self.learn else torch.tensor(self.bias, dtype=a.dtype, device=a.device)
+        ring = self.ring and self.gather and is_dist()
+        rows, cols = contrastive_sides(scale * a, b, labels, gather_on=self.gather, ring=ring)
+        tile = resolve_tile(self.tile_size, len(rows), len(cols), ring=ring)
+        if tile is None:  # dense: every pair at once
+            signed, _, _ = signed_logits(rows, cols, bias)
+            return -F.logsigmoid(signed).sum() / a.shape[0]
+        return tiled_sigmoid_loss(rows, cols, bias, tile, ring=ring) / a.shape[0]
 
 
 # ----------------------------------------------------------------------------- Triplet
