@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
-    BertConfig, BertModel, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast,
+    BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast,
     Qwen3VLConfig, Qwen3VLModel, Qwen3VLProcessor,
 )  # fmt: skip
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vembed_blocks.data.collate import DualEncoderCollator, TextCollator, VLMCollator, scatter_negatives
@@ -85,7 +86,7 @@ def test_text_collator_through_bert(data, tmp_path):
 def _clip_processor():
     tok = _tokenizer(["<|startoftext|>", "<|endoftext|>"], wrap=("<|startoftext|>", "<|endoftext|>"),
                      bos_token="<|startoftext|>", eos_token="<|endoftext|>")
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return CLIPProcessor(image_processor=ip, tokenizer=tok)
 
 
