@@ -125,6 +125,8 @@ BAD = [
     ({"query": "a cat", "positive": "trunc.jpg"}, "cannot load image"),
     ({"query": "a cat", "positive": "junk.png"}, "cannot load image"),
     ({"query": "   ", "positive": "a.jpg"}, "empty text in field 'query'"),
+    ({"query": "", "positive": "a.jpg"}, "empty text in field 'query'"),
+    ({"query": "a cat", "positive": ""}, "empty text in field 'positive'"),
     ({"query": "a cat", "positive": "a.jpg", "negatives": "b.jpg"}, "'negatives' must be a list"),
     ({"query": "a cat", "positive": "a red cat"}, "format 't2t' differs"),
     ({"query_image": "a.jpg"}, "missing field 'positive'"),

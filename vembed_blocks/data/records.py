@@ -111,7 +111,7 @@ class _Row:
         return RecordError(self.source, message)
 
     def has(self, name: str) -> bool:
-        return self.raw.get(name) not in (None, "")
+        return self.raw.get(name) is not None  # present-but-empty is reported by the field check, not as "unknown format"
 
     def text(self, name: str, required: bool = True) -> str | None:
         value = self.raw.get(name)
@@ -209,8 +209,9 @@ def _edit(row: _Row, t2i_mode: bool, inverse: bool, language: str) -> list[Recor
     target = row.images("target_image")
     if len(target) != 1:
         raise row.fail("missing field 'target_image' (expected one image path)")
-    sources = () if t2i_mode else row.images("source_image")
-    nsrc = len(row.images("source_image"))
+    all_sources = row.images("source_image")
+    sources = () if t2i_mode else all_sources
+    nsrc = len(all_sources)
     forward = Record(
         query=Item(text=row.text("instruction" + suffix), images=sources),
         positive=Item(images=target),
