@@ -173,3 +173,25 @@ def test_load_image_orientation_rgb_cap_and_errors(d):
     for name, reason in (("trunc.jpg", "truncated|OSError"), ("junk.png", "cannot identify"), ("nope.png", "file not found")):
         with pytest.raises(ImageLoadError, match=rf"^data.jsonl:7: cannot load image .*{name}: .*({reason})"):
             load_image(str(d / name), source="data.jsonl:7")
+
+
+def test_indexed_records_random_access_matches_streaming(d):
+    import pickle
+
+    from vembed_blocks.data.records import IndexedRecords
+
+    rows = [
+        {"source_image": "s1.png", "target_image": "t.png", "instruction": "a", "inverse_instruction": "b"},
+        "{broken",
+        {"source_image": ["s1.png", "s2.png"], "target_image": "t.png", "instruction": "c"},
+        {"source_image": "s2.png", "target_image": "t.png", "instruction": "d", "inverse_instruction": "e"},
+    ]
+    p = _jsonl(d, rows)
+    idx = IndexedRecords(p, skip_bad=True)
+    assert len(idx) == 5 and idx.reader.skipped == 1
+    assert idx.groups.tolist() == [1, 1, 2, 1, 1]
+    streamed = list(read_records(p, skip_bad=True))
+    assert [idx[i] for i in range(len(idx))] == streamed
+    assert [r.query.text for r in streamed] == ["a", "b", "c", "d", "e"]
+    clone = pickle.loads(pickle.dumps(idx))  # DataLoader workers started with spawn receive a pickled copy
+    assert clone[4] == streamed[4]

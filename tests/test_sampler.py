@@ -111,7 +111,7 @@ def test_group_weights():
 
 def test_impossible_configurations_raise():
     with pytest.raises(ValueError, match="sum to zero"):
-        WeightedTaskSampler(SIZES, 2, {"a": 0, "b": 0}, rank=0, world_size=1)
+        WeightedTaskSampler(SIZES, 2, {"a": 0, "b": 0, "c": 0}, rank=0, world_size=1)
     with pytest.raises(ValueError, match="unknown tasks"):
         WeightedTaskSampler(SIZES, 2, {"a": 1, "zz": 1}, rank=0, world_size=1)
     with pytest.raises(ValueError, match="no rows"):
