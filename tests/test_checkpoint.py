@@ -1,0 +1,217 @@
+"""save_checkpoint / load_checkpoint / export_pretrained, single process and 2 gloo ranks.
+
+Resume exactness: 6 steps straight vs 3 steps, save, fresh objects (and, for 2 ranks, a
+fresh process group), load, 3 steps: the losses of steps 4-6 must be bit-identical. The
+model has dropout and the loss draws from python's and numpy's RNG too, so every restored
+stream matters; data comes from `WeightedTaskSampler`, whose position must be restored.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _multiproc import run_ranks
+from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from vembed_blocks.data.sampler import WeightedTaskSampler
+from vembed_blocks.distributed import gather_with_offset
+from vembed_blocks.parallel import apply_lora, shard_model
+
+TASKS = {"a": 12, "b": 8}
+SEQ = 6
+
+
+# ---------------------------------------------------------------- a tiny training run
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)  # same initial weights in every process
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     vocab_size=60, max_position_embeddings=16, hidden_dropout_prob=0.2,
+                     attention_probs_dropout_prob=0.1)
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+def task_data() -> dict[str, torch.Tensor]:
+    """task -> token ids [n, 2, SEQ] (query, positive)."""
+    g = torch.Generator().manual_seed(3)
+    return {t: torch.randint(1, 60, (n, 2, SEQ), generator=g) for t, n in TASKS.items()}
+
+
+def make_run(wrap=None):
+    """Model (optionally wrapped), AdamW, a warm-up LR schedule and the sampler."""
+    model = tiny_bert().train()
+    if wrap is not None:
+        model = wrap(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=4)
+    return model, opt, sched, WeightedTaskSampler(TASKS, batch_size=2, weights={"a": 2, "b": 1}, seed=7)
+
+
+def train(model, opt, sched, sampler, steps: int, data) -> list[float]:
+    """InfoNCE over the global batch; the loss also consumes python and numpy randomness."""
+    losses = []
+    for _ in range(steps):
+        task, idx = next(sampler)
+        ids = data[task][idx]
+        q = model(input_ids=ids[:, 0]).last_hidden_state.mean(1)
+        p = model(input_ids=ids[:, 1]).last_hidden_state.mean(1)
+        p_all, off = gather_with_offset(F.normalize(p, dim=-1))
+        loss = F.cross_entropy(F.normalize(q, dim=-1) @ p_all.T / 0.05, torch.arange(len(idx)) + off)
+        loss = loss * (1 + 0.01 * random.random()) * (1 + 0.01 * float(np.random.rand()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class RaisingSampler:
+    """A sampler whose state cannot be saved: simulates a crash in the middle of a save."""
+
+    def state_dict(self):
+        raise RuntimeError("disk full")
+
+
+# ---------------------------------------------------------------- single process
+def test_resume_single_process_exact_and_atomic(tmp_path):
+    data = task_data()
+    seed_all(1)
+    straight = train(*make_run(), 6, data)
+
+    seed_all(1)
+    run = make_run()
+    first = train(*run, 3, data)
+    save_checkpoint(tmp_path, model=run[0], optimizer=run[1], step=3, sampler=run[3], scheduler=run[2])
+    seed_all(99)  # anything: the checkpoint must restore every stream
+    model, opt, sched, sampler = make_run()
+    assert load_checkpoint(tmp_path, model=model, optimizer=opt, sampler=sampler, scheduler=sched) == 3
+    rest = train(model, opt, sched, sampler, 3, data)
+    print("straight", straight, "\nresumed ", first + rest)
+    assert first + rest == straight  # bit-identical
+
+    # Interrupted save: shard files get written, then the sampler raises.
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, model=model, optimizer=opt, step=6, sampler=RaisingSampler())
+    assert any((tmp_path / ".tmp-step-000006").iterdir())  # half-written data is on disk ...
+    assert latest_checkpoint(tmp_path).name == "step-000003"  # ... and never picked up
+    (tmp_path / "latest").unlink()  # even without the pointer, only complete ones count
+    assert latest_checkpoint(tmp_path).name == "step-000003"
+    model, opt, sched, sampler = make_run()
+    assert load_checkpoint(tmp_path, model=model, optimizer=opt, sampler=sampler, scheduler=sched) == 3
+    assert train(model, opt, sched, sampler, 3, data) == straight[3:]
+
+    # keep-last-N and the pointer; the next save clears the stale temp folder.
+    for step in (7, 8, 9):
+        save_checkpoint(tmp_path, model=model, optimizer=opt, step=step, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000008", "step-000009"]
+    assert (tmp_path / "latest").read_text().strip() == "step-000009"
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nothing", model=model, optimizer=opt)
+
+
+# ---------------------------------------------------------------- two ranks
+def _train_and_save(rank, world, root, export_dir, base_dir):
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    data = task_data()
+    seed_all(1 + rank)  # ranks draw different dropout masks, as in real runs
+    straight = train(*make_run(shard_model), 6, data)
+    seed_all(1 + rank)
+    run = make_run(shard_model)
+    first = train(*run, 3, data)
+    save_checkpoint(root, model=run[0], optimizer=run[1], step=3, sampler=run[3], scheduler=run[2])
+    full = {n: p.full_tensor() for n, p in run[0].named_parameters()}
+    return straight, first, full, _export_lora_clip(rank, export_dir, base_dir)
+
+
+def _resume(rank, world, root):
+    data = task_data()
+    seed_all(123)
+    model, opt, sched, sampler = make_run(shard_model)
+    step = load_checkpoint(root, model=model, optimizer=opt, sampler=sampler, scheduler=sched)
+    rest = train(model, opt, sched, sampler, 3, data)
+    # A save that dies after its shard files were written leaves step 3 as the latest.
+    try:
+        save_checkpoint(root, model=model, optimizer=opt, step=6, sampler=RaisingSampler())
+    except RuntimeError:
+        pass
+    torch.distributed.barrier()
+    return step, rest, latest_checkpoint(root).name
+
+
+def _export_lora_clip(rank, export_dir, base_dir):
+    """LoRA on a tiny CLIP, sharded, one step so adapters are non-zero; export merged + adapter."""
+    from transformers import CLIPModel
+
+    from test_parallel import clip_batch, clip_loss
+
+    torch.manual_seed(0)
+    model = shard_model(apply_lora(CLIPModel.from_pretrained(base_dir), r=4, alpha=8))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    clip_loss(model, clip_batch(), gather=True).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        b = clip_batch()
+        emb = (model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
+               model.get_image_features(pixel_values=b["pixel_values"]))
+        emb = tuple(e if torch.is_tensor(e) else e.pooler_output for e in emb)
+    export_pretrained(model, f"{export_dir}/merged")
+    export_pretrained(model, f"{export_dir}/adapter", merge_lora=False)
+    return emb
+
+
+def test_two_rank_resume_export_and_reshard(tmp_path):
+    from peft import PeftModel
+    from transformers import CLIPModel
+
+    from test_parallel import clip_batch, tiny_clip_config
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "clip"
+    CLIPModel(tiny_clip_config()).save_pretrained(base_dir)
+    root, export_dir = tmp_path / "ckpt", tmp_path / "export"
+    saved = run_ranks(_train_and_save, 2, str(root), str(export_dir), str(base_dir), timeout=300)
+    resumed = run_ranks(_resume, 2, str(root), timeout=300)
+    for rank in range(2):
+        straight, first, _, _ = saved[rank]
+        step, rest, latest = resumed[rank]
+        print(f"rank {rank}: straight {straight}\n        resumed  {first + rest}")
+        assert step == 3 and latest == "step-000003"
+        assert first + rest == straight  # bit-identical across a new process group
+
+    # The 2-rank sharded checkpoint loads into one plain process (resharding). The sampler
+    # is left out: its state is for a global batch of 4 and it rightly refuses another.
+    model, opt, sched, _ = make_run()
+    assert load_checkpoint(root, model=model, optimizer=opt, scheduler=sched) == 3
+    full = saved[0][2]
+    assert max((p - full[n]).abs().max().item() for n, p in model.named_parameters()) == 0
+
+    # Export: merged LoRA loads as a plain CLIPModel with the sharded model's embeddings.
+    text, image = saved[0][3]
+    b = clip_batch()
+    for loaded in (CLIPModel.from_pretrained(export_dir / "merged"),
+                   PeftModel.from_pretrained(CLIPModel.from_pretrained(base_dir), export_dir / "adapter")):
+        with torch.no_grad():
+            t = loaded.eval().get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            i = loaded.get_image_features(pixel_values=b["pixel_values"])
+        t, i = (e if torch.is_tensor(e) else e.pooler_output for e in (t, i))
+        dev = max((t - text).abs().max().item(), (i - image).abs().max().item())
+        print(f"{type(loaded).__name__}: max |embedding diff| {dev:.2e}")
+        assert dev < 1e-5
+    merged = CLIPModel.from_pretrained(export_dir / "merged")
+    assert merged.logit_scale.dim() == 0
+    assert not (export_dir / "merged" / "adapter_config.json").exists()

@@ -1,0 +1,327 @@
+"""Resumable sharded checkpoints (DCP) and a plain Hugging Face export.
+
+Layout of a run's checkpoint root (``save_checkpoint(root, ...)``)::
+
+    root/
+      latest                  text file: name of the newest complete checkpoint
+      step-000300/            one checkpoint, visible only once complete
+        .metadata             DCP index        \\  model + optimizer, sharded: each rank
+        __0_0.distcp ...      DCP shard files  /   writes its own piece
+        rank-00000.pt         per-rank extras: RNG states, sampler, scheduler
+        meta.json             step, world size; written last
+      step-000200/ ...        older ones, pruned to ``keep_last``
+      .tmp-step-000300/       only while writing (or after a crash): never loaded
+
+Atomicity: everything is written into ``.tmp-step-N`` and renamed to ``step-N`` only after
+every rank finished; ``latest`` is then replaced with ``os.replace``. A crash mid-save leaves
+the previous checkpoint and pointer untouched; the stale temp folder is removed by the next
+save. All ranks must see the same file system (shared storage on multi-node runs).
+
+Model/optimizer state goes through ``torch.distributed.checkpoint.state_dict`` so a plain
+module, DDP and FSDP2 save the same keys and a sharded checkpoint reloads on another world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed import get_rank, get_world_size, is_dist
+from .parallel import SCALAR_PARAMS_ATTR, unwrap_model
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_pretrained"]
+
+_LATEST = "latest"
+_META = "meta.json"
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group; single-process use is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        # Plain Python types so the file needs no numpy unpickling.
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (or ``root`` itself if it is one).
+
+    Follows the ``latest`` pointer; without it, the highest ``step-*`` folder that has its
+    ``meta.json``. Temp folders of interrupted saves are never returned. None if there is none.
+    """
+    root = Path(root)
+    if (root / _META).is_file():
+        return root
+    pointer = root / _LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if (target / _META).is_file():
+            return target
+    complete = sorted(p for p in root.glob("step-*") if (p / _META).is_file())
+    return complete[-1] if complete else None
+
+
+def _prepare_tmp(root: Path, step: int) -> Path:
+    tmp = root / f".tmp-{_step_name(step)}"
+    if get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        # Leftovers of interrupted saves (any step): one save runs at a time per root.
+        for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    return tmp
+
+
+def _commit(root: Path, tmp: Path, step: int, keep_last: int | None) -> Path:
+    """Rank 0: rename the finished temp folder into place, move ``latest``, prune old ones."""
+    final = root / _step_name(step)
+    if final.exists():  # re-saving a step (e.g. after resuming from it)
+        trash = root / f".old-{final.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+        shutil.rmtree(trash)
+    tmp.rename(final)
+    pointer_tmp = root / f".{_LATEST}.tmp"
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, root / _LATEST)
+    if keep_last:
+        done = sorted(p for p in root.glob("step-*") if (p / _META).is_file())
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(
+    dir: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    sampler: Any = None,
+    scheduler: Any = None,
+    keep_last: int | None = 3,
+) -> Path:
+    """Write a resumable checkpoint of everything a training step depends on; returns its folder.
+
+    ``dir`` is the run's checkpoint root (layout in the module docstring). Saved: model and
+    optimizer (sharded, DCP), ``scheduler.state_dict()``, ``sampler.state_dict()`` (any object
+    with it), every RNG (torch CPU/CUDA, python, numpy) per rank, and ``step``. A collective:
+    every rank calls it. ``keep_last``: complete checkpoints kept (None keeps all).
+    """
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(dir)
+    tmp = _prepare_tmp(root, step)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    extras = {
+        "rng": _rng_state(),
+        "sampler": sampler.state_dict() if sampler is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+    }
+    torch.save(extras, tmp / f"rank-{get_rank():05d}.pt")
+    _barrier()  # every rank's files are on disk before the folder becomes visible
+    final = root / _step_name(step)
+    if get_rank() == 0:
+        (tmp / _META).write_text(json.dumps({"step": step, "world_size": get_world_size()}))
+        _commit(root, tmp, step, keep_last)
+    _barrier()  # nobody reads or prunes before the commit
+    return final
+
+
+def load_checkpoint(
+    dir: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: Any = None,
+    scheduler: Any = None,
+) -> int:
+    """Restore what `save_checkpoint` wrote into live objects; returns the saved step.
+
+    ``dir``: a checkpoint root (its latest complete checkpoint is used) or one ``step-N``
+    folder. Build and wrap the model (LoRA, shard_model/wrap_ddp) and create the optimizer
+    and scheduler exactly as for the original run before calling. Another world size works
+    for model/optimizer; RNG and sampler state then come from rank 0's file (with a
+    different world size, sampler resume is as exact as the sampler supports). A collective.
+    Raises FileNotFoundError when there is no complete checkpoint.
+    """
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = latest_checkpoint(dir)
+    if path is None:
+        raise FileNotFoundError(f"no complete checkpoint under {dir}")
+    meta = json.loads((path / _META).read_text())
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # also initialises optimizer state
+    state = {"model": model_sd, "optim": optim_sd}
+    with _quiet_single_process():
+        dcp_load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    own = path / f"rank-{get_rank():05d}.pt"
+    same_world = meta["world_size"] == get_world_size()
+    # Our own file, holding Python objects (sampler state): full unpickling is intended.
+    extras = torch.load(own if own.is_file() else path / "rank-00000.pt", weights_only=False)
+    if sampler is not None and extras["sampler"] is not None:
+        sampler.load_state_dict(extras["sampler"])
+    if scheduler is not None and extras["scheduler"] is not None:
+        scheduler.load_state_dict(extras["scheduler"])
+    if same_world:  # another rank's streams would correlate ranks; keep fresh ones instead
+        _set_rng_state(extras["rng"])
+    _barrier()
+    return int(meta["step"])
+
+
+# ----------------------------------------------------------------------------- export
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full, unsharded CPU state dict on rank 0 (empty elsewhere). A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def _merge_lora(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold every LoRA pair into its base weight: ``W + scaling * B @ A``; drop adapter keys.
+
+    Done on the gathered tensors (the live layers may be sharded). Linear layers only.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    sd = dict(sd)
+    for name, mod in peft_model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        if not isinstance(mod.get_base_layer(), nn.Linear):
+            raise NotImplementedError(f"merging LoRA into {type(mod.get_base_layer()).__name__} ({name})")
+        if any(mod.use_dora.get(a, False) for a in mod.active_adapters):
+            raise NotImplementedError(f"merging DoRA adapters ({name}); export with merge_lora=False")
+        w = sd.pop(f"{name}.base_layer.weight")
+        for adapter in mod.active_adapters:
+            a = sd[f"{name}.lora_A.{adapter}.weight"].float()  # [r, in]
+            b = sd[f"{name}.lora_B.{adapter}.weight"].float()  # [out, r]
+            w = (w.float() + mod.scaling[adapter] * (b @ a)).to(w.dtype)
+        sd[f"{name}.weight"] = w
+        if f"{name}.base_layer.bias" in sd:
+            sd[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")
+    return {k: v for k, v in sd.items() if ".lora_" not in k}
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def _write_hf(base: nn.Module, sd: dict[str, torch.Tensor], out: Path) -> None:
+    """Save ``sd`` through the model class's own `save_pretrained` (its key/format rules).
+
+    The skeleton is built on the meta device and takes the gathered tensors by reference
+    (``assign=True``), so no second copy of the weights is allocated.
+    """
+    with torch.device("meta"):
+        fresh = type(base)(base.config)
+    missing, unexpected = fresh.load_state_dict(sd, strict=False, assign=True)
+    # Non-persistent buffers are rebuilt at load time; anything else missing is a bug.
+    persistent = set(fresh.state_dict())
+    bad = [k for k in missing if k in persistent]
+    if bad or unexpected:
+        raise RuntimeError(f"export: state dict does not fit {type(base).__name__}: missing {bad}, unexpected {unexpected}")
+    fresh.save_pretrained(out, safe_serialization=True)
+
+
+def export_pretrained(
+    model: nn.Module,
+    dir: str | os.PathLike,
+    *,
+    merge_lora: bool = True,
+    processor: Any = None,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write a plain Hugging Face folder (config + safetensors) loadable by ``from_pretrained``.
+
+    Works on plain, DDP, FSDP2-sharded and peft models; a collective (every rank calls it,
+    rank 0 gathers and writes). LoRA: merged into the base weights by default, or with
+    ``merge_lora=False`` an adapter folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``) for ``PeftModel.from_pretrained``. Parameters that
+    `shard_model` reshaped from 0-D go back to 0-D. ``dtype`` casts floating tensors.
+    """
+    model = unwrap_model(model)
+    sd = _full_state_dict(model)
+    out = Path(dir)
+    if get_rank() == 0:
+        for name in getattr(model, SCALAR_PARAMS_ATTR, ()):
+            sd[name] = sd[name].reshape(())
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        out.mkdir(parents=True, exist_ok=True)
+        _write_export(model, sd, out, merge_lora)
+        for extra in (processor, tokenizer):
+            if extra is not None:
+                extra.save_pretrained(out)
+    _barrier()
+
+
+def _write_export(model: nn.Module, sd: dict[str, torch.Tensor], out: Path, merge_lora: bool) -> None:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a runtime dependency, but a plain model needs none of it
+        PeftModel = ()
+    if not isinstance(model, PeftModel):
+        _write_hf(model, sd, out)
+        return
+    if merge_lora:
+        merged = _strip_prefix(_merge_lora(model, sd), "base_model.model.")
+        _write_hf(model.get_base_model(), merged, out)
+        return
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    adapter = get_peft_model_state_dict(model, state_dict=sd)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    model.peft_config[model.active_adapter].save_pretrained(str(out))
