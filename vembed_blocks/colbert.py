@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._loss_utils import check_mask, check_temperature, gather
-from .distributed import all_gather_sizes, pad_dim
+from .distributed import all_gather_sizes, get_rank, is_dist, pad_dim
+from .tiled import Side, resolve_tile, ring_pad, tiled_logsumexp
 
 __all__ = ["ColBERT", "maxsim"]
 
@@ -24,6 +25,29 @@ def maxsim(query: torch.Tensor, query_mask: torch.Tensor, docs: torch.Tensor, do
     sim = sim.masked_fill(~doc_mask.bool()[None, :, None, :], float("-inf")).amax(dim=-1)  # [B, N, Lq]
     qm = query_mask.to(sim.dtype)
     return (sim * qm[:, None, :]).sum(-1) / qm.sum(-1, keepdim=True)
+
+
+def paired_maxsim(query: torch.Tensor, query_mask: torch.Tensor, doc: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+    """MaxSim ``[B]`` of each ``query[i]`` against its own ``doc[i]`` (the diagonal of `maxsim`)."""
+    sim = torch.einsum("bqd,btd->bqt", query, doc)
+    sim = sim.masked_fill(~doc_mask.bool()[:, None, :], float("-inf")).amax(dim=-1)  # [B, Lq]
+    qm = query_mask.to(sim.dtype)
+    return (sim * qm).sum(-1) / qm.sum(-1)
+
+
+class MaxSimScorer:
+    """`maxsim` of a query tile against a candidate tile (token masks in ``meta["tokens"]``) for
+    `tiled_logsumexp`; its backward re-runs the tile under autograd, so only one tile's
+    ``[r, c, Lq, Ld]`` similarities ever exist."""
+
+    def score(self, rows: Side, cols: Side) -> torch.Tensor:
+        return maxsim(rows.x, rows.meta["tokens"], cols.x, cols.meta["tokens"])
+
+    def grad(self, rows: Side, cols: Side, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            rx, cx = rows.x.detach().requires_grad_(), cols.x.detach().requires_grad_()
+            z = maxsim(rx, rows.meta["tokens"], cx, cols.meta["tokens"])
+            return torch.autograd.grad(z, (rx, cx), dz.to(z.dtype))
 
 
 def _check_tokens(key: str, x: torch.Tensor, mask: torch.Tensor, lead: int) -> None:
@@ -50,14 +74,18 @@ class ColBERT(nn.Module):
     ``negatives_mask[B,K,Ln]`` (a negative whose mask is all False is absent, so rows may
     have fewer than K) or a pool ``[M,Ln,D]`` / ``[M,Ln]``. Token lengths may differ across
     ranks. Logits are ``maxsim / temperature``.
+
+    ``tile_size``: None = dense unless the ``[B, N, Lq, Ld]`` similarities would exceed
+    ``AUTO_TILE_ELEMENTS`` elements, then tiles of ``T`` queries x ``T`` candidates with
+    ``T^2 * Lq * Ld <= AUTO_TILE_SIZE^2``; 0 = dense; ``n > 0`` = tiles of n x n. ``ring``:
+    candidates travel rank to rank instead of being gathered (see `InfoNCE`).
     """
 
-    def __init__(self, temperature: float = 0.05, gather: bool = True, tile_size: int | None = None) -> None:
+    def __init__(self, temperature: float = 0.05, gather: bool = True, tile_size: int | None = None, ring: bool = False) -> None:
         super().__init__()
         check_temperature("ColBERT", temperature)
-        if tile_size is not None:
-            raise NotImplementedError("ColBERT: the tiled path (tile_size) is not available yet")
-        self.temperature, self.gather, self.tile_size = temperature, gather, tile_size
+        resolve_tile(tile_size, 0, 0)  # validates
+        self.temperature, self.gather, self.tile_size, self.ring = temperature, gather, tile_size, ring
 
     def forward(
         self,
@@ -79,16 +107,31 @@ class ColBERT(nn.Module):
             if not m.bool().any(-1).all():
                 raise ValueError(f"ColBERT: every row of {key} needs at least one real token")
 
-        docs, dmask, offset = _gather_tokens(F.normalize(doc, dim=-1), doc_mask.bool(), self.gather)
+        q, qmask = F.normalize(query, dim=-1), query_mask.bool()
+        d, dmask = F.normalize(doc, dim=-1), doc_mask.bool()
+        neg = nmask = None
         if negatives is not None:
             neg, nmask = self._flat_negatives(negatives, negatives_mask, rows, dim)
-            neg, nmask, _ = _gather_tokens(F.normalize(neg, dim=-1), nmask, self.gather)
+            neg = F.normalize(neg, dim=-1)
+        ring = self.ring and self.gather and is_dist()
+        cols, offset = _ring_candidates(d, dmask, neg, nmask) if ring else self._gathered(d, dmask, neg, nmask)
+        tile = resolve_tile(self.tile_size, rows, len(cols), query.shape[1] * cols.x.shape[1], ring=ring)
+        if tile is None:  # dense: all [B, N, Lq, Ld] similarities at once
+            scores = maxsim(q, qmask, cols.x, cols.meta["tokens"])
+            return F.cross_entropy(scores / self.temperature, offset + torch.arange(rows, device=q.device))
+        q = q / self.temperature  # maxsim is positively homogeneous in the query: fold 1/T in
+        lse = tiled_logsumexp(Side(q, {"tokens": qmask}), cols, tile, scorer=MaxSimScorer(), ring=ring)
+        return (lse - paired_maxsim(q, qmask, d, dmask)).mean()
+
+    def _gathered(self, d, dmask, neg, nmask) -> tuple[Side, int]:
+        """Every rank's documents then every rank's negatives, token axes padded to one length."""
+        docs, dmask, offset = _gather_tokens(d, dmask, self.gather)
+        if neg is not None:
+            neg, nmask, _ = _gather_tokens(neg, nmask, self.gather)
             length = max(docs.shape[1], neg.shape[1])
             docs = torch.cat([pad_dim(docs, 1, length), pad_dim(neg, 1, length)])
             dmask = torch.cat([pad_dim(dmask, 1, length), pad_dim(nmask, 1, length)])
-        scores = maxsim(F.normalize(query, dim=-1), query_mask, docs, dmask)
-        target = offset + torch.arange(rows, device=query.device)
-        return F.cross_entropy(scores / self.temperature, target)
+        return Side(docs, {"tokens": dmask}), offset
 
     @staticmethod
     def _flat_negatives(negatives: torch.Tensor, mask: torch.Tensor | None, rows: int, dim: int):
@@ -105,3 +148,15 @@ class ColBERT(nn.Module):
             raise ValueError(f"ColBERT: query has dim {dim} but negatives have dim {negatives.shape[-1]}")
         real = mask.bool().any(-1)  # drop absent negatives so they never become candidates
         return negatives[real], mask.bool()[real]
+
+
+def _ring_candidates(d, dmask, neg, nmask) -> tuple[Side, int]:
+    """This rank's documents and negatives, padded to the global token length and candidate count."""
+    local = d.shape[1] if neg is None else max(d.shape[1], neg.shape[1])
+    length = max(all_gather_sizes(local, d.device))
+    x, tokens = pad_dim(d, 1, length), pad_dim(dmask, 1, length)
+    if neg is not None:
+        x = torch.cat([x, pad_dim(neg, 1, length)])
+        tokens = torch.cat([tokens, pad_dim(nmask, 1, length)])
+    offset = sum(all_gather_sizes(d.shape[0], d.device)[: get_rank()])
+    return ring_pad(Side(x, {"tokens": tokens})), offset
