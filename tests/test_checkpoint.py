@@ -77,6 +77,10 @@ def seed_all(seed: int) -> None:
     np.random.seed(seed)
 
 
+def _pooled(out) -> torch.Tensor:
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
 class RaisingSampler:
     """A sampler whose state cannot be saved: simulates a crash in the middle of a save."""
 
@@ -152,23 +156,31 @@ def _resume(rank, world, root):
     return step, rest, latest_checkpoint(root).name
 
 
-def _export_lora_clip(rank, export_dir, base_dir):
-    """LoRA on a tiny CLIP, sharded, one step so adapters are non-zero; export merged + adapter."""
+def lora_clip(base_dir, wrap=None):
     from transformers import CLIPModel
 
+    model = apply_lora(CLIPModel.from_pretrained(base_dir), r=4, alpha=8)
+    model.get_base_model().logit_scale.requires_grad_(True)  # learnable temperature, 0-D
+    model = wrap(model) if wrap else model
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+
+
+def _export_lora_clip(rank, export_dir, base_dir):
+    """LoRA + a trainable 0-D logit_scale on a tiny CLIP, sharded, one AdamW step (adapters
+    become non-zero); export merged and adapter-only, and save a training checkpoint."""
     from test_parallel import clip_batch, clip_loss
 
     torch.manual_seed(0)
-    model = shard_model(apply_lora(CLIPModel.from_pretrained(base_dir), r=4, alpha=8))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model, opt = lora_clip(base_dir, wrap=shard_model)
     clip_loss(model, clip_batch(), gather=True).backward()
     opt.step()
+    save_checkpoint(f"{export_dir}/ckpt", model=model, optimizer=opt, step=1)
     model.eval()
     with torch.no_grad():
         b = clip_batch()
         emb = (model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
                model.get_image_features(pixel_values=b["pixel_values"]))
-        emb = tuple(e if torch.is_tensor(e) else e.pooler_output for e in emb)
+        emb = tuple(_pooled(e) for e in emb)
     export_pretrained(model, f"{export_dir}/merged")
     export_pretrained(model, f"{export_dir}/adapter", merge_lora=False)
     return emb
@@ -208,10 +220,24 @@ def test_two_rank_resume_export_and_reshard(tmp_path):
         with torch.no_grad():
             t = loaded.eval().get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             i = loaded.get_image_features(pixel_values=b["pixel_values"])
-        t, i = (e if torch.is_tensor(e) else e.pooler_output for e in (t, i))
+        t, i = _pooled(t), _pooled(i)
         dev = max((t - text).abs().max().item(), (i - image).abs().max().item())
         print(f"{type(loaded).__name__}: max |embedding diff| {dev:.2e}")
         assert dev < 1e-5
     merged = CLIPModel.from_pretrained(export_dir / "merged")
     assert merged.logit_scale.dim() == 0
+    base = CLIPModel.from_pretrained(base_dir)
+    assert (merged.logit_scale - base.logit_scale).abs() > 1e-3  # the step trained it
+    with torch.no_grad():  # and the adapters change the embeddings (the check has teeth)
+        assert (_pooled(base.get_text_features(input_ids=b["input_ids"])) - text).abs().max() > 1e-3
+
+    # The sharded checkpoint (logit_scale [1] there) resumes into a plain LoRA model (0-D).
+    plain, opt = lora_clip(base_dir)
+    assert load_checkpoint(export_dir / "ckpt", model=plain, optimizer=opt) == 1
+    assert plain.get_base_model().logit_scale.dim() == 0
+    assert torch.equal(plain.get_base_model().logit_scale, merged.logit_scale)
+    assert opt.state[plain.get_base_model().logit_scale]["exp_avg"].dim() == 0
+    with torch.no_grad():
+        t = plain.eval().get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    assert (_pooled(t) - text).abs().max() < 1e-5
     assert not (export_dir / "merged" / "adapter_config.json").exists()

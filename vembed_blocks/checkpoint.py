@@ -83,6 +83,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
 
 
+def _reshape_scalars(model_sd: dict, optim_sd: dict, names: list[str], shape: tuple[int, ...]) -> None:
+    """Reshape 0-D entries (and their optimizer moments) in place of the dicts.
+
+    Checkpoints store every 0-D tensor as shape [1], the shape `shard_model` gives such
+    parameters, so a CLIP ``logit_scale`` saved sharded loads plain and vice versa. The
+    optimizer's own 0-D ``step`` counter is left alone.
+    """
+    for name in names:
+        model_sd[name] = model_sd[name].reshape(shape)
+        for key, val in optim_sd.get("state", {}).get(name, {}).items():
+            if torch.is_tensor(val) and val.numel() == 1 and key != "step":
+                optim_sd["state"][name][key] = val.reshape(shape)
+
+
+def _zero_dim(model_sd: dict) -> list[str]:
+    return [k for k, v in model_sd.items() if torch.is_tensor(v) and v.dim() == 0]
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder under ``root`` (or ``root`` itself if it is one).
 
@@ -155,6 +173,7 @@ def save_checkpoint(
     root = Path(dir)
     tmp = _prepare_tmp(root, step)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    _reshape_scalars(model_sd, optim_sd, _zero_dim(model_sd), (1,))
     with _quiet_single_process():
         dcp_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     extras = {
@@ -197,9 +216,12 @@ def load_checkpoint(
         raise FileNotFoundError(f"no complete checkpoint under {dir}")
     meta = json.loads((path / _META).read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer)  # also initialises optimizer state
+    scalars = _zero_dim(model_sd)
+    _reshape_scalars(model_sd, optim_sd, scalars, (1,))
     state = {"model": model_sd, "optim": optim_sd}
     with _quiet_single_process():
         dcp_load(state, checkpoint_id=str(path))
+    _reshape_scalars(state["model"], state["optim"], scalars, ())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     own = path / f"rank-{get_rank():05d}.pt"
     same_world = meta["world_size"] == get_world_size()
