@@ -8,8 +8,8 @@ backward pass is done, each chunk is re-run with grad (same RNG, same autocast s
 and backpropagated with its slice of that gradient. By the chain rule this gives
 exactly the full-batch parameter gradients while holding one chunk of activations.
 
-Beyond the classic algorithm, the graph of the last ``keep_last`` chunks of every
-``encode`` call is kept from the first pass and backpropagated directly (no no-grad pass,
+Beyond the classic algorithm, the graph of the ``keep_last`` costliest chunks (by default
+the last one) of every ``encode`` call is kept from the first pass and backpropagated directly (no no-grad pass,
 no replay for them), and chunks whose cached gradient is all zero are not replayed.
 
     gc = GradCache(chunk_size=32)               # or GradCache(max_tokens=8192)
@@ -257,7 +257,7 @@ class GradCache:
         chunk_size: rows per chunk.
         max_tokens: real tokens (``attention_mask`` sum) per chunk; rows are packed greedily,
             a row longer than the budget gets a chunk of its own. May be combined with ``chunk_size``.
-        keep_last: chunks at the end of each ``encode`` whose graph is kept from the first pass
+        keep_last: chunks of each ``encode`` (the largest; ties: the last) whose graph is kept from the first pass
             instead of being re-run (0 = classic GradCache; each kept chunk costs its activations).
         sync_module: the DDP or FSDP2 module (or a list) whose gradient sync GradCache must
             control. ``fn`` itself (or the module a bound method ``fn`` belongs to) is detected.
@@ -287,21 +287,23 @@ class GradCache:
         self._anchor = torch.zeros((), requires_grad=True)
         self._pending: list[weakref.ref[_Record]] = []
 
-    def _bounds(self, split: _Splitter, tree: Any) -> list[tuple[int, int]]:
-        """Row ranges ``[s, e)`` of the chunks."""
+    def _bounds(self, split: _Splitter, tree: Any) -> tuple[list[tuple[int, int]], list[int]]:
+        """Row ranges ``[s, e)`` of the chunks, and each chunk's cost (rows, or real tokens)."""
         rows, cap = split.rows, self.chunk_size or split.rows
         if self.max_tokens is None:
-            return [(s, min(s + cap, rows)) for s in range(0, rows, cap)]
+            bounds = [(s, min(s + cap, rows)) for s in range(0, rows, cap)]
+            return bounds, [e - s for s, e in bounds]
         mask = _find_mask(tree)
         if mask is None or mask.ndim != 2:
             raise ValueError("max_tokens needs a 2-D attention_mask[B, L] in the inputs; use chunk_size instead.")
-        bounds, start, used = [], 0, 0
+        bounds, costs, start, used = [], [], 0, 0
         for i, n in enumerate(mask.sum(1).tolist()):
             if i > start and (used + n > self.max_tokens or i - start >= cap):
                 bounds.append((start, i))
+                costs.append(used)
                 start, used = i, 0
             used += n
-        return bounds + [(start, rows)]
+        return bounds + [(start, rows)], costs + [used]
 
     def _sync_modules(self, fn: Any) -> list[nn.Module]:
         found = list(self.sync_modules)
@@ -318,7 +320,7 @@ class GradCache:
         Under ``no_grad`` with a model in eval mode this is just a chunked forward.
         """
         split = _Splitter((args, kwargs))
-        bounds = self._bounds(split, (args, kwargs))
+        bounds, costs = self._bounds(split, (args, kwargs))
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             owners = [*self.sync_modules, fn, getattr(fn, "__self__", None)]
             if any(isinstance(m, nn.Module) and m.training for m in owners):
@@ -329,24 +331,27 @@ class GradCache:
                 )
             return torch.cat([fn(*split.slice(args, s, e), **split.slice(kwargs, s, e)) for s, e in bounds])
         rec = _Record(fn, [], [], bounds, _autocast_state(), sync=self._sync_modules(fn))
-        outs, first_kept = [], len(bounds) - min(self.keep_last, len(bounds))
+        # Keep the graphs of the costliest chunks (ties: the last ones): they save the most.
+        order = sorted(range(len(bounds)), key=lambda i: (costs[i], i), reverse=True)
+        outs, keep = [], set(order[: self.keep_last])
         for i, (s, e) in enumerate(bounds):
             chunk = (split.slice(args, s, e), split.slice(kwargs, s, e))
             rec.chunks.append(chunk)
             rec.states.append(RandState())
-            if i >= first_kept:
+            if i in keep:
                 with self._no_sync(rec.sync):  # the final all-reduce belongs to the last replayed unit
                     out = fn(*chunk[0], **chunk[1])
                 self._check(out, e - s, outs, i)
-                if not out.requires_grad:  # frozen tower: nothing to replay
-                    return torch.cat(outs + [out])
-                rec.kept[i] = out
-                out = out.detach()
+                if out.requires_grad:
+                    rec.kept[i] = out
+                    out = out.detach()
             else:
                 with torch.no_grad():
                     out = fn(*chunk[0], **chunk[1])
                 self._check(out, e - s, outs, i)
             outs.append(out)
+        if keep and not rec.kept:  # frozen tower: its output carries no gradient, nothing to replay
+            return torch.cat(outs)
         self._pending.append(weakref.ref(rec))
         return _CachedEmbedding.apply(self, rec, self._anchor, *outs)
 
