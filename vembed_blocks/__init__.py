@@ -4,8 +4,27 @@ Every block lives in its own module and can be imported on its own; this package
 re-exports the public names flat: ``from vembed_blocks import GradCache, InfoNCE``.
 """
 
+from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from .colbert import maxsim
+from .data import (
+    DualEncoderCollator,
+    IndexedRecords,
+    Item,
+    Record,
+    RecordError,
+    TaskBatches,
+    TextCollator,
+    VLMCollator,
+    WeightedTaskSampler,
+    load_image,
+    load_task_dir,
+    parse_group_weights,
+    parse_weights,
+    read_records,
+    scatter_negatives,
+)
 from .distributed import (
+    average_gradients,
     gather_with_grad,
     gather_with_offset,
     get_rank,
@@ -13,7 +32,12 @@ from .distributed import (
     init_distributed,
     is_main_process,
 )
+from .embed import RetrievalSet, embed_items, retrieval_set
+from .gradcache import GradCache, RandState
 from .losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives
+from .metrics import retrieval_metrics, search
+from .parallel import apply_lora, checkpoint_layers, shard_model, unwrap_model, wrap_ddp
 from .pooling import pool
+from .towers import dual_encoder_features
 
 __version__ = "0.1.0"

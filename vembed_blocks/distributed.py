@@ -31,6 +31,7 @@ __all__ = [
     "all_gather_sizes",
     "pad_dim",
     "ring_shift",
+    "average_gradients",
 ]
 
 
@@ -169,3 +170,19 @@ def ring_shift(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callabl
         send.clear()  # the sends are done: drop the references that kept the buffers alive
 
     return out, wait
+
+
+def average_gradients(params) -> None:
+    """Average ``.grad`` over ranks for parameters no DDP/FSDP wrapper syncs (a loss's temperature).
+
+    One all-reduce of the flattened gradients; parameters without a gradient are skipped
+    (all ranks must agree on which those are). No-op at world size 1.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not is_dist():
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
