@@ -159,11 +159,14 @@ def _equivalence(rank, world, clip_dir, qwen_dir):
         global_loss = sgd_step(ref, loss_fn, batch, gather=False)
         ref_params = full_params(ref)
         results["moved"][name] = max_diff(ref_params, full_params(cls.from_pretrained(path)))
-        for how in ("fsdp", "fsdp+ckpt", "ddp"):
+        for how in ("fsdp", "fsdp+ckpt", "ddp", "fsdp-bf16"):
             model = cls.from_pretrained(path)
             if how == "fsdp+ckpt":
                 checkpoint_layers(model)
-            model = wrap_ddp(model) if how == "ddp" else shard_model(model)
+            if how == "ddp":
+                model = wrap_ddp(model)
+            else:
+                model = shard_model(model, mixed_precision="bf16" if how == "fsdp-bf16" else None)
             local_loss = sgd_step(model, loss_fn, local_slice(batch, rank, world), gather=True)
             losses = [None] * world
             torch.distributed.all_gather_object(losses, local_loss)
@@ -179,7 +182,11 @@ def test_one_step_matches_single_process(model_dirs):
         for key, (pdiff, ldiff) in checks.items():
             if rank == 0:
                 print(f"{key}: max |param diff| {pdiff:.2e}, |loss diff| {ldiff:.2e}")
-            assert pdiff < ATOL and ldiff < ATOL, key
+            if key.endswith("bf16"):  # bf16 compute (8 mantissa bits): the update is only close
+                assert pdiff < 0.2 * moved[key.split("/")[0]] and ldiff < 5e-2, key
+            else:  # fp32 paths: equal to float rounding
+                assert pdiff < ATOL and ldiff < ATOL, key
+    print("largest parameter change of the reference step:", moved)
     # The check has teeth only if the step moves parameters far more than the tolerance.
     assert all(m > 1e-2 for m in moved.values()), moved
 
