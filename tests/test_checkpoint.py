@@ -241,3 +241,23 @@ def test_two_rank_resume_export_and_reshard(tmp_path):
         t = plain.eval().get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     assert (_pooled(t) - text).abs().max() < 1e-5
     assert not (export_dir / "merged" / "adapter_config.json").exists()
+
+
+def test_saving_mid_run_leaves_the_live_optimizer_state_of_0d_parameters_intact(tmp_path):
+    """A learnable 0-D temperature keeps training after a save exactly as without one."""
+
+    def run(save_at: int | None):
+        torch.manual_seed(0)
+        model = torch.nn.Module()
+        model.lin, model.t = torch.nn.Linear(2, 2), torch.nn.Parameter(torch.tensor(1.0))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        for step in range(1, 5):
+            (model.lin(torch.ones(1, 2)).sum() * model.t).backward()
+            opt.step()
+            opt.zero_grad()
+            if step == save_at:
+                save_checkpoint(tmp_path / "ck", model=model, optimizer=opt, step=step)
+        assert model.t.shape == () and opt.state[model.t]["exp_avg"].shape == ()
+        return model.t.item()
+
+    assert run(save_at=2) == run(save_at=None)

@@ -90,11 +90,16 @@ def _reshape_scalars(model_sd: dict, optim_sd: dict, names: list[str], shape: tu
     parameters, so a CLIP ``logit_scale`` saved sharded loads plain and vice versa. The
     optimizer's own 0-D ``step`` counter is left alone.
     """
+    states = optim_sd.get("state", {})
     for name in names:
         model_sd[name] = model_sd[name].reshape(shape)
-        for key, val in optim_sd.get("state", {}).get(name, {}).items():
-            if torch.is_tensor(val) and val.numel() == 1 and key != "step":
-                optim_sd["state"][name][key] = val.reshape(shape)
+        if name in states:
+            # A new dict: the one get_state_dict returns is the optimizer's live per-parameter
+            # state, and reshaping its moments there breaks the next optimizer.step().
+            states[name] = {
+                key: val.reshape(shape) if torch.is_tensor(val) and val.numel() == 1 and key != "step" else val
+                for key, val in states[name].items()
+            }
 
 
 def _zero_dim(model_sd: dict) -> list[str]:
