@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from vembed_blocks import InfoNCE, Matryoshka, SigLIP, init_distributed, retrieval_metrics
+from vembed_blocks import InfoNCE, Matryoshka, SigLIP, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import DualEncoderCollator, IndexedRecords, TaskBatches, WeightedTaskSampler, read_records
 from vembed_blocks.distributed import average_gradients
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints")
+    p.add_argument("--stop-at", type=int, help="save and exit at this step (split a run across jobs; then --resume)")
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--output", default="runs/clip_t2i")
     p.add_argument("--seed", type=int, default=0)
@@ -228,27 +229,31 @@ def print_table(before: dict[str, float], after: dict[str, float] | None = None)
 # ----------------------------------------------------------------------------- main
 
 
+def prepare_demo(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
+    """Return (train file, val file); with no --data render the demo set (rank 0) and pick its defaults."""
+    if args.data is not None:
+        return args.data, args.val_data
+    demo = os.path.join(args.output, "demo")
+    if rank == 0:
+        render_demo(demo, per_combo=2 if args.demo_quick else 8, seed=args.seed)
+        if args.model is None:
+            build_tiny_clip(os.path.join(demo, "model"), args.demo_quick)
+    if world > 1:
+        torch.distributed.barrier()
+    args.model = args.model or os.path.join(demo, "model")
+    if args.lr == 1e-5:  # from scratch, not fine-tuning
+        args.lr = 2e-3
+    args.max_steps = args.max_steps or (40 if args.demo_quick else 300)
+    return os.path.join(demo, "train.jsonl"), args.val_data or os.path.join(demo, "val.jsonl")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
-
-    data, val = args.data, args.val_data
-    if data is None:  # the embedded demo: rank 0 renders, everyone reads
-        demo = os.path.join(args.output, "demo")
-        if rank == 0:
-            render_demo(demo, per_combo=2 if args.demo_quick else 8, seed=args.seed)
-            if args.model is None:
-                build_tiny_clip(os.path.join(demo, "model"), args.demo_quick)
-        if world > 1:
-            torch.distributed.barrier()
-        data, val = os.path.join(demo, "train.jsonl"), val or os.path.join(demo, "val.jsonl")
-        args.model = args.model or os.path.join(demo, "model")
-        if args.lr == 1e-5:  # from scratch, not fine-tuning
-            args.lr = 2e-3
-        args.max_steps = args.max_steps or (40 if args.demo_quick else 300)
+    data, val = prepare_demo(args, rank, world)
     if args.model is None:
         raise SystemExit("--model is required with --data (an HF id or a local folder)")
 
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     hf_model.train()
     # One tower per forward: parameters of the other tower are legitimately unused.
     model = wrap_ddp(hf_model, find_unused_parameters=True)
-    siglip = "siglip" in type(hf_model).__name__.lower()
+    siglip = "siglip" in type(hf_model).__name__.lower()  # SigLIP was trained on max_length=64 padding
     collator = DualEncoderCollator(processor, max_length=64 if siglip else 77, padding="max_length" if siglip else True)
 
     train = load_records(data, args.format)
@@ -282,14 +287,34 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
 
     before_file = os.path.join(args.output, "metrics_before.json")
+    if val and rank == 0 and (start == 0 or not os.path.exists(before_file)):
+        with open(before_file, "w") as f:
+            json.dump(evaluate(hf_model, collator, val, args, device), f)
     if val and rank == 0:
-        if start == 0 or not os.path.exists(before_file):
-            with open(before_file, "w") as f:
-                json.dump(evaluate(hf_model, collator, val, args, device), f)
         with open(before_file) as f:
             print_table(json.load(f))
 
+    end = min(total, args.stop_at or total)
+    batches = TaskBatches({"train": train}, sampler, collator, steps=end - start)
+    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers)
+    log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world)
+    losses = train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device)
+
+    result = {"losses": losses}
+    if end < total:
+        log.info("stopped at step %d of %d; continue with --resume", end, total)
+    else:
+        result.update(finish(args, model, hf_model, criterion, processor, collator, val, before_file, device))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device) -> list[float]:
+    """The explicit loop: encode both sides (GradCache if --chunk-size), loss, step, log, save."""
+    rank, world = get_rank(), get_world_size()
     gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
+    ckpt_dir = os.path.join(args.output, "checkpoints")
 
     def encode(inputs: dict) -> torch.Tensor:
         inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -298,10 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
                 return dual_encoder_features(model, inputs).float()
             return gc.encode(lambda **x: dual_encoder_features(model, x), **inputs).float()
 
-    batches = TaskBatches({"train": train}, sampler, collator, steps=total - start)
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers)
-    log.info("training %d steps (%d -> %d), %d rows/step over %d rank(s)", total - start, start, total, args.batch_size * world, world)
     t0, seen, losses = time.perf_counter(), 0, []
+    train_log = open(os.path.join(args.output, "train_log.jsonl"), "a") if rank == 0 else None
     for item in loader:
         step, batch = item["step"] + 1, item["batch"]
         q, p = encode(batch["query"]), encode(batch["positive"])
@@ -317,29 +340,35 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         seen += q.shape[0] * world
-        if step % args.log_every == 0 or step == total:
+        if train_log:
+            train_log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}) + "\n")
+            train_log.flush()
+        if step % args.log_every == 0 or step == end:
             rate = seen / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, loss.item(), scheduler.get_last_lr()[0], rate)
-        if (args.save_every and step % args.save_every == 0) or step == total:
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, losses[-1], scheduler.get_last_lr()[0], rate)
+        if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
             save_checkpoint(ckpt_dir, model=state, optimizer=optimizer, step=step, sampler=sampler, scheduler=scheduler)
+    if train_log:
+        train_log.close()
+    return losses
 
+
+def finish(args, model, hf_model, criterion, processor, collator, val, before_file, device) -> dict:
+    """Export the model (learned temperature folded back in) and evaluate after training."""
     copy_scale_into_model(criterion, hf_model)
     final = os.path.join(args.output, "final")
     export_pretrained(model, final, processor=processor)
-    result = {"losses": losses}
-    if val and rank == 0:
-        with open(before_file) as f:
-            before = json.load(f)
-        after = evaluate(hf_model, collator, val, args, device)
-        with open(os.path.join(args.output, "metrics.json"), "w") as f:
-            json.dump({"before": before, "after": after}, f, indent=1)
-        print_table(before, after)
-        result.update(before=before, after=after)
     log.info("exported to %s", final)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return result
+    if not val or get_rank() != 0:
+        return {}
+    with open(before_file) as f:
+        before = json.load(f)
+    after = evaluate(hf_model, collator, val, args, device)
+    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump({"before": before, "after": after}, f, indent=1)
+    print_table(before, after)
+    return {"before": before, "after": after}
 
 
 if __name__ == "__main__":
