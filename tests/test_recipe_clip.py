@@ -8,26 +8,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "clip_t2i.py"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from _recipes import load_script, torchrun, train_log
+from _tiny_models import tiny_siglip
 
 clip_t2i = load_script("clip_t2i")
 evaluate = load_script("evaluate")
@@ -38,17 +27,6 @@ def demo(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("demo")
     train, val = clip_t2i.render_demo(str(root), per_combo=1, seed=0)
     return {"train": train, "val": val, "clip": clip_t2i.build_tiny_clip(str(root / "clip"), quick=True), "root": str(root)}
-
-
-def torchrun(*args: str, timeout: float = 300) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RECIPE), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-
-
-def train_log(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())}
 
 
 def test_demo_quick_run_improves_retrieval(tmp_path):
@@ -69,10 +47,10 @@ def common(demo: dict[str, str], out: Path, model: str, *extra: str) -> list[str
 
 def test_torchrun_clip_resume_matches_straight_run_and_evaluate_reproduces(demo, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    torchrun(*common(demo, straight, demo["clip"], "--max-steps", "4", "--save-every", "2"))
-    torchrun(*common(demo, split, demo["clip"], "--max-steps", "4", "--stop-at", "2"))
+    torchrun("clip_t2i", *common(demo, straight, demo["clip"], "--max-steps", "4", "--save-every", "2"))
+    torchrun("clip_t2i", *common(demo, split, demo["clip"], "--max-steps", "4", "--stop-at", "2"))
     assert not (split / "final").exists()
-    torchrun(*common(demo, split, demo["clip"], "--max-steps", "4", "--resume"))
+    torchrun("clip_t2i", *common(demo, split, demo["clip"], "--max-steps", "4", "--resume"))
 
     a, b = train_log(straight), train_log(split)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -88,38 +66,17 @@ def test_torchrun_clip_resume_matches_straight_run_and_evaluate_reproduces(demo,
     got = evaluate.main(["--model", str(split / "final"), "--data", demo["val"], "--output", str(tmp_path / "eval")])
     for name, value in recipe_after.items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
-    emb = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "eval" / "queries.safetensors"))
+    emb = load_file(str(tmp_path / "eval" / "queries.safetensors"))
     assert torch.allclose(emb["embeddings"].norm(dim=-1), torch.ones(len(emb["embeddings"])), atol=1e-5)
-
-
-def build_tiny_siglip(out: str, vocab_words: list[str]) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel, SiglipProcessor
-    from transformers.models.siglip import SiglipImageProcessorPil
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(vocab_words)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", model_max_length=64)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    config = SiglipConfig(
-        text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=64, pad_token_id=0, eos_token_id=2),
-        vision_config=dict(tower, image_size=32, patch_size=8),
-    )
-    torch.manual_seed(0)
-    SiglipModel(config).save_pretrained(out)
-    SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(out)
-    return out
 
 
 def test_torchrun_siglip_saves_resumes_and_exports(demo, tmp_path):
     words = sorted({w for t in clip_t2i.TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
                    | set(clip_t2i.SHAPES) | set(clip_t2i.COLOURS) | set(clip_t2i.POSITIONS))  # fmt: skip
-    siglip = build_tiny_siglip(str(tmp_path / "siglip"), words)
+    siglip = tiny_siglip(str(tmp_path / "siglip"), words)
     out = tmp_path / "run"
-    torchrun(*common(demo, out, siglip, "--loss", "siglip", "--max-steps", "3", "--stop-at", "2"))
-    torchrun(*common(demo, out, siglip, "--loss", "siglip", "--max-steps", "3", "--resume"))
+    torchrun("clip_t2i", *common(demo, out, siglip, "--loss", "siglip", "--max-steps", "3", "--stop-at", "2"))
+    torchrun("clip_t2i", *common(demo, out, siglip, "--loss", "siglip", "--max-steps", "3", "--resume"))
     assert sorted(train_log(out)) == [1, 2, 3]
 
     from transformers import SiglipModel
