@@ -43,11 +43,13 @@ class MaxSimScorer:
     def score(self, rows: Side, cols: Side) -> torch.Tensor:
         return maxsim(rows.x, rows.meta["tokens"], cols.x, cols.meta["tokens"])
 
-    def grad(self, rows: Side, cols: Side, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(self, rows: Side, cols: Side, dz: torch.Tensor, drows: torch.Tensor, dcols: torch.Tensor) -> None:
         with torch.enable_grad():
             rx, cx = rows.x.detach().requires_grad_(), cols.x.detach().requires_grad_()
             z = maxsim(rx, rows.meta["tokens"], cx, cols.meta["tokens"])
-            return torch.autograd.grad(z, (rx, cx), dz.to(z.dtype))
+            dr, dc = torch.autograd.grad(z, (rx, cx), dz.to(z.dtype))
+        drows += dr
+        dcols += dc
 
 
 def _check_tokens(key: str, x: torch.Tensor, mask: torch.Tensor, lead: int) -> None:

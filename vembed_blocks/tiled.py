@@ -95,7 +95,8 @@ class Scorer(Protocol):
 
     def score(self, rows: Side, cols: Side) -> torch.Tensor: ...  # [r, c]
 
-    def grad(self, rows: Side, cols: Side, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def accumulate(self, rows: Side, cols: Side, dz: torch.Tensor, drows: torch.Tensor, dcols: torch.Tensor) -> None:
+        """Add ``dz[r, c]``'s pull-back to the (float32+) accumulators ``drows`` and ``dcols``."""
 
 
 class DotScorer:
@@ -104,9 +105,14 @@ class DotScorer:
     def score(self, rows: Side, cols: Side) -> torch.Tensor:
         return rows.x @ cols.x.T
 
-    def grad(self, rows: Side, cols: Side, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dz = dz.to(rows.x.dtype)
-        return dz @ cols.x, dz.T @ rows.x
+    def accumulate(self, rows: Side, cols: Side, dz: torch.Tensor, drows: torch.Tensor, dcols: torch.Tensor) -> None:
+        if drows.dtype == rows.x.dtype:  # accumulate inside the GEMM: no temporaries, no extra pass
+            drows.addmm_(dz, cols.x)
+            dcols.addmm_(dz.T, rows.x)
+        else:  # low-precision inputs: matmul in their dtype, accumulate in float32
+            dz = dz.to(rows.x.dtype)
+            drows += dz @ cols.x
+            dcols += dz.T @ rows.x
 
 
 def same_label(rows: Side, cols: Side) -> torch.Tensor | None:
@@ -220,9 +226,7 @@ class _TiledLSE(torch.autograd.Function):
                     ct = block.slice(c0, c1)
                     z = _masked_scores(ctx.scorer, rt, ct, with_labels=True)
                     p = z.sub_(lse[r0:r1, None]).exp_().mul_(grad[r0:r1, None])  # softmax * upstream grad
-                    dr, dc = ctx.scorer.grad(rt, ct, p)
-                    drows[r0:r1] += dr
-                    dblock[c0:c1] += dc
+                    ctx.scorer.accumulate(rt, ct, p, drows[r0:r1], dblock[c0:c1])
 
         dcols = _sweep_backward(cols, ctx.ring, visit)
         return None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype)
@@ -294,9 +298,7 @@ class _TiledSigmoid(torch.autograd.Function):
                     if keep is not None:
                         dz.masked_fill_(~keep, 0.0)
                     dbias.add_(dz.sum())
-                    dr, dc = DotScorer().grad(rt, ct, dz)
-                    drows[r0:r1] += dr
-                    dblock[c0:c1] += dc
+                    DotScorer().accumulate(rt, ct, dz, drows[r0:r1], dblock[c0:c1])
 
         dcols = _sweep_backward(cols, ctx.ring, visit)
         dbias = dbias.to(bias.dtype) if ctx.needs_input_grad[6] else None
