@@ -445,6 +445,17 @@ def _dist_body(rank: int, world: int) -> dict:
         _gathered_info_nce(gc.encode(fn, **local(q_all)), gc.encode(fn, **local(d_all))).backward()
         out[name] = (counter[0], _max_err(grads(model), want))
 
+    # Separate query and doc towers, each its own DDP module: each all-reduces exactly once.
+    qt, dt = Tower(seed=1), Tower(seed=2)
+    rq, rd = copy.deepcopy(qt), copy.deepcopy(dt)
+    info_nce(rq(**q_all), rd(**d_all)).backward()
+    q_ddp, d_ddp, q_count, d_count = DDP(qt), DDP(dt), [0], [0]
+    q_ddp.register_comm_hook(q_count, _counting_allreduce)
+    d_ddp.register_comm_hook(d_count, _counting_allreduce)
+    gc = GradCache(chunk_size=4)
+    _gathered_info_nce(gc.encode(q_ddp, **local(q_all)), gc.encode(d_ddp, **local(d_all))).backward()
+    out["two_ddp"] = (q_count[0] * d_count[0], _max_err(grads(qt, dt), grads(rq, rd)))
+
     mesh = init_device_mesh("cpu", (world,))
     for name, chunk, each in [("fsdp_c2", 2, False), ("fsdp_each", 2, True), ("fsdp_c100", 100, False)]:
         m = Tower()

@@ -1,16 +1,15 @@
 """GradCache: contrastive training with a batch larger than activation memory allows.
 
-``encode`` embeds the batch chunk by chunk without keeping activations (except those of
-the last chunk), and returns ``Tensor[B, ...]`` that requires grad. The loss is computed
+``encode`` embeds the batch chunk by chunk without keeping activations, and returns ``Tensor[B, ...]`` that requires grad. The loss is computed
 on the full batch, so every row still sees every in-batch negative. When ``backward``
 reaches the embeddings, their gradient ``dL/de [B, ...]`` is cached; once the whole
 backward pass is done, each chunk is re-run with grad (same RNG, same autocast state)
 and backpropagated with its slice of that gradient. By the chain rule this gives
 exactly the full-batch parameter gradients while holding one chunk of activations.
 
-Beyond the classic algorithm, the graph of the ``keep_last`` costliest chunks (by default
-the last one) of every ``encode`` call is kept from the first pass and backpropagated directly (no no-grad pass,
-no replay for them), and chunks whose cached gradient is all zero are not replayed.
+Beyond the classic algorithm, the graph of the ``keep_last`` largest chunks (default: one, the
+last) of every ``encode`` call is kept from the first pass and backpropagated directly (no
+no-grad pass, no replay for them); chunks whose cached gradient is all zero are not replayed.
 
     gc = GradCache(chunk_size=32)               # or GradCache(max_tokens=8192)
     q = gc.encode(model, **query_inputs)        # fn(**chunk) -> Tensor[b, ...]
@@ -23,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -199,19 +198,11 @@ class _Splitter:
 
 
 def _find_mask(tree: Any) -> torch.Tensor | None:
-    if isinstance(tree, Mapping):
-        if isinstance(tree.get("attention_mask"), torch.Tensor):
-            return tree["attention_mask"]
-        values = list(tree.values())
-    elif isinstance(tree, (list, tuple)):
-        values = list(tree)
-    else:
-        return None
-    for v in values:
-        found = _find_mask(v)
-        if found is not None:
-            return found
-    return None
+    """The first ``attention_mask`` tensor in the nested inputs (outer levels first)."""
+    if isinstance(tree, Mapping) and isinstance(tree.get("attention_mask"), torch.Tensor):
+        return tree["attention_mask"]
+    values = tree.values() if isinstance(tree, Mapping) else tree if isinstance(tree, (list, tuple)) else ()
+    return next((m for m in map(_find_mask, values) if m is not None), None)
 
 
 @dataclass(eq=False)
@@ -403,24 +394,27 @@ class GradCache:
                 _release(r)
 
     def _run(self, ready: list[_Record]) -> None:
-        """Kept graphs first (frees their activations early), then replays; the last unit syncs."""
+        """Kept graphs first (frees their activations early), then replays.
+
+        Each DDP/FSDP module syncs on its own last unit only (towers may be separate modules).
+        """
         units = [(r, i) for r in ready for i in sorted(r.kept)]
         units += [(r, i) for r in ready for i in range(len(r.bounds)) if i not in r.kept]
-        # A chunk whose cached gradient is all zero contributes nothing: skip it (exact).
-        nonzero = [(r, i) for r, i in units if bool(r.grad[slice(*r.bounds[i])].any())]
-        units = nonzero or units[-1:]
         mods = list({id(m): m for r in ready for m in r.sync}.values())
-        if any(isinstance(m, DistributedDataParallel) for m in mods) and units[-1][1] in units[-1][0].kept:
-            # DDP decides to all-reduce at forward time: the final unit must be a fresh forward.
-            units[-1][0].kept.pop(units[-1][1])
+        if not mods:  # a chunk whose cached gradient is all zero contributes nothing (exact)
+            units = [(r, i) for r, i in units if bool(r.grad[slice(*r.bounds[i])].any())]
+        last = {id(m): max(k for k, (r, _) in enumerate(units) if m in r.sync) for m in mods}
+        for m in mods:
+            r, i = units[last[id(m)]]
+            if isinstance(m, DistributedDataParallel):
+                r.kept.pop(i, None)  # DDP decides to all-reduce at forward time: its last unit must be a fresh forward
         fsdp = [m for m in mods if isinstance(m, FSDPModule)] if not self.sync_each_chunk else []
         user_flags = [_fsdp_sync_flag(m) for m in fsdp]
         try:
             for k, (r, i) in enumerate(units):
-                last = k == len(units) - 1
                 for m, flag in zip(fsdp, user_flags):
-                    m.set_requires_gradient_sync(flag and last)
-                with nullcontext() if last else self._no_sync(mods):
+                    m.set_requires_gradient_sync(flag and last[id(m)] == k)
+                with self._no_sync([m for m in mods if last[id(m)] != k]):
                     _backprop_chunk(r, i)
         finally:
             for m, flag in zip(fsdp, user_flags):
