@@ -1,0 +1,352 @@
+"""Precomputed embeddings on disk: a resumable shard writer and a lazy, memory-mapped reader.
+
+Layout of one store (= one task directory of seed 004; ``recipes/extract_embeds.py`` writes it)::
+
+    root/
+      meta.json                          how it was made (model, options, world size, shard size)
+      index-00000.jsonl                  rank 0's records, one JSON line each:
+                                         {"id", "n", "shard", "row", "rows", "num_source_images", "inverse", "source"}
+      index-00001.jsonl                  rank 1's ...
+      shard-00000-000000.safetensors     rank 0's first shard: one tensor per side, rows in index order
+      shard-00000-000001.safetensors ...
+
+A shard holds a fixed number of records (the last one of a rank may hold fewer). Per side
+(``query``, ``positive``): pooled embeddings are one ``[rows, D]`` tensor; per-token
+embeddings are ragged: ``<side>`` ``[tokens, D]`` plus ``<side>.offsets`` ``[rows + 1]``
+(record ``i`` is ``<side>[offsets[i]:offsets[i+1]]``). The shard's metadata repeats its ids.
+
+Crash safety (why a rerun never loses or duplicates a row): a shard is written under a
+temporary name and renamed into place; only then are its index lines appended (flushed and
+fsynced). An index therefore never names a shard that is not complete. A crash between the
+rename and the append leaves an unindexed shard, which the rerun recomputes and replaces; a
+crash mid-append leaves a short or truncated tail, which `EmbedWriter` drops on start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["EmbedStore", "EmbedWriter", "StoreError", "collate_embeddings", "ensure_meta", "shard_name", "index_name"]
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+_OFFSETS = ".offsets"
+_INDEX_RE = re.compile(r"^index-(\d{5})\.jsonl$")
+
+
+def shard_name(rank: int, shard: int) -> str:
+    return f"shard-{rank:05d}-{shard:06d}.safetensors"
+
+
+def index_name(rank: int) -> str:
+    return f"index-{rank:05d}.jsonl"
+
+
+class StoreError(ValueError):
+    """A store that is incomplete or inconsistent; the message names the file and what to do."""
+
+
+def _read_index(path: str) -> tuple[list[dict], list[str]]:
+    """Parsed lines of an index file, and a description of each line that could not be parsed."""
+    rows, bad = [], []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not {"id", "shard", "row", "rows"} <= set(row):
+                raise ValueError("missing keys")
+        except ValueError as e:
+            tail = lineno == len(lines)  # the last line has no newline: an interrupted append
+            bad.append(f"{path}:{lineno}: {'truncated line' if tail else 'bad line'} ({e})")
+            continue
+        rows.append(row)
+    return rows, bad
+
+
+def _complete_shards(root: str, rows: list[dict]) -> tuple[list[dict], set[str]]:
+    """Keep the rows of shards whose every line is present and whose file exists."""
+    count: dict[str, int] = {}
+    for r in rows:
+        count[r["shard"]] = count.get(r["shard"], 0) + 1
+    ok = {s for s, n in count.items() if os.path.isfile(os.path.join(root, s)) and
+          all(r["rows"] == n for r in rows if r["shard"] == s)}  # fmt: skip
+    return [r for r in rows if r["shard"] in ok], set(count) - ok
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class EmbedWriter:
+    """Write one rank's shards and index lines; resumable (see the module docstring).
+
+    ``EmbedWriter(root, rank)`` reads ``index-<rank>.jsonl``, drops the lines of any shard that
+    is not completely indexed (rewriting the index atomically) and removes stale temp files.
+    Then ``is_done(k)`` says whether shard ``k`` needs no work and ``write(k, rows, embeddings)``
+    stores it.
+    """
+
+    def __init__(self, root: str | os.PathLike, rank: int = 0) -> None:
+        self.root, self.rank = os.fspath(root), rank
+        os.makedirs(self.root, exist_ok=True)
+        self.index_path = os.path.join(self.root, index_name(rank))
+        prefix = f".shard-{rank:05d}-"
+        for name in os.listdir(self.root):
+            if name.startswith(prefix) and name.endswith(".tmp"):  # a shard that was being written at a crash
+                os.remove(os.path.join(self.root, name))
+        self.done: dict[str, int] = {}
+        if os.path.exists(self.index_path):
+            self._repair()
+
+    def _repair(self) -> None:
+        rows, bad = _read_index(self.index_path)
+        kept, dropped = _complete_shards(self.root, rows)
+        if bad or dropped:
+            log.warning("%s: dropping %d unreadable line(s) and incomplete shard(s) %s; they are recomputed",
+                        self.index_path, len(bad), sorted(dropped))  # fmt: skip
+            tmp = self.index_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.index_path)
+        for r in kept:
+            self.done[r["shard"]] = r["rows"]
+
+    def is_done(self, shard: int) -> bool:
+        return shard_name(self.rank, shard) in self.done
+
+    @property
+    def records_done(self) -> int:
+        return sum(self.done.values())
+
+    def write(self, shard: int, rows: Sequence[Mapping[str, Any]], embeddings: Mapping[str, Sequence[torch.Tensor]]) -> str:
+        """Store shard ``shard``: ``rows[i]`` (a dict with at least ``"id"``) and ``embeddings[side][i]``.
+
+        Each embedding is ``[D]`` (pooled; the side becomes ``[rows, D]``) or ``[L_i, D]``
+        (per token; stored ragged with offsets). Returns the shard's file name.
+        """
+        name = shard_name(self.rank, shard)
+        if name in self.done:
+            raise ValueError(f"{self.root}/{name} is already written and indexed; skip it (is_done) to avoid duplicate rows")
+        n = len(rows)
+        tensors: dict[str, torch.Tensor] = {}
+        for side, values in embeddings.items():
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} {side!r} embeddings for {n} rows")
+            values = [v.detach().cpu().contiguous() for v in values]
+            if values[0].dim() == 1:
+                tensors[side] = torch.stack(values)
+            else:
+                tensors[side] = torch.cat(values)
+                tensors[side + _OFFSETS] = torch.tensor(np.cumsum([0] + [len(v) for v in values]), dtype=torch.int64)
+        ids = [str(r["id"]) for r in rows]
+        tmp = os.path.join(self.root, f".{name}.tmp")
+        save_file(tensors, tmp, metadata={"ids": json.dumps(ids)})
+        os.replace(tmp, os.path.join(self.root, name))  # the shard is complete before anything names it
+        lines = "".join(json.dumps({**r, "id": i, "shard": name, "row": j, "rows": n}) + "\n" for j, (i, r) in enumerate(zip(ids, rows)))
+        with open(self.index_path, "a") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[name] = n
+        return name
+
+
+def ensure_meta(root: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """Write ``meta.json``, or check that the existing one matches ``meta`` (a rerun must not mix settings)."""
+    path = os.path.join(os.fspath(root), META)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(meta)).items() if old.get(k) != v}
+        if diff:
+            raise StoreError(f"{path} was written with other settings {diff} (old, new): "
+                             "use another output directory or delete this one")  # fmt: skip
+        return
+    os.makedirs(os.fspath(root), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class EmbedStore(Sequence[dict[str, torch.Tensor]]):
+    """Lazy random access to a store written by `EmbedWriter` (any number of ranks).
+
+    Records are ordered by their ordinal ``n`` in the source file (so a store made by one
+    process and by eight compare equal position by position). ``store[i]`` and
+    ``store.get(id)`` return ``{side: Tensor}``: ``[D]`` pooled or ``[L, D]`` per token, read
+    through memory-mapped safetensors (only the requested rows are touched). Works as a task's
+    records sequence for `TaskBatches` (it pickles without its open files).
+
+    Attributes: ``ids`` (list of str), ``groups`` (``int16[N]``: ``num_source_images`` per
+    record, ``-1`` when the format has none), ``sides`` (tensor names), ``meta`` (``meta.json``).
+
+    Construction checks every index line and every shard header. With ``strict=True``
+    (default) an unreadable index line, a missing/truncated/corrupt shard, a shard whose ids
+    disagree with its index, or a duplicate id raise `StoreError` naming the file; with
+    ``strict=False`` the affected shards are skipped with a warning.
+    """
+
+    def __init__(self, root: str | os.PathLike, strict: bool = True, max_open: int = 64) -> None:
+        self.root, self.strict, self.max_open = os.fspath(root), strict, max_open
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"embedding store {self.root} does not exist")
+        self.meta: dict[str, Any] = {}
+        if os.path.exists(os.path.join(self.root, META)):
+            with open(os.path.join(self.root, META)) as f:
+                self.meta = json.load(f)
+        rows = self._load_index()
+        rows.sort(key=lambda r: (r.get("n", 0), r["shard"], r["row"]))
+        self.ids: list[str] = [r["id"] for r in rows]
+        self._pos = {i: k for k, i in enumerate(self.ids)}
+        if len(self._pos) != len(self.ids):
+            dup = sorted({i for i in self.ids if self.ids.count(i) > 1})[:5]
+            raise StoreError(f"{self.root}: duplicate record ids {dup} (two extractions into one directory?)")
+        self._shards = sorted({r["shard"] for r in rows})
+        shard_no = {s: k for k, s in enumerate(self._shards)}
+        self._shard = np.asarray([shard_no[r["shard"]] for r in rows], dtype=np.int32)
+        self._row = np.asarray([r["row"] for r in rows], dtype=np.int32)
+        self.groups = np.asarray([r.get("num_source_images", -1) for r in rows], dtype=np.int16)
+        self._info = rows
+        self._handles: OrderedDict[int, Any] = OrderedDict()
+        self._offsets: dict[tuple[int, str], torch.Tensor] = {}
+        keys = self._handle(0).keys() if self._shards else []
+        self.sides: tuple[str, ...] = tuple(sorted(k for k in keys if not k.endswith(_OFFSETS)))
+
+    def _fail(self, message: str) -> None:
+        if self.strict:
+            raise StoreError(f"{message}; rerun the extraction with the same arguments to repair, "
+                             "or open with EmbedStore(..., strict=False) to skip it")  # fmt: skip
+        log.warning("%s: skipped", message)
+
+    def _load_index(self) -> list[dict]:
+        names = sorted(n for n in os.listdir(self.root) if _INDEX_RE.match(n))
+        if not names:
+            raise StoreError(f"{self.root}: no index-*.jsonl files (not an embedding store, or nothing extracted yet)")
+        out: list[dict] = []
+        for name in names:
+            rows, bad = _read_index(os.path.join(self.root, name))
+            for msg in bad:
+                self._fail(msg)
+            kept, dropped = _complete_shards(self.root, rows)
+            for shard in sorted(dropped):
+                self._fail(f"{self.root}/{name}: shard {shard} is missing or incompletely indexed")
+            by_shard: dict[str, list[dict]] = {}
+            for r in kept:
+                by_shard.setdefault(r["shard"], []).append(r)
+            for shard, shard_rows in by_shard.items():
+                if self._check_shard(shard, shard_rows):
+                    out.extend(shard_rows)
+        return out
+
+    def _check_shard(self, shard: str, rows: list[dict]) -> bool:
+        path = os.path.join(self.root, shard)
+        try:
+            with safe_open(path, "pt") as f:
+                ids = json.loads((f.metadata() or {}).get("ids", "null"))
+                lengths = {k: f.get_slice(k).get_shape()[0] for k in f.keys() if not k.endswith(_OFFSETS)}
+                lengths.update({k[: -len(_OFFSETS)]: f.get_slice(k).get_shape()[0] - 1 for k in f.keys() if k.endswith(_OFFSETS)})
+        except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+            self._fail(f"{path}: unreadable shard ({type(e).__name__}: {e})")
+            return False
+        by_row = [r["id"] for r in sorted(rows, key=lambda r: r["row"])]
+        if ids != by_row or any(n != len(rows) for n in lengths.values()):
+            self._fail(f"{path}: shard content does not match its index lines (ids or row counts differ)")
+            return False
+        return True
+
+    # -- access
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _handle(self, shard: int) -> Any:
+        h = self._handles.get(shard)
+        if h is None:
+            h = safe_open(os.path.join(self.root, self._shards[shard]), "pt")
+            self._handles[shard] = h
+            if len(self._handles) > self.max_open:  # bound open files on stores with many shards
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(shard)
+        return h
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for {self.root} ({len(self)} records)")
+        shard, row = int(self._shard[i]), int(self._row[i])
+        h = self._handle(shard)
+        out: dict[str, torch.Tensor] = {}
+        for key in h.keys():
+            if key.endswith(_OFFSETS):
+                continue
+            if key + _OFFSETS in h.keys():
+                off = self._offsets.get((shard, key))
+                if off is None:
+                    off = self._offsets[(shard, key)] = h.get_tensor(key + _OFFSETS)
+                out[key] = h.get_slice(key)[int(off[row]) : int(off[row + 1])]
+            else:
+                out[key] = h.get_slice(key)[row : row + 1][0]
+        return out
+
+    def position(self, record_id: str) -> int:
+        """Index of ``record_id`` in this store; ``KeyError`` naming the id and the store if absent."""
+        try:
+            return self._pos[str(record_id)]
+        except KeyError:
+            raise KeyError(f"record id {record_id!r} is not in embedding store {self.root} ({len(self)} records)") from None
+
+    def get(self, record_id: str) -> dict[str, torch.Tensor]:
+        """``{side: Tensor}`` of one record by id (see `position` for the error)."""
+        return self[self.position(record_id)]
+
+    def info(self, i: int) -> dict[str, Any]:
+        """The index line of record ``i`` (``id``, ``source`` file:line, ``inverse``, ...)."""
+        return dict(self._info[i])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (self[i] for i in range(len(self)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": OrderedDict(), "_offsets": {}}  # open files do not pickle
+
+    def __repr__(self) -> str:
+        return f"EmbedStore({self.root!r}, {len(self)} records, {len(self._shards)} shards)"
+
+
+def collate_embeddings(items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack store items into a batch: ``[B, D]`` per pooled side; per-token sides are right-padded
+    to ``[B, L, D]`` with a ``<side>_mask`` ``BoolTensor[B, L]`` (True = real token)."""
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    out: dict[str, torch.Tensor] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if values[0].dim() <= 1:
+            out[key] = torch.stack(values)
+            continue
+        longest = max(len(v) for v in values)
+        out[key] = values[0].new_zeros(len(values), longest, *values[0].shape[1:])
+        out[key + "_mask"] = torch.zeros(len(values), longest, dtype=torch.bool)
+        for b, v in enumerate(values):
+            out[key][b, : len(v)] = v
+            out[key + "_mask"][b, : len(v)] = True
+    return out
