@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 
 import torch
@@ -35,11 +34,12 @@ from torch.utils.data import DataLoader
 from vembed_blocks import InfoNCE, Matryoshka, SigLIP, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import DualEncoderCollator, IndexedRecords, TaskBatches, WeightedTaskSampler, read_records
+from vembed_blocks.demo import build_tiny_clip, render_demo
 from vembed_blocks.distributed import average_gradients
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, wrap_ddp
-from vembed_blocks.towers import dual_encoder_features
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
+from vembed_blocks.towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
 
 log = logging.getLogger("clip_t2i")
 
@@ -47,6 +47,10 @@ log = logging.getLogger("clip_t2i")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF id or local folder (CLIP/SigLIP); default: a tiny random CLIP (demo)")
+    p.add_argument("--vision-model", help="compose a dual encoder: any HF vision backbone (e.g. facebook/dinov2-small) ...")
+    p.add_argument("--text-model", help="... plus any HF text backbone (e.g. bert-base-uncased), with linear projections")
+    p.add_argument("--proj-dim", type=int, default=256, help="composed towers: shared embedding width")
+    p.add_argument("--text-pooling", default="mean", help="composed towers: text pooling (mean, cls, last, max, weighted_mean)")
     p.add_argument("--data", help="training file (JSONL/CSV/Parquet); default: the rendered demo set")
     p.add_argument("--val-data", help="validation file for before/after retrieval metrics")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "t2t"], help="declare the data format (else detected)")
@@ -65,8 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoders")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block in place")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (decode + processor)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="retrieval metrics on --val-data every N steps (0 = off)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints")
     p.add_argument("--stop-at", type=int, help="save and exit at this step (split a run across jobs; then --resume)")
@@ -77,80 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- demo data and model
-
-SHAPES = ["circle", "square", "triangle", "cross"]
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
-           "yellow": (230, 210, 40), "purple": (150, 60, 190), "white": (245, 245, 245)}  # fmt: skip
-POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
-TEMPLATES = ["a {c} {s} on the {p}", "a photo of a {c} {s} at the {p}", "{c} {s}, {p}", "there is a {c} {s} to the {p}"]
-
-
-def render_demo(out_dir: str, per_combo: int, seed: int) -> tuple[str, str]:
-    """Render shapes x colours x positions; train: ``per_combo`` images each, val: one new one each."""
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
-    files = {}
-    for split, n in (("train", per_combo), ("val", 1)):
-        rows = []
-        for s in SHAPES:
-            for c, rgb in COLOURS.items():
-                for pos, (cx, cy) in POSITIONS.items():
-                    for k in range(n):
-                        size, grey = 48, rng.randint(60, 120)
-                        img = Image.new("RGB", (size, size), (grey, grey, grey))
-                        x, y, r = cx * size + rng.uniform(-3, 3), cy * size + rng.uniform(-3, 3), rng.uniform(6, 9)
-                        draw, box = ImageDraw.Draw(img), [x - r, y - r, x + r, y + r]
-                        if s == "circle":
-                            draw.ellipse(box, fill=rgb)
-                        elif s == "square":
-                            draw.rectangle(box, fill=rgb)
-                        elif s == "triangle":
-                            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=rgb)
-                        else:
-                            draw.rectangle([x - r, y - r / 3, x + r, y + r / 3], fill=rgb)
-                            draw.rectangle([x - r / 3, y - r, x + r / 3, y + r], fill=rgb)
-                        name = f"img/{split}_{s}_{c}_{pos}_{k}.png"
-                        img.save(os.path.join(out_dir, name))
-                        caption = rng.choice(TEMPLATES).format(c=c, s=s, p=pos)
-                        rows.append({"query": caption, "positive": name})
-        rng.shuffle(rows)
-        files[split] = os.path.join(out_dir, f"{split}.jsonl")
-        with open(files[split], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    return files["train"], files["val"]
-
-
-def build_tiny_clip(out_dir: str, quick: bool) -> str:
-    """A random CLIP with a word-level tokenizer over the demo vocabulary, saved as an HF folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
-    from transformers.models.clip import CLIPImageProcessorPil
-
-    words = sorted({w for t in TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
-                   | set(SHAPES) | set(COLOURS) | set(POSITIONS) | {","})  # fmt: skip
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                        eos_token="[EOS]", model_max_length=16)  # fmt: skip
-    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    width, layers = (32, 1) if quick else (64, 2)
-    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4)
-    config = CLIPConfig(
-        text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0),
-        vision_config=dict(tower, image_size=32, patch_size=8),
-        projection_dim=width,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(out_dir)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out_dir)
-    return out_dir
-
-
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
@@ -158,6 +91,19 @@ def load_records(path: str, fmt: str | None):
     """JSONL: random access without holding the file in memory; CSV/Parquet: a list."""
     options = {"format": fmt} if fmt else {}
     return IndexedRecords(path, **options) if path.endswith((".jsonl", ".json")) else list(read_records(path, **options))
+
+
+def build_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
+    """(model, processor): composed towers from --vision-model/--text-model, else the --model folder/id."""
+    if bool(args.vision_model) != bool(args.text_model):
+        raise SystemExit("--vision-model and --text-model go together")
+    if args.vision_model:
+        if args.lora:
+            raise SystemExit("--lora is not supported for composed towers yet; fine-tune them fully")
+        return compose_dual_encoder(args.vision_model, args.text_model, args.proj_dim, args.text_pooling)
+    if args.model is None:
+        raise SystemExit("--model is required with --data (an HF id or a local folder)")
+    return load_dual_encoder(args.model)
 
 
 def make_loss(args: argparse.Namespace, hf_model: nn.Module) -> nn.Module:
@@ -236,11 +182,12 @@ def prepare_demo(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
     demo = os.path.join(args.output, "demo")
     if rank == 0:
         render_demo(demo, per_combo=2 if args.demo_quick else 8, seed=args.seed)
-        if args.model is None:
+        if args.model is None and args.vision_model is None:
             build_tiny_clip(os.path.join(demo, "model"), args.demo_quick)
     if world > 1:
         torch.distributed.barrier()
-    args.model = args.model or os.path.join(demo, "model")
+    if args.vision_model is None:
+        args.model = args.model or os.path.join(demo, "model")
     if args.lr == 1e-5:  # from scratch, not fine-tuning
         args.lr = 2e-3
     args.max_steps = args.max_steps or (40 if args.demo_quick else 300)
@@ -254,16 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
     data, val = prepare_demo(args, rank, world)
-    if args.model is None:
-        raise SystemExit("--model is required with --data (an HF id or a local folder)")
-
-    from transformers import AutoModel, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(args.model)
-    hf_model = AutoModel.from_pretrained(args.model).to(device)
+    hf_model, processor = build_model(args)
+    hf_model.to(device)
     criterion = make_loss(args, hf_model).to(device)
+    if args.grad_checkpointing:
+        checkpoint_layers(hf_model)
     if args.lora:
         hf_model = apply_lora(hf_model, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:
+        compile_layers(hf_model)
     hf_model.train()
     # One tower per forward: parameters of the other tower are legitimately unused.
     model = wrap_ddp(hf_model, find_unused_parameters=True)
@@ -298,7 +244,15 @@ def main(argv: list[str] | None = None) -> dict:
     batches = TaskBatches({"train": train}, sampler, collator, steps=end - start)
     loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers)
     log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world)
-    losses = train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device)
+
+    def evaluate_during(step: int) -> None:  # --eval-every: rank 0 scores; the others wait at the next collective
+        if val and rank == 0:
+            metrics = evaluate(hf_model, collator, val, args, device)
+            log.info("eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f", step, metrics["recall@1"], metrics["recall@10"], metrics["mrr@10"])
+            with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    losses = train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device, evaluate_during)
 
     result = {"losses": losses}
     if end < total:
@@ -310,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device) -> list[float]:
+def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device, evaluate_during) -> list[float]:
     """The explicit loop: encode both sides (GradCache if --chunk-size), loss, step, log, save."""
     rank, world = get_rank(), get_world_size()
     gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
@@ -349,6 +303,8 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, st
         if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
             save_checkpoint(ckpt_dir, model=state, optimizer=optimizer, step=step, sampler=sampler, scheduler=scheduler)
+        if args.eval_every and step % args.eval_every == 0 and step < total:
+            evaluate_during(step)
     if train_log:
         train_log.close()
     return losses
@@ -358,7 +314,12 @@ def finish(args, model, hf_model, criterion, processor, collator, val, before_fi
     """Export the model (learned temperature folded back in) and evaluate after training."""
     copy_scale_into_model(criterion, hf_model)
     final = os.path.join(args.output, "final")
-    export_pretrained(model, final, processor=processor)
+    if isinstance(hf_model, ComposedDualEncoder):  # not one HF architecture: two HF folders + projections
+        if get_rank() == 0:
+            hf_model.save_pretrained(final)
+            processor.save_pretrained(final)
+    else:
+        export_pretrained(model, final, processor=processor)
     log.info("exported to %s", final)
     if not val or get_rank() != 0:
         return {}

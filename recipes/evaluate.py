@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vembed_blocks import DualEncoderCollator, IndexedRecords, dual_encoder_features, read_records, retrieval_metrics
+from vembed_blocks.towers import load_dual_encoder
 from vembed_blocks.embed import embed_items, retrieval_set
 
 log = logging.getLogger("evaluate")
@@ -29,7 +30,7 @@ log = logging.getLogger("evaluate")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="exported folder (or HF id) of a CLIP/SigLIP-style model")
+    p.add_argument("--model", required=True, help="exported folder (or HF id) of a CLIP/SigLIP model or of composed towers")
     p.add_argument("--data", required=True, help="records file (JSONL/CSV/Parquet) with queries and positives")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "t2t"], help="declare the data format (else detected)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -42,11 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from transformers import AutoModel, AutoProcessor
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModel.from_pretrained(args.model).to(device).eval()
+    model, processor = load_dual_encoder(args.model)  # an HF dual encoder or composed towers
+    model = model.to(device).eval()
     siglip = "siglip" in type(model).__name__.lower()  # SigLIP was trained on max_length=64 padding
     collator = DualEncoderCollator(processor, max_length=64 if siglip else 77, padding="max_length" if siglip else True)
 

@@ -224,3 +224,29 @@ def test_checkpoint_layers_same_gradients(model_dirs):
         grads.append({n: p.grad for n, p in m.named_parameters()})
     assert max_diff(*grads) < 1e-6
     assert list(dict(base.named_parameters())) == list(dict(ckpt.named_parameters()))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.lin(x)) + x
+
+
+def test_compile_layers_in_place_keeps_names_values_and_gradients():
+    from vembed_blocks.parallel import compile_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Block(), _Block())
+    keys = list(model.state_dict())
+    x = torch.randn(4, 8)
+    want = model(x)
+    want_grad = torch.autograd.grad(want.sum(), model[0].lin.weight)[0]
+    compile_layers(model, [_Block])
+    got = model(x)
+    assert list(model.state_dict()) == keys  # no _orig_mod prefix: checkpoints and LoRA see the same tree
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(torch.autograd.grad(got.sum(), model[0].lin.weight)[0], want_grad, atol=1e-6)
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from _recipes import load_script, torchrun, train_log
 from _tiny_models import tiny_siglip
+from vembed_blocks import demo as demo_data
 
 clip_t2i = load_script("clip_t2i")
 evaluate = load_script("evaluate")
@@ -25,8 +26,8 @@ evaluate = load_script("evaluate")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("demo")
-    train, val = clip_t2i.render_demo(str(root), per_combo=1, seed=0)
-    return {"train": train, "val": val, "clip": clip_t2i.build_tiny_clip(str(root / "clip"), quick=True), "root": str(root)}
+    train, val = demo_data.render_demo(str(root), per_combo=1, seed=0)
+    return {"train": train, "val": val, "clip": demo_data.build_tiny_clip(str(root / "clip"), quick=True), "root": str(root)}
 
 
 def test_demo_quick_run_improves_retrieval(tmp_path):
@@ -71,8 +72,8 @@ def test_torchrun_clip_resume_matches_straight_run_and_evaluate_reproduces(demo,
 
 
 def test_torchrun_siglip_saves_resumes_and_exports(demo, tmp_path):
-    words = sorted({w for t in clip_t2i.TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
-                   | set(clip_t2i.SHAPES) | set(clip_t2i.COLOURS) | set(clip_t2i.POSITIONS))  # fmt: skip
+    words = sorted({w for t in demo_data.TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
+                   | set(demo_data.SHAPES) | set(demo_data.COLOURS) | set(demo_data.POSITIONS))  # fmt: skip
     siglip = tiny_siglip(str(tmp_path / "siglip"), words)
     out = tmp_path / "run"
     torchrun("clip_t2i", *common(demo, out, siglip, "--loss", "siglip", "--max-steps", "3", "--stop-at", "2"))

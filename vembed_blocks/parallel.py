@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["shard_model", "wrap_ddp", "checkpoint_layers", "apply_lora", "unwrap_model", "SCALAR_PARAMS_ATTR"]
+__all__ = ["shard_model", "wrap_ddp", "checkpoint_layers", "compile_layers", "apply_lora", "unwrap_model", "SCALAR_PARAMS_ATTR"]
 
 # Name of the attribute (on the root handed to `shard_model`) that lists the parameters
 # reshaped from 0-D to [1]; `export_pretrained` reads it to restore HF shapes.
@@ -228,6 +228,21 @@ def checkpoint_layers(model: nn.Module, layer_classes: Iterable[type | str] | No
         if isinstance(m, classes) and m is not model and not getattr(m, "_vembed_ckpt", False):
             m.forward = functools.partial(_checkpointed_forward, m.forward)
             m._vembed_ckpt = True
+    return model
+
+
+def compile_layers(model: nn.Module, layer_classes: Iterable[type | str] | None = None, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` every block of the given classes (default `_no_split_modules`) in place.
+
+    Uses ``nn.Module.compile`` so no ``_orig_mod`` wrapper appears: state-dict keys, LoRA
+    targeting, sharding and checkpoints see the same tree, and encode methods such as
+    ``get_text_features`` run the compiled blocks too (compiling the root would only cover
+    ``forward``). Composes with `checkpoint_layers` (apply that first). Returns the model.
+    """
+    classes = _resolve_layer_classes(model, layer_classes)
+    for m in model.modules():
+        if isinstance(m, classes) and m is not model:
+            m.compile(**compile_kwargs)
     return model
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-__all__ = ["dual_encoder_features"]
+from .pooling import POOL_METHODS, pool
+
+__all__ = ["dual_encoder_features", "ComposedDualEncoder", "ComposedProcessor", "compose_dual_encoder", "load_dual_encoder"]
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -35,3 +40,107 @@ def dual_encoder_features(model: Any, inputs: Mapping[str, torch.Tensor]) -> tor
         return text
     image = _tensor(model.get_image_features(pixel_values=inputs["pixel_values"]))
     return F.normalize(text, dim=-1) + F.normalize(image, dim=-1)
+
+
+# ----------------------------------------------------------------------------- composed towers
+
+COMPOSED_FILE = "composed_dual_encoder.json"
+
+
+def _pooled_image(out: Any) -> torch.Tensor:
+    """A vision backbone's image vector: its pooler output (DINOv2, ViT, CLIPVision) or else the CLS token."""
+    pooled = getattr(out, "pooler_output", None)
+    return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+class ComposedDualEncoder(torch.nn.Module):
+    """Any HF vision backbone + any HF text backbone, each followed by a linear map to ``dim``.
+
+    ``get_image_features(pixel_values[B,3,H,W]) -> [B, dim]`` (pooler output or CLS) and
+    ``get_text_features(input_ids[B,L], attention_mask[B,L]) -> [B, dim]`` (``text_pooling``
+    over real tokens), so it trains and evaluates exactly like CLIP in the recipes.
+    ``save_pretrained(dir)`` writes ``vision/`` and ``text/`` (plain HF folders), the
+    projections and ``composed_dual_encoder.json``; ``from_pretrained(dir)`` reads them back.
+    """
+
+    def __init__(self, vision: torch.nn.Module, text: torch.nn.Module, dim: int, text_pooling: str = "mean") -> None:
+        super().__init__()
+        if text_pooling not in POOL_METHODS:
+            raise ValueError(f"ComposedDualEncoder: text_pooling must be one of {POOL_METHODS}, got {text_pooling!r}")
+        self.vision, self.text, self.dim, self.text_pooling = vision, text, dim, text_pooling
+        self.vision_proj = torch.nn.Linear(_hidden_size(vision.config), dim, bias=False)
+        self.text_proj = torch.nn.Linear(_hidden_size(text.config), dim, bias=False)
+        # Blocks of both backbones, for activation checkpointing and FSDP wrapping by class.
+        self._no_split_modules = sorted(
+            set(getattr(vision, "_no_split_modules", None) or []) | set(getattr(text, "_no_split_modules", None) or [])
+        )
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_proj(_pooled_image(self.vision(pixel_values=pixel_values)))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return self.text_proj(pool(hidden, attention_mask, self.text_pooling))
+
+    def save_pretrained(self, out: str, **kwargs: Any) -> None:
+        os.makedirs(out, exist_ok=True)
+        self.vision.save_pretrained(os.path.join(out, "vision"), **kwargs)
+        self.text.save_pretrained(os.path.join(out, "text"), **kwargs)
+        projections = {f"{k}.weight": getattr(self, k).weight.detach().contiguous().cpu() for k in ("vision_proj", "text_proj")}
+        save_file(projections, os.path.join(out, "projections.safetensors"))
+        with open(os.path.join(out, COMPOSED_FILE), "w") as f:
+            json.dump({"dim": self.dim, "text_pooling": self.text_pooling}, f)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ComposedDualEncoder":
+        from transformers import AutoModel
+
+        with open(os.path.join(path, COMPOSED_FILE)) as f:
+            meta = json.load(f)
+        model = cls(AutoModel.from_pretrained(os.path.join(path, "vision")), AutoModel.from_pretrained(os.path.join(path, "text")),
+                    meta["dim"], meta["text_pooling"])  # fmt: skip
+        missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "projections.safetensors")), strict=False)
+        if unexpected or any(k.startswith(("vision_proj", "text_proj")) for k in missing):
+            raise ValueError(f"{path}: projections.safetensors does not match (missing {missing}, unexpected {unexpected})")
+        return model
+
+
+def _hidden_size(config: Any) -> int:
+    for name in ("hidden_size", "projection_dim", "embed_dim"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"cannot find the output width of {type(config).__name__}")
+
+
+class ComposedProcessor:
+    """The vision backbone's image processor and the text backbone's tokenizer, as one processor."""
+
+    def __init__(self, image_processor: Any, tokenizer: Any) -> None:
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ComposedProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(AutoImageProcessor.from_pretrained(os.path.join(path, "vision")), AutoTokenizer.from_pretrained(os.path.join(path, "text")))
+
+    def save_pretrained(self, out: str) -> None:
+        self.image_processor.save_pretrained(os.path.join(out, "vision"))
+        self.tokenizer.save_pretrained(os.path.join(out, "text"))
+
+
+def load_dual_encoder(path: str) -> tuple[torch.nn.Module, Any]:
+    """``(model, processor)`` from a HF dual-encoder folder/id or a `ComposedDualEncoder` folder."""
+    if os.path.isfile(os.path.join(path, COMPOSED_FILE)):
+        return ComposedDualEncoder.from_pretrained(path), ComposedProcessor.from_pretrained(path)
+    from transformers import AutoModel, AutoProcessor
+
+    return AutoModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
+
+
+def compose_dual_encoder(vision_model: str, text_model: str, dim: int, text_pooling: str = "mean") -> tuple[ComposedDualEncoder, ComposedProcessor]:
+    """A new `ComposedDualEncoder` from two pretrained backbones (ids or folders), projections random."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model = ComposedDualEncoder(AutoModel.from_pretrained(vision_model), AutoModel.from_pretrained(text_model), dim, text_pooling)
+    return model, ComposedProcessor(AutoImageProcessor.from_pretrained(vision_model), AutoTokenizer.from_pretrained(text_model))
