@@ -1,0 +1,180 @@
+"""Qwen-VL style vision-language models as embedding encoders: processor loading and pooling.
+
+    processor = load_vlm_processor(path)               # works without torchvision
+    collator = VLMCollator(processor, query_instruction="Represent the user's input.")
+    emb = vlm_embed(model, batch["query"])              # [B, D], last real token (Qwen3-VL-Embedding)
+    tok, mask = vlm_token_embeddings(model, batch["positive"])   # [B, L, D], [B, L] (ColPali / ColQwen)
+
+``model`` is the backbone (``AutoModel.from_pretrained`` gives ``Qwen3VLModel``, whose output
+has ``last_hidden_state``), plain or wrapped by `shard_model` / `wrap_ddp` / peft.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .pooling import pool
+
+__all__ = ["load_vlm_processor", "qwen_vl_processor", "vlm_hidden_states", "vlm_embed", "vlm_token_embeddings"]
+
+log = logging.getLogger(__name__)
+
+_VIDEO_CONFIG = "video_preprocessor_config.json"
+
+
+def _processor_base(name: str) -> type:
+    import transformers
+
+    base = getattr(transformers, name, None)
+    if base is None or not name.startswith("Qwen"):
+        base = transformers.Qwen3VLProcessor
+    return base
+
+
+def _image_only_class(base: type) -> type:
+    """``base`` minus its video processor, named like ``base`` (saved ``processor_class``) and
+    registered here under ``_ImageOnly<base>`` so pickling (DataLoader spawn workers) finds it."""
+    qualname = f"_ImageOnly{base.__name__}"
+    if qualname in globals():
+        return globals()[qualname]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        out = base.save_pretrained(self, save_directory, *args, **kwargs)
+        src = getattr(self, "_vembed_source", None)
+        video = os.path.join(src, _VIDEO_CONFIG) if src else None
+        if video and os.path.isfile(video) and not os.path.exists(os.path.join(save_directory, _VIDEO_CONFIG)):
+            shutil.copy(video, save_directory)
+        return out
+
+    cls = type(base.__name__, (base,), {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__,
+                                        "__qualname__": qualname, "__doc__": f"{base.__name__} without a video processor."})  # fmt: skip
+    globals()[qualname] = cls
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    """Module attribute hook: a fresh process unpickling a processor (spawned DataLoader worker)
+    looks up ``_ImageOnly<Base>`` here before any `qwen_vl_processor` call created it."""
+    if name.startswith("_ImageOnly"):
+        import transformers
+
+        base = getattr(transformers, name[len("_ImageOnly"):], None)
+        if isinstance(base, type):
+            return _image_only_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def qwen_vl_processor(tokenizer: Any, image_processor: Any, chat_template: str | None = None,
+                      processor_class: str = "Qwen3VLProcessor", source: str | None = None) -> Any:  # fmt: skip
+    """A Qwen-VL processor (``Qwen3VLProcessor`` by default) without a video processor.
+
+    Why: the processor classes require a video processor, and every Qwen-VL video processor
+    needs torchvision (which this project never installs). Images, chat template, placeholder
+    expansion and ``mm_token_type_ids`` do not touch the video processor, so a subclass whose
+    ``__init__`` omits it behaves identically on image/text inputs (transformers derives the
+    sub-processors to type-check and save from the ``__init__`` signature). The subclass
+    carries the real class name, so a saved folder names ``processor_class`` as the original
+    does and loads with ``AutoProcessor`` wherever torchvision exists; ``source`` (the folder
+    it was loaded from) lets ``save_pretrained`` copy that folder's video-processor config too.
+    """
+    cls = _image_only_class(_processor_base(processor_class))
+    proc = cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template or tokenizer.chat_template)
+    proc.video_processor = None
+    proc._vembed_source = source
+    return proc
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _chat_template(path: str, tokenizer: Any) -> str | None:
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            return f.read()
+    legacy = _read_json(os.path.join(path, "chat_template.json"))
+    return legacy["chat_template"] if legacy else tokenizer.chat_template
+
+
+def load_vlm_processor(path: str) -> Any:
+    """The processor of a Qwen-VL model folder (or cached hub id), with or without torchvision.
+
+    First ``AutoProcessor.from_pretrained``. On a machine without torchvision that raises
+    (the Qwen-VL video processor imports it) or, for a folder that names no loadable
+    processor class, silently returns the bare tokenizer ("TokenizersBackend has no
+    attribute image_processor" later). Then the processor is rebuilt from its parts:
+    ``AutoTokenizer``, ``Qwen2VLImageProcessorPil`` (the PIL/numpy implementation, no
+    torchvision) configured from ``processor_config.json`` or ``preprocessor_config.json``,
+    and the saved chat template (see `qwen_vl_processor`).
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+        if hasattr(proc, "image_processor") and hasattr(proc, "apply_chat_template"):
+            return proc
+        reason = f"AutoProcessor gave a {type(proc).__name__} without an image processor"
+    except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
+        reason = f"AutoProcessor failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = _read_json(os.path.join(path, "processor_config.json")) or {}
+    image_cfg = config.get("image_processor") or _read_json(os.path.join(path, "preprocessor_config.json"))
+    if image_cfg is None:
+        raise OSError(f"{path}: no image processor settings (processor_config.json or preprocessor_config.json); {reason}")
+    image_cfg = {k: v for k, v in image_cfg.items() if k not in ("image_processor_type", "processor_class")}
+    log.info("load_vlm_processor: %s; built from tokenizer + Qwen2VLImageProcessorPil + chat template", reason)
+    return qwen_vl_processor(tokenizer, Qwen2VLImageProcessorPil(**image_cfg), _chat_template(path, tokenizer),
+                             config.get("processor_class", "Qwen3VLProcessor"), source=path)  # fmt: skip
+
+
+def vlm_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``last_hidden_state[B, L, D]`` of the backbone for one side of a `VLMCollator` batch.
+
+    ``inputs``: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and, with images,
+    flat ``pixel_values`` + ``image_grid_thw``, passed through unchanged.
+    """
+    out = model(**inputs)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        raise ValueError(f"{type(model).__name__} returned no last_hidden_state: load the backbone with AutoModel "
+                         "(e.g. Qwen3VLModel), not a *ForConditionalGeneration head")  # fmt: skip
+    return hidden
+
+
+def vlm_embed(model: nn.Module, inputs: Mapping[str, torch.Tensor], pooling: str = "last") -> torch.Tensor:
+    """One embedding ``[B, D]`` per row: `pool` of the hidden states over ``attention_mask``.
+
+    ``"last"`` (Qwen3-VL-Embedding, GME): the last real token, i.e. the final token of the chat
+    (the assistant prefix when the collator adds a generation prompt). Correct for left and
+    right padding. Not normalised: normalise (or let the loss do it) as the use requires.
+    """
+    return pool(vlm_hidden_states(model, inputs), inputs["attention_mask"], pooling)
+
+
+def vlm_token_embeddings(model: nn.Module, inputs: Mapping[str, torch.Tensor],
+                         projection: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Token-level outputs for late interaction (ColPali / ColQwen): ``(tokens[B, L, D'], mask[B, L])``.
+
+    ``tokens`` are the hidden states, through ``projection`` (e.g. ``nn.Linear(D, 128)``) when
+    given; ``mask`` is ``attention_mask.bool()``: padding (left or right) is False and never
+    scores in `maxsim` / `ColBERT`. Vectors are not normalised (`ColBERT` normalises).
+    """
+    hidden = vlm_hidden_states(model, inputs)
+    if projection is not None:
+        hidden = projection(hidden)
+    return hidden, inputs["attention_mask"].bool()
