@@ -72,7 +72,7 @@ class InfoNCE(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return math.exp(-float(self.log_scale))
+        return math.exp(-float(self.log_scale.detach() if torch.is_tensor(self.log_scale) else self.log_scale))
 
     def forward(
         self,

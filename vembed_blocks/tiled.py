@@ -123,9 +123,9 @@ def same_label(rows: Side, cols: Side) -> torch.Tensor | None:
     return (rows.meta["label"][:, None] == cols.meta["label"][None, :]) & (cid >= 0) & (cid != rid)
 
 
-def dropped(rows: Side, cols: Side, with_labels: bool = True) -> torch.Tensor | None:
+def dropped(rows: Side, cols: Side) -> torch.Tensor | None:
     """[r, c] True where a column is not a candidate of a row (invalid, or a same-label non-target); None: none."""
-    drop = same_label(rows, cols) if with_labels else None
+    drop = same_label(rows, cols)
     if "valid" in cols.meta:
         invalid = ~cols.meta["valid"][None, :]
         drop = invalid if drop is None else drop | invalid
@@ -202,7 +202,7 @@ class _TiledLSE(torch.autograd.Function):
             for r0, r1 in _spans(len(rows), tile):
                 rt = rows.slice(r0, r1)
                 for c0, c1 in _spans(len(block), tile):
-                    z = _masked_scores(scorer, rt, block.slice(c0, c1), with_labels=True)
+                    z = _masked_scores(scorer, rt, block.slice(c0, c1))
                     new = torch.maximum(m[r0:r1], z.amax(dim=1))
                     safe = new.masked_fill(new == -math.inf, 0.0)  # a fully dropped tile: no -inf - -inf
                     s[r0:r1].mul_(torch.exp(m[r0:r1] - safe)).add_(z.sub_(safe[:, None]).exp_().sum(dim=1))
@@ -224,7 +224,7 @@ class _TiledLSE(torch.autograd.Function):
                 rt = rows.slice(r0, r1)
                 for c0, c1 in _spans(len(block), tile):
                     ct = block.slice(c0, c1)
-                    z = _masked_scores(ctx.scorer, rt, ct, with_labels=True)
+                    z = _masked_scores(ctx.scorer, rt, ct)
                     p = z.sub_(lse[r0:r1, None]).exp_().mul_(grad[r0:r1, None])  # softmax * upstream grad
                     ctx.scorer.accumulate(rt, ct, p, drows[r0:r1], dblock[c0:c1])
 
@@ -232,9 +232,10 @@ class _TiledLSE(torch.autograd.Function):
         return None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype)
 
 
-def _masked_scores(scorer: Scorer, rows: Side, cols: Side, with_labels: bool) -> torch.Tensor:
+def _masked_scores(scorer: Scorer, rows: Side, cols: Side) -> torch.Tensor:
+    """One tile of scores in the accumulation dtype, dropped pairs at -inf (weight 0 in the softmax)."""
     z = scorer.score(rows, cols).to(_acc_dtype(rows.x))
-    drop = dropped(rows, cols, with_labels)
+    drop = dropped(rows, cols)
     return z if drop is None else z.masked_fill_(drop, -math.inf)
 
 
