@@ -1,0 +1,211 @@
+"""Extract embeddings offline (seed 004, step 1): a JSONL in any seed format -> one task directory.
+
+A VLM (Qwen3-VL: the query is the source image(s) + instruction in one chat, the document is
+the target image; last-token or per-token hidden states) or a dual encoder (CLIP/SigLIP) is
+run once over the data; `recipes/multitask.py` then trains on the stored vectors.
+
+    python recipes/extract_embeds.py --data edits.jsonl --model Qwen/Qwen3-VL-2B-Instruct \
+        --output meta/dataset_a --batch-size 16 --image-sample-size 512 --bf16
+    torchrun --nproc_per_node=8 recipes/extract_embeds.py --data edits.jsonl --model ... --output meta/dataset_a
+
+Rank r embeds records r, r+W, r+2W, ... (edit rows count twice when they have an inverse
+record) in shards of --shard-size records. Output (see docs/embed_store.md)::
+
+    <output>/meta.json  index-<rank>.jsonl  shard-<rank>-<k>.safetensors
+
+Resumable: a shard is written to a temp name and renamed, and its index lines are appended
+only after the rename, so rerunning the same command skips finished shards and never
+duplicates a record (--stop-after-shards N stops each rank after N new shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import torch
+
+from vembed_blocks import dual_encoder_features, init_distributed
+from vembed_blocks.data import DualEncoderCollator, VLMCollator, read_records
+from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, ensure_meta
+from vembed_blocks.towers import load_dual_encoder
+from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
+
+log = logging.getLogger("extract_embeds")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="input file (JSONL/CSV/Parquet) in any seed format, incl. the edit format")
+    p.add_argument("--model", required=True, help="HF id or folder: a VLM (Qwen3-VL) or a dual encoder (CLIP/SigLIP)")
+    p.add_argument("--output", required=True, help="the task directory to write (one per dataset)")
+    p.add_argument("--batch-size", type=int, default=4, help="records per forward pass")
+    p.add_argument("--shard-size", type=int, default=1024, help="records per shard file (the unit of resumption)")
+    p.add_argument("--t2i-mode", action="store_true", help="edit rows: text -> image (drop source images, no inverse)")
+    p.add_argument("--disable-inverse", action="store_true", help="edit rows: no inverse (target -> source) records")
+    p.add_argument("--language", choices=["en", "cn"], default="en", help="edit rows: instruction or instruction_cn")
+    p.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
+                   help="input column names, e.g. --field source_image=src --field target_image=tgt")  # fmt: skip
+    p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t", "edit"], help="declare the format (else detected)")
+    p.add_argument("--image-sample-size", type=int, default=512, help="cap on the longest image side before the processor")
+    p.add_argument("--per-token", action="store_true", help="store every token's hidden state (VLM), not the last token")
+    p.add_argument("--query-instruction", default="Represent the user's input.", help="VLM system prompt, query side")
+    p.add_argument("--doc-instruction", default=None, help="VLM system prompt, document side (default: the query one)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad rows instead of stopping")
+    p.add_argument("--stop-after-shards", type=int, help="each rank stops after writing N new shards (rerun to continue)")
+    p.add_argument("--log-every", type=int, default=10, help="log progress every N shards")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_encoder(args: argparse.Namespace, device: torch.device):
+    """(kind, embed(inputs) -> list of per-record tensors, collator).
+
+    A model whose config has an ``image_token_id`` reads images through placeholder tokens
+    in its text: a VLM. Anything else goes through the dual-encoder towers.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(args.model) if not os.path.isfile(os.path.join(args.model, "composed_dual_encoder.json")) else None
+    if config is not None and getattr(config, "image_token_id", None) is not None:
+        processor = load_vlm_processor(args.model)
+        model = AutoModel.from_pretrained(args.model).to(device).eval()
+        collator = VLMCollator(processor, query_instruction=args.query_instruction, doc_instruction=args.doc_instruction,
+                               max_image_side=args.image_sample_size)  # fmt: skip
+
+        def embed(inputs):
+            if not args.per_token:
+                return list(vlm_embed(model, inputs))
+            tokens, mask = vlm_token_embeddings(model, inputs)
+            return [t[m] for t, m in zip(tokens, mask)]  # drop padding: stored ragged
+
+        return "vlm", embed, collator
+    if args.per_token:
+        raise SystemExit("--per-token needs a VLM; a dual encoder gives one projected vector per side")
+    model, processor = load_dual_encoder(args.model)
+    model = model.to(device).eval()
+    siglip = "siglip" in type(model).__name__.lower()  # SigLIP was trained on max_length=64 padding
+    collator = DualEncoderCollator(processor, max_length=64 if siglip else 77, padding="max_length" if siglip else True,
+                                   max_image_side=args.image_sample_size)  # fmt: skip
+    return "dual_encoder", lambda inputs: list(dual_encoder_features(model, inputs)), collator
+
+
+@torch.no_grad()
+def embed_side(items, sources, is_query, embed, collator, args, device) -> list[torch.Tensor]:
+    """Embed one side of a batch. Items are grouped by shape (text or not, number of images)
+    so a dual encoder's towers, and a batch of edit rows with 0/1/2 source images, mix freely."""
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault((it.text is not None, len(it.images)), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    for idx in groups.values():
+        inputs = collator.encode([items[i] for i in idx], [sources[i] for i in idx], is_query)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            vectors = embed(inputs)
+        for i, v in zip(idx, vectors):
+            out[i] = v.float().to(DTYPES[args.dtype]).cpu()
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def my_shards(args: argparse.Namespace, rank: int, world: int):
+    """Yield (shard number, [(index row, record), ...]) for this rank: records r::W, in shards."""
+    columns = dict(f.split("=", 1) for f in args.field)
+    options = dict(columns=columns, t2i_mode=args.t2i_mode, inverse=not args.disable_inverse, language=args.language)
+    if args.format:
+        options["format"] = args.format
+    shard, prev_line, sub = [], None, 0
+    for n, rec in enumerate(read_records(args.data, skip_bad=args.skip_bad, **options)):
+        line = int(rec.source.rsplit(":", 1)[1])
+        sub = sub + 1 if line == prev_line else 0  # the inverse record of an edit row is "<line>.1"
+        prev_line = line
+        if n % world != rank:
+            continue
+        row = {"id": f"{line}.{sub}", "n": n, "source": rec.source, "format": rec.format,
+               "num_source_images": rec.extra.get("num_source_images", -1), "inverse": rec.extra.get("inverse", False)}  # fmt: skip
+        if rec.label is not None:
+            row["label"] = rec.label
+        shard.append((row, rec))
+        if len(shard) == args.shard_size:
+            yield (n // world) // args.shard_size, shard
+            shard = []
+    if shard:
+        yield (shard[-1][0]["n"] // world) // args.shard_size, shard
+
+
+def prepare(args: argparse.Namespace, rank: int, world: int, kind: str) -> EmbedWriter:
+    """Check/write meta.json (rank 0; a rerun must use the same settings), then open this rank's writer."""
+    meta = {"data": os.path.abspath(args.data), "model": args.model, "kind": kind, "per_token": args.per_token,
+            "dtype": args.dtype, "world_size": world, "shard_size": args.shard_size, "t2i_mode": args.t2i_mode,
+            "inverse": not args.disable_inverse, "language": args.language, "fields": sorted(args.field),
+            "format": args.format, "image_sample_size": args.image_sample_size,
+            "query_instruction": args.query_instruction, "doc_instruction": args.doc_instruction}  # fmt: skip
+    if rank == 0:
+        ensure_meta(args.output, meta)
+    if world > 1:
+        torch.distributed.barrier()
+    return EmbedWriter(args.output, rank)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    kind, embed, collator = load_encoder(args, device)
+    writer = prepare(args, rank, world, kind)
+    if writer.done:
+        log.info("resuming: rank 0 already has %d shard(s) (%d records)", len(writer.done), writer.records_done)
+    written = extract_loop(args, writer, embed, collator, rank, world, device)
+    return finish(args, written, rank, world)
+
+
+def extract_loop(args, writer, embed, collator, rank, world, device) -> int:
+    """The explicit loop: for each of this rank's unfinished shards, embed both sides and write it."""
+    t0, written, records = time.perf_counter(), 0, 0
+    for k, shard in my_shards(args, rank, world):
+        if writer.is_done(k):
+            continue
+        if args.stop_after_shards is not None and written >= args.stop_after_shards:
+            log.info("stopping after %d new shard(s); rerun the same command to continue", written)
+            break
+        rows, embeddings = [r for r, _ in shard], {"query": [], "positive": []}
+        for i in range(0, len(shard), args.batch_size):
+            recs = [rec for _, rec in shard[i : i + args.batch_size]]
+            sources = [rec.source for rec in recs]
+            embeddings["query"] += embed_side([r.query for r in recs], sources, True, embed, collator, args, device)
+            embeddings["positive"] += embed_side([r.positive for r in recs], sources, False, embed, collator, args, device)
+        writer.write(k, rows, embeddings)
+        written, records = written + 1, records + len(rows)
+        if written % args.log_every == 0:
+            log.info("shard %d written: %d records this run, %.1f records/s (rank 0)", k, records,
+                     records / (time.perf_counter() - t0))  # fmt: skip
+    return written
+
+
+def finish(args: argparse.Namespace, written: int, rank: int, world: int) -> dict:
+    """Wait for every rank, then check the whole store opens (rank 0) and report its size."""
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    result = {"shards_written": written}
+    if rank == 0:
+        store = EmbedStore(args.output, strict=False)
+        result["records"] = len(store)
+        log.info("%s: %d records in %d-record shards (sides: %s)", args.output, len(store), args.shard_size, ", ".join(store.sides))
+    return result
+
+
+if __name__ == "__main__":
+    main()
