@@ -226,10 +226,8 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
         self._row = np.asarray([r["row"] for r in rows], dtype=np.int32)
         self.groups = np.asarray([r.get("num_source_images", -1) for r in rows], dtype=np.int16)
         self._info = rows
-        self._handles: OrderedDict[int, Any] = OrderedDict()
-        self._offsets: dict[tuple[int, str], torch.Tensor] = {}
-        keys = self._handle(0).keys() if self._shards else []
-        self.sides: tuple[str, ...] = tuple(sorted(k for k in keys if not k.endswith(_OFFSETS)))
+        self._handles: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.sides: tuple[str, ...] = tuple(sorted(self._handle(0))) if self._shards else ()
 
     def _fail(self, message: str) -> None:
         if self.strict:
@@ -278,12 +276,16 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _handle(self, shard: int) -> Any:
+    def _handle(self, shard: int) -> dict[str, Any]:
+        """Open slices of one shard, ``{side: (slice, offsets or None)}``; an LRU bounds open files."""
         h = self._handles.get(shard)
         if h is None:
-            h = safe_open(os.path.join(self.root, self._shards[shard]), "pt")
+            f = safe_open(os.path.join(self.root, self._shards[shard]), "pt")
+            keys = f.keys()
+            h = {k: (f.get_slice(k), f.get_tensor(k + _OFFSETS) if k + _OFFSETS in keys else None)
+                 for k in keys if not k.endswith(_OFFSETS)}  # fmt: skip
             self._handles[shard] = h
-            if len(self._handles) > self.max_open:  # bound open files on stores with many shards
+            if len(self._handles) > self.max_open:
                 self._handles.popitem(last=False)
         else:
             self._handles.move_to_end(shard)
@@ -292,19 +294,13 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
         if not -len(self) <= i < len(self):
             raise IndexError(f"record {i} out of range for {self.root} ({len(self)} records)")
-        shard, row = int(self._shard[i]), int(self._row[i])
-        h = self._handle(shard)
+        row = int(self._row[i])
         out: dict[str, torch.Tensor] = {}
-        for key in h.keys():
-            if key.endswith(_OFFSETS):
-                continue
-            if key + _OFFSETS in h.keys():
-                off = self._offsets.get((shard, key))
-                if off is None:
-                    off = self._offsets[(shard, key)] = h.get_tensor(key + _OFFSETS)
-                out[key] = h.get_slice(key)[int(off[row]) : int(off[row + 1])]
+        for key, (sl, off) in self._handle(int(self._shard[i])).items():
+            if off is None:
+                out[key] = sl[row : row + 1][0]  # reads one row of the memory map
             else:
-                out[key] = h.get_slice(key)[row : row + 1][0]
+                out[key] = sl[int(off[row]) : int(off[row + 1])]
         return out
 
     def position(self, record_id: str) -> int:
@@ -326,7 +322,7 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
         return (self[i] for i in range(len(self)))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": OrderedDict(), "_offsets": {}}  # open files do not pickle
+        return {**self.__dict__, "_handles": OrderedDict()}  # open files do not pickle
 
     def __repr__(self) -> str:
         return f"EmbedStore({self.root!r}, {len(self)} records, {len(self._shards)} shards)"
