@@ -30,7 +30,7 @@ import torch
 from vembed_blocks import dual_encoder_features, init_distributed
 from vembed_blocks.data import DualEncoderCollator, VLMCollator, read_records
 from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, ensure_meta
-from vembed_blocks.towers import load_dual_encoder
+from vembed_blocks.towers import COMPOSED_FILE, load_dual_encoder
 from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
 
 log = logging.getLogger("extract_embeds")
@@ -74,8 +74,8 @@ def load_encoder(args: argparse.Namespace, device: torch.device):
     """
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(args.model) if not os.path.isfile(os.path.join(args.model, "composed_dual_encoder.json")) else None
-    if config is not None and getattr(config, "image_token_id", None) is not None:
+    composed = os.path.isfile(os.path.join(args.model, COMPOSED_FILE))  # two backbones + projections: no single config
+    if not composed and getattr(AutoConfig.from_pretrained(args.model), "image_token_id", None) is not None:
         processor = load_vlm_processor(args.model)
         model = AutoModel.from_pretrained(args.model).to(device).eval()
         collator = VLMCollator(processor, query_instruction=args.query_instruction, doc_instruction=args.doc_instruction,

@@ -11,7 +11,7 @@ source images): `WeightedTaskSampler` draws the task of step t from (seed, t) al
     torchrun --nproc_per_node=8 recipes/multitask.py --data-dir meta/ ... (same flags)
 
 Tasks missing from --train-data-weights are excluded. Writes <output>/train_log.jsonl (rank 0:
-step, loss, lr, task, group, the task every rank drew), checkpoints under <output>/checkpoints
+step, loss, lr, task, group, the task every rank drew), eval_log.jsonl (--eval-every), checkpoints under <output>/checkpoints
 (--resume), <output>/metrics.json and the head to <output>/final (config.json +
 model.safetensors; load it with FusionHead.from_pretrained, see docs/recipes/multitask.md).
 """
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the head")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (shard reads)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0, help="per-task retrieval on --eval-rows rows every N steps (0 = end only)")
+    p.add_argument("--eval-every", type=int, default=0, help="per-task retrieval into eval_log.jsonl every N steps (0 = end only)")
     p.add_argument("--eval-rows", type=int, default=512, help="rows per task for the retrieval check")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints")
@@ -191,6 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         result.update(finish(args, head, tasks))
     if world > 1:
+        # Seen with torch 2.13 + gloo at exit: the group's destructor joins gloo's worker thread while
+        # holding the GIL, and that thread may still be freeing a finished collective's Python tensors
+        # (which needs the GIL): both wait forever. So drop DDP (it holds the group) and let the worker
+        # run with the GIL released before the group goes.
+        del model
+        time.sleep(0.2)
         dist.destroy_process_group()
     return result
 
@@ -232,8 +238,9 @@ def train_loop(args, loader, model, head, criterion, optimizer, scheduler, sampl
             mix = " ".join(f"{n}={counts[n]}" for n in names)
             log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s  steps per task: %s", step, args.max_steps, losses[-1],
                      scheduler.get_last_lr()[0], seen / (time.perf_counter() - t0), mix)  # fmt: skip
-        if args.eval_every and step % args.eval_every == 0 and step != args.max_steps and rank == 0:
-            log.info("step %d retrieval: %s", step, json.dumps(evaluate(head, tasks, args.eval_rows)))
+        if args.eval_every and step % args.eval_every == 0 and rank == 0:
+            with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **evaluate(head, tasks, args.eval_rows)}) + "\n")
         if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
             save_checkpoint(os.path.join(args.output, "checkpoints"), model=head, optimizer=optimizer, step=step,

@@ -50,7 +50,7 @@ WEIGHTS, GROUPS = "edit_a=3,edit_b=1", "0=1,1=1,2=1,3=0"
 def common(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data_dir), "--train-data-weights", WEIGHTS, "--train-src-img-num-weights", GROUPS,
             "--output", str(out), "--batch-size", "4", "--hidden", "64", "--dim", "16", "--lr", "3e-3", "--temperature", "0.1",
-            "--max-steps", "24", "--num-workers", "0", "--log-every", "4", "--eval-rows", "32", *extra]  # fmt: skip
+            "--max-steps", "24", "--num-workers", "0", "--log-every", "4", "--eval-rows", "32", "--eval-every", "12", *extra]  # fmt: skip
 
 
 def test_two_ranks_weighted_homogeneous_learns_resumes_exports(data_dir, tmp_path):
@@ -87,3 +87,5 @@ def test_two_ranks_weighted_homogeneous_learns_resumes_exports(data_dir, tmp_pat
     for name in tasks:
         assert got[name] == pytest.approx(saved[name], abs=1e-6)
     assert saved["edit_a"]["recall@5"] > 5 / 32  # better than chance after 24 steps
+    evals = [json.loads(x) for x in (split / "eval_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [12, 24] and evals[1]["edit_a"] == pytest.approx(saved["edit_a"], abs=1e-6)
