@@ -6,6 +6,7 @@ learnable toy task), two of them with source-image counts 0..3. On 2 gloo ranks:
   weighted draws (an unweighted task never appears, nor the zero-weight group 3);
 - the loss goes down; a run split by --stop-at / --resume reproduces the straight run's
   losses (abs 1e-5); the exported head loads and reproduces the recipe's metrics.
+And step 1 -> step 2: stores written by extract_embeds.py (pooled and per-token) train.
 """
 
 from __future__ import annotations
@@ -89,3 +90,23 @@ def test_two_ranks_weighted_homogeneous_learns_resumes_exports(data_dir, tmp_pat
     assert saved["edit_a"]["recall@5"] > 5 / 32  # better than chance after 24 steps
     evals = [json.loads(x) for x in (split / "eval_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [12, 24] and evals[1]["edit_a"] == pytest.approx(saved["edit_a"], abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:streams smaller than the global batch")  # 9-12 records per task, on purpose
+def test_trains_on_extract_embeds_output(tmp_path):
+    """Step 1 -> step 2 in one process: a pooled and a per-token store from a tiny Qwen3-VL train together."""
+    from _tiny_models import tiny_qwen3vl
+    from test_recipe_extract import edit_rows
+
+    extract = load_script("extract_embeds")
+    data, vlm, meta = edit_rows(tmp_path / "raw"), tiny_qwen3vl(str(tmp_path / "qwen")), tmp_path / "meta"
+    base = ["--data", str(data), "--model", vlm, "--field", "source_image=src", "--field", "target_image=tgt", "--shard-size", "4"]
+    extract.main([*base, "--output", str(meta / "edits")])
+    extract.main([*base, "--output", str(meta / "t2i_tokens"), "--t2i-mode", "--per-token"])
+    out = tmp_path / "run"
+    result = multitask.main(["--data-dir", str(meta), "--train-src-img-num-weights", "0=1,1=1,2=1", "--output", str(out),
+                             "--batch-size", "4", "--hidden", "32", "--dim", "8", "--max-steps", "4", "--num-workers", "0"])  # fmt: skip
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["task"] for r in rows} <= {"edits", "t2i_tokens"}
+    assert set(result["metrics"]) == {"edits", "t2i_tokens"}
+    assert multitask.FusionHead.from_pretrained(str(out / "final")).config["query_dim"] == 32
