@@ -121,6 +121,9 @@ def embed_side(items, sources, is_query, embed, collator, args, device) -> list[
 
 def my_shards(args: argparse.Namespace, rank: int, world: int):
     """Yield (shard number, [(index row, record), ...]) for this rank: records r::W, in shards."""
+    bad = [f for f in args.field if "=" not in f]
+    if bad:
+        raise SystemExit(f"--field takes NAME=COLUMN (e.g. source_image=src), got {bad}")
     columns = dict(f.split("=", 1) for f in args.field)
     options = dict(columns=columns, t2i_mode=args.t2i_mode, inverse=not args.disable_inverse, language=args.language)
     if args.format:
@@ -201,7 +204,7 @@ def finish(args: argparse.Namespace, written: int, rank: int, world: int) -> dic
         torch.distributed.destroy_process_group()
     result = {"shards_written": written}
     if rank == 0:
-        store = EmbedStore(args.output, strict=False)
+        store = EmbedStore(args.output)  # every check of a reader, once, while the run is fresh
         result["records"] = len(store)
         log.info("%s: %d records in %d-record shards (sides: %s)", args.output, len(store), args.shard_size, ", ".join(store.sides))
     return result

@@ -117,8 +117,8 @@ def pooled(batch: dict, side: str) -> torch.Tensor:
 
 def load_tasks(root: str) -> dict[str, EmbedStore]:
     """Every subdirectory of ``root`` with an index is one task's store."""
-    tasks = {name: EmbedStore(os.path.join(root, name)) for name in sorted(os.listdir(root))
-             if os.path.isdir(os.path.join(root, name)) and any(f.startswith("index-") for f in os.listdir(os.path.join(root, name)))}  # fmt: skip
+    dirs = [os.path.join(root, name) for name in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, name))]
+    tasks = {os.path.basename(d): EmbedStore(d) for d in dirs if any(f.startswith("index-") for f in os.listdir(d))}
     if not tasks:
         raise SystemExit(f"{root} has no task subdirectories written by extract_embeds.py")
     dims = {name: (s[0]["query"].shape[-1], s[0]["positive"].shape[-1]) for name, s in tasks.items()}
@@ -147,7 +147,8 @@ def evaluate(head: FusionHead, tasks: dict[str, EmbedStore], rows: int) -> dict[
     head.eval()
     for name, store in tasks.items():
         batch = collate_embeddings([store[i] for i in range(min(rows, len(store)))])
-        q, d = head(pooled(batch, "query"), pooled(batch, "positive"))
+        device = next(head.parameters()).device
+        q, d = head(pooled(batch, "query").to(device), pooled(batch, "positive").to(device))
         scores = F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T
         out[name] = retrieval_metrics(scores, [{i} for i in range(len(q))], ks=(1, 5))
     head.train(was_training)
@@ -157,15 +158,20 @@ def evaluate(head: FusionHead, tasks: dict[str, EmbedStore], rows: int) -> dict[
 # ----------------------------------------------------------------------------- main
 
 
+def prepare(args: argparse.Namespace, rank: int, world: int) -> tuple[dict[str, EmbedStore], WeightedTaskSampler]:
+    """Open every task's store and build the weighted sampler over them."""
+    tasks = load_tasks(args.data_dir)
+    log.info("tasks: %s", ", ".join(f"{n} ({len(s)} rows)" for n, s in tasks.items()))
+    return tasks, make_sampler(args, tasks, rank, world)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
-    tasks = load_tasks(args.data_dir)
-    sampler = make_sampler(args, tasks, rank, world)
-    log.info("tasks: %s", ", ".join(f"{n} ({len(s)} rows)" for n, s in tasks.items()))
+    tasks, sampler = prepare(args, rank, world)
 
     first = next(iter(tasks.values()))[0]
     head = FusionHead(first["query"].shape[-1], first["positive"].shape[-1], args.hidden, args.dim).to(device)
@@ -229,10 +235,11 @@ def train_loop(args, loader, model, head, criterion, optimizer, scheduler, sampl
         losses.append(loss.item())
         counts[task] += 1
         seen += q.shape[0] * world
-        key = sampler.draw(item["step"])[1]
+        key = sampler.draw(item["step"])[1]  # "task" or "task/<number of source images>"
         if train_log:
-            train_log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0], "task": task,
-                                        "group": key.split("/", 1)[1] if "/" in key else None, "rank_tasks": rank_tasks}) + "\n")  # fmt: skip
+            row = {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0], "task": task,
+                   "group": key.split("/", 1)[1] if "/" in key else None, "rank_tasks": rank_tasks}  # fmt: skip
+            train_log.write(json.dumps(row) + "\n")
             train_log.flush()
         if step % args.log_every == 0 or step == end:
             mix = " ".join(f"{n}={counts[n]}" for n in names)

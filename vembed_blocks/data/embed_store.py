@@ -158,7 +158,8 @@ class EmbedWriter:
         tmp = os.path.join(self.root, f".{name}.tmp")
         save_file(tensors, tmp, metadata={"ids": json.dumps(ids)})
         os.replace(tmp, os.path.join(self.root, name))  # the shard is complete before anything names it
-        lines = "".join(json.dumps({**r, "id": i, "shard": name, "row": j, "rows": n}) + "\n" for j, (i, r) in enumerate(zip(ids, rows)))
+        lines = "".join(json.dumps({**r, "id": i, "shard": name, "row": j, "rows": n}) + "\n"
+                        for j, (i, r) in enumerate(zip(ids, rows)))  # fmt: skip
         with open(self.index_path, "a") as f:
             f.write(lines)
             f.flush()
