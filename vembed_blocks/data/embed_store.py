@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -57,23 +57,35 @@ class StoreError(ValueError):
     """A store that is incomplete or inconsistent; the message names the file and what to do."""
 
 
+_KEYS = {"id", "shard", "row", "rows"}
+
+
 def _read_index(path: str) -> tuple[list[dict], list[str]]:
-    """Parsed lines of an index file, and a description of each line that could not be parsed."""
-    rows, bad = [], []
+    """Parsed lines of an index file (each with its byte ``_offset``), and a description of
+    each line that could not be parsed."""
     with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+        lines = f.read().split(b"\n")
+    offsets = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]).tolist()
+    keep = [k for k, line in enumerate(lines) if line.strip()]
+    try:  # fast path: the whole file as one JSON array (one decoder call instead of one per line)
+        rows = json.loads(b"[" + b",".join(lines[k] for k in keep) + b"]")
+        if all(isinstance(r, dict) and _KEYS <= r.keys() for r in rows):
+            for r, k in zip(rows, keep):
+                r["_offset"] = offsets[k]
+            return rows, []
+    except ValueError:
+        pass
+    rows, bad = [], []
+    for k in keep:  # slow path: find and describe the bad lines
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not {"id", "shard", "row", "rows"} <= set(row):
+            row = json.loads(lines[k])
+            if not isinstance(row, dict) or not _KEYS <= row.keys():
                 raise ValueError("missing keys")
         except ValueError as e:
-            tail = lineno == len(lines)  # the last line has no newline: an interrupted append
-            bad.append(f"{path}:{lineno}: {'truncated line' if tail else 'bad line'} ({e})")
+            tail = k == len(lines) - 1  # the last line has no newline: an interrupted append
+            bad.append(f"{path}:{k + 1}: {'truncated line' if tail else 'bad line'} ({e})")
             continue
+        row["_offset"] = offsets[k]
         rows.append(row)
     return rows, bad
 
@@ -81,10 +93,11 @@ def _read_index(path: str) -> tuple[list[dict], list[str]]:
 def _complete_shards(root: str, rows: list[dict]) -> tuple[list[dict], set[str]]:
     """Keep the rows of shards whose every line is present and whose file exists."""
     count: dict[str, int] = {}
+    declared: dict[str, set[int]] = {}
     for r in rows:
         count[r["shard"]] = count.get(r["shard"], 0) + 1
-    ok = {s for s, n in count.items() if os.path.isfile(os.path.join(root, s)) and
-          all(r["rows"] == n for r in rows if r["shard"] == s)}  # fmt: skip
+        declared.setdefault(r["shard"], set()).add(r["rows"])
+    ok = {s for s, n in count.items() if declared[s] == {n} and os.path.isfile(os.path.join(root, s))}
     return [r for r in rows if r["shard"] in ok], set(count) - ok
 
 
@@ -120,7 +133,7 @@ class EmbedWriter:
                         self.index_path, len(bad), sorted(dropped))  # fmt: skip
             tmp = self.index_path + ".tmp"
             with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.writelines(json.dumps({k: v for k, v in r.items() if k != "_offset"}) + "\n" for r in kept)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.index_path)
@@ -214,19 +227,22 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
         if os.path.exists(os.path.join(self.root, META)):
             with open(os.path.join(self.root, META)) as f:
                 self.meta = json.load(f)
+        self._index_files = sorted(n for n in os.listdir(self.root) if _INDEX_RE.match(n))
         rows = self._load_index()
         rows.sort(key=lambda r: (r.get("n", 0), r["shard"], r["row"]))
-        self.ids: list[str] = [r["id"] for r in rows]
-        self._pos = {i: k for k, i in enumerate(self.ids)}
-        if len(self._pos) != len(self.ids):
-            dup = sorted({i for i in self.ids if self.ids.count(i) > 1})[:5]
+        # Per-record state is kept in numpy arrays (a few dozen bytes a record, one buffer each when
+        # pickled into DataLoader workers); index lines are re-read on demand by `info`.
+        self._ids = np.asarray([str(r["id"]) for r in rows], dtype=str)
+        if len(np.unique(self._ids)) != len(self._ids):
+            dup = sorted(k for k, c in Counter(self._ids.tolist()).items() if c > 1)[:5]
             raise StoreError(f"{self.root}: duplicate record ids {dup} (two extractions into one directory?)")
+        self._pos: dict[str, int] | None = None  # id -> position, built on the first lookup by id
+        self._where = np.asarray([(r["_file"], r["_offset"]) for r in rows], dtype=np.int64).reshape(-1, 2)
         self._shards = sorted({r["shard"] for r in rows})
         shard_no = {s: k for k, s in enumerate(self._shards)}
         self._shard = np.asarray([shard_no[r["shard"]] for r in rows], dtype=np.int32)
         self._row = np.asarray([r["row"] for r in rows], dtype=np.int32)
         self.groups = np.asarray([r.get("num_source_images", -1) for r in rows], dtype=np.int16)
-        self._info = rows
         self._handles: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self.sides: tuple[str, ...] = tuple(sorted(self._handle(0))) if self._shards else ()
 
@@ -237,12 +253,14 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
         log.warning("%s: skipped", message)
 
     def _load_index(self) -> list[dict]:
-        names = sorted(n for n in os.listdir(self.root) if _INDEX_RE.match(n))
+        names = self._index_files
         if not names:
             raise StoreError(f"{self.root}: no index-*.jsonl files (not an embedding store, or nothing extracted yet)")
         out: list[dict] = []
-        for name in names:
+        for file_no, name in enumerate(names):
             rows, bad = _read_index(os.path.join(self.root, name))
+            for r in rows:
+                r["_file"] = file_no
             for msg in bad:
                 self._fail(msg)
             kept, dropped = _complete_shards(self.root, rows)
@@ -274,8 +292,13 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
 
     # -- access
 
+    @property
+    def ids(self) -> list[str]:
+        """Record ids in store order (``"<line>.<k>"`` for extract_embeds stores)."""
+        return self._ids.tolist()
+
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._ids)
 
     def _handle(self, shard: int) -> dict[str, Any]:
         """Open slices of one shard, ``{side: (slice, offsets or None)}``; an LRU bounds open files."""
@@ -306,6 +329,8 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
 
     def position(self, record_id: str) -> int:
         """Index of ``record_id`` in this store; ``KeyError`` naming the id and the store if absent."""
+        if self._pos is None:
+            self._pos = {i: k for k, i in enumerate(self._ids.tolist())}
         try:
             return self._pos[str(record_id)]
         except KeyError:
@@ -317,13 +342,16 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
 
     def info(self, i: int) -> dict[str, Any]:
         """The index line of record ``i`` (``id``, ``source`` file:line, ``inverse``, ...)."""
-        return dict(self._info[i])
+        file_no, offset = (int(x) for x in self._where[i])
+        with open(os.path.join(self.root, self._index_files[file_no]), "rb") as f:
+            f.seek(offset)
+            return json.loads(f.readline())
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return (self[i] for i in range(len(self)))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": OrderedDict()}  # open files do not pickle
+        return {**self.__dict__, "_handles": OrderedDict(), "_pos": None}  # open files do not pickle
 
     def __repr__(self) -> str:
         return f"EmbedStore({self.root!r}, {len(self)} records, {len(self._shards)} shards)"
