@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     end = min(total, args.stop_at or total)
     batches = TaskBatches({"train": train}, sampler, FixedNegatives(collator, args.num_negatives), steps=end - start)
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers)
+    # Own generator: creating the iterator draws a seed, which must not advance the global RNG
+    # (restored by --resume, and driving dropout) or a resumed run's dropout masks would shift.
+    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
     log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world)
 
     def evaluate_during(step: int) -> None:  # --eval-every: all ranks embed, rank 0 logs
