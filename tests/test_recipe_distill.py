@@ -1,0 +1,151 @@
+"""recipes/distill.py end to end: a tiny random BERT student learns a teacher's similarity structure.
+
+- torchrun, 2 gloo ranks, precomputed row-aligned teacher embeddings (teacher.safetensors) with
+  GradCache + Matryoshka + --eval-every: the whole-set distillation loss falls, a run split by
+  --stop-at/--resume reproduces the uninterrupted losses, the export loads with from_pretrained;
+- in-process: a live teacher of another width and tokenizer (MSE) teaches the student, and the
+  evaluate.py file layout (looked up by text, hard negatives included) trains and names missing texts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from _recipes import load_script, torchrun, train_log
+from _tiny_models import WORDS, tiny_bert, word_tokenizer
+from vembed_blocks import Distill
+from vembed_blocks.st_folder import embed_texts, load_text_encoder
+
+distill = load_script("distill")
+
+COLOURS = "red green blue yellow purple white".split()
+SHAPES = "circle square triangle cross".split()
+PLACES = "left right top bottom center".split()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def teacher_vector(text: str, noise: torch.Generator) -> torch.Tensor:
+    """The toy teacher: which colour, shape and place a text names (one-hot each), plus a little noise."""
+    words = text.split()
+    hot = [float(w in words) for w in COLOURS + SHAPES + PLACES]
+    return torch.tensor(hot) + 0.05 * torch.randn(len(hot), generator=noise)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("distill")
+    rng, noise = random.Random(0), torch.Generator().manual_seed(0)
+    combos = [(c, s, p) for c in COLOURS for s in SHAPES for p in PLACES]
+    rng.shuffle(combos)
+    rows = [{"query": f"{c} {s} {p}", "positive": f"there is a {c} {s} at the {p}",
+             "negatives": [f"there is a {c} {rng.choice([x for x in SHAPES if x != s])} at the {p}"]} for c, s, p in combos]  # fmt: skip
+    train, val = rows[:96], rows[96:]
+    aligned = root / "aligned"
+    aligned.mkdir()
+    save_file({"query": torch.stack([teacher_vector(r["query"], noise) for r in train]),
+               "doc": torch.stack([teacher_vector(r["positive"], noise) for r in train])},
+              str(aligned / "teacher.safetensors"))  # fmt: skip
+    # recipes/evaluate.py's layout: unique queries / corpus items, rows in first-appearance order
+    by_text = root / "by_text"
+    by_text.mkdir()
+    queries, corpus = [r["query"] for r in train], list(dict.fromkeys(d for r in train for d in [r["positive"], *r["negatives"]]))
+    save_file({"embeddings": torch.stack([teacher_vector(t, noise) for t in queries])}, str(by_text / "queries.safetensors"))
+    save_file({"embeddings": torch.stack([teacher_vector(t, noise) for t in corpus])}, str(by_text / "corpus.safetensors"))
+    items = {"queries": [{"text": t, "images": []} for t in queries], "corpus": [{"text": t, "images": []} for t in corpus]}
+    (by_text / "items.json").write_text(json.dumps(items))
+    return {"train": write_jsonl(root / "train.jsonl", train), "val": write_jsonl(root / "val.jsonl", val),
+            "aligned": str(aligned), "by_text": str(by_text), "student": tiny_bert(str(root / "student")),
+            "teacher": wide_bert(str(root / "teacher")), "root": str(root)}  # fmt: skip
+
+
+def wide_bert(out: str) -> str:
+    """A teacher unlike the student: width 48, 3 layers, its own tokenizer ([BOS]/[EOS], other ids), CLS pooling."""
+    from transformers import BertConfig, BertModel
+
+    from vembed_blocks.st_folder import write_st_files
+
+    tok = word_tokenizer(sorted(WORDS), ("[PAD]", "[UNK]", "[BOS]", "[EOS]"), "[BOS] $A [EOS]", model_max_length=32)
+    config = BertConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                        max_position_embeddings=32, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(1)
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    write_st_files(out, dim=48, pooling="cls", normalize=True, max_length=32)
+    return out
+
+
+def whole_set_loss(model_dir: str, data: str, teacher_q: torch.Tensor, teacher_d: torch.Tensor, kind: str, temperature: float) -> float:
+    """Distill over all rows at once (queries vs. all positives): the objective without batch noise."""
+    model, collator, cfg = load_text_encoder(model_dir)
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    q = embed_texts(model, collator, cfg, [r["query"] for r in rows], is_query=True)
+    d = embed_texts(model, collator, cfg, [r["positive"] for r in rows], is_query=False)
+    return Distill(temperature=temperature, kind=kind)(q, d, teacher_q, teacher_d).item()
+
+
+def common(toy: dict[str, str], out: Path, *extra: str) -> list[str]:
+    return ["--model", toy["student"], "--data", toy["train"], "--val-data", toy["val"], "--output", str(out),
+            "--batch-size", "8", "--lr", "2e-3", "--num-workers", "0", "--log-every", "5", *extra]  # fmt: skip
+
+
+def test_torchrun_precomputed_teacher_learns_resumes_and_exports(toy, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run = ["--teacher-embeddings", toy["aligned"], "--max-steps", "12", "--chunk-size", "5", "--mrl-dims", "32,16",
+           "--eval-every", "6", "--temperature", "0.1"]  # fmt: skip
+    torchrun("distill", *common(toy, straight, *run, "--save-every", "6"))
+    torchrun("distill", *common(toy, split, *run, "--stop-at", "6"))
+    assert not (split / "final").exists()
+    torchrun("distill", *common(toy, split, *run, "--resume"))
+
+    a, b = train_log(straight), train_log(split)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in range(7, 13):
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
+    assert json.loads((straight / "eval_log.jsonl").read_text().splitlines()[0])["step"] == 6
+    assert set(json.loads((split / "metrics.json").read_text())) == {"before", "after"}
+
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    assert isinstance(BertModel.from_pretrained(split / "final"), BertModel)
+    t = load_file(str(Path(toy["aligned"]) / "teacher.safetensors"))
+    before, after = (whole_set_loss(m, toy["train"], t["query"], t["doc"], "kl", 0.1) for m in (toy["student"], str(split / "final")))
+    print(f"whole-set KL to the teacher before/after: {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before, (before, after)
+
+
+def test_live_teacher_with_other_width_and_tokenizer(toy, tmp_path):
+    out = tmp_path / "live"
+    result = distill.main(common(toy, out, "--teacher", toy["teacher"], "--kind", "mse", "--max-steps", "20"))
+    assert len(result["losses"]) == 20
+    teacher, t_collator, t_cfg = load_text_encoder(toy["teacher"])
+    assert t_cfg.pooling == "cls" and t_collator.tokenizer.convert_tokens_to_ids("red") != load_text_encoder(toy["student"])[1].tokenizer.convert_tokens_to_ids("red")
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
+    tq = embed_texts(teacher, t_collator, t_cfg, [r["query"] for r in rows], is_query=True)
+    td = embed_texts(teacher, t_collator, t_cfg, [r["positive"] for r in rows], is_query=False)
+    assert tq.shape[1] == 48
+    before, after = (whole_set_loss(m, toy["train"], tq, td, "mse", 1.0) for m in (toy["student"], str(out / "final")))
+    print(f"whole-set MSE to the live teacher before/after: {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before, (before, after)
+
+
+def test_evaluate_py_layout_uses_negatives_and_names_missing_texts(toy, tmp_path):
+    result = distill.main(common(toy, tmp_path / "by_text", "--teacher-embeddings", toy["by_text"], "--max-steps", "4"))
+    assert len(result["losses"]) == 4 and all(torch.isfinite(torch.tensor(result["losses"])))
+    store = distill.TeacherStore(toy["by_text"])
+    records = [distill.Numbered(distill.load_records(toy["train"]))[i] for i in (0, 1)]
+    q, d = store(records)
+    assert q.shape == (2, 15) and d.shape == (4, 15)  # 2 positives, then their 2 hard negatives
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "red cat", "positive": "there is a red cat"}])
+    with pytest.raises(KeyError, match="red cat"):
+        store(list(distill.load_records(bad)))
