@@ -35,7 +35,7 @@ from vembed_blocks import InfoNCE, Matryoshka, SigLIP, get_rank, get_world_size,
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import DualEncoderCollator, IndexedRecords, TaskBatches, WeightedTaskSampler, read_records
 from vembed_blocks.demo import build_tiny_clip, render_demo
-from vembed_blocks.distributed import average_gradients
+from vembed_blocks.distributed import average_gradients, shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
     else:
         result.update(finish(args, model, hf_model, criterion, processor, collator, val, before_file, device))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    del model, hf_model, state  # the DDP wrapper must go before the process group (see shutdown_distributed)
+    shutdown_distributed()
     return result
 
 

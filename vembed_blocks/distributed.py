@@ -13,7 +13,9 @@ process group, so single-process code needs no branches.
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from datetime import timedelta
 from typing import Callable
 
@@ -32,6 +34,7 @@ __all__ = [
     "pad_dim",
     "ring_shift",
     "average_gradients",
+    "shutdown_distributed",
 ]
 
 
@@ -76,6 +79,24 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown_distributed() -> None:
+    """End a run: destroy the process group safely. Delete your DDP model (``del model``) first.
+
+    With torch 2.13 and gloo, freeing a DDP wrapper or the group joins gloo's worker thread
+    while the main thread holds the GIL; if that thread is still freeing the Python tensors
+    of the last collective (which needs the GIL) both wait forever. It was seen about once in
+    ten 2-rank runs. So: give the worker a moment to finish, collect garbage (a `wrap_ddp`
+    wrapper sits in a reference cycle through its routed encode methods, so ``del`` alone does
+    not free it), then destroy the group. No extra barrier: it would start the very race
+    this avoids. Call it after the last collective of the run. No-op without a process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    time.sleep(0.2)
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def all_gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
