@@ -1,31 +1,26 @@
 """Late-interaction retrieval (ColBERT, ColPali / ColQwen): token embeddings, MaxSim, FSDP2, GradCache.
 
-Every token of a query and a document keeps its own vector (the encoder's last hidden states,
-through an optional linear projection to --dim, 128 as in ColBERT); a query scores a document
-by MaxSim: for each query token its best match among the document's tokens, averaged over the
-query tokens. Training is InfoNCE over MaxSim scores against every document and hard negative
-of all ranks (the `ColBERT` loss); evaluation scores the whole corpus with `maxsim`.
-
-Two encoders, chosen by --encoder or from the model config (a vision_config means a VLM):
-  text  a BERT-like model and its tokenizer (T2T data): ColBERT.
-  vlm   a Qwen-VL model and its processor (T2I / M2I / I2I data; queries text, documents page
-        images): ColQwen. Tokens of the whole chat (instruction, image tokens, text) score.
+Every token keeps its own vector (the encoder's last hidden states through an optional linear
+projection to --dim, 128 as in ColBERT); a query scores a document by MaxSim (each query
+token's best match among the document's tokens, averaged over query tokens). Training:
+InfoNCE over MaxSim against every document and hard negative of all ranks (`ColBERT` loss);
+evaluation: `maxsim` of every query against the whole corpus. --encoder (default: from the
+config, a vision_config means vlm): text = a BERT-like model + tokenizer (T2T data, ColBERT);
+vlm = a Qwen-VL model + processor (T2I/M2I/I2I data, document images: ColQwen).
 
     python recipes/colbert.py --model bert-base-uncased --data msmarco.jsonl --val-data dev.jsonl \
         --batch-size 128 --chunk-size 32 --dim 128 --output runs/colbert
     torchrun --nproc_per_node=8 recipes/colbert.py --model Qwen/Qwen3-VL-2B-Instruct --data pages.jsonl \
-        --val-data pages_val.jsonl --batch-size 32 --chunk-size 4 --dim 128 --lora 32 --bf16 --grad-checkpointing \
-        --output runs/colqwen
+        --val-data pages_val.jsonl --batch-size 32 --chunk-size 4 --lora 32 --bf16 --grad-checkpointing --output runs/colqwen
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD_NODE_IP --master_port 29500 \
         recipes/colbert.py --model Qwen/Qwen3-VL-2B-Instruct --data pages.jsonl --batch-size 32 --chunk-size 4 \
-        --dim 128 --bf16 --output /shared/runs/colqwen
+        --bf16 --output /shared/runs/colqwen
 
-GradCache with token outputs: chunks are row slices of the collated side, whose tensors are
-already padded to the side's longest row, so every chunk returns [b, L, dim] with the same L
-(each chunk's output is also padded to L explicitly, should an encoder drop trailing padding);
-the token mask is the side's attention_mask. Writes <output>/train_log.jsonl,
-<output>/metrics.json, checkpoints (--resume) and <output>/final: the encoder as an HF folder
-plus colbert_projection.safetensors and colbert.json (the projection and how tokens are made).
+GradCache with token outputs: chunks are row slices of a collated side, already padded to the
+side's longest row, so every chunk returns [b, L, dim] with the same L (padded to L explicitly
+too, should an encoder drop padding); the token mask is the side's attention_mask. Writes
+<output>/train_log.jsonl, metrics.json, checkpoints/ (--resume) and final/: the encoder as an HF
+folder + colbert_projection.safetensors + colbert.json (how to rebuild the token vectors).
 """
 
 from __future__ import annotations
@@ -53,7 +48,7 @@ from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, VLMCol
 from vembed_blocks.distributed import average_gradients, pad_dim
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, shard_model
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, shard_model
 from vembed_blocks.vlm import load_vlm_processor, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
@@ -88,7 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--bf16", action="store_true", help="FSDP2 bf16 parameters (fp32 gradient reduce) + autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block (falls back to eager on failure)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (decode + processor)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=0, help="MaxSim metrics on --val-data every N steps (0 = off)")
@@ -146,9 +140,6 @@ def build_encoder(args: argparse.Namespace, device: torch.device):
         checkpoint_layers(hf_model)
     if args.lora:
         hf_model = apply_lora(hf_model, r=args.lora, alpha=args.lora_alpha)
-    if args.compile:
-        torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly, with a warning
-        compile_layers(hf_model)
     hf_model.train()
     # VLM: shard the text layers only; the vision tower stays in the root unit so that a rank whose
     # chunk has no image never leaves the others waiting in a vision all-gather (see qwen3_fsdp.py).
@@ -193,12 +184,8 @@ def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> float:
 
 
 def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
+    """Linear warmup, then cosine decay to 0."""
+    return lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / max(1, total - warmup))))
 
 
 @torch.no_grad()
@@ -239,11 +226,9 @@ def evaluate(args, model, proj, collator, path: str, device) -> dict[str, float]
 
 
 def print_table(before: dict[str, float], after: dict[str, float] | None = None) -> None:
-    names = ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"]
-    lines = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
-    for n in names:
-        lines.append(f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else ""))
-    print("\n".join(lines), flush=True)
+    rows = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
+    rows += [f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else "") for n in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")]
+    print("\n".join(rows), flush=True)
 
 
 # ----------------------------------------------------------------------------- main
@@ -251,11 +236,9 @@ def print_table(before: dict[str, float], after: dict[str, float] | None = None)
 
 def prepare(args: argparse.Namespace) -> tuple[str, str | None]:
     """Check the inputs before any model is loaded; returns (train file, val file)."""
-    for path in (args.data, args.val_data):
-        if path and not os.path.exists(path):
-            raise SystemExit(f"no such file: {path}")
-    if args.chunk_size < 0 or args.num_negatives < 0 or args.dim < 0:
-        raise SystemExit("--chunk-size, --num-negatives and --dim must be >= 0")
+    missing = [p for p in (args.data, args.val_data) if p and not os.path.exists(p)]
+    if missing or min(args.chunk_size, args.num_negatives, args.dim) < 0:
+        raise SystemExit(f"no such file: {missing[0]}" if missing else "--chunk-size, --num-negatives, --dim must be >= 0")
     return args.data, args.val_data
 
 

@@ -148,12 +148,8 @@ def make_loss(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
+    """Linear warmup, then cosine decay to 0."""
+    return lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / max(1, total - warmup))))
 
 
 def embed_on_all_ranks(items: list, encode, batch_size: int, desc: str) -> torch.Tensor:
@@ -191,11 +187,9 @@ def evaluate(model, collator: VLMCollator, path: str, args, device) -> dict[str,
 
 
 def print_table(before: dict[str, float], after: dict[str, float] | None = None) -> None:
-    names = ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"]
-    lines = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
-    for n in names:
-        lines.append(f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else ""))
-    print("\n".join(lines), flush=True)
+    rows = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
+    rows += [f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else "") for n in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")]
+    print("\n".join(rows), flush=True)
 
 
 # ----------------------------------------------------------------------------- main
