@@ -30,6 +30,7 @@ import torch
 from vembed_blocks import dual_encoder_features, init_distributed
 from vembed_blocks.data import DualEncoderCollator, VLMCollator, read_records
 from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, ensure_meta
+from vembed_blocks.distributed import shutdown_distributed
 from vembed_blocks.towers import COMPOSED_FILE, load_dual_encoder
 from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
 
@@ -200,8 +201,8 @@ def extract_loop(args, writer, embed, collator, rank, world, device) -> int:
 def finish(args: argparse.Namespace, written: int, rank: int, world: int) -> dict:
     """Wait for every rank, then check the whole store opens (rank 0) and report its size."""
     if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()  # every rank's shards are on disk before rank 0 opens the store
+    shutdown_distributed()
     result = {"shards_written": written}
     if rank == 0:
         store = EmbedStore(args.output)  # every check of a reader, once, while the run is fresh

@@ -36,6 +36,7 @@ from vembed_blocks import InfoNCE, get_rank, get_world_size, init_distributed, r
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskBatches, WeightedTaskSampler, parse_group_weights, parse_weights
 from vembed_blocks.data.embed_store import EmbedStore, collate_embeddings
+from vembed_blocks.distributed import shutdown_distributed
 from vembed_blocks.parallel import unwrap_model, wrap_ddp
 
 log = logging.getLogger("multitask")
@@ -196,14 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("stopped at step %d of %d; continue with --resume", end, args.max_steps)
     else:
         result.update(finish(args, head, tasks))
-    if world > 1:
-        # Seen with torch 2.13 + gloo at exit: the group's destructor joins gloo's worker thread while
-        # holding the GIL, and that thread may still be freeing a finished collective's Python tensors
-        # (which needs the GIL): both wait forever. So drop DDP (it holds the group) and let the worker
-        # run with the GIL released before the group goes.
-        del model
-        time.sleep(0.2)
-        dist.destroy_process_group()
+    del model  # the DDP wrapper must go before the process group (see shutdown_distributed)
+    shutdown_distributed()
     return result
 
 

@@ -8,6 +8,8 @@ from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, s
 from .colbert import maxsim
 from .data import (
     DualEncoderCollator,
+    EmbedStore,
+    EmbedWriter,
     IndexedRecords,
     Item,
     Record,
@@ -31,13 +33,15 @@ from .distributed import (
     get_world_size,
     init_distributed,
     is_main_process,
+    shutdown_distributed,
 )
 from .embed import RetrievalSet, embed_items, retrieval_set
 from .gradcache import GradCache, RandState
 from .losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives
 from .metrics import retrieval_metrics, search
-from .parallel import apply_lora, checkpoint_layers, shard_model, unwrap_model, wrap_ddp
+from .parallel import apply_lora, checkpoint_layers, compile_layers, shard_model, unwrap_model, wrap_ddp
 from .pooling import pool
-from .towers import dual_encoder_features
+from .towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
+from .vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
 
 __version__ = "0.1.0"
