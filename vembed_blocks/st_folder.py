@@ -5,7 +5,8 @@ states become one vector::
 
     modules.json                      [Transformer (path "" or "0_Transformer"), Pooling, Normalize?]
     1_Pooling/config.json             pooling mode: legacy ``pooling_mode_*_token(s)`` booleans or ``pooling_mode``
-    sentence_bert_config.json         ``max_seq_length``, ``do_lower_case`` (next to the transformer)
+    sentence_bert_config.json         ``max_seq_length``, ``do_lower_case`` (next to the transformer; since
+                                      sentence-transformers 5 the length is the tokenizer's model_max_length)
     config_sentence_transformers.json optional ``prompts`` ({"query": "...", ...})
 
 `read_text_encoder_config` reads those into a `TextEncoderConfig` (for a plain HF folder:
@@ -130,7 +131,8 @@ def load_text_encoder(
     """``(AutoModel, TextCollator, TextEncoderConfig)`` for a plain HF or sentence-transformers folder/id.
 
     The keyword arguments override what the folder says: ``pooling`` (a `pool` method),
-    ``max_length`` (else the folder's ``max_seq_length``, else ``min(tokenizer max, 512)``),
+    ``max_length`` (else the folder's ``max_seq_length``, else the tokenizer's ``model_max_length``,
+    capped at 512 for a plain HF folder),
     ``query_prefix`` / ``doc_prefix`` (else the folder's ``"query"`` / ``"document"`` prompts).
     The returned config holds the resolved pooling and length; the collator the prefixes.
     """
@@ -141,7 +143,9 @@ def load_text_encoder(
     model = AutoModel.from_pretrained(cfg.path, **kw, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kw)
     cfg.pooling = pooling or cfg.pooling
-    cfg.max_length = max_length or cfg.max_length or min(tokenizer.model_max_length, 512)
+    # sentence-transformers >= 5 keeps max_seq_length as the tokenizer's model_max_length; plain HF
+    # tokenizers often say 1e30 there, so those are capped.
+    cfg.max_length = max_length or cfg.max_length or min(tokenizer.model_max_length, 10**6 if cfg.is_sentence_transformers else 512)
     query = query_prefix if query_prefix is not None else cfg.prompts.get("query")
     doc = doc_prefix if doc_prefix is not None else cfg.prompts.get("document")
     return model, TextCollator(tokenizer, cfg.max_length, query_instruction=query, doc_instruction=doc), cfg
