@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from vembed_blocks import CoSENT, InfoNCE, Matryoshka, Triplet, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, WeightedTaskSampler, read_records, scatter_negatives
-from vembed_blocks.distributed import gather_with_grad
+from vembed_blocks.distributed import gather_with_grad, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.mining import mine_hard_negatives
@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
     else:
         result.update(finish(args, model, hf_model, collator, cfg, val, before_file))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    del model, hf_model  # the DDP wrapper must go before the process group (see shutdown_distributed)
+    shutdown_distributed()
     return result
 
 
