@@ -129,7 +129,8 @@ def test_live_teacher_with_other_width_and_tokenizer(toy, tmp_path):
     result = distill.main(common(toy, out, "--teacher", toy["teacher"], "--kind", "mse", "--max-steps", "20"))
     assert len(result["losses"]) == 20
     teacher, t_collator, t_cfg = load_text_encoder(toy["teacher"])
-    assert t_cfg.pooling == "cls" and t_collator.tokenizer.convert_tokens_to_ids("red") != load_text_encoder(toy["student"])[1].tokenizer.convert_tokens_to_ids("red")
+    student_tokenizer = load_text_encoder(toy["student"])[1].tokenizer
+    assert t_cfg.pooling == "cls" and t_collator.tokenizer.convert_tokens_to_ids("red") != student_tokenizer.convert_tokens_to_ids("red")
     rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
     tq = embed_texts(teacher, t_collator, t_cfg, [r["query"] for r in rows], is_query=True)
     td = embed_texts(teacher, t_collator, t_cfg, [r["positive"] for r in rows], is_query=False)
