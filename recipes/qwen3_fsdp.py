@@ -139,6 +139,11 @@ def build_model(args: argparse.Namespace, device: torch.device):
     model = shard_model(hf_model, layer_classes=text_layers, mixed_precision="bf16" if args.bf16 else None)
     if hasattr(model, "set_reduce_scatter_unused_params"):
         model.set_reduce_scatter_unused_params(True)
+    # shard_model makes get_image_features an FSDP entry point (right for CLIP, called from outside);
+    # Qwen-VL calls it inside its own forward, so ranks whose chunk has images would run an extra
+    # root all-gather the others never join. Back to the plain method (the instance attribute goes).
+    for name in ("get_image_features", "get_video_features"):
+        vars(model).pop(name, None)
     return model
 
 

@@ -1,10 +1,10 @@
 """recipes/qwen3_fsdp.py end to end on a tiny random Qwen3-VL.
 
-- torchrun, 2 gloo ranks, FSDP2 + GradCache (VLM chunks) + activation checkpointing +
-  Matryoshka + ragged hard negatives: the loss drops on a memorisable toy task, retrieval
+- torchrun, 2 gloo ranks, FSDP2 + GradCache (VLM chunks, some without images) + checkpointing +
+  Matryoshka on edit-format rows: the loss drops on a memorisable toy task, retrieval
   improves, a run split by --stop-at/--resume reproduces the later losses, and the exported
   folder loads with from_pretrained and reproduces the recipe's final metrics;
-- plain python (world size 1) with LoRA: the export has the adapters merged.
+- plain python (world size 1) with LoRA and ragged hard negatives: the export has the adapters merged.
 """
 
 from __future__ import annotations
@@ -46,26 +46,38 @@ def shapes_dataset(root: Path) -> tuple[str, str]:
     return str(root / "train.jsonl"), str(root / "val.jsonl")
 
 
+def edit_dataset(root: Path) -> str:
+    """The same 12 targets in the edit format; every third query also shows the other shape of its
+    colour, so with small chunks some ranks' chunks have images and others' none."""
+    rows = [{"source_image": f"{c}_{'square' if s == 'circle' else 'circle'}.png" if (i + j) % 3 == 0 else None,
+             "target_image": f"{c}_{s}.png", "instruction": f"a {c} {s}"}
+            for i, c in enumerate(COLOURS) for j, s in enumerate(("circle", "square"))]  # fmt: skip
+    (root / "edit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root / "edit.jsonl")
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("qwen3")
     train, val = shapes_dataset(root)
-    return {"train": train, "val": val, "model": tiny_qwen3vl(str(root / "model"))}
+    return {"train": train, "val": val, "edit": edit_dataset(root), "model": tiny_qwen3vl(str(root / "model"))}
 
 
-def common(toy: dict[str, str], out: Path, *extra: str) -> list[str]:
-    return ["--model", toy["model"], "--data", toy["train"], "--val-data", toy["val"], "--output", str(out),
+def common(toy: dict[str, str], out: Path, *extra: str, data: str = "train") -> list[str]:
+    return ["--model", toy["model"], "--data", toy[data], "--val-data", toy[data], "--output", str(out),
             "--batch-size", "6", "--chunk-size", "4", "--num-negatives", "1", "--lr", "3e-3", "--num-workers", "0",
             "--log-every", "1", *extra]  # fmt: skip
 
 
 def test_torchrun_fsdp_learns_resumes_and_exports(toy, tmp_path):
+    # Edit-format rows (images on some queries only) and chunks of 2: ranks disagree on whether a
+    # chunk runs the vision tower, which FSDP2 must survive. Hard negatives: the LoRA test below.
     straight, split = tmp_path / "straight", tmp_path / "split"
-    flags = ["--max-steps", "6", "--grad-checkpointing", "--mrl-dims", "32,16"]
-    torchrun("qwen3_fsdp", *common(toy, straight, *flags, "--save-every", "3", "--eval-every", "3"))
-    torchrun("qwen3_fsdp", *common(toy, split, *flags, "--stop-at", "3"))
+    flags = ["--max-steps", "6", "--grad-checkpointing", "--mrl-dims", "32,16", "--chunk-size", "2", "--num-negatives", "0"]
+    torchrun("qwen3_fsdp", *common(toy, straight, *flags, "--save-every", "3", "--eval-every", "3", data="edit"))
+    torchrun("qwen3_fsdp", *common(toy, split, *flags, "--stop-at", "3", data="edit"))
     assert not (split / "final").exists()
-    torchrun("qwen3_fsdp", *common(toy, split, *flags, "--resume"))
+    torchrun("qwen3_fsdp", *common(toy, split, *flags, "--resume", data="edit"))
 
     a, b = train_log(straight), train_log(split)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -85,10 +97,10 @@ def test_torchrun_fsdp_learns_resumes_and_exports(toy, tmp_path):
 
     model = Qwen3VLModel.from_pretrained(split / "final").eval()
     collator = VLMCollator(load_vlm_processor(str(split / "final")))
-    rs = retrieval_set(qwen3.load_records(toy["val"], None))
+    rs = retrieval_set(qwen3.load_records(toy["edit"], None))
     with torch.no_grad():
-        q = F.normalize(vlm_embed(model, collator.encode(rs.queries, [toy["val"]] * len(rs.queries), True)), dim=-1)
-        d = F.normalize(vlm_embed(model, collator.encode(rs.docs, [toy["val"]] * len(rs.docs), False)), dim=-1)
+        q = F.normalize(vlm_embed(model, collator.encode(rs.queries, [toy["edit"]] * len(rs.queries), True)), dim=-1)
+        d = F.normalize(vlm_embed(model, collator.encode(rs.docs, [toy["edit"]] * len(rs.docs), False)), dim=-1)
     got = retrieval_metrics(q @ d.T, rs.relevant, ks=(1, 5, 10))
     after = json.loads((split / "metrics.json").read_text())["after"]
     for name, value in after.items():
@@ -97,7 +109,7 @@ def test_torchrun_fsdp_learns_resumes_and_exports(toy, tmp_path):
 
 def test_single_process_lora_merges_into_the_export(toy, tmp_path):
     out = tmp_path / "lora"
-    result = qwen3.main(common(toy, out, "--max-steps", "2", "--lora", "4", "--lr", "1e-2"))
+    result = qwen3.main(common(toy, out, "--max-steps", "2", "--lora", "4", "--lr", "1e-2"))  # with real hard negatives
     assert len(result["losses"]) == 2 and "after" in result
 
     from safetensors.torch import load_file

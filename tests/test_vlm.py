@@ -100,6 +100,25 @@ def test_vlm_token_embeddings_mask_padding_and_project(qwen):
         torch.testing.assert_close(scores[i, i], maxsim(qi, qim, di, dim)[0, 0], atol=1e-4, rtol=1e-4)
 
 
+def test_activation_checkpointing_recompute_matches_after_another_forward(qwen, tmp_path):
+    """Regression: the model's default KV cache was appended to again when checkpointed layers were
+    recomputed in backward, after a second forward (keys 2x long: a shape error); vlm_* pass use_cache=False."""
+    from transformers import AutoModel
+
+    from vembed_blocks.parallel import checkpoint_layers
+
+    batch = VLMCollator(qwen["processor"])(qwen["records"])
+    grads = []
+    for ckpt in (False, True):
+        model = AutoModel.from_pretrained(qwen["path"]).train()
+        if ckpt:
+            checkpoint_layers(model)
+        q, p = vlm_embed(model, batch["query"]), vlm_embed(model, batch["positive"])
+        (q @ p.T).logsumexp(-1).sum().backward()
+        grads.append(model.language_model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_vlm_hidden_states_rejects_a_generation_head():
     class Head(torch.nn.Module):
         def forward(self, **kw):

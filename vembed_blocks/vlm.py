@@ -130,7 +130,8 @@ def load_vlm_processor(path: str) -> Any:
             return proc
         reason = f"AutoProcessor gave a {type(proc).__name__} without an image processor"
     except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
-        reason = f"AutoProcessor failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        reason = f"AutoProcessor failed ({type(e).__name__}: {first})"
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = _read_json(os.path.join(path, "processor_config.json")) or {}
     image_cfg = config.get("image_processor") or _read_json(os.path.join(path, "preprocessor_config.json"))
@@ -148,7 +149,9 @@ def vlm_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> t
     ``inputs``: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and, with images,
     flat ``pixel_values`` + ``image_grid_thw``, passed through unchanged.
     """
-    out = model(**inputs)
+    # An encoder never needs the KV cache, and with activation checkpointing a cache passed to the
+    # layers would be appended to again when backward recomputes them (keys twice as long).
+    out = model(**{"use_cache": False, **inputs})
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         raise ValueError(f"{type(model).__name__} returned no last_hidden_state: load the backbone with AutoModel "
