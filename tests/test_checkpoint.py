@@ -261,3 +261,30 @@ def test_saving_mid_run_leaves_the_live_optimizer_state_of_0d_parameters_intact(
         return model.t.item()
 
     assert run(save_at=2) == run(save_at=None)
+
+
+def test_resume_with_a_parameter_that_never_had_a_gradient(tmp_path):
+    """BERT's unused pooler: no optimizer state on disk; resume loads and continues exactly."""
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Module()
+        model.used, model.later = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step(model, opt, k):  # `later` gets a gradient from step 2 on
+        (model.used(torch.ones(1, 2)).sum() + k * model.later(torch.ones(1, 2)).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+
+    straight, opt = make()
+    step(straight, opt, 0)
+    save_checkpoint(tmp_path / "ck", model=straight, optimizer=opt, step=1)
+    resumed, opt2 = make()
+    assert load_checkpoint(tmp_path / "ck", model=resumed, optimizer=opt2) == 1
+    assert len(opt2.state) == len(opt.state) == 2  # only `used` has state, as before the save
+    for k in (1, 2, 3):
+        step(straight, opt, k)
+        step(resumed, opt2, k)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

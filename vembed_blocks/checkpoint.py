@@ -102,6 +102,25 @@ def _reshape_scalars(model_sd: dict, optim_sd: dict, names: list[str], shape: tu
             }
 
 
+def _drop_unsaved_optim_state(optim_sd: dict, path: Path) -> bool:
+    """Forget optimizer state the checkpoint does not hold (parameters that never got a gradient).
+
+    ``get_state_dict`` creates state for every parameter, but one that had no gradient before
+    the save (BERT's unused pooler, a frozen-then-thawed layer) has none on disk; loading would
+    fail on it. Without an entry the optimizer keeps no state for it, as in the uninterrupted run.
+    Returns whether anything was dropped.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k.split(".", 2)[2] for k in stored if k.startswith("optim.state.")}
+    states = optim_sd.get("state", {})
+    unsaved = [f for f in states if not any(k.startswith(f + ".") for k in saved)]
+    for fqn in unsaved:
+        del states[fqn]
+    return bool(unsaved)
+
+
 def _zero_dim(model_sd: dict) -> list[str]:
     return [k for k, v in model_sd.items() if torch.is_tensor(v) and v.dim() == 0]
 
@@ -214,7 +233,7 @@ def load_checkpoint(
     Raises FileNotFoundError when there is no complete checkpoint.
     """
     from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     path = latest_checkpoint(dir)
     if path is None:
@@ -223,11 +242,14 @@ def load_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer)  # also initialises optimizer state
     scalars = _zero_dim(model_sd)
     _reshape_scalars(model_sd, optim_sd, scalars, (1,))
+    dropped = _drop_unsaved_optim_state(optim_sd, path)
     state = {"model": model_sd, "optim": optim_sd}
     with _quiet_single_process():
         dcp_load(state, checkpoint_id=str(path))
     _reshape_scalars(state["model"], state["optim"], scalars, ())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # dcp_load already required every model key; strict=False only admits the dropped optimizer entries.
+    options = StateDictOptions(strict=False) if dropped else None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     own = path / f"rank-{get_rank():05d}.pt"
     same_world = meta["world_size"] == get_world_size()
     # Our own file, holding Python objects (sampler state): full unpickling is intended.
