@@ -272,8 +272,11 @@ def test_resume_with_a_parameter_that_never_had_a_gradient(tmp_path):
         model.used, model.later = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
         return model, torch.optim.AdamW(model.parameters(), lr=0.1)
 
-    def step(model, opt, k):  # `later` gets a gradient from step 2 on
-        (model.used(torch.ones(1, 2)).sum() + k * model.later(torch.ones(1, 2)).sum()).backward()
+    def step(model, opt, k):  # `later` gets no gradient at all (None, not zeros) before the save
+        loss = model.used(torch.ones(1, 2)).sum()
+        if k:
+            loss = loss + k * model.later(torch.ones(1, 2)).sum()
+        loss.backward()
         opt.step()
         opt.zero_grad()
 
