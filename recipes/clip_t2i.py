@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     end = min(total, args.stop_at or total)
     batches = TaskBatches({"train": train}, sampler, collator, steps=end - start)
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers)
+    # Own generator: creating the iterator would otherwise draw from the global RNG, and a
+    # resumed run would then replay different dropout masks than the uninterrupted one.
+    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
     log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world)
 
     def evaluate_during(step: int) -> None:  # --eval-every: rank 0 scores; the others wait at the next collective

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     end = min(args.max_steps, args.stop_at or args.max_steps)
     batches = TaskBatches(tasks, sampler, collate_embeddings, steps=end - start)
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers)
+    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))  # own RNG: exact resume
     log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, args.max_steps, args.batch_size * world, world)
     losses = train_loop(args, loader, model, head, criterion, optimizer, scheduler, sampler, tasks, start, end, device)
 
