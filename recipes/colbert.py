@@ -45,7 +45,7 @@ from vembed_blocks import ColBERT, Matryoshka, get_rank, get_world_size, init_di
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.colbert import maxsim
 from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, VLMCollator, WeightedTaskSampler, read_records
-from vembed_blocks.distributed import average_gradients, pad_dim
+from vembed_blocks.distributed import average_gradients, pad_dim, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, shard_model
@@ -304,8 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
     else:
         result.update(finish(args, model, proj, processor, collator, val, before_file, device))
-    if world > 1:
-        dist.destroy_process_group()
+    shutdown_distributed()  # after the last collective; safe gloo teardown
     return result
 
 

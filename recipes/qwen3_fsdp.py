@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from vembed_blocks import InfoNCE, Matryoshka, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import IndexedRecords, TaskBatches, VLMCollator, WeightedTaskSampler, read_records
+from vembed_blocks.distributed import shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, shard_model
@@ -266,8 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
     else:
         result.update(finish(args, model, processor, collator, val, before_file, device))
-    if world > 1:
-        dist.destroy_process_group()
+    shutdown_distributed()  # after the last collective; safe gloo teardown
     return result
 
 
