@@ -48,8 +48,8 @@ from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, VLMCol
 from vembed_blocks.distributed import average_gradients, pad_dim, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, shard_model
-from vembed_blocks.vlm import load_vlm_processor, vlm_token_embeddings
+from vembed_blocks.parallel import apply_lora, checkpoint_layers
+from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # never modified in place
@@ -141,18 +141,8 @@ def build_encoder(args: argparse.Namespace, device: torch.device):
     if args.lora:
         hf_model = apply_lora(hf_model, r=args.lora, alpha=args.lora_alpha)
     hf_model.train()
-    # VLM: shard the text layers only; the vision tower stays in the root unit so that a rank whose
-    # chunk has no image never leaves the others waiting in a vision all-gather (see qwen3_fsdp.py).
-    blocks = {name for m in hf_model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
-    model = shard_model(hf_model, layer_classes=sorted(b for b in blocks if "Vision" not in b),
-                        mixed_precision="bf16" if args.bf16 else None)  # fmt: skip
-    if hasattr(model, "set_reduce_scatter_unused_params"):
-        model.set_reduce_scatter_unused_params(True)
-    # shard_model makes get_image_features an FSDP entry point (right for CLIP, called from outside);
-    # Qwen-VL calls it inside its own forward, so ranks whose chunk has images would run an extra
-    # root all-gather the others never join. Back to the plain method (the instance attribute goes).
-    for name in ("get_image_features", "get_video_features"):
-        vars(model).pop(name, None)
+    # Text blocks as FSDP units; a VLM's vision tower stays in the root unit (see shard_vlm).
+    model = shard_vlm(hf_model, mixed_precision="bf16" if args.bf16 else None)
     return model, proj, collator, processor
 
 

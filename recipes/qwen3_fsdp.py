@@ -45,8 +45,8 @@ from vembed_blocks.data import IndexedRecords, TaskBatches, VLMCollator, Weighte
 from vembed_blocks.distributed import shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, shard_model
-from vembed_blocks.vlm import load_vlm_processor, vlm_embed
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
+from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_embed
 
 log = logging.getLogger("qwen3_fsdp")
 # The root returns last_hidden_state as a view; pooling only indexes it (never in place), so this is noise.
@@ -132,20 +132,9 @@ def build_model(args: argparse.Namespace, device: torch.device):
         torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly, with a warning
         compile_layers(hf_model, backend=args.compile_backend)
     hf_model.train()
-    # Shard the text decoder layers only. The vision tower stays in the root unit (still sharded
-    # at rest), because a rank whose chunk has no image skips it: a per-block vision unit would
-    # then wait for an all-gather the other ranks never join. Unused root parameters reduce zeros.
-    blocks = {name for m in hf_model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
-    text_layers = sorted(name for name in blocks if "Vision" not in name)
-    model = shard_model(hf_model, layer_classes=text_layers, mixed_precision="bf16" if args.bf16 else None)
-    if hasattr(model, "set_reduce_scatter_unused_params"):
-        model.set_reduce_scatter_unused_params(True)
-    # shard_model makes get_image_features an FSDP entry point (right for CLIP, called from outside);
-    # Qwen-VL calls it inside its own forward, so ranks whose chunk has images would run an extra
-    # root all-gather the others never join. Back to the plain method (the instance attribute goes).
-    for name in ("get_image_features", "get_video_features"):
-        vars(model).pop(name, None)
-    return model
+    # Text decoder layers as FSDP units, the vision tower in the root unit: a rank whose chunk has
+    # no image skips it, and a per-block vision unit would wait for an all-gather nobody joins.
+    return shard_vlm(hf_model, mixed_precision="bf16" if args.bf16 else None)
 
 
 def make_loss(args: argparse.Namespace) -> torch.nn.Module:

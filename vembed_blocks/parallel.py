@@ -123,6 +123,7 @@ def shard_model(
     mixed_precision: str | object | None = None,
     reshard_after_forward: bool = True,
     mesh=None,
+    forward_methods: Iterable[str] | None = None,
 ) -> nn.Module:
     """Shard ``model`` with FSDP2: one `fully_shard` unit per transformer block, then the root.
 
@@ -133,6 +134,10 @@ def shard_model(
             or a `MixedPrecisionPolicy`.
         reshard_after_forward: free gathered block weights after forward (ZeRO-3) or keep them.
         mesh: a 1-D DeviceMesh; default one over the whole world, cpu for gloo, cuda for nccl.
+        forward_methods: methods to register as FSDP entry points (default: those of
+            ``get_text_features``, ``get_image_features``, ... that exist). Leave out any the
+            model's own ``forward`` calls (Qwen-VL's ``get_image_features``): an entry point
+            runs the root's collectives, so ranks with and without images would disagree.
 
     0-D parameters (CLIP's ``logit_scale``, SigLIP's ``logit_bias``) become shape [1]; their
     names are kept on the model for `export_pretrained`. Methods such as
@@ -157,7 +162,7 @@ def shard_model(
     # ``model.logit_scale`` plain tensors when read between forward calls and the loss.
     fully_shard(model, reshard_after_forward=None, **kw)
     setattr(model, SCALAR_PARAMS_ATTR, scalars)
-    for name in _FORWARD_METHODS:
+    for name in _FORWARD_METHODS if forward_methods is None else forward_methods:
         if hasattr(model, name) and callable(getattr(model, name)):
             register_fsdp_forward_method(model, name)
     return model

@@ -22,7 +22,7 @@ from torch import nn
 
 from .pooling import pool
 
-__all__ = ["load_vlm_processor", "qwen_vl_processor", "vlm_hidden_states", "vlm_embed", "vlm_token_embeddings"]
+__all__ = ["load_vlm_processor", "qwen_vl_processor", "vlm_hidden_states", "vlm_embed", "vlm_token_embeddings", "shard_vlm"]
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +181,22 @@ def vlm_token_embeddings(model: nn.Module, inputs: Mapping[str, torch.Tensor],
     if projection is not None:
         hidden = projection(hidden)
     return hidden, inputs["attention_mask"].bool()
+
+
+def shard_vlm(model: nn.Module, mixed_precision: str | object | None = None) -> nn.Module:
+    """FSDP2 for a Qwen-VL style model: one unit per text block, the vision tower in the root unit.
+
+    A chunk without images never runs the vision tower. Were its blocks separate units, ranks
+    with and without images would issue different collectives and hang; inside the root unit
+    (with unused parameters reduce-scattering zeros) every rank stays in step. Nothing is
+    registered as an extra entry point: the model's own ``forward`` calls ``get_image_features``.
+    Call the model's ``forward`` (e.g. through `vlm_embed`). Without a process group: unchanged.
+    """
+    from .parallel import shard_model
+
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    text_blocks = sorted(b for b in blocks if "Vision" not in b)
+    model = shard_model(model, layer_classes=text_blocks, mixed_precision=mixed_precision, forward_methods=())
+    if hasattr(model, "set_reduce_scatter_unused_params"):
+        model.set_reduce_scatter_unused_params(True)
+    return model
