@@ -48,7 +48,7 @@ from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, VLMCol
 from vembed_blocks.distributed import average_gradients, pad_dim, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--bf16", action="store_true", help="FSDP2 bf16 parameters (fp32 gradient reduce) + autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block in place")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (decode + processor)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=0, help="MaxSim metrics on --val-data every N steps (0 = off)")
@@ -140,6 +141,8 @@ def build_encoder(args: argparse.Namespace, device: torch.device):
         checkpoint_layers(hf_model)
     if args.lora:
         hf_model = apply_lora(hf_model, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:
+        compile_layers(hf_model)
     hf_model.train()
     # Text blocks as FSDP units; a VLM's vision tower stays in the root unit (see shard_vlm).
     model = shard_vlm(hf_model, mixed_precision="bf16" if args.bf16 else None)

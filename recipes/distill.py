@@ -36,7 +36,7 @@ from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, Weight
 from vembed_blocks.distributed import gather_with_grad, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, wrap_ddp
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
 from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
 
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for student and teacher")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every student block")
+    p.add_argument("--compile", action="store_true", help="torch.compile every student block in place")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (tokenisation)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=0, help="retrieval metrics on --val-data every N steps (0 = off)")
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint_layers(hf_model)
     if args.lora:
         hf_model = apply_lora(hf_model, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:
+        compile_layers(hf_model)
     hf_model.train()
     model = wrap_ddp(hf_model)
     criterion = Distill(temperature=args.temperature, kind=args.kind)
