@@ -40,6 +40,7 @@ from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
 from vembed_blocks.towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
+from vembed_blocks.schedule import warmup_cosine
 
 log = logging.getLogger("clip_t2i")
 
@@ -135,15 +136,6 @@ def copy_scale_into_model(loss: nn.Module, hf_model: nn.Module) -> None:
             hf_model.logit_bias.copy_(inner.bias.reshape(hf_model.logit_bias.shape))
 
 
-def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
-
-
 @torch.no_grad()
 def evaluate(hf_model: nn.Module, collator: DualEncoderCollator, path: str, args, device) -> dict[str, float]:
     """Embed the unique queries and corpus of ``path`` and score retrieval (rank 0 only)."""
@@ -224,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
          {"params": list(criterion.parameters()), "weight_decay": 0.0}],
         lr=args.lr, weight_decay=args.weight_decay,
     )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total))
     state = nn.ModuleDict({"model": hf_model, "loss": criterion})  # everything a checkpoint restores
     ckpt_dir = os.path.join(args.output, "checkpoints")
     start = 0

@@ -50,6 +50,7 @@ from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_token_embeddings
+from vembed_blocks.schedule import warmup_cosine
 
 log = logging.getLogger("colbert")
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # never modified in place
@@ -181,11 +182,6 @@ def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> float:
     return total
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup, then cosine decay to 0."""
-    return lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / max(1, total - warmup))))
-
-
 @torch.no_grad()
 def embed_tokens(args, model, proj, collator, items: list, path: str, is_query: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit token vectors ``[n, L, dim]`` + mask ``[n, L]`` of ``items``: each rank an equal slice
@@ -257,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     if proj is not None:  # a fresh layer: a larger step than the pretrained encoder
         groups.append({"params": list(proj.parameters()), "lr": args.proj_lr or 10 * args.lr})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total))
     state = nn.ModuleDict({"model": model, **({"proj": proj} if proj is not None else {})})  # what a checkpoint restores
     ckpt_dir = os.path.join(args.output, "checkpoints")
     start = 0

@@ -39,6 +39,7 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
 from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
+from vembed_blocks.schedule import warmup_cosine
 
 log = logging.getLogger("distill")
 
@@ -157,11 +158,6 @@ def evaluate(model: nn.Module, collator: TextCollator, cfg, path: str, args) -> 
     return retrieval_metrics(F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T, rs.relevant, ks=(1, 5, 10))
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    return lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -200,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
     params = [p for p in hf_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total))
     ckpt_dir = os.path.join(args.output, "checkpoints")
     start = 0
     if args.resume and latest_checkpoint(ckpt_dir) is not None:

@@ -47,6 +47,7 @@ from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_embed
+from vembed_blocks.schedule import warmup_cosine
 
 log = logging.getLogger("qwen3_fsdp")
 # The root returns last_hidden_state as a view; pooling only indexes it (never in place), so this is noise.
@@ -142,11 +143,6 @@ def make_loss(args: argparse.Namespace) -> torch.nn.Module:
     return Matryoshka(loss, [int(d) for d in args.mrl_dims.split(",")]) if args.mrl_dims else loss
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup, then cosine decay to 0."""
-    return lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / max(1, total - warmup))))
-
-
 def embed_on_all_ranks(items: list, encode, batch_size: int, desc: str) -> torch.Tensor:
     """Every rank embeds an equal slice (same forwards everywhere, as FSDP2 needs); all get all rows."""
     world, rank, n = get_world_size(), get_rank(), len(items)
@@ -218,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total))
     ckpt_dir = os.path.join(args.output, "checkpoints")
     start = 0
     if args.resume and latest_checkpoint(ckpt_dir) is not None:

@@ -41,6 +41,7 @@ from .losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Tripl
 from .metrics import retrieval_metrics, search
 from .parallel import apply_lora, checkpoint_layers, compile_layers, shard_model, unwrap_model, wrap_ddp
 from .pooling import pool
+from .schedule import warmup_cosine
 from .towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
 from .st_folder import embed_texts, load_text_encoder
 from .vlm import load_vlm_processor, shard_vlm, vlm_embed, vlm_token_embeddings
