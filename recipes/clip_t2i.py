@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from vembed_blocks import InfoNCE, Matryoshka, SigLIP, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import DualEncoderCollator, IndexedRecords, TaskBatches, WeightedTaskSampler, read_records
+from vembed_blocks.data import DualEncoderCollator, TaskBatches, WeightedTaskSampler, load_records
 from vembed_blocks.demo import build_tiny_clip, render_demo
 from vembed_blocks.distributed import average_gradients, shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
@@ -88,12 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
-def load_records(path: str, fmt: str | None):
-    """JSONL: random access without holding the file in memory; CSV/Parquet: a list."""
-    options = {"format": fmt} if fmt else {}
-    return IndexedRecords(path, **options) if path.endswith((".jsonl", ".json")) else list(read_records(path, **options))
-
-
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
     """(model, processor): composed towers from --vision-model/--text-model, else the --model folder/id."""
     if bool(args.vision_model) != bool(args.text_model):
@@ -139,7 +133,7 @@ def copy_scale_into_model(loss: nn.Module, hf_model: nn.Module) -> None:
 @torch.no_grad()
 def evaluate(hf_model: nn.Module, collator: DualEncoderCollator, path: str, args, device) -> dict[str, float]:
     """Embed the unique queries and corpus of ``path`` and score retrieval (rank 0 only)."""
-    rs = retrieval_set(load_records(path, args.format))
+    rs = retrieval_set(load_records(path, format=args.format))
     was_training = hf_model.training
     hf_model.eval()
 
@@ -208,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     siglip = "siglip" in type(hf_model).__name__.lower()  # SigLIP was trained on max_length=64 padding
     collator = DualEncoderCollator(processor, max_length=64 if siglip else 77, padding="max_length" if siglip else True)
 
-    train = load_records(data, args.format)
+    train = load_records(data, format=args.format)
     sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
     optimizer = torch.optim.AdamW(

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from vembed_blocks import ColBERT, Matryoshka, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.colbert import maxsim
-from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, VLMCollator, WeightedTaskSampler, read_records
+from vembed_blocks.data import TaskBatches, TextCollator, VLMCollator, WeightedTaskSampler, load_records
 from vembed_blocks.distributed import average_gradients, pad_dim, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
@@ -98,11 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
-
-
-def load_records(path: str, fmt: str | None):
-    options = {"format": fmt} if fmt else {}
-    return IndexedRecords(path, **options) if path.endswith((".jsonl", ".json")) else list(read_records(path, **options))
 
 
 class FixedNegatives:
@@ -208,7 +203,7 @@ def embed_tokens(args, model, proj, collator, items: list, path: str, is_query: 
 
 def evaluate(args, model, proj, collator, path: str, device) -> dict[str, float]:
     """MaxSim of every query against the whole corpus (in blocks of documents), then retrieval metrics."""
-    rs = retrieval_set(load_records(path, args.format))
+    rs = retrieval_set(load_records(path, format=args.format))
     was_training = model.training
     model.eval()
     q, qm = embed_tokens(args, model, proj, collator, rs.queries, path, True, device)
@@ -246,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, proj, collator, processor = build_encoder(args, device)
     criterion = make_loss(args)
 
-    train = load_records(data, args.format)
+    train = load_records(data, format=args.format)
     sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]

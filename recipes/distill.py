@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from vembed_blocks import Distill, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, WeightedTaskSampler, read_records
+from vembed_blocks.data import TaskBatches, TextCollator, WeightedTaskSampler, load_records
 from vembed_blocks.distributed import gather_with_grad, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
@@ -87,11 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
-
-
-def load_records(path: str):
-    """JSONL: random access without holding the file in memory; CSV/Parquet: a list."""
-    return IndexedRecords(path, format="t2t") if path.endswith((".jsonl", ".json")) else list(read_records(path, format="t2t"))
 
 
 class Numbered:
@@ -152,7 +147,7 @@ def collate(student: TextCollator, teacher: TextCollator | TeacherStore, records
 
 def evaluate(model: nn.Module, collator: TextCollator, cfg, path: str, args) -> dict[str, float]:
     """Cosine retrieval of the unique positives (+ negatives) of ``path`` for its unique queries."""
-    rs = retrieval_set(load_records(path))
+    rs = retrieval_set(load_records(path, format="t2t"))
     q = embed_texts(model, collator, cfg, [i.text for i in rs.queries], True, args.eval_batch_size, args.bf16)
     d = embed_texts(model, collator, cfg, [i.text for i in rs.docs], False, args.eval_batch_size, args.bf16)
     return retrieval_metrics(F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T, rs.relevant, ks=(1, 5, 10))
@@ -191,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = wrap_ddp(hf_model)
     criterion = Distill(temperature=args.temperature, kind=args.kind)
 
-    train = Numbered(load_records(args.data))
+    train = Numbered(load_records(args.data, format="t2t"))
     sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
     params = [p for p in hf_model.parameters() if p.requires_grad]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from vembed_blocks import DualEncoderCollator, IndexedRecords, dual_encoder_features, read_records, retrieval_metrics
+from vembed_blocks import DualEncoderCollator, dual_encoder_features, load_records, retrieval_metrics
 from vembed_blocks.towers import load_dual_encoder
 from vembed_blocks.embed import embed_items, retrieval_set
 
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     siglip = "siglip" in type(model).__name__.lower()  # SigLIP was trained on max_length=64 padding
     collator = DualEncoderCollator(processor, max_length=64 if siglip else 77, padding="max_length" if siglip else True)
 
-    options = {"format": args.format} if args.format else {}
-    records = IndexedRecords(args.data, **options) if args.data.endswith((".jsonl", ".json")) else list(read_records(args.data, **options))
+    records = load_records(args.data, format=args.format)
     rs = retrieval_set(records)
     log.info("%d queries, %d corpus items from %s", len(rs.queries), len(rs.docs), args.data)
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from vembed_blocks import InfoNCE, Matryoshka, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import IndexedRecords, TaskBatches, VLMCollator, WeightedTaskSampler, read_records
+from vembed_blocks.data import TaskBatches, VLMCollator, WeightedTaskSampler, load_records
 from vembed_blocks.distributed import shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
@@ -93,12 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
-
-
-def load_records(path: str, fmt: str | None):
-    """JSONL: random access without holding the file in memory; CSV/Parquet: a list."""
-    options = {"format": fmt} if fmt else {}
-    return IndexedRecords(path, **options) if path.endswith((".jsonl", ".json")) else list(read_records(path, **options))
 
 
 class FixedNegatives:
@@ -160,7 +154,7 @@ def embed_on_all_ranks(items: list, encode, batch_size: int, desc: str) -> torch
 @torch.no_grad()
 def evaluate(model, collator: VLMCollator, path: str, args, device) -> dict[str, float]:
     """Embed the unique queries and corpus of ``path`` on all ranks and score retrieval."""
-    rs = retrieval_set(load_records(path, args.format))
+    rs = retrieval_set(load_records(path, format=args.format))
     was_training = model.training
     model.eval()
 
@@ -209,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     collator = VLMCollator(processor, query_instruction=args.query_instruction, doc_instruction=args.doc_instruction,
                            max_image_side=args.max_image_side)  # fmt: skip
 
-    train = load_records(data, args.format)
+    train = load_records(data, format=args.format)
     sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from vembed_blocks import CoSENT, InfoNCE, Matryoshka, Triplet, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import IndexedRecords, TaskBatches, TextCollator, WeightedTaskSampler, read_records, scatter_negatives
+from vembed_blocks.data import TaskBatches, TextCollator, WeightedTaskSampler, load_records, scatter_negatives
 from vembed_blocks.distributed import gather_with_grad, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
@@ -87,11 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
-def load_records(path: str):
-    """JSONL: random access without holding the file in memory; CSV/Parquet: a list."""
-    return IndexedRecords(path, format="t2t") if path.endswith((".jsonl", ".json")) else list(read_records(path, format="t2t"))
-
-
 def load_encoder(args: argparse.Namespace):
     """(model, collator, cfg): the folder's pooling/normalisation/length/prompts, overridden by the flags."""
     return load_text_encoder(args.model, pooling=args.pooling, max_length=args.max_length, query_prefix=args.query_prefix,
@@ -100,7 +95,7 @@ def load_encoder(args: argparse.Namespace):
 
 def evaluate(model: nn.Module, collator: TextCollator, cfg, path: str, args) -> dict[str, float]:
     """Cosine retrieval of the unique positives (+ negatives) of ``path`` for its unique queries."""
-    rs = retrieval_set(load_records(path))
+    rs = retrieval_set(load_records(path, format="t2t"))
     q = embed_texts(model, collator, cfg, [i.text for i in rs.queries], True, args.eval_batch_size, args.bf16)
     d = embed_texts(model, collator, cfg, [i.text for i in rs.docs], False, args.eval_batch_size, args.bf16)
     return retrieval_metrics(F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T, rs.relevant, ks=(1, 5, 10))
@@ -133,7 +128,7 @@ def prepare(args: argparse.Namespace, model: nn.Module, collator: TextCollator, 
     mined = os.path.join(args.output, "mined.jsonl")
     if not args.mine_negatives or (args.resume and os.path.exists(mined)):  # resume: the negatives of the first launch
         return mined if args.mine_negatives else args.data
-    records = load_records(args.data)
+    records = load_records(args.data, format="t2t")
     rs = retrieval_set(records)
     q_of, d_of = {q: i for i, q in enumerate(rs.queries)}, {d: i for i, d in enumerate(rs.docs)}
     rank, world = get_rank(), get_world_size()
@@ -184,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = wrap_ddp(hf_model)
     criterion = make_loss(args)
 
-    train = load_records(data)
+    train = load_records(data, format="t2t")
     sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
     params = [p for p in hf_model.parameters() if p.requires_grad]

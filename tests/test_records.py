@@ -195,3 +195,15 @@ def test_indexed_records_random_access_matches_streaming(d):
     assert [r.query.text for r in streamed] == ["a", "b", "c", "d", "e"]
     clone = pickle.loads(pickle.dumps(idx))  # DataLoader workers started with spawn receive a pickled copy
     assert clone[4] == streamed[4]
+
+
+def test_load_records_random_access_for_jsonl_and_csv(tmp_path):
+    from vembed_blocks.data.records import IndexedRecords, load_records
+
+    (tmp_path / "d.jsonl").write_text('{"query": "a cat", "positive": "a pet"}\n{"query": "a dog", "positive": "a hound"}\n')
+    (tmp_path / "d.csv").write_text("query,positive\na cat,a pet\na dog,a hound\n")
+    jsonl, csv_ = load_records(tmp_path / "d.jsonl", format="t2t"), load_records(tmp_path / "d.csv", format="t2t")
+    assert isinstance(jsonl, IndexedRecords) and isinstance(csv_, list)
+    assert [(r.query.text, r.positive.text) for r in jsonl] == [(r.query.text, r.positive.text) for r in csv_] == [
+        ("a cat", "a pet"), ("a dog", "a hound")]  # fmt: skip
+    assert jsonl[1].positive.text == "a hound"

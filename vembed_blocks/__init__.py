@@ -19,6 +19,7 @@ from .data import (
     VLMCollator,
     WeightedTaskSampler,
     load_image,
+    load_records,
     load_task_dir,
     parse_group_weights,
     parse_weights,

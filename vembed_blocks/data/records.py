@@ -40,7 +40,7 @@ import numpy as np
 
 from .images import ImageLoadError, load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "FORMATS", "Item", "Record", "RecordError", "RecordReader", "IndexedRecords", "read_records", "parse_row"]
+__all__ = ["IMAGE_EXTENSIONS", "FORMATS", "Item", "Record", "RecordError", "RecordReader", "IndexedRecords", "load_records", "read_records", "parse_row"]
 
 log = logging.getLogger(__name__)
 
@@ -418,3 +418,12 @@ class IndexedRecords(Sequence[Record]):
             f.seek(int(self._offsets[line - 1]))
             raw = json.loads(f.readline())
         return self.reader.parse(raw, f"{self.path}:{line}", self._base)[int(self._subs[i])]
+
+
+def load_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> "IndexedRecords | list[Record]":
+    """Records with random access: `IndexedRecords` for JSONL (offsets only, the file stays on
+    disk), a list for CSV/Parquet (no line offsets to seek to). Same options as `read_records`."""
+    path = os.fspath(path)
+    if path.endswith((".jsonl", ".json")):
+        return IndexedRecords(path, skip_bad, **options)
+    return list(read_records(path, skip_bad, **options))

@@ -293,7 +293,7 @@ def load_task_dir(root: str | os.PathLike, skip_bad: bool = False, **read_option
     lists. A task with several files concatenates them (sorted by name). Records get
     ``task`` = the subdirectory name.
     """
-    from .records import IndexedRecords, read_records
+    from .records import load_records
 
     tasks: dict[str, Sequence[Any]] = {}
     for name in sorted(os.listdir(root)):
@@ -303,10 +303,8 @@ def load_task_dir(root: str | os.PathLike, skip_bad: bool = False, **read_option
         parts: list[Sequence[Any]] = []
         for fname in sorted(os.listdir(sub)):
             path = os.path.join(sub, fname)
-            if fname.endswith((".jsonl", ".json")):
-                parts.append(IndexedRecords(path, skip_bad, task=name, **read_options))
-            elif fname.endswith((".csv", ".parquet")):
-                parts.append(list(read_records(path, skip_bad, task=name, **read_options)))
+            if fname.endswith((".jsonl", ".json", ".csv", ".parquet")):
+                parts.append(load_records(path, skip_bad, task=name, **read_options))
         if not parts:
             raise ValueError(f"task directory {sub} has no .jsonl/.csv/.parquet file")
         tasks[name] = parts[0] if len(parts) == 1 else _Concat(parts)
