@@ -41,6 +41,7 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
 from vembed_blocks.towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
 from vembed_blocks.schedule import warmup_cosine
+from vembed_blocks.metrics import format_table
 
 log = logging.getLogger("clip_t2i")
 
@@ -150,14 +151,6 @@ def evaluate(hf_model: nn.Module, collator: DualEncoderCollator, path: str, args
     return retrieval_metrics(q @ d.T, rs.relevant, ks=(1, 5, 10))
 
 
-def print_table(before: dict[str, float], after: dict[str, float] | None = None) -> None:
-    names = ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"]
-    lines = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
-    for n in names:
-        lines.append(f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else ""))
-    print("\n".join(lines), flush=True)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -224,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(evaluate(hf_model, collator, val, args, device), f)
     if val and rank == 0:
         with open(before_file) as f:
-            print_table(json.load(f))
+            print(format_table(json.load(f)), flush=True)
 
     end = min(total, args.stop_at or total)
     batches = TaskBatches({"train": train}, sampler, collator, steps=end - start)
@@ -316,7 +309,7 @@ def finish(args, model, hf_model, criterion, processor, collator, val, before_fi
     after = evaluate(hf_model, collator, val, args, device)
     with open(os.path.join(args.output, "metrics.json"), "w") as f:
         json.dump({"before": before, "after": after}, f, indent=1)
-    print_table(before, after)
+    print(format_table(before, after), flush=True)
     return {"before": before, "after": after}
 
 

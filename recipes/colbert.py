@@ -51,6 +51,7 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_token_embeddings
 from vembed_blocks.schedule import warmup_cosine
+from vembed_blocks.metrics import format_table
 
 log = logging.getLogger("colbert")
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # never modified in place
@@ -214,12 +215,6 @@ def evaluate(args, model, proj, collator, path: str, device) -> dict[str, float]
     return retrieval_metrics(scores, rs.relevant, ks=(1, 5, 10))
 
 
-def print_table(before: dict[str, float], after: dict[str, float] | None = None) -> None:
-    rows = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
-    rows += [f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else "") for n in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")]
-    print("\n".join(rows), flush=True)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -264,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                 json.dump(before, f)
     if val and rank == 0:
         with open(before_file) as f:
-            print_table(json.load(f))
+            print(format_table(json.load(f)), flush=True)
 
     end = min(total, args.stop_at or total)
     batches = TaskBatches({"train": train}, sampler, FixedNegatives(collator, args.num_negatives), steps=end - start)
@@ -363,7 +358,7 @@ def finish(args, model, proj, processor, collator, val, before_file, device) -> 
         before = json.load(f)
     with open(os.path.join(args.output, "metrics.json"), "w") as f:
         json.dump({"before": before, "after": after}, f, indent=1)
-    print_table(before, after)
+    print(format_table(before, after), flush=True)
     return {"before": before, "after": after}
 
 

@@ -100,3 +100,12 @@ def test_search_equals_dense_sort(chunk_size):
     assert torch.equal(i, want.indices[:, :10])
     assert torch.allclose(s, want.values[:, :10])
     assert i[0].tolist() == list(range(10))
+
+
+def test_format_table_columns():
+    from vembed_blocks.metrics import format_table
+
+    before = {"recall@1": 0.1, "mrr@10": 0.25}
+    assert format_table(before, names=("recall@1", "mrr@10")) == "metric       before\nrecall@1     0.1000\nmrr@10       0.2500"
+    assert format_table(before, {"recall@1": 0.5, "mrr@10": 1.0}, names=("mrr@10",)).splitlines() == [
+        "metric       before    after", "mrr@10       0.2500   1.0000"]  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["retrieval_metrics", "search", "relevance_from_labels"]
+__all__ = ["retrieval_metrics", "search", "relevance_from_labels", "format_table"]
 
 
 def relevance_from_labels(query_labels: Sequence | torch.Tensor, doc_labels: Sequence | torch.Tensor) -> list[set[int]]:
@@ -150,3 +150,11 @@ def search(
         order = torch.sort(cat_s, dim=1, descending=True, stable=True).indices[:, :k]
         best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
     return best_s, best_i
+
+
+def format_table(before: dict[str, float], after: dict[str, float] | None = None,
+                 names: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")) -> str:  # fmt: skip
+    """A plain-text table of ``names`` from ``before`` (and ``after``, as a second column)."""
+    rows = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
+    rows += [f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else "") for n in names]
+    return "\n".join(rows)
