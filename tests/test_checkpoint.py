@@ -291,3 +291,137 @@ def test_resume_with_a_parameter_that_never_had_a_gradient(tmp_path):
         step(resumed, opt2, k)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- folder ordering, re-save, model= checks
+def _scalar_run(value: float):
+    """One weight, set to ``value``; SGD keeps no optimizer state, so only the weight matters."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(value)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _save(root, value: float, step: int, **kw) -> None:
+    model, opt = _scalar_run(value)
+    save_checkpoint(root, model=model, optimizer=opt, step=step, **kw)
+
+
+def _loaded(root) -> tuple[int, float]:
+    model, opt = _scalar_run(0.0)
+    return load_checkpoint(root, model=model, optimizer=opt), model.weight.item()
+
+
+def test_retention_and_latest_order_steps_as_integers(tmp_path):
+    """step-1000000 is newer than step-999999 (string order says otherwise), step-10 than step-9."""
+    for step in (999999, 1000000, 1000001):
+        _save(tmp_path, step, step=step, keep_last=1)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", f"step-{step:06d}"]
+    (tmp_path / "latest").unlink()
+    assert latest_checkpoint(tmp_path).name == "step-1000001"
+    assert _loaded(tmp_path) == (1000001, 1000001.0)
+
+    # keep_last=2 keeps the two highest steps; the one just written is never pruned.
+    for step in (999999, 1000000, 1000002):
+        _save(tmp_path, step, step=step, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1000001", "step-1000002"]
+    _save(tmp_path, 5, step=5, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000005", "step-1000002"]
+    assert latest_checkpoint(tmp_path).name == "step-000005"  # the pointer: the last save
+
+    # Folders named without zero padding: only the integer decides.
+    hand = tmp_path / "hand"
+    for name in ("step-9", "step-10", "step-abc"):
+        (hand / name).mkdir(parents=True)
+        (hand / name / "meta.json").write_text("{}")
+    assert latest_checkpoint(hand).name == "step-10"
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resaving_a_step_keeps_a_complete_checkpoint_at_every_kill_point(tmp_path, monkeypatch):
+    """Re-save step 5 (weight 1.0 -> 2.0), killed before each rename/removal of the commit in turn:
+    step 5 stays loadable (old weights until the new folder took the name, new ones after), and
+    the next save (weight 3.0) recovers and leaves a clean root."""
+    import vembed_blocks.checkpoint as ckpt
+
+    real = {"_rename": ckpt._rename, "_remove": ckpt._remove}
+    # Killed before op k of: rename step-5 -> .old, rename .tmp -> step-5, remove .old, replace
+    # `latest`. Per k: what is on disk, the folder latest_checkpoint gives, the weight it loads.
+    expected = [
+        ([".tmp-step-000005", "latest", "step-000004", "step-000005"], "step-000005", 1.0),
+        ([".old-step-000005", ".tmp-step-000005", "latest", "step-000004"], ".old-step-000005", 1.0),  # the window
+        ([".old-step-000005", "latest", "step-000004", "step-000005"], "step-000005", 2.0),
+        ([".latest.tmp", "latest", "step-000004", "step-000005"], "step-000005", 2.0),
+    ]
+    for kill_at, (listing, folder, weight) in enumerate(expected):
+        root = tmp_path / f"kill{kill_at}"
+        _save(root, 0.5, step=4)
+        _save(root, 1.0, step=5)
+        calls = []
+
+        def op(name):
+            def run(*args):
+                calls.append(name)
+                if len(calls) > kill_at:
+                    raise _Killed(name)
+                real[name](*args)
+            return run
+
+        with monkeypatch.context() as m:
+            for name in real:
+                m.setattr(ckpt, name, op(name))
+            with pytest.raises(_Killed):
+                _save(root, 2.0, step=5)
+        assert sorted(p.name for p in root.iterdir()) == listing
+        assert latest_checkpoint(root).name == folder
+        assert _loaded(root) == (5, weight)
+        (root / "latest").unlink()  # without the pointer: step 5 still beats step 4
+        assert latest_checkpoint(root).name == folder
+        assert _loaded(root) == (5, weight)
+
+        _save(root, 3.0, step=5)
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000004", "step-000005"]
+        assert _loaded(root) == (5, 3.0)
+
+    # Uninterrupted, the re-save makes exactly those four operations: every kill point was tried.
+    calls = []
+    _save(tmp_path / "whole", 0.5, step=4)
+    _save(tmp_path / "whole", 1.0, step=5)
+    with monkeypatch.context() as m:
+        for name in real:
+            m.setattr(ckpt, name, lambda *a, name=name: (calls.append(name), real[name](*a)))
+        _save(tmp_path / "whole", 2.0, step=5)
+    assert calls == ["_rename", "_rename", "_remove", "_rename"]
+    assert _loaded(tmp_path / "whole") == (5, 2.0)
+
+
+def test_optimizer_parameter_outside_model_is_a_clear_error(tmp_path):
+    """A loss's learnable temperature in the optimizer but not in model=: ValueError naming the
+    fix on save and on load, not torch's `KeyError: 4`; the ModuleDict it suggests works."""
+    from vembed_blocks.losses import InfoNCE
+
+    torch.manual_seed(0)
+    encoder, loss = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)), InfoNCE(learn_temperature=True)
+    opt = torch.optim.AdamW([*encoder.parameters(), *loss.parameters()], lr=0.1)
+    message = ("optimizer parameter #4 (param_groups[0], shape ()) is not a parameter of model=; pass one "
+               "module holding every optimized parameter, to both save_checkpoint and load_checkpoint, e.g. "
+               "model=torch.nn.ModuleDict({'encoder': encoder, 'loss': loss})")
+    with pytest.raises(ValueError) as err:
+        save_checkpoint(tmp_path, model=encoder, optimizer=opt, step=1)
+    assert str(err.value) == message
+    assert list(tmp_path.iterdir()) == []  # raised before writing anything
+
+    both = torch.nn.ModuleDict({"encoder": encoder, "loss": loss})
+    with torch.no_grad():
+        loss.log_scale.fill_(2.5)
+    save_checkpoint(tmp_path, model=both, optimizer=opt, step=1)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(tmp_path, model=encoder, optimizer=opt)
+    assert str(err.value) == message
+    with torch.no_grad():
+        loss.log_scale.fill_(0.0)
+    assert load_checkpoint(tmp_path, model=both, optimizer=opt) == 1
+    assert loss.log_scale.item() == 2.5

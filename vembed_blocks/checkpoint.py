@@ -9,8 +9,9 @@ Layout of a run's checkpoint root (``save_checkpoint(root, ...)``)::
         __0_0.distcp ...      DCP shard files  /   writes its own piece
         rank-00000.pt         per-rank extras: RNG states, sampler, scheduler
         meta.json             step, world size; written last
-      step-000200/ ...        older ones, pruned to ``keep_last``
+      step-000200/ ...        older ones, pruned to ``keep_last`` (by integer step)
       .tmp-step-000300/       only while writing (or after a crash): never loaded
+      .old-step-000300/       only while re-saving step 300: the previous one (see `_commit`)
 
 Atomicity: everything is written into ``.tmp-step-N`` and renamed to ``step-N`` only after
 every rank finished; ``latest`` is then replaced with ``os.replace``. A crash mid-save leaves
@@ -27,10 +28,11 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -44,10 +46,27 @@ __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_pr
 
 _LATEST = "latest"
 _META = "meta.json"
+_OLD = ".old-"  # prefix of the step folder that a re-save of its step is replacing (`_commit`)
+_rename = os.replace  # every rename of a commit goes through this name (tests interrupt it)
 
 
 def _step_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def _by_step(names: Iterable[str]) -> list[str]:
+    """``step-N`` names by the integer N (``step-1000000`` after ``step-999999``); others dropped."""
+    return sorted((n for n in names if re.fullmatch(r"step-\d+", n)), key=lambda n: (int(n[5:]), n))
+
+
+def _complete(root: Path, name: str) -> Path | None:
+    """``root/name`` if complete, else a complete ``.old-`` copy left by a re-save killed mid-swap."""
+    return next((p for p in (root / name, root / f"{_OLD}{name}") if (p / _META).is_file()), None)
+
+
+def _remove(path: Path) -> None:
+    (path / _META).unlink(missing_ok=True)  # first: a kill mid-way must not leave a "complete" half
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -125,22 +144,32 @@ def _zero_dim(model_sd: dict) -> list[str]:
     return [k for k, v in model_sd.items() if torch.is_tensor(v) and v.dim() == 0]
 
 
+def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state is stored under parameter names in ``model``; torch's error is a bare KeyError."""
+    held = {id(p) for p in model.parameters()}
+    params = [(g, p) for g, group in enumerate(optimizer.param_groups) for p in group["params"]]
+    for index, (g, p) in enumerate(params):  # numbered as in torch's optimizer state_dict
+        if id(p) not in held:
+            raise ValueError(f"optimizer parameter #{index} (param_groups[{g}], shape {tuple(p.shape)}) is not a parameter"
+                             " of model=; pass one module holding every optimized parameter, to both save_checkpoint"
+                             " and load_checkpoint, e.g. model=torch.nn.ModuleDict({'encoder': encoder, 'loss': loss})")
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder under ``root`` (or ``root`` itself if it is one).
 
-    Follows the ``latest`` pointer; without it, the highest ``step-*`` folder that has its
-    ``meta.json``. Temp folders of interrupted saves are never returned. None if there is none.
+    Follows the ``latest`` pointer; without it, the complete ``step-*`` with the highest integer
+    step. Temp folders of interrupted saves are never returned; ``.old-step-N`` is, while a
+    killed re-save of step N left no complete ``step-N`` (`_commit`). None if there is none.
     """
     root = Path(root)
     if (root / _META).is_file():
         return root
     pointer = root / _LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if (target / _META).is_file():
-            return target
-    complete = sorted(p for p in root.glob("step-*") if (p / _META).is_file())
-    return complete[-1] if complete else None
+    if pointer.is_file() and (found := _complete(root, pointer.read_text().strip())):
+        return found
+    names = {p.name.removeprefix(_OLD) for p in [*root.glob("step-*"), *root.glob(f"{_OLD}step-*")]}
+    return next(filter(None, (_complete(root, n) for n in reversed(_by_step(names)))), None)
 
 
 def _prepare_tmp(root: Path, step: int) -> Path:
@@ -148,29 +177,44 @@ def _prepare_tmp(root: Path, step: int) -> Path:
     if get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         # Leftovers of interrupted saves (any step): one save runs at a time per root.
-        for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
+        for old in root.glob(f"{_OLD}step-*"):
+            name = old.name.removeprefix(_OLD)
+            if _complete(root, name) == old:  # the only complete copy of its step: put it back
+                _remove(root / name)
+                _rename(old, root / name)
+            else:
+                _remove(old)
+        for stale in root.glob(".tmp-step-*"):
+            _remove(stale)
         tmp.mkdir()
     _barrier()
     return tmp
 
 
 def _commit(root: Path, tmp: Path, step: int, keep_last: int | None) -> Path:
-    """Rank 0: rename the finished temp folder into place, move ``latest``, prune old ones."""
+    """Rank 0: rename the finished temp folder into place, move ``latest``, prune old ones.
+
+    Re-saving step N: a rename cannot replace a non-empty folder, so the swap takes two,
+    ``step-N -> .old-step-N`` then ``.tmp-step-N -> step-N``; ``.old-step-N`` is deleted only
+    after the second. The one window without ``step-N`` is between the two renames; the previous
+    checkpoint is complete under ``.old-step-N`` then, `latest_checkpoint` returns it and the
+    next save renames it back. A kill anywhere leaves step N complete (the previous one up to the
+    second rename, the new one after). Pruning keeps the one just written and ``keep_last - 1``
+    others, the highest.
+    """
     final = root / _step_name(step)
-    if final.exists():  # re-saving a step (e.g. after resuming from it)
-        trash = root / f".old-{final.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-        shutil.rmtree(trash)
-    tmp.rename(final)
+    if final.exists():  # re-saving a step; _prepare_tmp left no .old- folder behind
+        _rename(final, root / f"{_OLD}{final.name}")
+    _rename(tmp, final)
+    _remove(root / f"{_OLD}{final.name}")
     pointer_tmp = root / f".{_LATEST}.tmp"
     pointer_tmp.write_text(final.name + "\n")
-    os.replace(pointer_tmp, root / _LATEST)
+    _rename(pointer_tmp, root / _LATEST)
     if keep_last:
-        done = sorted(p for p in root.glob("step-*") if (p / _META).is_file())
-        for old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        done = _by_step(p.name for p in root.glob("step-*") if (p / _META).is_file())
+        others = [n for n in done if n != final.name]
+        for name in others[: max(len(others) - (keep_last - 1), 0)]:
+            _remove(root / name)
     return final
 
 
@@ -194,6 +238,7 @@ def save_checkpoint(
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    _check_optimizer_params(model, optimizer)  # before any file or collective: every rank raises alike
     root = Path(dir)
     tmp = _prepare_tmp(root, step)
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -235,6 +280,7 @@ def load_checkpoint(
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+    _check_optimizer_params(model, optimizer)
     path = latest_checkpoint(dir)
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint under {dir}")
