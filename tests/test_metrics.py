@@ -89,6 +89,56 @@ def test_bad_inputs():
         retrieval_metrics(torch.zeros(2, 3), [{0}, {1}], exclude_self=True)
 
 
+# Two queries, three documents. Query 0 ranks 1,2,0 and its relevant {0, 2} sit at ranks 3 and 2;
+# query 1 ranks 1,2,0 and its relevant {1, 2} sit at ranks 1 and 2.
+TWO_QUERY_SCORES = torch.tensor([[0.2, 0.9, 0.5], [0.1, 0.8, 0.3]])
+TWO_QUERY_EXPECT = {
+    "recall@1": (0 + 1 / 2) / 2, "hit@1": (0 + 1) / 2, "mrr@1": (0 + 1) / 2, "ndcg@1": (0 + 1) / 2,
+    "map@1": (0 + (1 / 1) / 2) / 2,
+    "recall@2": (1 / 2 + 1) / 2, "hit@2": 1.0, "mrr@2": (1 / 2 + 1) / 2,
+    "ndcg@2": ((1 / log2(3)) / (1 + 1 / log2(3)) + 1) / 2, "map@2": ((1 / 2) / 2 + (1 / 1 + 2 / 2) / 2) / 2,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("container", [tuple, list])
+def test_two_relevant_sets_for_two_queries_are_sets_not_a_label_pair(container):
+    # A 2-tuple of sets with Q == 2 used to be read as (query_labels, doc_labels), giving 1.0 everywhere.
+    m = retrieval_metrics(TWO_QUERY_SCORES, container([{0, 2}, {1, 2}]), ks=(1, 2))
+    assert m.keys() == TWO_QUERY_EXPECT.keys()
+    for name, v in TWO_QUERY_EXPECT.items():
+        assert m[name] == pytest.approx(v, abs=1e-12), name
+
+
+def test_label_pair_read_only_with_lengths_q_and_n():
+    # query labels [Q=3], doc labels [N=4]; "cow" has no document, so query 2 is left out.
+    scores = torch.tensor([[0.1, 0.9, 0.8, 0.0], [0.9, 0.1, 0.2, 0.3], [0.5, 0.4, 0.3, 0.2]])
+    m = retrieval_metrics(scores, (["cat", "dog", "cow"], ["dog", "cat", "cat", "bird"]), ks=(1, 2))
+    # query 0 (cat -> docs {1, 2}) ranks 1,2,...: both in the top 2; query 1 (dog -> doc {0}) ranks it first.
+    assert m["recall@1"] == pytest.approx((1 / 2 + 1) / 2) and m["recall@2"] == pytest.approx(1.0)
+    assert m["map@1"] == pytest.approx((1 / 2 + 1) / 2) and m["ndcg@2"] == pytest.approx(1.0)
+    # Tensor labels with Q == N == 2 are still labels (ordered vectors, not sets): doc 1 for query 0, doc 0 for query 1.
+    labels = (torch.tensor([7, 8]), torch.tensor([8, 7]))
+    m = retrieval_metrics(torch.tensor([[0.9, 0.1], [0.9, 0.1]]), labels, ks=(1,))
+    assert m["recall@1"] == pytest.approx((0 + 1) / 2)
+
+
+def test_relevant_of_the_wrong_shape_raises_saying_what_was_expected():
+    expected = (r"expected 3 relevance sets \(document indices, one per query\) "
+                r"or a pair \(query_labels\[3\], doc_labels\[4\]\); got a tuple of 2 with element lengths ")
+    # doc labels one too long: used to be read as labels and fail as "document(s) [4] outside 0..3".
+    with pytest.raises(ValueError, match=expected + r"\[3, 5\]"):
+        retrieval_metrics(torch.zeros(3, 4), ([0, 1, 2], [0, 1, 2, 1, 0]))
+    with pytest.raises(ValueError, match=expected + r"\[2, 4\]"):
+        retrieval_metrics(torch.zeros(3, 4), ([0, 1], [0, 1, 2, 1]))  # query labels one short
+    # Q == N == 2 but three doc labels: used to be silently read as labels; strings are not doc indices.
+    with pytest.raises(ValueError, match=r"doc_labels\[2\]\); got a tuple of 2 with element lengths \[2, 3\]"):
+        retrieval_metrics(torch.zeros(2, 2), (["a", "b"], ["a", "b", "c"]))
+    with pytest.raises(ValueError, match=r"3 relevance sets for 2 queries; expected 2 relevance sets"):
+        retrieval_metrics(torch.zeros(2, 2), ({0}, {1}, {0}))
+    with pytest.raises(ValueError, match=r"lengths \[1, 1\] \('float' object cannot be interpreted as an integer\)"):
+        retrieval_metrics(torch.zeros(2, 2), [{0.5}, {1}])  # a float is not a document index
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 50, 1000])
 def test_search_equals_dense_sort(chunk_size):
     g = torch.Generator().manual_seed(2)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vembed_blocks.data.images import ImageLoadError, load_image
-from vembed_blocks.data.records import Item, RecordError, read_records
+from vembed_blocks.data.records import Item, RecordError, load_records, read_records
 
 
 def _img(path, size=(8, 6), color=(255, 0, 0)):
@@ -92,6 +92,50 @@ def test_edit_format(d):
     assert [r.query for r in t2i_mode] == [Item(text="make sunset"), Item(text="merge"), Item(text="a cat")]
 
 
+def test_edit_row_without_instruction_reads_it_as_empty(d):
+    # Seed 004: "treated as empty string if missing"; the source images still make a query.
+    p = _jsonl(d, [
+        {"source_image": "s1.png", "target_image": "t.png", "inverse_instruction": "a blue sky"},
+        {"source_image": ["s1.png", "s2.png"], "target_image": "t.png", "instruction": "   "},
+    ])  # fmt: skip
+    s1, s2, t = (str(d / n) for n in ("s1.png", "s2.png", "t.png"))
+    fwd, inv, multi = read_records(p)
+    assert fwd.query == Item(text="", images=(s1,)) and fwd.positive == Item(images=(t,))
+    assert inv.query == Item(text="a blue sky", images=(t,)) and inv.positive == Item(images=(s1,))
+    assert multi.query == Item(text="", images=(s1, s2))
+    assert [r.query.text for r in read_records(p, language="cn", inverse=False)] == ["", ""]
+    # With t2i_mode the sources are dropped, so the query would be empty: refused, not silently kept.
+    with pytest.raises(RecordError, match=r"data.jsonl:1: no 'instruction' and no source image \(t2i_mode drops them\)"):
+        list(read_records(p, t2i_mode=True))
+
+
+def test_files_with_a_utf8_bom(d):
+    # Excel's "CSV UTF-8" (and some editors' JSONL) start with EF BB BF; the header must not become "\ufeffquery".
+    csv_path, jsonl_path = d / "bom.csv", d / "bom.jsonl"
+    csv_path.write_bytes(b"\xef\xbb\xbfquery,positive\r\na cat,a.jpg\r\na dog,b.jpg\r\n")
+    jsonl_path.write_bytes(b'\xef\xbb\xbf{"query": "a cat", "positive": "a.jpg"}\n{"query": "a dog", "positive": "b.jpg"}\n')
+    for path in (csv_path, jsonl_path):
+        recs = list(read_records(path))
+        assert [r.query for r in recs] == [Item(text="a cat"), Item(text="a dog")]
+        assert [r.positive for r in recs] == [Item(images=(str(d / "a.jpg"),)), Item(images=(str(d / "b.jpg"),))]
+    assert [r.source for r in load_records(jsonl_path)] == [f"{jsonl_path}:1", f"{jsonl_path}:2"]
+    assert load_records(jsonl_path)[0].query == Item(text="a cat")  # random access re-reads line 1, BOM included
+
+
+def test_csv_undecodable_bytes_name_the_line_and_can_be_skipped(d, caplog):
+    path = d / "latin1.csv"
+    path.write_bytes(b"query,positive\na cat,a.jpg\ncaf\xe9 au lait,b.jpg\na dog,c.png\n")  # 0xE9 is latin-1 "e acute"
+    with pytest.raises(RecordError) as err:
+        list(read_records(path))
+    assert str(err.value) == f"{path}:3: invalid UTF-8 in column 'query': b'caf\\xe9 au lait'; save the file as UTF-8"
+    with caplog.at_level(logging.WARNING):
+        reader = read_records(path, skip_bad=True)
+        recs = list(reader)
+    assert [(r.query.text, r.source) for r in recs] == [("a cat", f"{path}:2"), ("a dog", f"{path}:4")]
+    assert recs[1].positive == Item(images=(str(d / "c.png"),))
+    assert reader.skipped == 1 and reader.rows == 3 and "skipped 1 of 3 rows" in caplog.text
+
+
 def test_csv(d):
     path = d / "data.csv"
     path.write_text('query,positive,negatives,label\na cat,a.jpg,"[""b.jpg""]",1\na dog,b.jpg,,2\n', encoding="utf-8")
@@ -130,7 +174,7 @@ BAD = [
     ({"query": "a cat", "positive": "a.jpg", "negatives": "b.jpg"}, "'negatives' must be a list"),
     ({"query": "a cat", "positive": "a red cat"}, "format 't2t' differs"),
     ({"query_image": "a.jpg"}, "missing field 'positive'"),
-    ({"source_image": "s1.png", "target_image": "t.png"}, "missing field 'instruction'"),
+    ({"source_image": None, "target_image": "t.png"}, "no 'instruction' and no source image: the query would be empty"),
 ]
 
 

@@ -3,8 +3,10 @@
 Conventions, stated once:
 - Ranking: documents sorted by score, highest first; ties go to the lower document index
   (a stable sort), so results are deterministic.
-- Relevance is binary. ``relevant`` is either a list of Q sets of document indices, or a
-  pair ``(query_labels[Q], doc_labels[N])`` meaning "same label is relevant".
+- Relevance is binary. ``relevant`` is either Q sets of document indices (a list or tuple),
+  or a tuple ``(query_labels[Q], doc_labels[N])`` meaning "same label is relevant". A tuple
+  is read as labels only when it is two ordered label vectors of exactly those lengths (sets
+  never are); anything else that is not Q sets of indices raises ``ValueError``.
 - A query with no relevant document is left out of every average (as trec_eval does,
   since it has no qrels); if no query has one, ``ValueError``.
 - ``exclude_self=True`` (I2I with the corpus as its own queries, Q == N) removes document i
@@ -20,7 +22,9 @@ Per query, with ``R`` its relevant set and ``rank(d)`` 1-based:
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from typing import Iterable, Sequence
 
 import torch
@@ -40,17 +44,48 @@ def _as_list(x) -> list:
     return x.tolist() if hasattr(x, "tolist") else list(x)
 
 
+def _is_label_vector(x, n: int) -> bool:
+    """An ordered 1-D run of ``n`` scalar labels (ints, strings, ...). Sets are never label
+    vectors: they have no order, so a tuple of sets can only mean one relevant set per query."""
+    if isinstance(x, (set, frozenset, str, bytes)) or not hasattr(x, "__len__"):
+        return False
+    if hasattr(x, "ndim"):  # tensor / ndarray
+        return x.ndim == 1 and len(x) == n
+    return len(x) == n and all(isinstance(v, (str, bytes)) or not isinstance(v, Iterable) for v in x)
+
+
+def _expected(relevant, num_queries: int, num_docs: int) -> str:
+    """What ``relevant`` may be and what was passed (container, length, first element lengths)."""
+    got = type(relevant).__name__
+    if hasattr(relevant, "__len__") and not isinstance(relevant, (str, bytes)):
+        lengths = [len(r) if hasattr(r, "__len__") else type(r).__name__ for r in itertools.islice(relevant, 4)]
+        got = f"a {got} of {len(relevant)} with element lengths {lengths}{'...' * (len(relevant) > 4)}"
+    return (f"expected {num_queries} relevance sets (document indices, one per query) or a pair "
+            f"(query_labels[{num_queries}], doc_labels[{num_docs}]); got {got}")  # fmt: skip
+
+
 def _relevant_sets(relevant, num_queries: int, num_docs: int) -> list[set[int]]:
-    if isinstance(relevant, tuple) and len(relevant) == 2:
-        relevant = relevance_from_labels(*relevant)
-    relevant = [set(int(j) for j in r) for r in relevant]
-    if len(relevant) != num_queries:
-        raise ValueError(f"retrieval_metrics: {len(relevant)} relevance sets for {num_queries} queries")
-    for i, r in enumerate(relevant):
+    """Read ``relevant`` as a label pair or as per-query sets; the two readings never overlap.
+
+    A tuple is a label pair only when it holds exactly two label vectors of lengths Q and N;
+    anything else must be Q collections of document indices (so a 2-tuple of sets with Q == 2
+    is two relevant sets, as the caller meant).
+    """
+    if (isinstance(relevant, tuple) and len(relevant) == 2 and _is_label_vector(relevant[0], num_queries)
+            and _is_label_vector(relevant[1], num_docs)):  # fmt: skip
+        return relevance_from_labels(*relevant)
+    try:  # operator.index: document indices must be integers (2.7 or "a" is a mistake, not doc 2)
+        sets = [{operator.index(j) for j in r} for r in relevant]
+    except TypeError as e:
+        raise ValueError(f"retrieval_metrics: {_expected(relevant, num_queries, num_docs)} ({e})") from e
+    if len(sets) != num_queries:
+        raise ValueError(f"retrieval_metrics: {len(sets)} relevance sets for {num_queries} queries; "
+                         f"{_expected(relevant, num_queries, num_docs)}")  # fmt: skip
+    for i, r in enumerate(sets):
         bad = [j for j in r if not 0 <= j < num_docs]
         if bad:
             raise ValueError(f"retrieval_metrics: query {i} lists document(s) {bad[:5]} outside 0..{num_docs - 1}")
-    return relevant
+    return sets
 
 
 def _query_metrics(ranked: list[int], rel: set[int], ks: Iterable[int]) -> dict[str, float]:

@@ -20,6 +20,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str = "mean
     - ``weighted_mean``: real tokens weighted 1, 2, ..., n by position (later tokens count
       more, as in SGPT for causal models).
 
+    ``mean`` and ``weighted_mean`` accumulate in float32 (or float64 for float64 input) and
+    return ``hidden.dtype``, so fp16/bf16 states over thousands of tokens neither overflow nor drift.
+
     Raises ``ValueError`` on a shape mismatch, an unknown method, or a row with no real token.
     """
     if hidden.dim() != 3:
@@ -43,7 +46,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str = "mean
         return hidden[rows, length - 1 - mask.flip(1).int().argmax(dim=1)]
     if method == "max":
         return hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
-    weights = mask.to(hidden.dtype)
+    # Accumulate in at least float32: in fp16 the position weights 1..n sum past 65504 by
+    # n = 362 (the weighted mean becomes 0, then NaN) and a plain sum of 5,000 tokens of 60.0
+    # overflows; bf16 has range but only 8 bits, so long sums drift. The result keeps hidden's dtype.
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    weights = mask.to(acc)
     if method == "weighted_mean":
         weights = weights.cumsum(dim=1) * weights
-    return (hidden * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+    weights = weights / weights.sum(dim=1, keepdim=True)  # normalised first: the product below is the mean
+    # hidden (low precision) * weights (acc) promotes per element, so no float32 copy of hidden is kept.
+    return (hidden * weights.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)

@@ -14,10 +14,10 @@ Formats (detected per row from its keys, see ``_detect``)::
     m2i  {"query_image": image, "query": text, "positive": image}
     t2t  {"query": text, "positive": text, "negatives": [text, ...]}
     edit {"source_image": image | [image, ...] | null, "target_image": image,
-          "instruction": text, "instruction_cn": text,
+          "instruction": text, "instruction_cn": text,   (missing -> "", as seed 004 says)
           "inverse_instruction": text, "inverse_instruction_cn": text}
 
-plus an optional ``label`` (and ``task``) on every format.
+plus an optional ``label`` (and ``task``) on every format. CSV may start with a UTF-8 BOM.
 
 THE IMAGE-VS-TEXT RULE (the only place it is decided, ``_is_image``):
 fields whose name ends in ``_image`` are always images; ``query`` and the instruction
@@ -33,6 +33,7 @@ import csv
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -48,6 +49,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 FORMATS = ("t2i", "i2i", "i2t", "m2i", "t2t", "edit")
 _IMAGE_DOC_FORMATS = {"t2i": True, "i2i": True, "m2i": True, "i2t": False, "t2t": False}
 _LANG_SUFFIX = {"en": "", "cn": "_cn"}
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
 # Canonical field names a column mapping may rename.
 _FIELDS = (
     "query", "query_image", "positive", "negatives", "label", "task", "source_image", "target_image",
@@ -212,18 +214,18 @@ def _edit(row: _Row, t2i_mode: bool, inverse: bool, language: str) -> list[Recor
     all_sources = row.images("source_image")
     sources = () if t2i_mode else all_sources
     nsrc = len(all_sources)
-    forward = Record(
-        query=Item(text=row.text("instruction" + suffix), images=sources),
-        positive=Item(images=target),
-        format="edit",
-        extra={"num_source_images": nsrc, "inverse": False},
-    )
-    out = [forward]
+    # The seed treats a missing instruction as "" (an edit may be implied by its source images);
+    # only a query with neither text nor images is refused, since it would embed nothing.
+    text = row.text("instruction" + suffix, required=False) or ""
+    if not text and not sources:
+        why = " (t2i_mode drops them)" if all_sources else ""
+        raise row.fail(f"no 'instruction{suffix}' and no source image{why}: the query would be empty")
+    out = [Record(query=Item(text=text, images=sources), positive=Item(images=target), format="edit",
+                  extra={"num_source_images": nsrc, "inverse": False})]  # fmt: skip
     inv_text = row.text("inverse_instruction" + suffix, required=False)
     # No inverse row when there is nothing to invert to or no text for it (documented).
     if inverse and not t2i_mode and sources and inv_text:
-        back = Item(images=sources)
-        out.append(Record(query=Item(text=inv_text, images=target), positive=back, format="edit",
+        out.append(Record(query=Item(text=inv_text, images=target), positive=Item(images=sources), format="edit",
                           extra={"num_source_images": nsrc, "inverse": True}))  # fmt: skip
     return out
 
@@ -273,10 +275,18 @@ def _csv_cell(name: str, value: str) -> Any:
 
 
 def _csv_rows(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig drops the BOM Excel writes ("CSV UTF-8"); surrogateescape turns bad bytes into
+    # lone surrogates so one bad row is reported at its own line and the rest still read.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         for row in reader:
-            yield reader.line_num, {k: _csv_cell(k, v or "") for k, v in row.items() if k is not None}
+            n, cells = reader.line_num, {k: v or "" for k, v in row.items() if k is not None}
+            bad = next((k for k, v in cells.items() if _SURROGATE.search(k + v)), None)
+            if bad is None:
+                yield n, {k: _csv_cell(k, v) for k, v in cells.items()}
+            else:
+                raw = cells[bad].encode("utf-8", "surrogateescape")  # the bytes as they are in the file
+                yield n, RecordError(f"{path}:{n}", f"invalid UTF-8 in column {bad!r}: {raw!r}; save the file as UTF-8")
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
