@@ -29,6 +29,11 @@ def negatives_list(neg, neg_mask) -> list[torch.Tensor]:
     ]
 
 
+def same_label(labels, i, j) -> bool:
+    """Rows i and j share a label; a label < 0 means the row has none."""
+    return labels is not None and labels[i] >= 0 and labels[i] == labels[j]
+
+
 def infonce(q, p, neg=None, neg_mask=None, labels=None, scale=20.0, symmetric=False):
     """Mean over rows of -log softmax(own positive) among kept positives + all real negatives."""
     q, p = unit(q), unit(p)
@@ -37,7 +42,7 @@ def infonce(q, p, neg=None, neg_mask=None, labels=None, scale=20.0, symmetric=Fa
     def direction(a, b, extra):
         losses = []
         for i in range(a.shape[0]):
-            kept = [j for j in range(b.shape[0]) if j == i or labels is None or labels[j] != labels[i]]
+            kept = [j for j in range(b.shape[0]) if j == i or not same_label(labels, i, j)]
             cands = [b[j] for j in kept] + extra
             losses.append(cross_entropy_row([scale * (a[i] @ c) for c in cands], kept.index(i)))
         return torch.stack(losses).mean()
@@ -46,13 +51,17 @@ def infonce(q, p, neg=None, neg_mask=None, labels=None, scale=20.0, symmetric=Fa
     return (loss + direction(p, q, [])) / 2 if symmetric else loss
 
 
-def siglip(a, b, t=10.0, bias=-10.0, labels=None):
+def siglip(a, b, t=10.0, bias=-10.0, labels=None, neg=None, neg_mask=None):
+    """Sum over pairs (every row of a vs every b and every real hard negative) / B."""
     a, b = unit(a), unit(b)
+    negs = [unit(n) for n in negatives_list(neg, neg_mask)]
     total = 0
     for i in range(a.shape[0]):
         for j in range(b.shape[0]):
-            z = 1.0 if (i == j or (labels is not None and labels[i] == labels[j])) else -1.0
+            z = 1.0 if (i == j or same_label(labels, i, j)) else -1.0
             total = total - torch.log(torch.sigmoid(z * (t * (a[i] @ b[j]) + bias)))
+        for n in negs:
+            total = total - torch.log(torch.sigmoid(-(t * (a[i] @ n) + bias)))
     return total / a.shape[0]
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -72,7 +75,8 @@ def test_text_collator_through_bert(data, tmp_path):
     assert batch["positive"]["input_ids"].shape == (3, 6)  # "a photo of a red cat" = 6, the max_length
     assert batch["negatives"]["input_ids"].shape[0] == 4  # 3 + 0 + 1 real negatives
     assert batch["negatives_mask"].tolist() == [[True, True, True], [False, False, False], [True, False, False]]
-    assert batch["labels"].tolist() == [0, 1, 0]
+    x, y = (int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") >> 1 for v in "xy")
+    assert batch["labels"].tolist() == [x, y, x]
     assert batch["query"]["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0]]
     cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     bert = _save_load(BertModel, cfg, tmp_path)
@@ -81,6 +85,31 @@ def test_text_collator_through_bert(data, tmp_path):
     full = scatter_negatives(neg, batch["negatives_mask"])
     assert full.shape == (3, 3, 16) and torch.equal(full[0, 1], neg[1]) and torch.equal(full[2, 0], neg[3])
     assert not full[1].any() and not full[2, 1:].any()
+
+
+def test_labels_mean_the_same_in_every_batch_rank_and_run(data):
+    tok = _tokenizer(["[CLS]", "[SEP]"])
+    collate = TextCollator(tok)
+    rank0 = collate(_records(data, [{"query": q, "positive": "a", "label": q} for q in ("cat", "dog", "cat")]))["labels"]
+    rank1 = collate(_records(data, [{"query": q, "positive": "a", "label": q} for q in ("dog", "cat", "bird")]))["labels"]
+    assert rank0[0] == rank0[2] == rank1[1] and rank0[1] == rank1[0]  # by first appearance: cat 0 vs 1
+    assert len({*rank0.tolist(), *rank1.tolist()}) == 3 and min(rank0.tolist() + rank1.tolist()) >= 0
+    # another process with another hash seed computes the same ids
+    code = "from vembed_blocks.data.collate import label_id; print(label_id('cat'), label_id('dog'))"
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": "123"}, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(rank0[0].item()), str(rank0[1].item())]
+
+
+def test_rows_without_a_label_are_marked_not_dropped(data):
+    collate = TextCollator(_tokenizer(["[CLS]", "[SEP]"]))
+    rows = [{"query": "a", "positive": "b", "label": 3}, {"query": "c", "positive": "d"}, {"query": "e", "positive": "f", "label": 0}]
+    assert collate(_records(data, rows))["labels"].tolist() == [3, -1, 0]
+    named = collate(_records(data, [{"query": "a", "positive": "b", "label": "cat"}, {"query": "c", "positive": "d"}]))
+    assert named["labels"][1] == -1 and named["labels"][0] >= 0
+    with pytest.raises(RecordError, match=r"d.jsonl:1: integer labels must be >= 0, got -2"):
+        collate(_records(data, [{"query": "a", "positive": "b", "label": -2}]))
+    with pytest.raises(RecordError, match=r"d.jsonl:2: record has no numeric label"):
+        collate(_records(data, [{"query": "a", "positive": "b", "label": 0.5}, {"query": "c", "positive": "d"}]))
 
 
 def _clip_processor():

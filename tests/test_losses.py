@@ -120,7 +120,7 @@ def _triplet_ref(a, p, negs_per_row, margin, dist, mining):
     terms = []
     for i in range(a.shape[0]):
         dn = [d(a[i], n) for n in negs_per_row[i]]
-        if mining == "hardest":
+        if mining == "hardest" and dn:  # an anchor without a negative is left out of the mean
             terms.append(torch.relu(d(a[i], p[i]) - torch.stack(dn).min() + margin))
         else:
             terms.extend(torch.relu(d(a[i], p[i]) - x + margin) for x in dn)
@@ -149,6 +149,72 @@ def test_triplet_matches_reference(dist, mining, negs):
             lambda a, p, n: _triplet_ref(a, p, [[n[i, k] for k in range(K) if mask[i, k]] for i in range(B)], 0.5, dist, mining),
             (a, p, n),
         )
+
+
+@pytest.mark.parametrize("mining", ["hardest", "all"])
+def test_triplet_rows_without_negatives(mining):
+    a, p, n = rand(B, D, seed=7), rand(B, D, seed=8), rand(B, K, D, seed=9)
+    loss = Triplet(margin=0.5, mining=mining)
+    compare(  # RAGGED_MASK: row 2 has no negative, so it is not in the mean
+        f"Triplet[{mining},row without negatives]",
+        lambda a, p, n: loss(a, p, n, negatives_mask=RAGGED_MASK),
+        lambda a, p, n: _triplet_ref(a, p, [[n[i, k] for k in range(K) if RAGGED_MASK[i, k]] for i in range(B)], 0.5,
+                                     "cosine", mining),
+        (a, p, n),
+    )
+    none = loss(a, p, n, negatives_mask=torch.zeros(B, K, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad
+    none.backward()
+    assert a.grad is not None and not a.grad.any()
+
+
+def test_siglip_hard_negatives_and_unlabelled_rows():
+    a, b, n = rand(B, D, seed=5), rand(B, D, seed=6), rand(B, K, D, seed=9)
+    labels = torch.tensor([0, -1, 0, -1, 1])  # -1: no label (rows 1 and 3 are not alike)
+    for tile in (0, 2):
+        loss = SigLIP(temperature=10.0, bias=-10.0, tile_size=tile).double()
+        compare(
+            f"SigLIP[negatives, labels with -1, tile={tile}]",
+            lambda a, b, n: loss(a, b, labels, n, RAGGED_MASK),
+            lambda a, b, n: ref.siglip(a, b, loss.log_scale.detach().exp(), loss.bias.detach(), labels, n, RAGGED_MASK),
+            (a, b, n),
+        )
+
+
+def test_infonce_unlabelled_rows_mask_nothing():
+    q, p, n = rand(B, D, seed=1), rand(B, D, seed=2), rand(B, K, D, seed=3)
+    labels = torch.tensor([-1, 1, -1, 2, 1])
+    for tile in (0, 2):
+        loss = InfoNCE(temperature=0.1, symmetric=True, tile_size=tile)
+        compare(
+            f"InfoNCE[labels with -1, tile={tile}]",
+            lambda q, p, n: loss(q, p, n, RAGGED_MASK, labels=labels),
+            lambda q, p, n: ref.infonce(q, p, n, RAGGED_MASK, labels, scale=10.0, symmetric=True),
+            (q, p, n),
+        )
+    with pytest.raises(ValueError, match="labels must be integer ids"):
+        InfoNCE()(q, p, labels=labels.double())
+
+
+def test_matryoshka_cuts_only_the_named_arguments():
+    sq, sd, tq, td = rand(B, D, seed=20), rand(6, D, seed=21), rand(B, D, seed=22), rand(6, D, seed=23)
+    m = Matryoshka(Distill(temperature=0.5), [8, 4, 2], [1.0, 0.5, 0.25])
+
+    def want(sq, sd):  # the teacher keeps its full width at every dim, even with the student's width
+        return sum(w * Distill(temperature=0.5)(sq[:, :d], sd[:, :d], tq, td) for d, w in ((8, 1.0), (4, 0.5), (2, 0.25)))
+
+    compare("Matryoshka(Distill, same-width teacher)", lambda sq, sd: m(sq, sd, tq, td), want, (sq, sd))
+    qt, dt, nt = rand(2, 3, D, seed=24), rand(2, 4, D, seed=25), rand(2, 1, 4, D, seed=26)
+    qm, dm, nm = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 1, 4, dtype=torch.bool)
+    col = Matryoshka(ColBERT(temperature=0.1), [D, 3])
+    want_col = sum(ColBERT(temperature=0.1)(qt[..., :d], qm, dt[..., :d], dm, nt[..., :d], nm) for d in (D, 3))
+    assert torch.allclose(col(qt, qm, dt, dm, nt, nm), want_col, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"pass truncate= .* of CoSENT"):
+        Matryoshka(CoSENT(), [4])
+    with pytest.raises(ValueError, match=r"argument 'negatives' is to be truncated but is \(5, 3, 6\)"):
+        Matryoshka(InfoNCE(), [4])(sq, sd[:B], negatives=rand(B, K, 6))
+    custom = Matryoshka(lambda x, y: (x * y).sum(), [2], truncate=(0,))
+    assert custom(sq, tq[:, :2]).item() == pytest.approx((sq[:, :2] * tq[:, :2]).sum().item())
 
 
 def test_cosent_matches_reference():

@@ -5,6 +5,11 @@ computes the loss with ``gather=True``. After DDP's gradient averaging, every pa
 gradient (encoder and learnable temperature/bias) must equal the gradient of a plain
 reference loss on the concatenated batch in one process, and the mean of the ranks'
 losses must equal the global loss.
+
+The ``*_ragged`` cases give the ranks different optional inputs: rank 0 has hard negatives
+(with a mask) and labels, rank 1 neither, rank 2 negatives without a mask and labels. The
+reference is one process on the global batch with rank 1's negatives masked out and its
+rows unlabelled (-1).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from _multiproc import run_ranks
 from vembed_blocks.losses import ColBERT, InfoNCE, SigLIP
 
 CASES = ["infonce", "infonce_neg", "infonce_sym", "siglip", "colbert"]
+RAGGED = ["infonce_ragged", "infonce_sym_ragged", "siglip_ragged", "colbert_ragged"]
 ROWS, DIN, DIM, K = 3, 5, 4, 2
 
 
@@ -43,6 +49,27 @@ def global_batch(world: int) -> dict[str, torch.Tensor]:
     }
 
 
+def ragged_global(batch: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    """What one process sees for the ragged cases: rank 1's negatives masked, its rows unlabelled."""
+    batch = dict(batch)
+    ones = slice(ROWS, 2 * ROWS)
+    batch["nmask"], batch["nt_mask"], batch["labels"] = batch["nmask"].clone(), batch["nt_mask"].clone(), batch["labels"].clone()
+    batch["nmask"][ones], batch["nt_mask"][ones], batch["labels"][ones] = False, False, -1
+    if world > 2:
+        batch["nmask"][2 * ROWS : 3 * ROWS] = True
+    return batch
+
+
+def ragged_local(local: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    local = dict(local)
+    if rank == 1:
+        for key in ("neg", "nmask", "labels", "nt", "nt_mask"):
+            del local[key]
+    elif rank == 2:
+        del local["nmask"]
+    return local
+
+
 def rank_slice(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     local = {k: v[rank * ROWS : (rank + 1) * ROWS] for k, v in batch.items()}
     length = int(local["dt_mask"].sum(1).max())  # trim doc padding to this rank's own longest doc
@@ -64,10 +91,18 @@ class Combo(nn.Module):
             "infonce_sym": lambda: InfoNCE(temperature=0.1, learn_temperature=True, symmetric=True),
             "siglip": lambda: SigLIP(temperature=5.0, bias=-2.0),
             "colbert": lambda: ColBERT(temperature=0.1),
-        }[case]().double()
+        }[case.removesuffix("_ragged")]().double()
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         e, c = self.enc, self.case
+        if c.endswith("_ragged"):  # optional inputs as this rank has them
+            neg = e(b["neg"]) if "neg" in b else None
+            if c == "colbert_ragged":
+                nt = e(b["nt"]) if "nt" in b else None
+                return self.loss(e(b["qt"]), b["qt_mask"], e(b["dt"]), b["dt_mask"], nt, b.get("nt_mask"))
+            if c == "siglip_ragged":
+                return self.loss(e(b["q"]), e(b["p"]), b.get("labels"), neg, b.get("nmask"))
+            return self.loss(e(b["q"]), e(b["p"]), neg, b.get("nmask"), labels=b.get("labels"))
         if c == "infonce":
             return self.loss(e(b["q"]), e(b["p"]))
         if c in ("infonce_neg", "infonce_sym"):
@@ -82,10 +117,14 @@ class Combo(nn.Module):
             return ref.infonce(e(b["q"]), e(b["p"]), scale=loss.log_scale.exp())
         if c == "infonce_neg":
             return ref.infonce(e(b["q"]), e(b["p"]), e(b["neg"]), b["nmask"], b["labels"], scale=10.0)
-        if c == "infonce_sym":
+        if c == "infonce_ragged":  # learnable temperature, as in "infonce"
+            return ref.infonce(e(b["q"]), e(b["p"]), e(b["neg"]), b["nmask"], b["labels"], scale=loss.log_scale.exp())
+        if c in ("infonce_sym", "infonce_sym_ragged"):
             return ref.infonce(e(b["q"]), e(b["p"]), e(b["neg"]), b["nmask"], b["labels"], loss.log_scale.exp(), True)
         if c == "siglip":
             return ref.siglip(e(b["q"]), e(b["p"]), loss.log_scale.exp(), loss.bias, b["labels"])
+        if c == "siglip_ragged":
+            return ref.siglip(e(b["q"]), e(b["p"]), loss.log_scale.exp(), loss.bias, b["labels"], e(b["neg"]), b["nmask"])
         return ref.colbert(e(b["qt"]), b["qt_mask"], e(b["dt"]), b["dt_mask"], e(b["nt"]), b["nt_mask"], 0.1)
 
 
@@ -96,9 +135,9 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def _body(rank: int, world: int):
     local = rank_slice(global_batch(world), rank)
     out = {}
-    for case in CASES:
+    for case in CASES + RAGGED:
         model = DDP(Combo(case))
-        loss = model(local)
+        loss = model(ragged_local(local, rank) if case in RAGGED else local)
         loss.backward()
         out[case] = (loss.item(), grads(model))
     return out
@@ -106,8 +145,8 @@ def _body(rank: int, world: int):
 
 def check_world(world: int) -> None:
     results = run_ranks(_body, world, timeout=180)
-    batch = global_batch(world)
-    for case in CASES:
+    for case in CASES + RAGGED:
+        batch = ragged_global(global_batch(world), world) if case in RAGGED else global_batch(world)
         model = Combo(case)
         want = model.reference(batch)
         want.backward()

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .distributed import all_gather_sizes, gather_with_offset, get_rank
+from .distributed import all_gather_sizes, any_rank, gather_with_offset, get_rank, is_dist
 from .tiled import Side, ring_pad
 
 
@@ -81,6 +81,36 @@ def flatten_negatives(
     return flat, (None if mask is None else mask.bool())
 
 
+def agree_optional(
+    cols: torch.Tensor,
+    labels: torch.Tensor | None,
+    negatives: torch.Tensor | None,
+    negatives_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Make every rank hold the same optional inputs (one tiny all-reduce), filling in empty ones.
+
+    A rank without labels gets ``-1`` (no label) for each row; a rank without negatives gets
+    ``cols[:0]``: no rows, but in the autograd graph like the other ranks' negatives, so the
+    backward of their all-gather (a collective) runs here too; a rank without a validity mask
+    gets all True. So no rank ever runs a collective the others skip, and the result is that
+    of one process on the concatenated batch with those rows masked.
+    """
+    present = [labels is not None, negatives is not None, negatives_valid is not None]
+    has_labels, has_neg, has_valid = any_rank(present, cols.device)
+    if has_labels and labels is None:
+        labels = torch.full(cols.shape[:1], -1, dtype=torch.long, device=cols.device)
+    if has_neg and negatives is None:
+        negatives = cols[:0]
+    if has_valid and negatives_valid is None:
+        negatives_valid = torch.ones(negatives.shape[0], dtype=torch.bool, device=cols.device)
+    return labels, negatives, negatives_valid
+
+
+def unique_unlabelled(labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Labels with each unlabelled entry (``label < 0``) replaced by ``-1 - id``: shared with nobody."""
+    return torch.where(labels < 0, -1 - ids, labels)
+
+
 def contrastive_sides(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -98,8 +128,16 @@ def contrastive_sides(
     are extra columns with no label and id -1. Without ``ring`` the columns are gathered from
     every rank (with gradient) when ``gather_on``; with ``ring`` they stay this rank's own
     (padded to the largest rank's count) for `tiled_logsumexp`'s ring to pass around.
+    ``labels[B]`` are integers >= 0; a negative label (or a rank passing none while another
+    passes some) means "no label": that row shares its label with nobody.
     """
     n = rows.shape[0]
+    if labels is not None:
+        if labels.is_floating_point():
+            raise ValueError(f"labels must be integer ids (>= 0, or < 0 for no label), got dtype {labels.dtype}")
+        labels = labels.long()  # one dtype on every rank: the gathered buffers must match
+    if gather_on and is_dist():
+        labels, negatives, negatives_valid = agree_optional(cols, labels, negatives, negatives_valid)
     if ring:
         offset = sum(all_gather_sizes(n, rows.device)[: get_rank()])
         col_offset = offset
@@ -112,7 +150,8 @@ def contrastive_sides(
     row_meta = {"id": offset + torch.arange(n, device=rows.device)}
     col_meta = {"id": col_offset + torch.arange(cols.shape[0], device=rows.device)}
     if labels is not None:
-        row_meta["label"], col_meta["label"] = labels, labels_cols
+        row_meta["label"] = unique_unlabelled(labels, row_meta["id"])
+        col_meta["label"] = unique_unlabelled(labels_cols, col_meta["id"])
     if negatives is not None:
         m = negatives.shape[0]
         cols = torch.cat([cols, negatives.to(cols.dtype)])

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._loss_utils import check_mask, check_temperature, gather
-from .distributed import all_gather_sizes, get_rank, is_dist, pad_dim
+from .distributed import all_gather_sizes, any_rank, get_rank, is_dist, pad_dim
 from .tiled import Side, resolve_tile, ring_pad, tiled_logsumexp
 
 __all__ = ["ColBERT", "maxsim"]
@@ -115,6 +115,8 @@ class ColBERT(nn.Module):
         if negatives is not None:
             neg, nmask = self._flat_negatives(negatives, negatives_mask, rows, dim)
             neg = F.normalize(neg, dim=-1)
+        if self.gather and is_dist() and any_rank([neg is not None], q.device)[0] and neg is None:
+            neg, nmask = d[:0], dmask[:0]  # another rank has negatives: take part with none (see agree_optional)
         ring = self.ring and self.gather and is_dist()
         cols, offset = _ring_candidates(d, dmask, neg, nmask) if ring else self._gathered(d, dmask, neg, nmask)
         tile = resolve_tile(self.tile_size, rows, len(cols), query.shape[1] * cols.x.shape[1], ring=ring)

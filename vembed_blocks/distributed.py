@@ -31,6 +31,7 @@ __all__ = [
     "gather_with_grad",
     "gather_with_offset",
     "all_gather_sizes",
+    "any_rank",
     "pad_dim",
     "ring_shift",
     "average_gradients",
@@ -107,6 +108,19 @@ def all_gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return [int(x.item()) for x in out]
+
+
+def any_rank(flags: list[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """For each flag, whether it is True on at least one rank (one all-reduce of ``len(flags)`` ints).
+
+    How ranks agree on which optional inputs exist (hard negatives, labels) before the
+    collectives that depend on it. ``flags`` unchanged at world size 1.
+    """
+    if not is_dist():
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags], device=device, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def pad_dim(x: torch.Tensor, dim: int, size: int, value: float = 0.0) -> torch.Tensor:

@@ -115,7 +115,11 @@ class InfoNCE(nn.Module):
 class SigLIP(nn.Module):
     """Pairwise sigmoid loss: ``-sum_ij log sigmoid(z_ij (t cos(a_i, b_j) + bias)) / B``.
 
-    ``z_ij = +1`` for the pair (i, i) and for pairs with equal ``labels``, else ``-1``.
+    ``forward(a[B,D], b[B,D], labels=None, negatives=None, negatives_mask=None)``.
+    ``z_ij = +1`` for the pair (i, i) and for pairs with equal ``labels`` (integers >= 0; a
+    negative label means none), else ``-1``. Hard ``negatives`` (``[B,K,D]`` with
+    ``negatives_mask[B,K]``, or a pool ``[M,D]``, as for `InfoNCE`) are extra columns of ``b``
+    that are negative for every row of ``a``; masked ones are left out.
     ``t`` (init ``temperature``) and ``bias`` are learnable when ``learn`` (t as a log).
     Distributed: this rank's rows of ``a`` against the gathered ``b`` (the local positive
     block plus negative-only blocks from other ranks), divided by the local B, so the
@@ -139,20 +143,30 @@ class SigLIP(nn.Module):
         self.bias = scale_param(bias, learn)
         self.learn, self.gather, self.tile_size, self.ring = learn, gather, tile_size, ring
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+        negatives_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_rows("SigLIP", a=a, b=b)
         if a.dim() != 2:
             raise ValueError(f"SigLIP: a must be [B, D], got shape {tuple(a.shape)}")
         check_mask("SigLIP", "labels", labels, a.shape[:1])
+        neg, neg_valid = flatten_negatives("SigLIP", a.shape[0], a.shape[1], negatives, negatives_mask)
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        neg = None if neg is None else F.normalize(neg, dim=-1)
         scale = torch.exp(on_device(self.log_scale, a)) if self.learn else math.exp(self.log_scale)
         bias = on_device(self.bias, a) if self.learn else torch.tensor(self.bias, dtype=a.dtype, device=a.device)
         ring = self.ring and self.gather and is_dist()
-        rows, cols = contrastive_sides(scale * a, b, labels, gather_on=self.gather, ring=ring)
+        rows, cols = contrastive_sides(scale * a, b, labels, neg, neg_valid, gather_on=self.gather, ring=ring)
         tile = resolve_tile(self.tile_size, len(rows), len(cols), ring=ring)
         if tile is None:  # dense: every pair at once
-            signed, _, _ = signed_logits(rows, cols, bias)
-            return -F.logsigmoid(signed).sum() / a.shape[0]
+            signed, _, keep = signed_logits(rows, cols, bias)
+            terms = -F.logsigmoid(signed)
+            return (terms if keep is None else terms * keep).sum() / a.shape[0]
         return tiled_sigmoid_loss(rows, cols, bias, tile, ring=ring) / a.shape[0]
 
 
@@ -165,7 +179,9 @@ class Triplet(nn.Module):
     ``distance``: ``"cosine"`` (1 - cos) or ``"euclidean"`` (on the raw embeddings).
     ``negatives``: None (in-batch: the other rows' positives), ``[B,D]`` (one per row) or
     ``[B,K,D]`` with optional ``negatives_mask[B,K]``. ``mining="hardest"`` takes each
-    anchor's closest negative; ``"all"`` averages over every (anchor, negative) triplet.
+    anchor's closest negative and averages over the anchors that have one; ``"all"`` averages
+    over every valid (anchor, negative) triplet. Without any valid negative the loss is a zero
+    that is still connected to the inputs (``backward`` works, gradients are zero).
     """
 
     def __init__(self, margin: float = 0.2, distance: str = "cosine", mining: str = "hardest") -> None:
@@ -203,9 +219,12 @@ class Triplet(nn.Module):
             d_an = self._dist(anchor[:, None, :], neg)
             valid = torch.ones_like(d_an, dtype=torch.bool) if negatives_mask is None else negatives_mask.bool()
         if self.mining == "hardest":
+            has = valid.any(dim=1)
             hardest = d_an.masked_fill(~valid, float("inf")).amin(dim=1)
-            return F.relu(d_ap - hardest + self.margin).mean()
-        return F.relu(d_ap[:, None] - d_an + self.margin)[valid].mean()
+            terms = F.relu(d_ap - hardest + self.margin)[has]
+        else:
+            terms = F.relu(d_ap[:, None] - d_an + self.margin)[valid]
+        return terms.mean() if terms.numel() else d_ap.sum() * 0.0
 
 
 # ----------------------------------------------------------------------------- CoSENT
@@ -238,13 +257,25 @@ class CoSENT(nn.Module):
 class Matryoshka(nn.Module):
     """Sum over nested prefixes of the embedding: ``sum_d weight_d * loss(x[..., :d], ...)``.
 
-    ``forward(*embeddings, **kwargs)``: every floating tensor of at least 2 dims whose last
-    dim equals the full embedding dim (that of the first positional argument), positional
-    or keyword (e.g. ``negatives``), is truncated; masks, labels and scores pass as given.
-    ``dims`` are sorted largest first with their ``weights`` kept paired (default all 1).
+    ``forward(*args, **kwargs)`` calls ``loss`` once per dim with the arguments named in
+    ``truncate`` cut to their first d features; every other argument (masks, labels, scores,
+    a `Distill` teacher's embeddings) passes unchanged, whatever its width. ``truncate`` holds
+    positions (int) and keyword names (str); an entry that is absent in a call (e.g. no
+    ``negatives``) is skipped. Default by loss: `InfoNCE` / `SigLIP` ``(0, 1, "negatives")``,
+    `Triplet` ``(0, 1, 2, "negatives")``, `ColBERT` ``(0, 2, 4, "negatives")`` (token
+    embeddings, not masks), `Distill` ``(0, 1)`` (the student only); any other loss needs
+    ``truncate`` given. The full dim is that of the first positional argument; a truncated
+    argument of another width is an error. ``dims`` are sorted largest first with their
+    ``weights`` kept paired (default all 1).
     """
 
-    def __init__(self, loss: Callable[..., torch.Tensor], dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        loss: Callable[..., torch.Tensor],
+        dims: Sequence[int],
+        weights: Sequence[float] | None = None,
+        truncate: Sequence[int | str] | None = None,
+    ) -> None:
         super().__init__()
         dims = [int(d) for d in dims]
         weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
@@ -254,25 +285,36 @@ class Matryoshka(nn.Module):
             raise ValueError(f"Matryoshka: {len(dims)} dims but {len(weights)} weights")
         if min(dims) <= 0 or len(set(dims)) != len(dims):
             raise ValueError(f"Matryoshka: dims must be distinct positive integers, got {dims}")
+        if truncate is None:
+            truncate = next((t for cls, t in _MATRYOSHKA_TRUNCATE if isinstance(loss, cls)), None)
+            if truncate is None:
+                raise ValueError(f"Matryoshka: pass truncate= (the positions / keyword names of the embedding "
+                                 f"arguments of {type(loss).__name__} to cut)")
         pairs = sorted(zip(dims, weights), key=lambda dw: -dw[0])
-        self.loss = loss
+        self.loss, self.truncate = loss, tuple(truncate)
         self.dims = [d for d, _ in pairs]
         self.weights = [w for _, w in pairs]
 
-    def forward(self, *embeddings: Any, **kwargs: Any) -> torch.Tensor:
-        if not embeddings or not torch.is_tensor(embeddings[0]):
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args or not torch.is_tensor(args[0]):
             raise ValueError("Matryoshka: the first positional argument must be an embedding tensor")
-        full = embeddings[0].shape[-1]
+        full = args[0].shape[-1]
         if self.dims[0] > full:
             raise ValueError(f"Matryoshka: dim {self.dims[0]} is larger than the embedding dim {full}")
+        named = [(i, x) for i, x in enumerate(args) if i in self.truncate]
+        named += [(k, x) for k, x in kwargs.items() if k in self.truncate]
+        for key, x in named:
+            if x is not None and (not torch.is_tensor(x) or x.shape[-1] != full):
+                shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+                raise ValueError(f"Matryoshka: argument {key!r} is to be truncated but is {shape}, not [..., {full}]")
 
-        def cut(x: Any, d: int) -> Any:
-            is_emb = torch.is_tensor(x) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] == full
-            return x[..., :d] if is_emb else x
+        def cut(key: int | str, x: Any, d: int) -> Any:
+            return x[..., :d] if key in self.truncate and x is not None else x
 
         total = 0
         for d, w in zip(self.dims, self.weights):
-            total = total + w * self.loss(*(cut(x, d) for x in embeddings), **{k: cut(v, d) for k, v in kwargs.items()})
+            cut_args = [cut(i, x, d) for i, x in enumerate(args)]
+            total = total + w * self.loss(*cut_args, **{k: cut(k, v, d) for k, v in kwargs.items()})
         return total
 
 
@@ -319,3 +361,13 @@ class Distill(nn.Module):
         log_p_s = F.log_softmax(s / tau, dim=-1)
         log_p_t = F.log_softmax(t / tau, dim=-1)
         return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau**2
+
+
+#: Matryoshka's default arguments to truncate, by loss class (see `Matryoshka`).
+_MATRYOSHKA_TRUNCATE: list[tuple[type, tuple[int | str, ...]]] = [
+    (InfoNCE, (0, 1, "negatives")),
+    (SigLIP, (0, 1, "negatives")),
+    (Triplet, (0, 1, 2, "negatives")),
+    (ColBERT, (0, 2, 4, "negatives")),
+    (Distill, (0, 1)),
+]

@@ -8,18 +8,22 @@ number of real negatives, ``M = negatives_mask.sum()``)::
       "positive": {model inputs for the B positives},
       "negatives": {model inputs for the M real negatives, row-major by record},   # only if K > 0
       "negatives_mask": BoolTensor[B, K],   True = real negative                   # only if K > 0
-      "labels": Tensor[B],                                                          # only if every record has a label
+      "labels": Tensor[B],                                                          # only if some record has a label
     }
 
 Each inner dict goes straight into the model or ``GradCache.encode(fn, **batch["query"])``.
 Negatives are encoded flat (no padding rows burn compute); ``scatter_negatives`` turns
 their ``[M, D]`` embeddings into the ``[B, K, D]`` + mask that the losses take.
-Labels: str labels become ids by first appearance in the batch (equal label = equal id),
-ints/bools a LongTensor, floats a FloatTensor (e.g. CoSENT scores).
+Labels: str labels become `label_id(s)` (a hash: the same id on every rank and in every run),
+ints/bools a LongTensor (ints must be >= 0), floats a FloatTensor (e.g. CoSENT scores). In a
+batch where some records have a str/int label and others none, the unlabelled ones get -1,
+which the losses read as "no label" (a negative of everybody). Float labels must be on every
+record of a batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,7 +31,7 @@ import torch
 from .images import load_images
 from .records import Item, Record, RecordError
 
-__all__ = ["TextCollator", "DualEncoderCollator", "VLMCollator", "scatter_negatives"]
+__all__ = ["TextCollator", "DualEncoderCollator", "VLMCollator", "scatter_negatives", "label_id"]
 
 
 def scatter_negatives(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,19 +46,33 @@ def scatter_negatives(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return out
 
 
+def label_id(label: str) -> int:
+    """A string label's id in ``[0, 2**63)``: the first 8 bytes of its BLAKE2b hash.
+
+    The same on every rank and in every run (Python's ``hash`` is salted per process), so
+    labels gathered across ranks compare correctly; two different labels collide with
+    probability about ``n**2 / 2**64`` for n distinct labels.
+    """
+    return int.from_bytes(hashlib.blake2b(label.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
 def _labels(records: Sequence[Record]) -> torch.Tensor | None:
-    values = [r.label for r in records]
-    if all(v is None for v in values):
+    present = [r for r in records if r.label is not None]
+    if not present:
         return None
-    for r in records:
-        if r.label is None:  # a silently dropped label would un-mask false negatives
-            raise RecordError(r.source, "record has no label but others in its batch do")
+    values = [r.label for r in present]
     if all(isinstance(v, str) for v in values):
-        ids: dict[str, int] = {}
-        return torch.tensor([ids.setdefault(v, len(ids)) for v in values], dtype=torch.long)
+        ids = {r.label: label_id(r.label) for r in present}
+        return torch.tensor([ids.get(r.label, -1) for r in records], dtype=torch.long)
     if all(isinstance(v, (bool, int)) for v in values):
-        return torch.tensor(values, dtype=torch.long)
+        for r in present:
+            if r.label < 0:  # -1 is how a batch says "no label"
+                raise RecordError(r.source, f"integer labels must be >= 0, got {r.label}")
+        return torch.tensor([-1 if r.label is None else int(r.label) for r in records], dtype=torch.long)
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        for r in records:
+            if r.label is None:  # a score cannot be "absent": a silently filled one would train on it
+                raise RecordError(r.source, "record has no numeric label (score) but others in its batch do")
         return torch.tensor(values, dtype=torch.float)
     raise RecordError(records[0].source, f"labels in a batch must all be str, all int or all numbers: {values}")
 
