@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from vembed_blocks.data.records import IndexedRecords
 from vembed_blocks.data.sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_group_weights, parse_weights
+from vembed_blocks.data.sampler import _Stream
 
 SIZES = {"a": 1000, "b": 300, "c": 50}
 
@@ -121,10 +123,115 @@ def test_impossible_configurations_raise():
     assert {next(s)[0] for _ in range(50)} == {"a"}
     with pytest.raises(ValueError, match="none of its groups"):
         WeightedTaskSampler({"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [3, 3, 3, 3]}, group_weights={3: 0, 1: 1})
-    with pytest.raises(ValueError, match=r"groups \['5'\] have weight but no rows"):
-        WeightedTaskSampler({"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [1, 1, 2, 2]}, group_weights={1: 1, 2: 1, 5: 1})
     with pytest.raises(ValueError, match="4 rows"):
         WeightedTaskSampler({"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [1]})
+
+
+def test_weighted_group_that_no_task_has_warns_and_is_never_drawn():
+    groups = [0, 0, 1, 1, 1, 3, 3, 3]  # seed-004 default weights on data without 2-source rows
+    with pytest.warns(UserWarning, match=r"groups \['2'\] have weight but no rows in any sampled task"):
+        s = WeightedTaskSampler({"edit": 8}, 2, {"edit": 1}, seed=4, rank=0, world_size=1,
+                                group_of={"edit": groups}, group_weights=parse_group_weights("0=1,1=1,2=1,3=0"))  # fmt: skip
+    drawn = Counter()
+    for _ in range(400):
+        task, idx = next(s)
+        g = {groups[i] for i in idx}
+        assert task == "edit" and len(g) == 1
+        drawn[g.pop()] += 1
+    assert set(drawn) == {0, 1} and abs(drawn[0] - drawn[1]) < 80  # weight 1 each; 3 has weight 0
+    with pytest.warns(UserWarning, match=r"groups \['5'\] have weight but no rows"):
+        WeightedTaskSampler({"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [1, 1, 2, 2]}, group_weights={1: 1, 2: 1, 5: 1})
+
+
+def _global_batches(ranks: list[WeightedTaskSampler], steps: int) -> list[tuple[str, list[int]]]:
+    """(task, global batch) per step: the ranks' rows concatenated in rank order."""
+    out = []
+    for _ in range(steps):
+        draws = [next(s) for s in ranks]
+        assert len({task for task, _ in draws}) == 1
+        out.append((draws[0][0], [i for _, idx in draws for i in idx]))
+    return out
+
+
+def _assert_passes_use_every_row_once(stream: list[int], rows: list[int]) -> None:
+    n = len(rows)
+    assert len(stream) >= 2 * n
+    for p in range(len(stream) // n):
+        assert Counter(stream[p * n : (p + 1) * n]) == Counter(rows), p
+
+
+def test_no_row_twice_in_a_global_batch_across_passes():
+    # 1,000 rows, 128 per step: 1000 % 128 != 0, so a batch straddles most pass boundaries.
+    world, bs = 4, 32
+    ranks = [WeightedTaskSampler({"a": 1000}, bs, seed=0, rank=r, world_size=world) for r in range(world)]
+    batches = _global_batches(ranks, 450)
+    dup = [k for k, (_, rows) in enumerate(batches) if len(set(rows)) != len(rows)]
+    assert dup == [] and all(len(rows) == 128 for _, rows in batches)
+    _assert_passes_use_every_row_once([i for _, rows in batches for i in rows], list(range(1000)))
+
+
+def test_no_row_twice_with_groups_and_tasks_near_the_global_batch():
+    world, bs = 4, 8  # global batch 32
+    group_sizes = {0: 200, 1: 33, 2: 63, 3: 64}  # 33 = G + 1, 63 = 2G - 1, 64 = 2G
+    labels = [g for g, n in group_sizes.items() for _ in range(n)]
+    random.Random(0).shuffle(labels)
+    sizes = {"exact": 32, "plus1": 33, "mid": 50, "big": 1000, "edit": len(labels)}
+    weights = {"exact": 1, "plus1": 2, "mid": 1, "big": 1, "edit": 3}
+    kw = dict(seed=9, world_size=world, group_of={"edit": labels}, group_weights={0: 1, 1: 2, 2: 1, 3: 1})
+    ranks = [WeightedTaskSampler(sizes, bs, weights, rank=r, **kw) for r in range(world)]
+    streams: dict[tuple[str, int | None], list[int]] = {}
+    for task, rows in _global_batches(ranks, 2500):
+        assert len(set(rows)) == len(rows) == world * bs, task
+        group = None
+        if task == "edit":
+            (group,) = {labels[i] for i in rows}
+        streams.setdefault((task, group), []).extend(rows)
+    assert len(streams) == 8
+    for (task, group), stream in streams.items():
+        members = list(range(sizes[task])) if group is None else [i for i, g in enumerate(labels) if g == group]
+        _assert_passes_use_every_row_once(stream, members)
+
+
+class _LazyStream(_Stream):
+    _CACHE_ROWS = 100  # walk 1,000 rows the way a >2^20-row stream is walked: no pass in memory
+
+
+def test_big_streams_move_only_a_prefix_and_match_small_ones():
+    lazy, full = _LazyStream(1000, None, (5, 6), 128), _Stream(1000, None, (5, 6), 128)
+    assert lazy._lazy and not full._lazy
+    batches = [lazy.take().tolist() for _ in range(80)]  # 10 passes
+    assert all(len(set(b)) == 128 for b in batches)
+    _assert_passes_use_every_row_once([i for b in batches for i in b], list(range(1000)))
+    assert batches == [full.take().tolist() for _ in range(80)]
+
+
+def test_resume_at_and_around_pass_boundaries():
+    world, bs, steps = 4, 32, 500
+    sizes = {"a": 1000, "m": 150, "p": 129}  # 150 and 129 < 2 * 128: tails nest over passes
+
+    def make() -> list[WeightedTaskSampler]:
+        weights = {"a": 1, "m": 1, "p": 1}
+        return [WeightedTaskSampler(sizes, bs, weights, seed=3, rank=r, world_size=world) for r in range(world)]
+
+    ranks = make()
+    states, batches, straddling = [], [], []
+    for k in range(steps):
+        key = ranks[0].draw(k)[1]
+        if ranks[0].state_dict()["streams"][key][1] + world * bs > sizes[key]:  # cursor offset
+            straddling.append(k)
+        batches += _global_batches(ranks, 1)
+        states.append(json.loads(json.dumps(ranks[0].state_dict())))  # state after step k
+    assert all(len(set(rows)) == len(rows) for _, rows in batches)
+    assert len(straddling) > 100
+    points = {1, 2, 7, 250}  # mid-pass; then resume 2 steps before, right before, right after a straddling step
+    for k in straddling[:12] + straddling[-4:]:
+        points |= {k - 2, k - 1, k}
+    for j in sorted(p for p in points if 0 <= p < steps - 1):  # resume after step j
+        resumed = make()
+        for s in resumed:
+            s.load_state_dict(states[j])
+        end = steps if j == 250 else min(steps, j + 1 + 40)
+        assert _global_batches(resumed, end - j - 1) == batches[j + 1 : end], j
 
 
 def test_parsers():

@@ -5,7 +5,9 @@ is a pure function of ``(seed, t)``, so all ranks agree without communicating an
 global batch (``batch_size * world_size`` rows; ``batch_size`` is per rank) comes from one
 task: in-batch and cross-rank negatives are then of the same kind. Rows come from a
 per-(task, group) stream: pass ``p`` of the stream is a keyed permutation (a Feistel
-bijection, never materialised) derived from ``(seed, task, group, p)``; a cursor walks it, so small tasks cycle (a fresh shuffle per
+bijection, never materialised for big streams) derived from ``(seed, task, group, p)``, with
+the few rows at its start re-ordered so that a global batch straddling two passes never holds
+a row twice (see ``_Stream``); a cursor walks it, so small tasks cycle (a fresh shuffle per
 pass) and large ones are never enumerated up front. The state is the step plus one
 ``(pass, offset)`` cursor per stream: O(#streams) to save and to restore, no replay.
 """
@@ -110,32 +112,80 @@ def _feistel(x: np.ndarray, n: int, round_keys: list[int]) -> np.ndarray:
     return out.astype(np.int64)
 
 
+def _arrange(rows: np.ndarray, head: int, avoid: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """``rows`` re-ordered: the first ``head`` rows in neither ``avoid`` nor ``tail``, then the
+    other rows not in ``tail``, then the ``tail`` rows; each part keeps the input order."""
+    last = np.isin(rows, tail)
+    first = np.zeros(len(rows), dtype=bool)
+    first[np.flatnonzero(~last & ~np.isin(rows, avoid))[:head]] = True
+    return np.concatenate([rows[first], rows[~first & ~last], rows[last]])
+
+
 class _Stream:
-    """Rows of one (task, group): a seeded permutation per pass, walked by a cursor.
+    """Rows of one (task, group), taken ``batch`` (the global batch) at a time by a cursor.
 
     ``members`` lists the rows of a group (``None``: the whole task, rows ``0..size-1``).
+    Pass ``p`` is a keyed permutation ``P_p`` re-ordered so that, when ``size >= batch``, no
+    global batch repeats a row. Takes are always ``batch`` rows, so the batch straddling the
+    start of pass ``p`` is the last ``t_p = p * size % batch`` rows of pass ``p - 1`` (the set
+    ``A_p``) plus the first ``h_p = batch - t_p`` of pass ``p``. Pass ``p`` therefore ends with
+    ``A_{p+1}`` and keeps ``A_p`` out of its first ``h_p`` places (``_arrange``). Each ``A_p``
+    must be known without replaying earlier passes: it is the last ``t_p`` rows of ``P_{a-1}``,
+    where ``a <= p`` is the latest pass start with ``t_a <= size - batch``. Such a short tail
+    leaves any head enough rows, so the sets start afresh there; between two such starts the
+    head and tail of a pass cover nearly all of it and the tails must nest (for
+    ``size = batch + 1`` each is the previous one plus a row), which suffixes of one
+    permutation do. If ``size >= 2 * batch`` then ``a = p``: ``A_p`` is ``P_{p-1}``'s own tail
+    and only the first ``h_p + t_p = batch`` places of a pass move, so big streams stay lazy.
     """
 
     _CACHE_ROWS = 1 << 20  # streams up to this size keep their current pass in memory (speed)
 
-    def __init__(self, size: int, members: np.ndarray | None, keys: tuple[int, ...]) -> None:
-        self.size, self.members, self.keys = size, members, keys
+    def __init__(self, size: int, members: np.ndarray | None, keys: tuple[int, ...], batch: int) -> None:
+        self.size, self.members, self.keys, self.batch = size, members, keys, batch
         self.pass_, self.offset = 0, 0
-        self._cached: tuple[int, np.ndarray] | None = None
+        self._lazy = size > max(self._CACHE_ROWS, 2 * batch)  # all of A_p comes from P_{p-1}
+        self._cached: tuple[int, np.ndarray] | None = None  # (pass, the pass or its moved prefix)
+
+    def _raw(self, p: int, start: int, stop: int) -> np.ndarray:
+        """``P_p[start:stop]``."""
+        return _feistel(np.arange(start, stop), self.size, [_mix(*self.keys, p, r) for r in range(4)])
+
+    def _ends(self, p: int) -> tuple[int, int, np.ndarray]:
+        """``(t_p, h_p, A_p)`` of the batch straddling the start of pass ``p``."""
+        t = p * self.size % self.batch
+        if t == 0 or self.size < self.batch:  # no straddling batch / rows repeat anyway (warned)
+            return 0, 0, np.empty(0, dtype=np.int64)
+        if not self._lazy and self._cached is not None and self._cached[0] == p - 1:
+            return t, self.batch - t, self._cached[1][self.size - t :]  # pass p-1 ends with A_p
+        # Going back a pass lowers t by size - batch (no wrap while t > size - batch): the
+        # latest start a with t_a <= size - batch, in closed form (a = p if size >= 2 * batch).
+        a = p - max(0, (t - 1) // (self.size - self.batch))
+        return t, self.batch - t, self._raw(a - 1, self.size - t, self.size)
+
+    def _build(self, p: int) -> np.ndarray:
+        t, h, avoid = self._ends(p)
+        if self._lazy:  # A_{p+1} is P_p's own tail: only P_p[:h + t] moves
+            return _arrange(self._raw(p, 0, h + t), h, avoid, avoid[:0])
+        return _arrange(self._raw(p, 0, self.size), h, avoid, self._ends(p + 1)[2])
 
     def _positions(self, start: int, stop: int) -> np.ndarray:
-        round_keys = [_mix(*self.keys, self.pass_, r) for r in range(4)]
-        if self.size > self._CACHE_ROWS:
-            return _feistel(np.arange(start, stop), self.size, round_keys)
         if self._cached is None or self._cached[0] != self.pass_:
-            self._cached = (self.pass_, _feistel(np.arange(self.size), self.size, round_keys))
-        return self._cached[1][start:stop]
+            self._cached = (self.pass_, self._build(self.pass_))
+        built = self._cached[1]
+        if not self._lazy:
+            return built[start:stop]
+        out = self._raw(self.pass_, start, stop)
+        if start < len(built):
+            out[: len(built) - start] = built[start:stop]
+        return out
 
     def __len__(self) -> int:
         return self.size
 
-    def take(self, n: int) -> np.ndarray:
-        out = []
+    def take(self) -> np.ndarray:
+        """The next global batch."""
+        out, n = [], self.batch
         while n > 0:
             k = min(n, self.size - self.offset)
             pos = self._positions(self.offset, self.offset + k)
@@ -167,11 +217,16 @@ class WeightedTaskSampler:
         group_of: task -> the group of each of its rows (``len == task_sizes[task]``), e.g. the
             number of source images; tasks not in it are not grouped.
         group_weights: group -> weight, drawn after the task among the groups that task has.
-            Groups missing from it are excluded with a warning. ``None``: all groups weigh 1.
+            Groups missing from it are excluded with a warning, and so (with a warning) are
+            weighted groups that no task has. ``None``: all groups weigh 1.
+
+    No global batch holds a row twice when its stream (task, or task and group) has at least
+    ``batch_size * world_size`` rows, even across a pass boundary; every pass still uses each
+    row exactly once. A smaller stream repeats rows within a batch (a warning names it).
 
     Raises ``ValueError`` for weights naming unknown tasks, a zero total weight, an empty
-    task with weight, a grouped task none of whose groups can be drawn, or a weighted group
-    that no task has (all would otherwise loop forever or sample nothing).
+    task with weight, or a grouped task none of whose groups can be drawn (all would
+    otherwise loop forever or sample nothing).
     """
 
     def __init__(
@@ -223,7 +278,7 @@ class WeightedTaskSampler:
         seen: set[str] = set()
         for task in self.tasks:
             if task not in group_of:
-                self._streams[task] = _Stream(sizes[task], None, (self.seed, _name_key(task)))
+                self._streams[task] = _Stream(sizes[task], None, (self.seed, _name_key(task)), self.global_batch)
                 continue
             labels = np.asarray([str(g) for g in group_of[task]])
             if len(labels) != sizes[task]:
@@ -237,12 +292,13 @@ class WeightedTaskSampler:
                 raise ValueError(f"task {task!r} has weight but none of its groups {names} has a positive group weight")
             for g in drawn:
                 members = np.flatnonzero(labels == g)
-                self._streams[f"{task}/{g}"] = _Stream(len(members), members, (self.seed, _name_key(task), _name_key(g)))
+                keys = (self.seed, _name_key(task), _name_key(g))
+                self._streams[f"{task}/{g}"] = _Stream(len(members), members, keys, self.global_batch)
             self._groups[task] = (drawn, np.cumsum([1.0 if gw is None else gw[g] for g in drawn]))
         if gw is not None and group_of:
             orphans = sorted(g for g, w in gw.items() if w > 0 and g not in seen)
-            if orphans:
-                raise ValueError(f"groups {orphans} have weight but no rows in any sampled task")
+            if orphans:  # e.g. seed 004's "0=1,1=1,2=1,3=0" on data without 2-source rows
+                warnings.warn(f"groups {orphans} have weight but no rows in any sampled task; they are never drawn")
 
     def draw(self, step: int) -> tuple[str, str]:
         """The (task, stream key) of global step ``step``: a pure function of (seed, step)."""
@@ -260,7 +316,7 @@ class WeightedTaskSampler:
 
     def __next__(self) -> tuple[str, list[int]]:
         task, key = self.draw(self.step)
-        rows = self._streams[key].take(self.global_batch)  # every rank advances the same cursor
+        rows = self._streams[key].take()  # every rank advances the same cursor
         self.step += 1
         return task, rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
