@@ -35,10 +35,10 @@ from vembed_blocks import InfoNCE, Matryoshka, SigLIP, get_rank, get_world_size,
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import DualEncoderCollator, TaskBatches, WeightedTaskSampler, load_records
 from vembed_blocks.demo import build_tiny_clip, render_demo
-from vembed_blocks.distributed import average_gradients, shutdown_distributed
+from vembed_blocks.distributed import average_gradients, mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers, one_gradient_sync, wrap_ddp
 from vembed_blocks.towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
 from vembed_blocks.schedule import warmup_cosine
 from vembed_blocks.metrics import format_table
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoders")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--compile", action="store_true", help="torch.compile every block in place")
@@ -262,18 +262,19 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, st
     train_log = open(os.path.join(args.output, "train_log.jsonl"), "a") if rank == 0 else None
     for item in loader:
         step, batch = item["step"] + 1, item["batch"]
-        q, p = encode(batch["query"]), encode(batch["positive"])
-        extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
-        if "negatives" in batch and args.loss == "infonce":  # the flat real negatives are a candidate pool
-            extra["negatives"] = encode(batch["negatives"])
-        loss = criterion(q, p, **extra)
-        loss.backward()
+        with one_gradient_sync(model):  # several forwards, one gradient all-reduce (parallel.one_gradient_sync)
+            q, p = encode(batch["query"]), encode(batch["positive"])
+            extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
+            if "negatives" in batch:  # the flat real negatives: a candidate pool (SigLIP: negative-only columns)
+                extra["negatives"] = encode(batch["negatives"])
+            loss = criterion(q, p, **extra)
+            loss.backward()
         average_gradients(criterion.parameters())  # DDP does not see the loss's own parameters
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(mean_over_ranks(loss))  # the global batch's loss, not rank 0's
         seen += q.shape[0] * world
         if train_log:
             train_log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}) + "\n")

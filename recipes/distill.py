@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 from vembed_blocks import Distill, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskBatches, TextCollator, WeightedTaskSampler, load_records
-from vembed_blocks.distributed import gather_with_grad, shutdown_distributed
+from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers, one_gradient_sync, wrap_ddp
 from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
 from vembed_blocks.schedule import warmup_cosine
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for student and teacher")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every student block")
     p.add_argument("--compile", action="store_true", help="torch.compile every student block in place")
@@ -258,19 +258,20 @@ def train_loop(args, loader, model, teacher, criterion, optimizer, scheduler, sa
     train_log = open(os.path.join(args.output, "train_log.jsonl"), "a") if rank == 0 else None
     for item in loader:
         step, batch = item["step"] + 1, item["batch"]
-        sq, sd = encode(batch["student"]["query"]), docs(batch["student"], encode)
-        if teacher is not None:
-            tq, td = encode_teacher(batch["teacher"]["query"]), docs(batch["teacher"], encode_teacher)
-        else:
-            tq, td = (t.to(device) for t in batch["teacher_emb"])
-        sd, td = gather_with_grad(sd), gather_with_grad(td)  # candidates: every rank's docs; rows: this rank's queries
-        loss = sum(criterion(sq[:, :d], sd[:, :d], tq, td) for d in dims)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
+        with one_gradient_sync(model):  # several forwards, one gradient all-reduce (parallel.one_gradient_sync)
+            sq, sd = encode(batch["student"]["query"]), docs(batch["student"], encode)
+            if teacher is not None:
+                tq, td = encode_teacher(batch["teacher"]["query"]), docs(batch["teacher"], encode_teacher)
+            else:
+                tq, td = (t.to(device) for t in batch["teacher_emb"])
+            sd, td = gather_with_grad(sd), gather_with_grad(td)  # candidates: every rank's docs; rows: this rank's queries
+            loss = sum(criterion(sq[:, :d], sd[:, :d], tq, td) for d in dims)
+            loss.backward()
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(mean_over_ranks(loss))  # the global batch's loss, not rank 0's
         seen += sq.shape[0] * world
         if train_log:
             train_log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}) + "\n")

@@ -36,8 +36,8 @@ from vembed_blocks import InfoNCE, get_rank, get_world_size, init_distributed, r
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskBatches, WeightedTaskSampler, parse_group_weights, parse_weights
 from vembed_blocks.data.embed_store import EmbedStore, collate_embeddings
-from vembed_blocks.distributed import shutdown_distributed
-from vembed_blocks.parallel import unwrap_model, wrap_ddp
+from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
+from vembed_blocks.parallel import clip_gradients, unwrap_model, wrap_ddp
 
 log = logging.getLogger("multitask")
 
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.03)
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, then constant (the seed's schedule)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the head")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (shard reads)")
     p.add_argument("--log-every", type=int, default=10)
@@ -223,11 +223,11 @@ def train_loop(args, loader, model, head, criterion, optimizer, scheduler, sampl
         q, d = fwd(pooled(batch, "query").to(device), pooled(batch, "positive").to(device))
         loss = criterion(q, d)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), args.max_grad_norm)
+        clip_gradients(head.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(mean_over_ranks(loss))  # the global batch's loss, not rank 0's
         counts[task] += 1
         seen += q.shape[0] * world
         key = sampler.draw(item["step"])[1]  # "task" or "task/<number of source images>"

@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader
 from vembed_blocks import CoSENT, InfoNCE, Matryoshka, Triplet, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskBatches, TextCollator, WeightedTaskSampler, load_records, scatter_negatives
-from vembed_blocks.distributed import gather_with_grad, shutdown_distributed
+from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.mining import mine_hard_negatives
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, wrap_ddp
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers, one_gradient_sync, wrap_ddp
 from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
 from vembed_blocks.schedule import warmup_cosine
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--compile", action="store_true", help="torch.compile every block in place")
@@ -239,29 +239,26 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, st
     train_log = open(os.path.join(args.output, "train_log.jsonl"), "a") if rank == 0 else None
     for item in loader:
         step, batch = item["step"] + 1, item["batch"]
-        q, p = encode(batch["query"]), encode(batch["positive"])
-        neg = encode(batch["negatives"]) if "negatives" in batch else None
-        if args.loss == "cosent":
-            if "scores" not in batch:
-                raise ValueError("--loss cosent needs a numeric 'score' (or 'label') on every row")
-            loss = criterion(q, p, scores=batch["scores"].to(device))
-        elif args.loss == "triplet":
-            mask = batch.get("negatives_mask")
-            loss = criterion(q, p) if neg is None else criterion(q, p, scatter_negatives(neg, mask), negatives_mask=mask.to(device))
-        else:
-            if world > 1:  # the negative pool is gathered: a rank without negatives still takes part, with none
-                has = torch.tensor([neg is not None], device=device, dtype=torch.int)
-                torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX)
-                neg = q.new_zeros(0, q.shape[1]) if neg is None and has.item() else neg
-            labels = batch.get("labels")
-            extra = {"labels": labels.to(device)} if labels is not None and not labels.is_floating_point() else {}
-            loss = criterion(q, p, negatives=neg, **extra)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
+        with one_gradient_sync(model):  # several forwards, one gradient all-reduce (parallel.one_gradient_sync)
+            q, p = encode(batch["query"]), encode(batch["positive"])
+            neg = encode(batch["negatives"]) if "negatives" in batch else None
+            if args.loss == "cosent":
+                if "scores" not in batch:
+                    raise ValueError("--loss cosent needs a numeric 'score' (or 'label') on every row")
+                loss = criterion(q, p, scores=batch["scores"].to(device))
+            elif args.loss == "triplet":
+                mask = batch.get("negatives_mask")
+                loss = criterion(q, p) if neg is None else criterion(q, p, scatter_negatives(neg, mask), negatives_mask=mask.to(device))
+            else:
+                labels = batch.get("labels")
+                extra = {"labels": labels.to(device)} if labels is not None and not labels.is_floating_point() else {}
+                loss = criterion(q, p, negatives=neg, **extra)
+            loss.backward()
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(mean_over_ranks(loss))  # the global batch's loss, not rank 0's
         seen += q.shape[0] * world
         if train_log:
             train_log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}) + "\n")

@@ -26,14 +26,15 @@ def word_tokenizer(words=WORDS, specials=("[PAD]", "[UNK]", "[BOS]", "[EOS]"), t
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", **kw)
 
 
-def tiny_bert(out: str, words=WORDS) -> str:
-    """BertModel (2 layers, width 32) + a word-level tokenizer with [CLS]/[SEP]."""
+def tiny_bert(out: str, words=WORDS, dropout: float = 0.1) -> str:
+    """BertModel (2 layers, width 32, ``dropout`` in hidden states and attention) + a word-level tokenizer with [CLS]/[SEP]."""
     from transformers import BertConfig, BertModel
 
     tok = word_tokenizer(words, ("[PAD]", "[UNK]", "[CLS]", "[SEP]"), "[CLS] $A [SEP]", cls_token="[CLS]", sep_token="[SEP]",
                          model_max_length=64)  # fmt: skip
     config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+                        max_position_embeddings=64, pad_token_id=0, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)  # fmt: skip
     torch.manual_seed(0)
     BertModel(config).save_pretrained(out)
     tok.save_pretrained(out)

@@ -9,6 +9,7 @@ SGD (not Adam) so that a gradient off by a factor of W would show in the paramet
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from _multiproc import run_ranks
 from vembed_blocks.distributed import gather_with_offset
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, shard_model, wrap_ddp
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, shard_model, wrap_ddp
 
 LR = 0.5
 ATOL = 1e-5
@@ -128,12 +129,14 @@ def local_slice(b: dict, rank: int, world: int) -> dict:
     return out
 
 
-def sgd_step(model, loss_fn, batch, gather) -> float:
+def sgd_step(model, loss_fn, batch, gather) -> tuple[float, float]:
+    """One SGD step; returns the loss and the gradient norm (`clip_gradients` with 0: measured, not clipped)."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     loss = loss_fn(model, batch, gather)
     loss.backward()
+    norm = clip_gradients(model.parameters(), 0)
     opt.step()
-    return loss.item()
+    return loss.item(), norm
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -156,7 +159,7 @@ def _equivalence(rank, world, clip_dir, qwen_dir):
     }
     for name, (cls, path, loss_fn, batch) in cases.items():
         ref = cls.from_pretrained(path)
-        global_loss = sgd_step(ref, loss_fn, batch, gather=False)
+        global_loss, global_norm = sgd_step(ref, loss_fn, batch, gather=False)
         ref_params = full_params(ref)
         results["moved"][name] = max_diff(ref_params, full_params(cls.from_pretrained(path)))
         for how in ("fsdp", "fsdp+ckpt", "ddp", "fsdp-bf16"):
@@ -167,11 +170,11 @@ def _equivalence(rank, world, clip_dir, qwen_dir):
                 model = wrap_ddp(model)
             else:
                 model = shard_model(model, mixed_precision="bf16" if how == "fsdp-bf16" else None)
-            local_loss = sgd_step(model, loss_fn, local_slice(batch, rank, world), gather=True)
+            local_loss, norm = sgd_step(model, loss_fn, local_slice(batch, rank, world), gather=True)
             losses = [None] * world
             torch.distributed.all_gather_object(losses, local_loss)
             results[f"{name}/{how}"] = (max_diff(full_params(model), ref_params),
-                                        abs(sum(losses) / world - global_loss))
+                                        abs(sum(losses) / world - global_loss), abs(norm - global_norm) / global_norm)
     return results
 
 
@@ -179,19 +182,44 @@ def test_one_step_matches_single_process(model_dirs):
     res = run_ranks(_equivalence, 2, *model_dirs, timeout=300)
     moved = [r.pop("moved") for r in res][0]
     for rank, checks in enumerate(res):
-        for key, (pdiff, ldiff) in checks.items():
+        for key, (pdiff, ldiff, norm_rel) in checks.items():
             if rank == 0:
-                print(f"{key}: max |param diff| {pdiff:.2e}, |loss diff| {ldiff:.2e}")
+                print(f"{key}: max |param diff| {pdiff:.2e}, |loss diff| {ldiff:.2e}, grad norm rel. diff {norm_rel:.2e}")
             if key.endswith("bf16"):  # bf16 compute (8 mantissa bits): the update is only close
-                assert pdiff < 0.2 * moved[key.split("/")[0]] and ldiff < 5e-2, key
-            else:  # fp32 paths: equal to float rounding
-                assert pdiff < ATOL and ldiff < ATOL, key
+                assert pdiff < 0.2 * moved[key.split("/")[0]] and ldiff < 5e-2 and norm_rel < 5e-2, key
+            else:  # fp32 paths: equal to float rounding; the norm over sharded (DTensor) grads too
+                assert pdiff < ATOL and ldiff < ATOL and norm_rel < 1e-5, key
     print("largest parameter change of the reference step:", moved)
     # The check has teeth only if the step moves parameters far more than the tolerance.
     assert all(m > 1e-2 for m in moved.values()), moved
 
 
 # ---------------------------------------------------------------- single-process pieces
+def test_clip_gradients_zero_is_off_and_positive_clips_like_torch():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    norm = math.sqrt(sum(float((x * x).sum()) for x in grads))
+
+    def params():
+        out = [nn.Parameter(torch.zeros_like(x)) for x in grads]
+        for p, x in zip(out, grads):
+            p.grad = x.clone()
+        return out + [nn.Parameter(torch.zeros(2))]  # one without a gradient: skipped
+
+    off = params()
+    assert clip_gradients(off, 0) == pytest.approx(norm, rel=1e-12)
+    assert all(torch.equal(p.grad, x) for p, x in zip(off, grads))  # 0 = off: untouched (not zeroed)
+    for max_norm in (0.5 * norm, 2 * norm):
+        ours, theirs = params(), params()
+        clip_gradients(ours, max_norm)
+        torch.nn.utils.clip_grad_norm_(theirs[:2], max_norm)
+        want = [x * min(1.0, max_norm / (norm + 1e-6)) for x in grads]
+        for a, b, w in zip(ours, theirs, want):
+            assert torch.allclose(a.grad, w, rtol=1e-12, atol=0) and torch.allclose(b.grad, w, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+        clip_gradients(params(), -1.0)
+
+
 def test_no_process_group_is_noop_and_lora_targets(model_dirs):
     from transformers import BertConfig, BertModel, CLIPModel
 

@@ -18,6 +18,7 @@ from .data import (
     TextCollator,
     VLMCollator,
     WeightedTaskSampler,
+    label_id,
     load_image,
     load_records,
     load_task_dir,
@@ -27,6 +28,7 @@ from .data import (
     scatter_negatives,
 )
 from .distributed import (
+    any_rank,
     average_gradients,
     gather_with_grad,
     gather_with_offset,
@@ -34,13 +36,23 @@ from .distributed import (
     get_world_size,
     init_distributed,
     is_main_process,
+    mean_over_ranks,
     shutdown_distributed,
 )
 from .embed import RetrievalSet, embed_items, retrieval_set
 from .gradcache import GradCache, RandState
 from .losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives
 from .metrics import retrieval_metrics, search
-from .parallel import apply_lora, checkpoint_layers, compile_layers, shard_model, unwrap_model, wrap_ddp
+from .parallel import (
+    apply_lora,
+    checkpoint_layers,
+    clip_gradients,
+    compile_layers,
+    one_gradient_sync,
+    shard_model,
+    unwrap_model,
+    wrap_ddp,
+)
 from .pooling import pool
 from .schedule import warmup_cosine
 from .towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder

@@ -35,6 +35,7 @@ __all__ = [
     "pad_dim",
     "ring_shift",
     "average_gradients",
+    "mean_over_ranks",
     "shutdown_distributed",
 ]
 
@@ -221,3 +222,17 @@ def average_gradients(params) -> None:
     flat /= dist.get_world_size()
     for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(chunk.view_as(g))
+
+
+def mean_over_ranks(x: torch.Tensor | float) -> float:
+    """The mean of a scalar over ranks (one all-reduce; ``float(x)`` at world size 1).
+
+    A rank's loss averages over its own rows, so with equal local batch sizes this is the loss
+    of the global batch: what a recipe should log. Every rank must call it.
+    """
+    t = x.detach().reshape(()).double() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)
+    if not is_dist():
+        return float(t)
+    t = t.cpu() if dist.get_backend() == "gloo" else t
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / dist.get_world_size()

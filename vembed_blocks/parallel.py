@@ -14,15 +14,20 @@ runs unchanged as plain ``python recipe.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import warnings
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["shard_model", "wrap_ddp", "checkpoint_layers", "compile_layers", "apply_lora", "unwrap_model", "SCALAR_PARAMS_ATTR"]
+__all__ = [
+    "shard_model", "wrap_ddp", "checkpoint_layers", "compile_layers", "apply_lora", "unwrap_model", "clip_gradients", "one_gradient_sync",
+    "SCALAR_PARAMS_ATTR",
+]
 
 # Name of the attribute (on the root handed to `shard_model`) that lists the parameters
 # reshaped from 0-D to [1]; `export_pretrained` reads it to restore HF shapes.
@@ -53,6 +58,33 @@ _LORA_SUFFIXES = (
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip a DDP wrapper (FSDP2 and peft wrappers are kept: they own the state-dict names)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Scale gradients so their global L2 norm is at most ``max_norm``; ``0`` = off. Returns the norm.
+
+    The rule of ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``,
+    capped at 1), over FSDP2-sharded (DTensor) and plain gradients together, which one torch
+    call cannot mix. ``max_norm=0`` leaves gradients as they are (the seeds' convention; passed
+    to ``clip_grad_norm_`` it would zero them all). Sharded norms are collectives: call it on
+    every rank.
+    """
+    if max_norm < 0 or not math.isfinite(max_norm):
+        raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    squares = 0.0
+    for group in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
+        if group:
+            norm = torch.nn.utils.get_total_norm(group)
+            squares += float(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+    total = math.sqrt(squares)
+    coef = max_norm / (total + 1e-6)
+    if max_norm > 0 and coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
 
 
 def _pg_ready() -> bool:
@@ -196,7 +228,9 @@ def _route_through_ddp(ddp: nn.Module, name: str):
 def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
     """Wrap in `DistributedDataParallel` (kwargs pass through), routing encode methods via forward.
 
-    On CUDA ``device_ids`` defaults to the current device. After wrapping,
+    On CUDA ``device_ids`` defaults to the current device; ``broadcast_buffers`` defaults to
+    False, so forwards are not collectives and ranks may run different numbers of them (pass
+    True for BatchNorm statistics synced from rank 0, at the price of equal forward counts). After wrapping,
     ``wrapped.get_text_features(...)`` (and the other known encode methods that exist)
     synchronise gradients like ``wrapped(...)`` does. Without a process group: unchanged.
     """
@@ -204,12 +238,38 @@ def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
         return model
     if torch.cuda.is_available() and dist.get_backend() == "nccl":
         kwargs.setdefault("device_ids", [torch.cuda.current_device()])
+    # DDP's default broadcasts every buffer from rank 0 at each forward: a collective per call, so
+    # a rank that encodes its hard negatives while another has none (an extra forward) hangs.
+    # Embedding backbones' buffers are constants (position ids); BatchNorm statistics then stay per rank.
+    kwargs.setdefault("broadcast_buffers", False)
     ddp = nn.parallel.DistributedDataParallel(model, **kwargs)
     for name in _FORWARD_METHODS:
         if hasattr(model, name) and callable(getattr(model, name)):
             # Instance attribute: shadows DDP.__getattr__ fallback for this name.
             object.__setattr__(ddp, name, _route_through_ddp(ddp, name))
     return ddp
+
+
+@contextlib.contextmanager
+def one_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """A training step's forwards and backward under DDP ``no_sync``, then one all-reduce of the gradients.
+
+    DDP expects one forward per backward. An embedding step makes several (queries, documents,
+    and on some ranks a batch of hard negatives): with ``find_unused_parameters`` the second
+    forward of a tower fails ("Expected to mark a variable ready only once"), and ranks with
+    different forward counts would pair the wrong collectives. Inside this context DDP keeps
+    no books; on exit the gradients of the trainable parameters are averaged over ranks in one
+    flat all-reduce (`average_gradients`: parameters without a gradient must be the same on
+    every rank). GradCache inside it is fine. A model that is not DDP: a no-op.
+    """
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        yield
+        return
+    from .distributed import average_gradients
+
+    with model.no_sync():
+        yield
+    average_gradients([p for p in model.parameters() if p.requires_grad])
 
 
 def _checkpointed_forward(orig_forward, *args, **kwargs):
