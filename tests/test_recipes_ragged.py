@@ -6,8 +6,8 @@ rank 1's have neither, and at step 2 only rank 1's rows have negatives. A 2-rank
 must finish (before the losses agreed on optional inputs it hung in gloo) and log, step by
 step, the same global-batch loss as one process on the same global batches (dropout off, so
 the two runs see identical numbers). Both runs use ``--max-grad-norm 0`` (= no clipping):
-the export must differ from the initial weights (0 passed to ``clip_grad_norm_`` zeroed
-every gradient and the run exported the unchanged model).
+with no weight decay the export must differ from the initial weights (0 passed to
+``clip_grad_norm_`` zeroed every gradient and the run exported the unchanged model).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def test_clip_ragged_two_ranks_equal_one_process(images, tmp_path, loss, chunk):
     """InfoNCE through GradCache; SigLIP (hard negatives as negative-only columns) without: several DDP forwards a step."""
     model = images["clip" if loss == "infonce" else "siglip"]
     run = ["--model", model, "--data", images["data"], "--loss", loss, "--chunk-size", chunk, "--max-steps", str(STEPS),
-           "--max-grad-norm", "0", "--lr", "1e-3", "--num-workers", "0", "--log-every", "1"]  # fmt: skip
+           "--max-grad-norm", "0", "--weight-decay", "0", "--lr", "1e-3", "--num-workers", "0", "--log-every", "1"]  # fmt: skip
     torchrun("clip_t2i", *run, "--batch-size", str(B), "--output", str(tmp_path / "two"), timeout=240)
     clip_t2i.main([*run, "--batch-size", str(2 * B), "--output", str(tmp_path / "one")])
     assert_same_losses(tmp_path / "two", tmp_path / "one")
@@ -105,7 +105,7 @@ def test_text_ragged_two_ranks_equal_one_process(tmp_path):
     rows = [{"query": f"{c} {s} {p}", "positive": f"there is a {c} {s} at the {p}"} for c in colours for s in shapes for p in places]
     data = make_ragged(rows, tmp_path / "ragged.jsonl")
     model = tiny_bert(str(tmp_path / "bert"), dropout=0.0)
-    run = ["--model", model, "--data", data, "--max-steps", str(STEPS), "--max-grad-norm", "0",
+    run = ["--model", model, "--data", data, "--max-steps", str(STEPS), "--max-grad-norm", "0", "--weight-decay", "0",
            "--lr", "2e-3", "--num-workers", "0", "--log-every", "1"]  # fmt: skip
     torchrun("text_t2t", *run, "--batch-size", str(B), "--output", str(tmp_path / "two"), timeout=240)
     text_t2t.main([*run, "--batch-size", str(2 * B), "--output", str(tmp_path / "one")])
