@@ -45,10 +45,10 @@ from vembed_blocks import ColBERT, Matryoshka, get_rank, get_world_size, init_di
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.colbert import maxsim
 from vembed_blocks.data import TaskBatches, TextCollator, VLMCollator, WeightedTaskSampler, load_records
-from vembed_blocks.distributed import average_gradients, pad_dim, shutdown_distributed
+from vembed_blocks.distributed import average_gradients, mean_over_ranks, pad_dim, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers
 from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_token_embeddings
 from vembed_blocks.schedule import warmup_cosine
 from vembed_blocks.metrics import format_table
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proj-lr", type=float, help="learning rate of the new projection (default: 10 x --lr)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--bf16", action="store_true", help="FSDP2 bf16 parameters (fp32 gradient reduce) + autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--compile", action="store_true", help="torch.compile every block in place")
@@ -106,10 +106,13 @@ class FixedNegatives:
     then runs the same number of encoder forwards, which FSDP2's collectives require."""
 
     def __init__(self, collator, k: int) -> None:
-        self.collator, self.k = collator, k
+        self.collator, self.k, self.warned = collator, k, False
 
     def __call__(self, records: list) -> dict:
         k = self.k
+        if not k and not self.warned and any(r.negatives for r in records):  # once per process (rank, worker)
+            self.warned = True
+            log.warning("rows have hard negatives but --num-negatives is 0: they are not used (pass --num-negatives K)")
         batch = self.collator([dataclasses.replace(r, negatives=(list(r.negatives[:k]) + [r.positive] * k)[:k]) for r in records])
         if k:
             batch["negatives_mask"] = torch.tensor([[j < len(r.negatives) for j in range(k)] for r in records])
@@ -159,23 +162,6 @@ def token_embeddings(args, model, proj, inputs: dict) -> torch.Tensor:
 def make_loss(args: argparse.Namespace) -> nn.Module:
     loss = ColBERT(temperature=args.temperature)
     return Matryoshka(loss, [int(d) for d in args.mrl_dims.split(",")]) if args.mrl_dims else loss
-
-
-def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> float:
-    """``clip_grad_norm_`` over sharded (DTensor) and plain parameters together (one torch call cannot mix them)."""
-    norms = []
-    for params in groups:
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-    total = math.sqrt(sum(n * n for n in norms))
-    coef = min(1.0, max_norm / (total + 1e-6))  # the same rule as clip_grad_norm_
-    for params in groups:
-        for p in params:
-            if p.grad is not None and coef < 1.0:
-                p.grad.mul_(coef)
-    return total
 
 
 @torch.no_grad()
@@ -316,11 +302,11 @@ def train_loop(args, loader, model, proj, criterion, optimizer, scheduler, sampl
         loss.backward()
         if proj is not None:
             average_gradients(proj.parameters())  # FSDP does not see the projection (outside the model)
-        clip_gradients([g["params"] for g in optimizer.param_groups], args.max_grad_norm)
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(mean_over_ranks(loss))  # the global batch's loss, not rank 0's
         seen += q.shape[0] * world
         if train_log:
             train_log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}) + "\n")

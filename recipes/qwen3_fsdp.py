@@ -42,10 +42,10 @@ from torch.utils.data import DataLoader
 from vembed_blocks import InfoNCE, Matryoshka, get_rank, get_world_size, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskBatches, VLMCollator, WeightedTaskSampler, load_records
-from vembed_blocks.distributed import shutdown_distributed
+from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers
 from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_embed
 from vembed_blocks.schedule import warmup_cosine
 from vembed_blocks.metrics import format_table
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--bf16", action="store_true", help="FSDP2 bf16 parameters (fp32 gradient reduce) + autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--compile", action="store_true", help="torch.compile every block (falls back to eager on failure)")
@@ -104,10 +104,13 @@ class FixedNegatives:
     """
 
     def __init__(self, collator: VLMCollator, k: int) -> None:
-        self.collator, self.k = collator, k
+        self.collator, self.k, self.warned = collator, k, False
 
     def __call__(self, records: list) -> dict:
         k = self.k
+        if not k and not self.warned and any(r.negatives for r in records):  # once per process (rank, worker)
+            self.warned = True
+            log.warning("rows have hard negatives but --num-negatives is 0: they are not used (pass --num-negatives K)")
         padded = [dataclasses.replace(r, negatives=(list(r.negatives[:k]) + [r.positive] * k)[:k]) for r in records]
         batch = self.collator(padded)
         if k:
@@ -270,11 +273,11 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, to
             extra.update(negatives=n.view(q.shape[0], args.num_negatives, -1), negatives_mask=batch["negatives_mask"].to(device))
         loss = criterion(q, p, **extra)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(mean_over_ranks(loss))  # the global batch's loss, not rank 0's
         seen += q.shape[0] * world
         if train_log:
             train_log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}) + "\n")

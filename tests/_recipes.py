@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +21,64 @@ def load_script(name: str):
     return module
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> str:
-    """``torchrun --standalone --nproc_per_node=nproc recipes/<script>.py args``; returns stdout, fails with the logs."""
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300, stderr: bool = False) -> str:
+    """``torchrun --standalone --nproc_per_node=nproc recipes/<script>.py args``; returns stdout (then stderr,
+    where the recipes log, if ``stderr``), fails with the logs."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "recipes" / f"{script}.py"), *args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+    # Own session: on a timeout the launcher and its workers are killed together (a hung rank
+    # would otherwise live on until gloo's own timeout).
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n{out[-4000:]}\n{err[-6000:]}") from None
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{out[-4000:]}\n{err[-6000:]}"
+    return out + err if stderr else out
 
 
 def train_log(out: Path) -> dict[int, float]:
     """``{step: loss}`` from a recipe's ``<output>/train_log.jsonl`` (rank 0 writes one line per step)."""
     return {r["step"]: r["loss"] for r in map(json.loads, (Path(out) / "train_log.jsonl").read_text().splitlines())}
+
+
+def rank_rows(n_rows: int, batch_size: int, step: int = 0, world_size: int = 2, seed: int = 0) -> list[list[int]]:
+    """The row indices each rank trains on at ``step`` (0-based), drawn as the single-task recipes draw them
+    (``WeightedTaskSampler({"train": n_rows}, batch_size, seed=seed, rank=r, world_size=world_size)``)."""
+    from vembed_blocks.data import WeightedTaskSampler
+
+    out = []
+    for rank in range(world_size):
+        sampler = WeightedTaskSampler({"train": n_rows}, batch_size, seed=seed, rank=rank, world_size=world_size)
+        for _ in range(step):
+            next(sampler)
+        out.append(list(next(sampler)[1]))
+    return out
+
+
+def ragged_rows(rows: list[dict], batch_size: int, negatives, label, seed: int = 0) -> tuple[list[dict], list[list[int]]]:
+    """``rows`` where only rank 0's step-0 rows (of 2 ranks) carry hard negatives and a string label.
+
+    ``negatives(i, j)`` is the ``j``-th of the hard negatives of row ``i``, which gets ``j % 3`` of
+    them (its first row gets none: ragged inside rank 0 too); ``label(i)`` its label. Every other
+    row has neither, so at step 0 rank 1 has no negatives and no labels at all. Returns
+    ``(rows, step0)`` with ``step0[r]`` the rows of rank ``r`` at step 0, asserted to be disjoint.
+    """
+    step0 = rank_rows(len(rows), batch_size, 0, 2, seed)
+    assert not set(step0[0]) & set(step0[1]), step0  # enough rows: no row on both ranks
+    out = [{k: v for k, v in r.items() if k not in ("negatives", "label")} for r in rows]
+    for j, i in enumerate(step0[0]):
+        out[i]["negatives"] = [negatives(i, m) for m in range(j % 3)]
+        out[i]["label"] = label(i)
+    return out, step0
+
+
+def assert_ragged_step0(records, step0: list[list[int]]) -> None:
+    """At step 0, rank 0's rows all have a label and some (not all) have hard negatives; rank 1's have neither."""
+    mine, other = [records[i] for i in step0[0]], [records[i] for i in step0[1]]
+    assert all(isinstance(r.label, str) for r in mine), [r.label for r in mine]
+    assert 0 < sum(bool(r.negatives) for r in mine) < len(mine), [len(r.negatives) for r in mine]
+    assert all(not r.negatives and r.label is None for r in other), [(len(r.negatives), r.label) for r in other]

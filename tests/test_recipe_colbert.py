@@ -5,12 +5,15 @@
   by --stop-at/--resume reproduces the later losses, and the export (HF folder + projection)
   reproduces the recipe's final MaxSim metrics when loaded with from_pretrained;
 - plain python (world size 1), the VLM encoder detected from the config, Matryoshka token dims
-  and activation checkpointing: the loss drops and the export loads.
+  and activation checkpointing: the loss drops and the export loads;
+- torchrun, 2 ranks, ragged across ranks (ColBERT and ColQwen): at step 1 rank 0 has hard negatives
+  and string labels and rank 1 neither; the logged loss is one process's loss on the global batch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from _recipes import load_script, torchrun, train_log
+from _recipes import assert_ragged_step0, load_script, ragged_rows, torchrun, train_log
 from _tiny_models import tiny_bert, tiny_qwen3vl
 from test_recipe_qwen3 import shapes_dataset
 
@@ -100,3 +103,52 @@ def test_single_process_colqwen_learns_and_exports(tmp_path):
 
     Qwen3VLModel.from_pretrained(out / "final")
     assert load_file(str(out / "final" / "colbert_projection.safetensors"))["weight"].shape == (16, 32)
+
+
+def one_process_loss(argv: list[str], records: list) -> float:
+    """The recipe's loss on ``records`` (the global batch) in one process, before any update."""
+    args = colbert.parse_args(argv)
+    torch.manual_seed(args.seed)  # as main() does before building: the projection's initial weights
+    model, proj, collator, _ = colbert.build_encoder(args, torch.device("cpu"))
+    batch, k, b = colbert.FixedNegatives(collator, args.num_negatives)(records), args.num_negatives, len(records)
+
+    def encode(x: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return colbert.token_embeddings(args, model, proj, x), x["attention_mask"].bool()
+
+    with torch.no_grad():
+        (q, qm), (d, dm) = encode(batch["query"]), encode(batch["positive"])
+        extra = {}
+        if k:
+            n, nm = encode(batch["negatives"])
+            nm = nm.view(b, k, -1) & batch["negatives_mask"][..., None]  # a padded slot: no real token
+            extra = {"negatives": n.view(b, k, n.shape[1], -1), "negatives_mask": nm}
+        return colbert.make_loss(args)(q, qm, d, dm, **extra).item()
+
+
+def test_torchrun_ragged_negatives_and_labels(tmp_path):
+    """At step 1 only rank 0 has hard negatives (0-2 a row) and string labels (which ColBERT does not
+    use): text ColBERT with --num-negatives 2 and 0, and ColQwen with 2, finish with finite losses,
+    and step 1's loss equals one process on the global batch. With 0 the data's negatives are left out
+    and the recipe warns."""
+    (tmp_path / "pets").mkdir()
+    (tmp_path / "shapes").mkdir()
+    runs = [("pets", pets_dataset(tmp_path / "pets")[0], tiny_bert(str(tmp_path / "bert"), dropout=0.0), k) for k in (2, 0)]
+    runs.append(("shapes", shapes_dataset(tmp_path / "shapes")[0], tiny_qwen3vl(str(tmp_path / "qwen")), 2))
+    for name, train, model, k in runs:
+        rows = [json.loads(line) for line in Path(train).read_text().splitlines()]
+        negative, label = (lambda i, m: rows[(i + 4 + m) % len(rows)]["positive"]), (lambda i: rows[i]["query"].split()[1])
+        ragged, step0 = ragged_rows(rows, 3, negative, label)  # label: the colour
+        data = Path(train).with_name("ragged.jsonl")  # next to the images it may name
+        data.write_text("".join(json.dumps(r) + "\n" for r in ragged))
+        records = colbert.load_records(str(data), None)
+        assert_ragged_step0(records, step0)  # the sampler really gives rank 0 all of them and rank 1 none at step 0
+        out = tmp_path / f"{name}-k{k}"
+        argv = ["--model", model, "--data", str(data), "--output", str(out), "--batch-size", "3", "--chunk-size", "2",
+                "--num-negatives", str(k), "--dim", "16", "--max-steps", "3", "--lr", "3e-3", "--num-workers", "0",
+                "--log-every", "1"]  # fmt: skip
+        logs = torchrun("colbert", *argv, timeout=240, stderr=True)
+        losses = train_log(out)
+        assert sorted(losses) == [1, 2, 3] and all(map(math.isfinite, losses.values())), (name, k, losses)
+        want = one_process_loss(argv, [records[i] for i in step0[0] + step0[1]])
+        assert losses[1] == pytest.approx(want, abs=1e-4), (name, k, losses, want)
+        assert ("--num-negatives is 0" in logs) == (k == 0), logs[-3000:]

@@ -4,12 +4,15 @@
   GradCache + Matryoshka + --eval-every: the whole-set distillation loss falls, a run split by
   --stop-at/--resume reproduces the uninterrupted losses, the export loads with from_pretrained;
 - in-process: a live teacher of another width and tokenizer (MSE) teaches the student, and the
-  evaluate.py file layout (looked up by text, hard negatives included) trains and names missing texts.
+  evaluate.py file layout (looked up by text, hard negatives included) trains and names missing texts;
+- torchrun, 2 ranks, ragged across ranks (live teacher, and the evaluate.py layout): at step 1 rank 0
+  has hard negatives and string labels and rank 1 neither; the logged loss is one process's loss.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _recipes import load_script, torchrun, train_log
+from _recipes import assert_ragged_step0, load_script, ragged_rows, torchrun, train_log
 from _tiny_models import WORDS, tiny_bert, word_tokenizer
 from vembed_blocks import Distill
 from vembed_blocks.st_folder import embed_texts, load_text_encoder
@@ -150,3 +153,51 @@ def test_evaluate_py_layout_uses_negatives_and_names_missing_texts(toy, tmp_path
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "red cat", "positive": "there is a red cat"}])
     with pytest.raises(KeyError, match="red cat"):
         store(list(distill.load_records(bad)))
+
+
+def one_process_loss(argv: list[str], records: list) -> float:
+    """The recipe's loss on ``records`` (the global batch) in one process, before any update."""
+    from vembed_blocks.st_folder import text_features
+
+    args = distill.parse_args(argv)
+    student, collator, cfg, teacher, teacher_input = distill.prepare(args, torch.device("cpu"))
+    batch = distill.collate(collator, teacher_input, records)
+
+    def embed(model, side: dict, pooling: str, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        docs = [side["positive"]] + ([side["negatives"]] if "negatives" in side else [])  # the recipe's order
+        features = [text_features(model, x, pooling, normalize) for x in [side["query"], *docs]]
+        return features[0], torch.cat(features[1:])
+
+    with torch.no_grad():
+        sq, sd = embed(student, batch["student"], cfg.pooling, False)
+        if teacher is None:
+            tq, td = batch["teacher_emb"]
+        else:
+            tq, td = embed(teacher[0], batch["teacher"], teacher[1].pooling, teacher[1].normalize)
+    criterion = distill.Distill(temperature=args.temperature, kind=args.kind)
+    return sum(criterion(sq[:, :d], sd[:, :d], tq, td) for d in map(int, args.mrl_dims.split(","))).item()
+
+
+def test_torchrun_ragged_negatives_and_labels(toy, tmp_path):
+    """At step 1 only rank 0 has hard negatives (0-2 a row) and string labels (unused by Distill): with a
+    live teacher (GradCache) and with the evaluate.py layout (no GradCache: rank 0 makes one more DDP
+    forward than rank 1), Matryoshka, the run finishes with finite losses, and step 1's loss equals one
+    process on the global batch (every rank's docs as candidates)."""
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
+    # Other rows' positives as negatives: texts the evaluate.py layout has embeddings for.
+    negative, label = (lambda i, m: rows[(i + 4 + m) % len(rows)]["positive"]), (lambda i: rows[i]["query"].split()[0])
+    ragged, step0 = ragged_rows(rows, 4, negative, label)  # label: the colour
+    data = write_jsonl(tmp_path / "ragged.jsonl", ragged)
+    records = distill.Numbered(distill.load_records(data))
+    assert_ragged_step0(records, step0)  # the sampler really gives rank 0 all of them and rank 1 none at step 0
+    student = tiny_bert(str(tmp_path / "student"), dropout=0.0)  # no dropout: step 1 is reproducible in one process
+    runs = {"live": ["--teacher", toy["teacher"], "--chunk-size", "3"], "by_text": ["--teacher-embeddings", toy["by_text"]]}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        argv = ["--model", student, "--data", data, "--output", str(out), *extra, "--batch-size", "4", "--mrl-dims", "32,16",
+                "--temperature", "0.1", "--max-steps", "3", "--lr", "2e-3", "--num-workers", "0", "--log-every", "1"]  # fmt: skip
+        torchrun("distill", *argv, timeout=240)
+        losses = train_log(out)
+        assert sorted(losses) == [1, 2, 3] and all(map(math.isfinite, losses.values())), (name, losses)
+        want = one_process_loss(argv, [records[i] for i in step0[0] + step0[1]])
+        assert losses[1] == pytest.approx(want, rel=1e-3), (name, losses, want)  # the live loss is ~7e-4: relative

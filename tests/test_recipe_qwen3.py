@@ -4,12 +4,15 @@
   Matryoshka on edit-format rows: the loss drops on a memorisable toy task, retrieval
   improves, a run split by --stop-at/--resume reproduces the later losses, and the exported
   folder loads with from_pretrained and reproduces the recipe's final metrics;
-- plain python (world size 1) with LoRA and ragged hard negatives: the export has the adapters merged.
+- plain python (world size 1) with LoRA and ragged hard negatives: the export has the adapters merged;
+- torchrun, 2 ranks, ragged across ranks: at step 1 rank 0 has hard negatives and string labels and
+  rank 1 neither; the logged loss is one process's loss on the global batch (--num-negatives 2 and 0).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from _recipes import load_script, torchrun, train_log
+from _recipes import assert_ragged_step0, load_script, ragged_rows, torchrun, train_log
 from _tiny_models import tiny_qwen3vl
 
 qwen3 = load_script("qwen3_fsdp")
@@ -121,3 +124,48 @@ def test_single_process_lora_merges_into_the_export(toy, tmp_path):
     key = next(k for k in base if k.endswith("self_attn.q_proj.weight"))
     assert not torch.equal(exported[key], base[key])  # the adapter was folded into the weight
     Qwen3VLModel.from_pretrained(out / "final")
+
+
+def one_process_loss(argv: list[str], records: list) -> float:
+    """The recipe's loss on ``records`` (the global batch) in one process, before any update."""
+    from transformers import AutoModel
+
+    from vembed_blocks import VLMCollator
+    from vembed_blocks.vlm import load_vlm_processor, vlm_embed
+
+    args = qwen3.parse_args(argv)
+    model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
+    collator = VLMCollator(load_vlm_processor(args.model), query_instruction=args.query_instruction,
+                           doc_instruction=args.doc_instruction, max_image_side=args.max_image_side)  # fmt: skip
+    batch, k = qwen3.FixedNegatives(collator, args.num_negatives)(records), args.num_negatives
+    with torch.no_grad():
+        q, p = vlm_embed(model, batch["query"]), vlm_embed(model, batch["positive"])
+        extra = {"labels": batch["labels"]} if "labels" in batch else {}
+        if k:
+            negatives = vlm_embed(model, batch["negatives"]).view(len(records), k, -1)
+            extra.update(negatives=negatives, negatives_mask=batch["negatives_mask"])
+        return qwen3.make_loss(args)(q, p, **extra).item()
+
+
+def test_torchrun_fsdp_ragged_negatives_and_labels(toy, tmp_path):
+    """At step 1 only rank 0 has hard negatives (0-2 a row) and string labels: the FSDP2 run finishes,
+    every loss is finite, and step 1's loss equals one process on the global batch. With
+    --num-negatives 0 the data's negatives are left out (the recipe warns) and the labels still count."""
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
+    negative, label = (lambda i, m: rows[(i + 4 + m) % len(rows)]["positive"]), (lambda i: rows[i]["query"].split()[1])
+    ragged, step0 = ragged_rows(rows, 3, negative, label)  # label: the colour
+    data = Path(toy["train"]).with_name("ragged.jsonl")  # next to the images it names
+    data.write_text("".join(json.dumps(r) + "\n" for r in ragged))
+    records = qwen3.load_records(str(data), None)
+    assert_ragged_step0(records, step0)  # the sampler really gives rank 0 all of them and rank 1 none at step 0
+    for k in (2, 0):
+        out = tmp_path / f"k{k}"
+        argv = ["--model", toy["model"], "--data", str(data), "--output", str(out), "--batch-size", "3", "--chunk-size", "2",
+                "--num-negatives", str(k), "--max-steps", "3", "--lr", "3e-3", "--num-workers", "0",
+                "--log-every", "1"]  # fmt: skip
+        logs = torchrun("qwen3_fsdp", *argv, timeout=240, stderr=True)
+        losses = train_log(out)
+        assert sorted(losses) == [1, 2, 3] and all(map(math.isfinite, losses.values())), losses
+        want = one_process_loss(argv, [records[i] for i in step0[0] + step0[1]])
+        assert losses[1] == pytest.approx(want, abs=1e-4), (k, losses, want)
+        assert ("--num-negatives is 0" in logs) == (k == 0), logs[-3000:]

@@ -19,30 +19,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _recipes import load_script, torchrun, train_log
+from _recipes import load_script, rank_rows, torchrun, train_log
 from _tiny_models import tiny_bert, tiny_siglip
 from vembed_blocks import demo as demo_data
-from vembed_blocks.data import WeightedTaskSampler
 
 clip_t2i = load_script("clip_t2i")
 text_t2t = load_script("text_t2t")
 B, STEPS = 6, 3  # rows per rank, steps per run
 
 
-def rank_rows(n: int, step: int) -> list[list[int]]:
-    """Row indices of each of 2 ranks at ``step`` (0-based), as the recipes' sampler draws them (seed 0)."""
-    out = []
-    for rank in range(2):
-        sampler = WeightedTaskSampler({"train": n}, B, seed=0, rank=rank, world_size=2)
-        for _ in range(step):
-            next(sampler)
-        out.append(next(sampler)[1])
-    return out
-
-
 def make_ragged(rows: list[dict], path: Path) -> str:
     """Step 0: rank 0 has negatives (2, 1, 1, 0, 2, 1 per row) and labels, rank 1 nothing; step 1: rank 1 has negatives only."""
-    (r0, r1), (_, s1) = rank_rows(len(rows), 0), rank_rows(len(rows), 1)
+    (r0, r1), (_, s1) = rank_rows(len(rows), B, 0), rank_rows(len(rows), B, 1)
     assert not set(r0) & set(s1)
     rows = [dict(r) for r in rows]
     positives = [r["positive"] for r in rows]

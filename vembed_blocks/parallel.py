@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import warnings
 from typing import Iterable, Iterator
@@ -228,9 +229,10 @@ def _route_through_ddp(ddp: nn.Module, name: str):
 def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
     """Wrap in `DistributedDataParallel` (kwargs pass through), routing encode methods via forward.
 
-    On CUDA ``device_ids`` defaults to the current device; ``broadcast_buffers`` defaults to
-    False, so forwards are not collectives and ranks may run different numbers of them (pass
-    True for BatchNorm statistics synced from rank 0, at the price of equal forward counts). After wrapping,
+    On CUDA ``device_ids`` defaults to the current device. Buffers are not synced at each
+    forward (``forward_sync_buffers=False``, or ``broadcast_buffers=False`` before torch 2.13),
+    so forwards are not collectives and ranks may run different numbers of them (pass True for
+    BatchNorm statistics synced from rank 0, at the price of equal forward counts). After wrapping,
     ``wrapped.get_text_features(...)`` (and the other known encode methods that exist)
     synchronise gradients like ``wrapped(...)`` does. Without a process group: unchanged.
     """
@@ -241,7 +243,10 @@ def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
     # DDP's default broadcasts every buffer from rank 0 at each forward: a collective per call, so
     # a rank that encodes its hard negatives while another has none (an extra forward) hangs.
     # Embedding backbones' buffers are constants (position ids); BatchNorm statistics then stay per rank.
-    kwargs.setdefault("broadcast_buffers", False)
+    # torch >= 2.13 names the per-forward sync forward_sync_buffers (buffers still synced once at init).
+    if "broadcast_buffers" not in kwargs and "forward_sync_buffers" not in kwargs:
+        new_name = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        kwargs["forward_sync_buffers" if new_name else "broadcast_buffers"] = False
     ddp = nn.parallel.DistributedDataParallel(model, **kwargs)
     for name in _FORWARD_METHODS:
         if hasattr(model, name) and callable(getattr(model, name)):
