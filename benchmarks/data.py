@@ -18,7 +18,9 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # what CLIPImageProcessor falls back to without torchvision
+from transformers.models.clip.image_processing_pil_clip import (
+    CLIPImageProcessorPil,
+)  # what CLIPImageProcessor falls back to without torchvision
 
 from vembed_blocks.data import WeightedTaskSampler, load_images, read_records
 
@@ -33,14 +35,23 @@ def bench_records(d: str, rows: int) -> list[tuple[str, float, str]]:
     text = os.path.join(d, "t2t.jsonl")
     with open(text, "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"query": f"query number {i}", "positive": f"passage {i} " * 8, "negatives": ["a", "b"], "label": i}) + "\n")
+            f.write(
+                json.dumps(
+                    {"query": f"query number {i}", "positive": f"passage {i} " * 8, "negatives": ["a", "b"], "label": i}
+                )
+                + "\n"
+            )
     Image.new("RGB", (4, 4)).save(os.path.join(d, "x.jpg"))
     image = os.path.join(d, "t2i.jsonl")
     with open(image, "w") as f:
         for i in range(rows):
             f.write(json.dumps({"query": f"caption {i}", "positive": "x.jpg", "negatives": ["x.jpg", "x.jpg"]}) + "\n")
     out = []
-    for name, path, kw in (("t2t", text, {}), ("t2i, stat images", image, {}), ("t2i, no stat", image, {"check_images": False})):
+    for name, path, kw in (
+        ("t2t", text, {}),
+        ("t2i, stat images", image, {}),
+        ("t2i, no stat", image, {"check_images": False}),
+    ):
         r = _rate(lambda: sum(1 for _ in read_records(path, **kw)), rows)
         out.append((f"parse JSONL -> Record ({name})", r, "records/s"))
     return out
@@ -58,12 +69,18 @@ def bench_images(d: str, n: int) -> list[tuple[str, float, str]]:
     proc = CLIPImageProcessorPil()  # 224 shortest edge + 224 center crop, CLIP mean/std
     decode = _rate(lambda: load_images(paths), n)
     full = _rate(lambda: [proc(load_images(paths[i : i + 32]), return_tensors="pt") for i in range(0, n, 32)], n)
-    return [("decode 224px JPEG (load_image)", decode, "images/s/core"), ("decode + CLIP processor", full, "images/s/core")]
+    return [
+        ("decode 224px JPEG (load_image)", decode, "images/s/core"),
+        ("decode + CLIP processor", full, "images/s/core"),
+    ]
 
 
 def bench_sampler(steps: int) -> list[tuple[str, float, str]]:
     out = []
-    for name, sizes in (("3 tasks, 100k rows", {"a": 50_000, "b": 30_000, "c": 20_000}), ("1 task, 1e9 rows", {"big": 10**9})):
+    for name, sizes in (
+        ("3 tasks, 100k rows", {"a": 50_000, "b": 30_000, "c": 20_000}),
+        ("1 task, 1e9 rows", {"big": 10**9}),
+    ):
         s = WeightedTaskSampler(sizes, batch_size=32, seed=0, rank=3, world_size=8)
         r = _rate(lambda: [next(s) for _ in range(steps)], steps)
         out.append((f"sampler draws, global batch 256 ({name})", r, "draws/s"))

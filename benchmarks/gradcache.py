@@ -134,12 +134,16 @@ def time_steps(reps: int, batch: int, chunk: int) -> None:
     best = {name: min(ts) for name, ts in cpu.items()}
     base, floor = best["plain full batch"], best[f"classic floor (chunk {chunk})"]
     st = next((v for k, v in best.items() if k.startswith("ST ")), None)
-    print(f"\n## Step time: {desc}, batch {batch} queries + {batch} docs, {torch.get_num_threads()} threads, "
-          f"min of {reps}; ratios of CPU time\n")
+    print(
+        f"\n## Step time: {desc}, batch {batch} queries + {batch} docs, {torch.get_num_threads()} threads, "
+        f"min of {reps}; ratios of CPU time\n"
+    )
     print("| method | wall s | CPU s | x plain | x classic floor | x ST cached |\n|---|---|---|---|---|---|")
     for name, t in best.items():
         st_ratio = f"{t / st:.2f}" if st else "n/a"
-        print(f"| {name} | {min(wall[name]):.3f} | {t:.3f} | {t / base:.2f} | {t / floor:.2f} | {st_ratio} |", flush=True)
+        print(
+            f"| {name} | {min(wall[name]):.3f} | {t:.3f} | {t / base:.2f} | {t / floor:.2f} | {st_ratio} |", flush=True
+        )
 
 
 def rss_mb() -> float:
@@ -180,9 +184,11 @@ def memory_child(method: str, batch: int, chunk: int) -> None:
 
 
 def memory_table(batches: list[int], chunk: int, max_plain: int) -> None:
-    print(f"\n## Peak memory (fresh process per cell; peak = VmHWM over the step, reset after model load; "
-          f"step = peak - RSS before the step), "
-          f"GradCache chunk {chunk}\n")
+    print(
+        f"\n## Peak memory (fresh process per cell; peak = VmHWM over the step, reset after model load; "
+        f"step = peak - RSS before the step), "
+        f"GradCache chunk {chunk}\n"
+    )
     print("| batch | plain peak MB | plain step MB | GradCache peak MB | GradCache step MB |\n|---|---|---|---|---|")
     for b in batches:
         cells = []
@@ -190,8 +196,12 @@ def memory_table(batches: list[int], chunk: int, max_plain: int) -> None:
             if method == "plain" and b > max_plain:
                 cells.append("skipped | skipped")
                 continue
-            out = subprocess.run([sys.executable, __file__, "--mem-child", method, str(b), str(chunk)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--mem-child", method, str(b), str(chunk)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             r = json.loads(out.strip().splitlines()[-1])
             cells.append(f"{r['peak']:.0f} | {r['peak'] - r['before']:.0f}")
         print(f"| {b} | {' | '.join(cells)} |", flush=True)

@@ -146,21 +146,35 @@ def main() -> None:
     batches = [int(b) for b in (args.batches or default_batches).split(",")]
     dense_max = args.dense_max or (65536 if cuda else 16384)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {os.environ.get('BENCH_THREADS', '2')} threads"
-    print(f"InfoNCE forward+backward, D={args.dim}, float32, tile={args.tile}, {where}; extra = peak above inputs+grads")
-    print(f"{'B':>9} | {'dense extra':>13} | {'dense time':>10} | {'tiled extra':>13} | {'tiled time':>10} | tiled/dense")
+    print(
+        f"InfoNCE forward+backward, D={args.dim}, float32, tile={args.tile}, {where}; extra = peak above inputs+grads"
+    )
+    print(
+        f"{'B':>9} | {'dense extra':>13} | {'dense time':>10} | {'tiled extra':>13} | {'tiled time':>10} | tiled/dense"
+    )
     print("-" * 80)
     for b in batches:
-        measure = (lambda t: measure_cuda(b, args.dim, t, args.reps, torch.float32)) if cuda else (
-            lambda t: measure_cpu(b, args.dim, t, args.reps)
+        measure = (
+            (lambda t: measure_cuda(b, args.dim, t, args.reps, torch.float32))
+            if cuda
+            else (lambda t: measure_cpu(b, args.dim, t, args.reps))
         )
         dense = measure(0) if b <= dense_max else None
         tiled = measure(args.tile)
-        ratio = f"{tiled['time_s'] / dense['time_s']:.2f}x" if dense and "time_s" in dense and "time_s" in tiled else "-"
-        print(f"{b:>9} | {fmt(dense)[0]:>13} | {fmt(dense)[1]:>10} | {fmt(tiled)[0]:>13} | {fmt(tiled)[1]:>10} | {ratio}", flush=True)
+        ratio = (
+            f"{tiled['time_s'] / dense['time_s']:.2f}x" if dense and "time_s" in dense and "time_s" in tiled else "-"
+        )
+        print(
+            f"{b:>9} | {fmt(dense)[0]:>13} | {fmt(dense)[1]:>10} | {fmt(tiled)[0]:>13} | {fmt(tiled)[1]:>10} | {ratio}",
+            flush=True,
+        )
     if cuda and not args.no_million:
         res = measure_cuda(1 << 20, 768, max(args.tile, 8192), 1, torch.bfloat16)
         extra, took = fmt(res)
-        print(f"{1 << 20:>9} | {'(2.2 TB bf16)':>13} | {'-':>10} | {extra:>13} | {took:>10} | bf16, D=768, tile={max(args.tile, 8192)}")
+        print(
+            f"{1 << 20:>9} | {'(2.2 TB bf16)':>13} | {'-':>10} | {extra:>13} | {took:>10} | "
+            f"bf16, D=768, tile={max(args.tile, 8192)}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,17 @@ from vembed_blocks.demo import build_tiny_clip, render_demo
 from vembed_blocks.distributed import average_gradients, mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers, one_gradient_sync, wrap_ddp
-from vembed_blocks.towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
-from vembed_blocks.schedule import warmup_cosine
 from vembed_blocks.metrics import format_table
+from vembed_blocks.parallel import (
+    apply_lora,
+    checkpoint_layers,
+    clip_gradients,
+    compile_layers,
+    one_gradient_sync,
+    wrap_ddp,
+)
+from vembed_blocks.schedule import warmup_cosine
+from vembed_blocks.towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
 
 log = logging.getLogger("clip_t2i")
 
@@ -49,10 +56,16 @@ log = logging.getLogger("clip_t2i")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF id or local folder (CLIP/SigLIP); default: a tiny random CLIP (demo)")
-    p.add_argument("--vision-model", help="compose a dual encoder: any HF vision backbone (e.g. facebook/dinov2-small) ...")
-    p.add_argument("--text-model", help="... plus any HF text backbone (e.g. bert-base-uncased), with linear projections")
+    p.add_argument(
+        "--vision-model", help="compose a dual encoder: any HF vision backbone (e.g. facebook/dinov2-small) ..."
+    )
+    p.add_argument(
+        "--text-model", help="... plus any HF text backbone (e.g. bert-base-uncased), with linear projections"
+    )
     p.add_argument("--proj-dim", type=int, default=256, help="composed towers: shared embedding width")
-    p.add_argument("--text-pooling", default="mean", help="composed towers: text pooling (mean, cls, last, max, weighted_mean)")
+    p.add_argument(
+        "--text-pooling", default="mean", help="composed towers: text pooling (mean, cls, last, max, weighted_mean)"
+    )
     p.add_argument("--data", help="training file (JSONL/CSV/Parquet); default: the rendered demo set")
     p.add_argument("--val-data", help="validation file for before/after retrieval metrics")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "t2t"], help="declare the data format (else detected)")
@@ -143,6 +156,7 @@ def evaluate(hf_model: nn.Module, collator: DualEncoderCollator, path: str, args
             inputs = {k: v.to(device) for k, v in collator.encode(items, [path] * len(items), is_query).items()}
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 return F.normalize(dual_encoder_features(hf_model, inputs).float(), dim=-1)
+
         return run
 
     q = embed_items(rs.queries, encode(True), args.eval_batch_size, "embed queries")
@@ -199,10 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in hf_model.parameters() if p.requires_grad]},
-         {"params": list(criterion.parameters()), "weight_decay": 0.0}],
-        lr=args.lr, weight_decay=args.weight_decay,
-    )  # fmt: skip
+        [
+            {"params": [p for p in hf_model.parameters() if p.requires_grad]},
+            {"params": list(criterion.parameters()), "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total))
     state = nn.ModuleDict({"model": hf_model, "loss": criterion})  # everything a checkpoint restores
     ckpt_dir = os.path.join(args.output, "checkpoints")
@@ -223,17 +240,30 @@ def main(argv: list[str] | None = None) -> dict:
     batches = TaskBatches({"train": train}, sampler, collator, steps=end - start)
     # Own generator: creating the iterator would otherwise draw from the global RNG, and a
     # resumed run would then replay different dropout masks than the uninterrupted one.
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
-    log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world)
+    loader = DataLoader(
+        batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed)
+    )
+    log.info(
+        "training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world
+    )
 
     def evaluate_during(step: int) -> None:  # --eval-every: rank 0 scores; the others wait at the next collective
+        # noqa below: main() deletes hf_model before shutdown, after the last call of this closure
         if val and rank == 0:
-            metrics = evaluate(hf_model, collator, val, args, device)
-            log.info("eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f", step, metrics["recall@1"], metrics["recall@10"], metrics["mrr@10"])
+            metrics = evaluate(hf_model, collator, val, args, device)  # noqa: F821
+            log.info(
+                "eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f",
+                step,
+                metrics["recall@1"],
+                metrics["recall@10"],
+                metrics["mrr@10"],
+            )
             with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    losses = train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device, evaluate_during)
+    losses = train_loop(
+        args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device, evaluate_during
+    )
 
     result = {"losses": losses}
     if end < total:
@@ -245,7 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device, evaluate_during) -> list[float]:
+def train_loop(
+    args, loader, model, criterion, optimizer, scheduler, sampler, state, total, end, device, evaluate_during
+) -> list[float]:
     """The explicit loop: encode both sides (GradCache if --chunk-size), loss, step, log, save."""
     rank, world = get_rank(), get_world_size()
     gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
@@ -281,7 +313,14 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, st
             train_log.flush()
         if step % args.log_every == 0 or step == end:
             rate = seen / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, losses[-1], scheduler.get_last_lr()[0], rate)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s",
+                step,
+                total,
+                losses[-1],
+                scheduler.get_last_lr()[0],
+                rate,
+            )
         if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
             save_checkpoint(ckpt_dir, model=state, optimizer=optimizer, step=step, sampler=sampler, scheduler=scheduler)

@@ -11,7 +11,8 @@ vlm = a Qwen-VL model + processor (T2I/M2I/I2I data, document images: ColQwen).
     python recipes/colbert.py --model bert-base-uncased --data msmarco.jsonl --val-data dev.jsonl \
         --batch-size 128 --chunk-size 32 --dim 128 --output runs/colbert
     torchrun --nproc_per_node=8 recipes/colbert.py --model Qwen/Qwen3-VL-2B-Instruct --data pages.jsonl \
-        --val-data pages_val.jsonl --batch-size 32 --chunk-size 4 --lora 32 --bf16 --grad-checkpointing --output runs/colqwen
+        --val-data pages_val.jsonl --batch-size 32 --chunk-size 4 --lora 32 --bf16 --grad-checkpointing \
+        --output runs/colqwen
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD_NODE_IP --master_port 29500 \
         recipes/colbert.py --model Qwen/Qwen3-VL-2B-Instruct --data pages.jsonl --batch-size 32 --chunk-size 4 \
         --bf16 --output /shared/runs/colqwen
@@ -48,10 +49,10 @@ from vembed_blocks.data import TaskBatches, TextCollator, VLMCollator, WeightedT
 from vembed_blocks.distributed import average_gradients, mean_over_ranks, pad_dim, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers
-from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_token_embeddings
-from vembed_blocks.schedule import warmup_cosine
 from vembed_blocks.metrics import format_table
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers
+from vembed_blocks.schedule import warmup_cosine
+from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # never modified in place
@@ -62,14 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="HF id or local folder: a BERT-like text encoder or a Qwen-VL model")
     p.add_argument("--data", required=True, help="training file (JSONL/CSV/Parquet)")
     p.add_argument("--val-data", help="validation file for before/after MaxSim retrieval metrics")
-    p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format (else detected)")
-    p.add_argument("--encoder", choices=["auto", "text", "vlm"], default="auto", help="auto: vlm if the config has a vision_config")
+    p.add_argument(
+        "--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format (else detected)"
+    )
+    p.add_argument(
+        "--encoder", choices=["auto", "text", "vlm"], default="auto", help="auto: vlm if the config has a vision_config"
+    )
     p.add_argument("--dim", type=int, default=128, help="linear projection of every token to this width (0 = none)")
     p.add_argument("--query-instruction", help="text: query prefix (e.g. '[Q] '); vlm: system prompt of queries")
     p.add_argument("--doc-instruction", help="text: document prefix; vlm: system prompt of documents")
     p.add_argument("--max-length", type=int, default=256, help="text: tokens per query/document")
     p.add_argument("--max-image-side", type=int, default=1024, help="vlm: downscale larger images before the processor")
-    p.add_argument("--num-negatives", type=int, default=0, help="hard negatives per row (fixed: FSDP2 needs equal forwards)")
+    p.add_argument(
+        "--num-negatives", type=int, default=0, help="hard negatives per row (fixed: FSDP2 needs equal forwards)"
+    )
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=32, help="rows per rank per step")
     p.add_argument("--chunk-size", type=int, default=0, help="GradCache rows per chunk (0 = off)")
@@ -113,7 +120,9 @@ class FixedNegatives:
         if not k and not self.warned and any(r.negatives for r in records):  # once per process (rank, worker)
             self.warned = True
             log.warning("rows have hard negatives but --num-negatives is 0: they are not used (pass --num-negatives K)")
-        batch = self.collator([dataclasses.replace(r, negatives=(list(r.negatives[:k]) + [r.positive] * k)[:k]) for r in records])
+        batch = self.collator(
+            [dataclasses.replace(r, negatives=(list(r.negatives[:k]) + [r.positive] * k)[:k]) for r in records]
+        )
         if k:
             batch["negatives_mask"] = torch.tensor([[j < len(r.negatives) for j in range(k)] for r in records])
         return batch
@@ -127,8 +136,12 @@ def build_encoder(args: argparse.Namespace, device: torch.device):
         args.encoder = "vlm" if hasattr(AutoConfig.from_pretrained(args.model), "vision_config") else "text"
     if args.encoder == "vlm":
         processor = load_vlm_processor(args.model)
-        collator = VLMCollator(processor, query_instruction=args.query_instruction, doc_instruction=args.doc_instruction,
-                               max_image_side=args.max_image_side)  # fmt: skip
+        collator = VLMCollator(
+            processor,
+            query_instruction=args.query_instruction,
+            doc_instruction=args.doc_instruction,
+            max_image_side=args.max_image_side,
+        )
     else:
         processor = AutoTokenizer.from_pretrained(args.model)
         collator = TextCollator(processor, args.max_length, args.query_instruction, args.doc_instruction)
@@ -165,7 +178,9 @@ def make_loss(args: argparse.Namespace) -> nn.Module:
 
 
 @torch.no_grad()
-def embed_tokens(args, model, proj, collator, items: list, path: str, is_query: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_tokens(
+    args, model, proj, collator, items: list, path: str, is_query: bool, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit token vectors ``[n, L, dim]`` + mask ``[n, L]`` of ``items``: each rank an equal slice
     (FSDP2: same forwards everywhere), batches padded to one L, then exchanged between ranks."""
     world, rank, n = get_world_size(), get_rank(), len(items)
@@ -208,7 +223,9 @@ def prepare(args: argparse.Namespace) -> tuple[str, str | None]:
     """Check the inputs before any model is loaded; returns (train file, val file)."""
     missing = [p for p in (args.data, args.val_data) if p and not os.path.exists(p)]
     if missing or min(args.chunk_size, args.num_negatives, args.dim) < 0:
-        raise SystemExit(f"no such file: {missing[0]}" if missing else "--chunk-size, --num-negatives, --dim must be >= 0")
+        raise SystemExit(
+            f"no such file: {missing[0]}" if missing else "--chunk-size, --num-negatives, --dim must be >= 0"
+        )
     return args.data, args.val_data
 
 
@@ -230,7 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         groups.append({"params": list(proj.parameters()), "lr": args.proj_lr or 10 * args.lr})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total))
-    state = nn.ModuleDict({"model": model, **({"proj": proj} if proj is not None else {})})  # what a checkpoint restores
+    state = nn.ModuleDict(
+        {"model": model, **({"proj": proj} if proj is not None else {})}
+    )  # what a checkpoint restores
     ckpt_dir = os.path.join(args.output, "checkpoints")
     start = 0
     if args.resume and latest_checkpoint(ckpt_dir) is not None:
@@ -251,19 +270,47 @@ def main(argv: list[str] | None = None) -> dict:
     batches = TaskBatches({"train": train}, sampler, FixedNegatives(collator, args.num_negatives), steps=end - start)
     # Own generator: creating the iterator draws a seed, which must not advance the global RNG
     # (restored by --resume, and driving dropout) or a resumed run's dropout masks would shift.
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
-    log.info("%s encoder; training steps %d -> %d of %d, %d rows/step over %d rank(s)", args.encoder, start, end, total,
-             args.batch_size * world, world)  # fmt: skip
+    loader = DataLoader(
+        batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed)
+    )
+    log.info(
+        "%s encoder; training steps %d -> %d of %d, %d rows/step over %d rank(s)",
+        args.encoder,
+        start,
+        end,
+        total,
+        args.batch_size * world,
+        world,
+    )
 
     def evaluate_during(step: int) -> None:  # --eval-every: all ranks embed, rank 0 logs
         metrics = evaluate(args, model, proj, collator, val, device)
         if rank == 0:
-            log.info("eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f", step, metrics["recall@1"], metrics["recall@10"], metrics["mrr@10"])
+            log.info(
+                "eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f",
+                step,
+                metrics["recall@1"],
+                metrics["recall@10"],
+                metrics["mrr@10"],
+            )
             with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    losses = train_loop(args, loader, model, proj, criterion, optimizer, scheduler, sampler, state, total, end, device,
-                        evaluate_during if val else None)  # fmt: skip
+    losses = train_loop(
+        args,
+        loader,
+        model,
+        proj,
+        criterion,
+        optimizer,
+        scheduler,
+        sampler,
+        state,
+        total,
+        end,
+        device,
+        evaluate_during if val else None,
+    )
     result = {"losses": losses}
     if end < total:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
@@ -273,8 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def train_loop(args, loader, model, proj, criterion, optimizer, scheduler, sampler, state, total, end, device,
-               evaluate_during) -> list[float]:  # fmt: skip
+def train_loop(
+    args, loader, model, proj, criterion, optimizer, scheduler, sampler, state, total, end, device, evaluate_during
+) -> list[float]:
     """The explicit loop: token embeddings of queries, documents, negatives (GradCache if --chunk-size), MaxSim loss."""
     rank, world = get_rank(), get_world_size()
     gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
@@ -293,7 +341,9 @@ def train_loop(args, loader, model, proj, criterion, optimizer, scheduler, sampl
         step, batch = item["step"] + 1, item["batch"]
         (q, qm), (d, dm) = encode(batch["query"]), encode(batch["positive"])
         extra = {}
-        if args.num_negatives:  # [B*K, Ln, dim] in row order -> [B, K, Ln, dim]; a padded slot's token mask is all False
+        if (
+            args.num_negatives
+        ):  # [B*K, Ln, dim] in row order -> [B, K, Ln, dim]; a padded slot's token mask is all False
             n, nm = encode(batch["negatives"])
             b, k = q.shape[0], args.num_negatives
             nm = nm.view(b, k, -1) & batch["negatives_mask"].to(device)[..., None]
@@ -313,7 +363,14 @@ def train_loop(args, loader, model, proj, criterion, optimizer, scheduler, sampl
             train_log.flush()
         if step % args.log_every == 0 or step == end:
             rate = seen / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, losses[-1], scheduler.get_last_lr()[0], rate)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s",
+                step,
+                total,
+                losses[-1],
+                scheduler.get_last_lr()[0],
+                rate,
+            )
         if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
             save_checkpoint(ckpt_dir, model=state, optimizer=optimizer, step=step, sampler=sampler, scheduler=scheduler)
@@ -330,10 +387,23 @@ def finish(args, model, proj, processor, collator, val, before_file, device) -> 
     export_pretrained(model, final, processor=processor)  # a collective: every rank calls it
     if get_rank() == 0:
         if proj is not None:
-            save_file({"weight": proj.weight.detach().float().cpu().contiguous()}, os.path.join(final, "colbert_projection.safetensors"))
+            save_file(
+                {"weight": proj.weight.detach().float().cpu().contiguous()},
+                os.path.join(final, "colbert_projection.safetensors"),
+            )
         with open(os.path.join(final, "colbert.json"), "w") as f:
-            json.dump({"encoder": args.encoder, "dim": args.dim, "tokens": "last_hidden_state", "normalize": True,
-                       "query_instruction": args.query_instruction, "doc_instruction": args.doc_instruction}, f, indent=1)  # fmt: skip
+            json.dump(
+                {
+                    "encoder": args.encoder,
+                    "dim": args.dim,
+                    "tokens": "last_hidden_state",
+                    "normalize": True,
+                    "query_instruction": args.query_instruction,
+                    "doc_instruction": args.doc_instruction,
+                },
+                f,
+                indent=1,
+            )
     log.info("exported to %s", final)
     if not val:
         return {}

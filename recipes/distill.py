@@ -36,17 +36,26 @@ from vembed_blocks.data import TaskBatches, TextCollator, WeightedTaskSampler, l
 from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers, one_gradient_sync, wrap_ddp
+from vembed_blocks.parallel import (
+    apply_lora,
+    checkpoint_layers,
+    clip_gradients,
+    compile_layers,
+    one_gradient_sync,
+    wrap_ddp,
+)
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
 from vembed_blocks.schedule import warmup_cosine
+from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
 
 log = logging.getLogger("distill")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the student: HF id or local folder (plain HF or sentence-transformers)")
+    p.add_argument(
+        "--model", required=True, help="the student: HF id or local folder (plain HF or sentence-transformers)"
+    )
     p.add_argument("--teacher", help="live teacher: HF id or local folder (its own tokenizer and pooling)")
     p.add_argument("--teacher-embeddings", help="precomputed teacher embeddings folder (see above)")
     p.add_argument("--data", required=True, help="training file (JSONL/CSV/Parquet), T2T rows")
@@ -124,7 +133,9 @@ class TeacherStore:
     def _rows(self, side: str, pairs: list) -> list[int]:
         missing = [(r.source, it.text) for r, it in pairs if it.text not in self.row_of[side]]
         if missing:
-            raise KeyError(f"{missing[0][0]}: {missing[0][1]!r} is not in the teacher embeddings ({len(missing)} missing)")
+            raise KeyError(
+                f"{missing[0][0]}: {missing[0][1]!r} is not in the teacher embeddings ({len(missing)} missing)"
+            )
         return [self.row_of[side][it.text] for _, it in pairs]
 
     def __call__(self, records: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +169,13 @@ def evaluate(model: nn.Module, collator: TextCollator, cfg, path: str, args) -> 
 
 def prepare(args: argparse.Namespace, device: torch.device):
     """(student, student collator, student cfg, teacher (model, cfg) or None, teacher collator or store)."""
-    student, collator, cfg = load_text_encoder(args.model, pooling=args.pooling, max_length=args.max_length,
-                                               query_prefix=args.query_prefix, doc_prefix=args.doc_prefix)  # fmt: skip
+    student, collator, cfg = load_text_encoder(
+        args.model,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        query_prefix=args.query_prefix,
+        doc_prefix=args.doc_prefix,
+    )
     for p in getattr(student, "pooler", nn.Identity()).parameters():  # BERT's pooler head: pooling never uses it
         p.requires_grad_(False)  # (a parameter with no gradient gets no optimizer state, which resume would miss)
     if args.teacher_embeddings:
@@ -205,21 +221,48 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(evaluate(hf_model, collator, cfg, val, args), f)
 
     end = min(total, args.stop_at or total)
-    batches = TaskBatches({"train": train}, sampler, functools.partial(collate, collator, teacher_input), steps=end - start)
+    batches = TaskBatches(
+        {"train": train}, sampler, functools.partial(collate, collator, teacher_input), steps=end - start
+    )
     # Own generator: iter(DataLoader) would otherwise draw from the global RNG (dropout), and it runs at a
     # different point of a resumed run than of an uninterrupted one.
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
-    log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world)
+    loader = DataLoader(
+        batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed)
+    )
+    log.info(
+        "training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world
+    )
 
     def evaluate_during(step: int) -> None:  # --eval-every: rank 0 scores; the others wait at the next collective
+        # noqa below: main() deletes hf_model before shutdown, after the last call of this closure
         if val and rank == 0:
-            metrics = evaluate(hf_model, collator, cfg, val, args)
-            log.info("eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f", step, metrics["recall@1"], metrics["recall@10"], metrics["mrr@10"])
+            metrics = evaluate(hf_model, collator, cfg, val, args)  # noqa: F821
+            log.info(
+                "eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f",
+                step,
+                metrics["recall@1"],
+                metrics["recall@10"],
+                metrics["mrr@10"],
+            )
             with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    losses = train_loop(args, loader, model, teacher, criterion, optimizer, scheduler, sampler, hf_model, cfg, total, end, device,
-                        evaluate_during)  # fmt: skip
+    losses = train_loop(
+        args,
+        loader,
+        model,
+        teacher,
+        criterion,
+        optimizer,
+        scheduler,
+        sampler,
+        hf_model,
+        cfg,
+        total,
+        end,
+        device,
+        evaluate_during,
+    )
 
     result = {"losses": losses}
     if end < total:
@@ -231,8 +274,22 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def train_loop(args, loader, model, teacher, criterion, optimizer, scheduler, sampler, state, cfg, total, end, device,
-               evaluate_during) -> list[float]:  # fmt: skip
+def train_loop(
+    args,
+    loader,
+    model,
+    teacher,
+    criterion,
+    optimizer,
+    scheduler,
+    sampler,
+    state,
+    cfg,
+    total,
+    end,
+    device,
+    evaluate_during,
+) -> list[float]:
     """The explicit loop: student (GradCache if --chunk-size) and teacher embed the batch, Distill, step, log, save."""
     rank, world = get_rank(), get_world_size()
     gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
@@ -249,7 +306,9 @@ def train_loop(args, loader, model, teacher, criterion, optimizer, scheduler, sa
     def encode_teacher(inputs: dict) -> torch.Tensor:
         t_model, t_cfg = teacher
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            return text_features(t_model, {k: v.to(device) for k, v in inputs.items()}, t_cfg.pooling, t_cfg.normalize).float()
+            return text_features(
+                t_model, {k: v.to(device) for k, v in inputs.items()}, t_cfg.pooling, t_cfg.normalize
+            ).float()
 
     def docs(side: dict, enc) -> torch.Tensor:  # positives, then the flat hard negatives (the store's order too)
         return torch.cat([enc(side["positive"])] + ([enc(side["negatives"])] if "negatives" in side else []))
@@ -264,7 +323,10 @@ def train_loop(args, loader, model, teacher, criterion, optimizer, scheduler, sa
                 tq, td = encode_teacher(batch["teacher"]["query"]), docs(batch["teacher"], encode_teacher)
             else:
                 tq, td = (t.to(device) for t in batch["teacher_emb"])
-            sd, td = gather_with_grad(sd), gather_with_grad(td)  # candidates: every rank's docs; rows: this rank's queries
+            sd, td = (
+                gather_with_grad(sd),
+                gather_with_grad(td),
+            )  # candidates: every rank's docs; rows: this rank's queries
             loss = sum(criterion(sq[:, :d], sd[:, :d], tq, td) for d in dims)
             loss.backward()
         clip_gradients([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
@@ -278,7 +340,14 @@ def train_loop(args, loader, model, teacher, criterion, optimizer, scheduler, sa
             train_log.flush()
         if step % args.log_every == 0 or step == end:
             rate = seen / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, losses[-1], scheduler.get_last_lr()[0], rate)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s",
+                step,
+                total,
+                losses[-1],
+                scheduler.get_last_lr()[0],
+                rate,
+            )
         if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
             save_checkpoint(ckpt_dir, model=state, optimizer=optimizer, step=step, sampler=sampler, scheduler=scheduler)
@@ -294,7 +363,9 @@ def finish(args, model, hf_model, collator, cfg, val, before_file) -> dict:
     final = os.path.join(args.output, "final")
     export_pretrained(model, final, tokenizer=collator.tokenizer)
     if get_rank() == 0:
-        prompts = {k: v for k, v in (("query", collator.query_instruction), ("document", collator.doc_instruction)) if v}
+        prompts = {
+            k: v for k, v in (("query", collator.query_instruction), ("document", collator.doc_instruction)) if v
+        }
         write_st_files(final, hf_model.config.hidden_size, cfg.pooling, cfg.normalize, cfg.max_length, prompts)
     log.info("exported to %s", final)
     if not val or get_rank() != 0:

@@ -22,15 +22,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vembed_blocks import DualEncoderCollator, dual_encoder_features, load_records, retrieval_metrics
-from vembed_blocks.towers import load_dual_encoder
 from vembed_blocks.embed import embed_items, retrieval_set
+from vembed_blocks.towers import load_dual_encoder
 
 log = logging.getLogger("evaluate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="exported folder (or HF id) of a CLIP/SigLIP model or of composed towers")
+    p.add_argument(
+        "--model", required=True, help="exported folder (or HF id) of a CLIP/SigLIP model or of composed towers"
+    )
     p.add_argument("--data", required=True, help="records file (JSONL/CSV/Parquet) with queries and positives")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "t2t"], help="declare the data format (else detected)")
     p.add_argument("--batch-size", type=int, default=128)

@@ -40,7 +40,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="input file (JSONL/CSV/Parquet) in any seed format, incl. the edit format")
+    p.add_argument(
+        "--data", required=True, help="input file (JSONL/CSV/Parquet) in any seed format, incl. the edit format"
+    )
     p.add_argument("--model", required=True, help="HF id or folder: a VLM (Qwen3-VL) or a dual encoder (CLIP/SigLIP)")
     p.add_argument("--output", required=True, help="the task directory to write (one per dataset)")
     p.add_argument("--batch-size", type=int, default=4, help="records per forward pass")
@@ -48,17 +50,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t2i-mode", action="store_true", help="edit rows: text -> image (drop source images, no inverse)")
     p.add_argument("--disable-inverse", action="store_true", help="edit rows: no inverse (target -> source) records")
     p.add_argument("--language", choices=["en", "cn"], default="en", help="edit rows: instruction or instruction_cn")
-    p.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
-                   help="input column names, e.g. --field source_image=src --field target_image=tgt")  # fmt: skip
-    p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t", "edit"], help="declare the format (else detected)")
-    p.add_argument("--image-sample-size", type=int, default=512, help="cap on the longest image side before the processor")
-    p.add_argument("--per-token", action="store_true", help="store every token's hidden state (VLM), not the last token")
+    p.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="NAME=COLUMN",
+        help="input column names, e.g. --field source_image=src --field target_image=tgt",
+    )
+    p.add_argument(
+        "--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t", "edit"], help="declare the format (else detected)"
+    )
+    p.add_argument(
+        "--image-sample-size", type=int, default=512, help="cap on the longest image side before the processor"
+    )
+    p.add_argument(
+        "--per-token", action="store_true", help="store every token's hidden state (VLM), not the last token"
+    )
     p.add_argument("--query-instruction", default="Represent the user's input.", help="VLM system prompt, query side")
     p.add_argument("--doc-instruction", default=None, help="VLM system prompt, document side (default: the query one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad rows instead of stopping")
-    p.add_argument("--stop-after-shards", type=int, help="each rank stops after writing N new shards (rerun to continue)")
+    p.add_argument(
+        "--stop-after-shards", type=int, help="each rank stops after writing N new shards (rerun to continue)"
+    )
     p.add_argument("--log-every", type=int, default=10, help="log progress every N shards")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -79,8 +94,12 @@ def load_encoder(args: argparse.Namespace, device: torch.device):
     if not composed and getattr(AutoConfig.from_pretrained(args.model), "image_token_id", None) is not None:
         processor = load_vlm_processor(args.model)
         model = AutoModel.from_pretrained(args.model).to(device).eval()
-        collator = VLMCollator(processor, query_instruction=args.query_instruction, doc_instruction=args.doc_instruction,
-                               max_image_side=args.image_sample_size)  # fmt: skip
+        collator = VLMCollator(
+            processor,
+            query_instruction=args.query_instruction,
+            doc_instruction=args.doc_instruction,
+            max_image_side=args.image_sample_size,
+        )
 
         def embed(inputs):
             if not args.per_token:
@@ -94,8 +113,12 @@ def load_encoder(args: argparse.Namespace, device: torch.device):
     model, processor = load_dual_encoder(args.model)
     model = model.to(device).eval()
     siglip = "siglip" in type(model).__name__.lower()  # SigLIP was trained on max_length=64 padding
-    collator = DualEncoderCollator(processor, max_length=64 if siglip else 77, padding="max_length" if siglip else True,
-                                   max_image_side=args.image_sample_size)  # fmt: skip
+    collator = DualEncoderCollator(
+        processor,
+        max_length=64 if siglip else 77,
+        padding="max_length" if siglip else True,
+        max_image_side=args.image_sample_size,
+    )
     return "dual_encoder", lambda inputs: list(dual_encoder_features(model, inputs)), collator
 
 
@@ -136,8 +159,14 @@ def my_shards(args: argparse.Namespace, rank: int, world: int):
         prev_line = line
         if n % world != rank:
             continue
-        row = {"id": f"{line}.{sub}", "n": n, "source": rec.source, "format": rec.format,
-               "num_source_images": rec.extra.get("num_source_images", -1), "inverse": rec.extra.get("inverse", False)}  # fmt: skip
+        row = {
+            "id": f"{line}.{sub}",
+            "n": n,
+            "source": rec.source,
+            "format": rec.format,
+            "num_source_images": rec.extra.get("num_source_images", -1),
+            "inverse": rec.extra.get("inverse", False),
+        }
         if rec.label is not None:
             row["label"] = rec.label
         shard.append((row, rec))
@@ -150,11 +179,23 @@ def my_shards(args: argparse.Namespace, rank: int, world: int):
 
 def prepare(args: argparse.Namespace, rank: int, world: int, kind: str) -> EmbedWriter:
     """Check/write meta.json (rank 0; a rerun must use the same settings), then open this rank's writer."""
-    meta = {"data": os.path.abspath(args.data), "model": args.model, "kind": kind, "per_token": args.per_token,
-            "dtype": args.dtype, "world_size": world, "shard_size": args.shard_size, "t2i_mode": args.t2i_mode,
-            "inverse": not args.disable_inverse, "language": args.language, "fields": sorted(args.field),
-            "format": args.format, "image_sample_size": args.image_sample_size,
-            "query_instruction": args.query_instruction, "doc_instruction": args.doc_instruction}  # fmt: skip
+    meta = {
+        "data": os.path.abspath(args.data),
+        "model": args.model,
+        "kind": kind,
+        "per_token": args.per_token,
+        "dtype": args.dtype,
+        "world_size": world,
+        "shard_size": args.shard_size,
+        "t2i_mode": args.t2i_mode,
+        "inverse": not args.disable_inverse,
+        "language": args.language,
+        "fields": sorted(args.field),
+        "format": args.format,
+        "image_sample_size": args.image_sample_size,
+        "query_instruction": args.query_instruction,
+        "doc_instruction": args.doc_instruction,
+    }
     if rank == 0:
         ensure_meta(args.output, meta)
     if world > 1:
@@ -189,12 +230,18 @@ def extract_loop(args, writer, embed, collator, rank, world, device) -> int:
             recs = [rec for _, rec in shard[i : i + args.batch_size]]
             sources = [rec.source for rec in recs]
             embeddings["query"] += embed_side([r.query for r in recs], sources, True, embed, collator, args, device)
-            embeddings["positive"] += embed_side([r.positive for r in recs], sources, False, embed, collator, args, device)
+            embeddings["positive"] += embed_side(
+                [r.positive for r in recs], sources, False, embed, collator, args, device
+            )
         writer.write(k, rows, embeddings)
         written, records = written + 1, records + len(rows)
         if written % args.log_every == 0:
-            log.info("shard %d written: %d records this run, %.1f records/s (rank 0)", k, records,
-                     records / (time.perf_counter() - t0))  # fmt: skip
+            log.info(
+                "shard %d written: %d records this run, %.1f records/s (rank 0)",
+                k,
+                records,
+                records / (time.perf_counter() - t0),
+            )
     return written
 
 
@@ -207,7 +254,13 @@ def finish(args: argparse.Namespace, written: int, rank: int, world: int) -> dic
     if rank == 0:
         store = EmbedStore(args.output)  # every check of a reader, once, while the run is fresh
         result["records"] = len(store)
-        log.info("%s: %d records in %d-record shards (sides: %s)", args.output, len(store), args.shard_size, ", ".join(store.sides))
+        log.info(
+            "%s: %d records in %d-record shards (sides: %s)",
+            args.output,
+            len(store),
+            args.shard_size,
+            ", ".join(store.sides),
+        )
     return result
 
 

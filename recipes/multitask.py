@@ -11,7 +11,8 @@ source images): `WeightedTaskSampler` draws the task of step t from (seed, t) al
     torchrun --nproc_per_node=8 recipes/multitask.py --data-dir meta/ ... (same flags)
 
 Tasks missing from --train-data-weights are excluded. Writes <output>/train_log.jsonl (rank 0:
-step, loss, lr, task, group, the task every rank drew), eval_log.jsonl (--eval-every), checkpoints under <output>/checkpoints
+step, loss, lr, task, group, the task every rank drew), eval_log.jsonl (--eval-every), checkpoints under
+<output>/checkpoints
 (--resume), <output>/metrics.json and the head to <output>/final (config.json +
 model.safetensors; load it with FusionHead.from_pretrained, see docs/recipes/multitask.md).
 """
@@ -44,7 +45,9 @@ log = logging.getLogger("multitask")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="directory whose subdirectories are tasks (extract_embeds outputs)")
+    p.add_argument(
+        "--data-dir", required=True, help="directory whose subdirectories are tasks (extract_embeds outputs)"
+    )
     p.add_argument("--train-data-weights", help='task weights, e.g. "dataset_a=0.5,dataset_b=1.2" (default: by size)')
     p.add_argument("--train-src-img-num-weights", help='weights per number of source images, e.g. "0=1,1=1,2=1,3=0"')
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of each side's MLP")
@@ -60,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the head")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (shard reads)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0, help="per-task retrieval into eval_log.jsonl every N steps (0 = end only)")
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="per-task retrieval into eval_log.jsonl every N steps (0 = end only)"
+    )
     p.add_argument("--eval-rows", type=int, default=512, help="rows per task for the retrieval check")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints")
@@ -91,7 +96,10 @@ class FusionHead(nn.Module):
 
     def save_pretrained(self, out: str) -> None:
         os.makedirs(out, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, os.path.join(out, "model.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+            os.path.join(out, "model.safetensors"),
+        )
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"architecture": "FusionHead", **self.config}, f, indent=1)
 
@@ -137,8 +145,16 @@ def make_sampler(args: argparse.Namespace, tasks: dict[str, EmbedStore], rank: i
         group_of = {name: s.groups.tolist() for name, s in tasks.items() if len(s.groups) and s.groups.min() >= 0}
         if not group_of:
             raise SystemExit("--train-src-img-num-weights: no task records a number of source images (edit format)")
-    return WeightedTaskSampler({k: len(v) for k, v in tasks.items()}, args.batch_size, weights, seed=args.seed, rank=rank,
-                               world_size=world, group_of=group_of, group_weights=group_weights)  # fmt: skip
+    return WeightedTaskSampler(
+        {k: len(v) for k, v in tasks.items()},
+        args.batch_size,
+        weights,
+        seed=args.seed,
+        rank=rank,
+        world_size=world,
+        group_of=group_of,
+        group_weights=group_weights,
+    )
 
 
 @torch.no_grad()
@@ -188,8 +204,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     end = min(args.max_steps, args.stop_at or args.max_steps)
     batches = TaskBatches(tasks, sampler, collate_embeddings, steps=end - start)
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))  # own RNG: exact resume
-    log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, args.max_steps, args.batch_size * world, world)
+    loader = DataLoader(
+        batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed)
+    )  # own RNG: exact resume
+    log.info(
+        "training steps %d -> %d of %d, %d rows/step over %d rank(s)",
+        start,
+        end,
+        args.max_steps,
+        args.batch_size * world,
+        world,
+    )
     losses = train_loop(args, loader, model, head, criterion, optimizer, scheduler, sampler, tasks, start, end, device)
 
     result = {"losses": losses}
@@ -202,7 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def train_loop(args, loader, model, head, criterion, optimizer, scheduler, sampler, tasks, start, end, device) -> list[float]:
+def train_loop(
+    args, loader, model, head, criterion, optimizer, scheduler, sampler, tasks, start, end, device
+) -> list[float]:
     """The explicit loop: head on both sides, gathered InfoNCE, step, log the mix, save."""
     rank, world = get_rank(), get_world_size()
     names = sorted(tasks)
@@ -232,21 +259,40 @@ def train_loop(args, loader, model, head, criterion, optimizer, scheduler, sampl
         seen += q.shape[0] * world
         key = sampler.draw(item["step"])[1]  # "task" or "task/<number of source images>"
         if train_log:
-            row = {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0], "task": task,
-                   "group": key.split("/", 1)[1] if "/" in key else None, "rank_tasks": rank_tasks}  # fmt: skip
+            row = {
+                "step": step,
+                "loss": losses[-1],
+                "lr": scheduler.get_last_lr()[0],
+                "task": task,
+                "group": key.split("/", 1)[1] if "/" in key else None,
+                "rank_tasks": rank_tasks,
+            }
             train_log.write(json.dumps(row) + "\n")
             train_log.flush()
         if step % args.log_every == 0 or step == end:
             mix = " ".join(f"{n}={counts[n]}" for n in names)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s  steps per task: %s", step, args.max_steps, losses[-1],
-                     scheduler.get_last_lr()[0], seen / (time.perf_counter() - t0), mix)  # fmt: skip
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s  steps per task: %s",
+                step,
+                args.max_steps,
+                losses[-1],
+                scheduler.get_last_lr()[0],
+                seen / (time.perf_counter() - t0),
+                mix,
+            )
         if args.eval_every and step % args.eval_every == 0 and rank == 0:
             with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **evaluate(head, tasks, args.eval_rows)}) + "\n")
         if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
-            save_checkpoint(os.path.join(args.output, "checkpoints"), model=head, optimizer=optimizer, step=step,
-                            sampler=sampler, scheduler=scheduler)  # fmt: skip
+            save_checkpoint(
+                os.path.join(args.output, "checkpoints"),
+                model=head,
+                optimizer=optimizer,
+                step=step,
+                sampler=sampler,
+                scheduler=scheduler,
+            )
     if train_log:
         train_log.close()
     return losses

@@ -45,10 +45,10 @@ from vembed_blocks.data import TaskBatches, VLMCollator, WeightedTaskSampler, lo
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import embed_items, retrieval_set
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers
-from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_embed
-from vembed_blocks.schedule import warmup_cosine
 from vembed_blocks.metrics import format_table
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers
+from vembed_blocks.schedule import warmup_cosine
+from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_embed
 
 log = logging.getLogger("qwen3_fsdp")
 # The root returns last_hidden_state as a view; pooling only indexes it (never in place), so this is noise.
@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="HF id or local folder of a Qwen3-VL (or Qwen2-VL) model")
     p.add_argument("--data", required=True, help="training file (JSONL/CSV/Parquet)")
     p.add_argument("--val-data", help="validation file for before/after retrieval metrics")
-    p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format (else detected)")
+    p.add_argument(
+        "--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format (else detected)"
+    )
     p.add_argument("--query-instruction", default="Represent the user's input.", help="system prompt of queries")
     p.add_argument("--doc-instruction", help="system prompt of documents (default: the query one)")
     p.add_argument("--max-image-side", type=int, default=1024, help="downscale larger images before the processor")
@@ -80,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="FSDP2 bf16 parameters (fp32 gradient reduce) + autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--compile", action="store_true", help="torch.compile every block (falls back to eager on failure)")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager to check tracing only)")
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager to check tracing only)"
+    )
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (decode + processor)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=0, help="retrieval metrics on --val-data every N steps (0 = off)")
@@ -167,6 +171,7 @@ def evaluate(model, collator: VLMCollator, path: str, args, device) -> dict[str,
             inputs = {k: v.to(device) for k, v in collator.encode(items, [path] * len(items), is_query).items()}
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 return F.normalize(vlm_embed(model, inputs).float(), dim=-1)
+
         return run
 
     q = embed_on_all_ranks(rs.queries, encode(True), args.eval_batch_size, "embed queries")
@@ -198,8 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     processor = load_vlm_processor(args.model)
     model = build_model(args, device)
     criterion = make_loss(args).to(device)
-    collator = VLMCollator(processor, query_instruction=args.query_instruction, doc_instruction=args.doc_instruction,
-                           max_image_side=args.max_image_side)  # fmt: skip
+    collator = VLMCollator(
+        processor,
+        query_instruction=args.query_instruction,
+        doc_instruction=args.doc_instruction,
+        max_image_side=args.max_image_side,
+    )
 
     train = load_records(data, format=args.format)
     sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
@@ -227,18 +236,39 @@ def main(argv: list[str] | None = None) -> dict:
     batches = TaskBatches({"train": train}, sampler, FixedNegatives(collator, args.num_negatives), steps=end - start)
     # Own generator: creating the iterator draws a seed, which must not advance the global RNG
     # (restored by --resume, and driving dropout) or a resumed run's dropout masks would shift.
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
-    log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world)
+    loader = DataLoader(
+        batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed)
+    )
+    log.info(
+        "training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world
+    )
 
     def evaluate_during(step: int) -> None:  # --eval-every: all ranks embed, rank 0 logs
         metrics = evaluate(model, collator, val, args, device)
         if rank == 0:
-            log.info("eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f", step, metrics["recall@1"], metrics["recall@10"], metrics["mrr@10"])
+            log.info(
+                "eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f",
+                step,
+                metrics["recall@1"],
+                metrics["recall@10"],
+                metrics["mrr@10"],
+            )
             with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    losses = train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, total, end, device,
-                        evaluate_during if val else None)  # fmt: skip
+    losses = train_loop(
+        args,
+        loader,
+        model,
+        criterion,
+        optimizer,
+        scheduler,
+        sampler,
+        total,
+        end,
+        device,
+        evaluate_during if val else None,
+    )
     result = {"losses": losses}
     if end < total:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
@@ -248,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, total, end, device, evaluate_during) -> list[float]:
+def train_loop(
+    args, loader, model, criterion, optimizer, scheduler, sampler, total, end, device, evaluate_during
+) -> list[float]:
     """The explicit loop: encode queries, positives, negatives (GradCache if --chunk-size), loss, step, log, save."""
     rank, world = get_rank(), get_world_size()
     # VLM-aware chunks: GradCache splits flat pixel_values by image_grid_thw / mm_token_type_ids.
@@ -270,7 +302,9 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, to
         extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
         if args.num_negatives:  # [B*K] rows in row order -> [B, K, D]; padded slots masked out
             n = encode(batch["negatives"])
-            extra.update(negatives=n.view(q.shape[0], args.num_negatives, -1), negatives_mask=batch["negatives_mask"].to(device))
+            extra.update(
+                negatives=n.view(q.shape[0], args.num_negatives, -1), negatives_mask=batch["negatives_mask"].to(device)
+            )
         loss = criterion(q, p, **extra)
         loss.backward()
         clip_gradients([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
@@ -284,7 +318,14 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, to
             train_log.flush()
         if step % args.log_every == 0 or step == end:
             rate = seen / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, losses[-1], scheduler.get_last_lr()[0], rate)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s",
+                step,
+                total,
+                losses[-1],
+                scheduler.get_last_lr()[0],
+                rate,
+            )
         if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
             save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, step=step, sampler=sampler, scheduler=scheduler)

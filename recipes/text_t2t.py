@@ -15,9 +15,9 @@ prompts from its files). CoSENT reads each pair's gold score from "score", else 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-import functools
 import math
 import os
 import time
@@ -27,17 +27,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from vembed_blocks import CoSENT, InfoNCE, Matryoshka, Triplet, get_rank, get_world_size, init_distributed, retrieval_metrics
+from vembed_blocks import (
+    CoSENT,
+    InfoNCE,
+    Matryoshka,
+    Triplet,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    retrieval_metrics,
+)
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskBatches, TextCollator, WeightedTaskSampler, load_records, scatter_negatives
 from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import retrieval_set
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.mining import mine_hard_negatives
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers, one_gradient_sync, wrap_ddp
+from vembed_blocks.parallel import (
+    apply_lora,
+    checkpoint_layers,
+    clip_gradients,
+    compile_layers,
+    one_gradient_sync,
+    wrap_ddp,
+)
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
 from vembed_blocks.schedule import warmup_cosine
+from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
 
 log = logging.getLogger("text_t2t")
 
@@ -89,8 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_encoder(args: argparse.Namespace):
     """(model, collator, cfg): the folder's pooling/normalisation/length/prompts, overridden by the flags."""
-    return load_text_encoder(args.model, pooling=args.pooling, max_length=args.max_length, query_prefix=args.query_prefix,
-                             doc_prefix=args.doc_prefix)  # fmt: skip
+    return load_text_encoder(
+        args.model,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        query_prefix=args.query_prefix,
+        doc_prefix=args.doc_prefix,
+    )
 
 
 def evaluate(model: nn.Module, collator: TextCollator, cfg, path: str, args) -> dict[str, float]:
@@ -135,7 +156,9 @@ def prepare(args: argparse.Namespace, model: nn.Module, collator: TextCollator, 
 
     def embed_all(items: list, is_query: bool) -> torch.Tensor:  # each rank a contiguous slice, gathered in order
         lo, hi = len(items) * rank // world, len(items) * (rank + 1) // world
-        part = embed_texts(model, collator, cfg, [i.text for i in items[lo:hi] or items[:1]], is_query, args.eval_batch_size, args.bf16)
+        part = embed_texts(
+            model, collator, cfg, [i.text for i in items[lo:hi] or items[:1]], is_query, args.eval_batch_size, args.bf16
+        )
         device = next(model.parameters()).device
         return gather_with_grad(part[: hi - lo].to(device)).cpu()
 
@@ -143,8 +166,14 @@ def prepare(args: argparse.Namespace, model: nn.Module, collator: TextCollator, 
     if rank == 0:
         rows = [(q_of[r.query], d_of[r.positive], r) for r in records]
         k = min(len(rs.docs), args.mine_negatives + max(len(s) for s in rs.relevant))  # room to drop other positives
-        idx, _ = mine_hard_negatives(q[[a for a, _, _ in rows]], d, torch.tensor([b for _, b, _ in rows]), k,
-                                     margin=args.mine_margin, max_ratio=args.mine_ratio)  # fmt: skip
+        idx, _ = mine_hard_negatives(
+            q[[a for a, _, _ in rows]],
+            d,
+            torch.tensor([b for _, b, _ in rows]),
+            k,
+            margin=args.mine_margin,
+            max_ratio=args.mine_ratio,
+        )
         with open(mined + ".tmp", "w") as f:
             for (qi, _, r), cand in zip(rows, idx.tolist()):
                 found = [rs.docs[j].text for j in cand if j >= 0 and j not in rs.relevant[qi]][: args.mine_negatives]
@@ -201,17 +230,42 @@ def main(argv: list[str] | None = None) -> dict:
     batches = TaskBatches({"train": train}, sampler, functools.partial(collate, collator), steps=end - start)
     # Own generator: iter(DataLoader) would otherwise draw from the global RNG (dropout), and it runs at a
     # different point of a resumed run than of an uninterrupted one.
-    loader = DataLoader(batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
-    log.info("training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world)
+    loader = DataLoader(
+        batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed)
+    )
+    log.info(
+        "training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world
+    )
 
     def evaluate_during(step: int) -> None:  # --eval-every: rank 0 scores; the others wait at the next collective
+        # noqa below: main() deletes hf_model before shutdown, after the last call of this closure
         if val and rank == 0:
-            metrics = evaluate(hf_model, collator, cfg, val, args)
-            log.info("eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f", step, metrics["recall@1"], metrics["recall@10"], metrics["mrr@10"])
+            metrics = evaluate(hf_model, collator, cfg, val, args)  # noqa: F821
+            log.info(
+                "eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f",
+                step,
+                metrics["recall@1"],
+                metrics["recall@10"],
+                metrics["mrr@10"],
+            )
             with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    losses = train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, hf_model, cfg, total, end, device, evaluate_during)
+    losses = train_loop(
+        args,
+        loader,
+        model,
+        criterion,
+        optimizer,
+        scheduler,
+        sampler,
+        hf_model,
+        cfg,
+        total,
+        end,
+        device,
+        evaluate_during,
+    )
 
     result = {"losses": losses}
     if end < total:
@@ -223,7 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, state, cfg, total, end, device, evaluate_during) -> list[float]:
+def train_loop(
+    args, loader, model, criterion, optimizer, scheduler, sampler, state, cfg, total, end, device, evaluate_during
+) -> list[float]:
     """The explicit loop: encode queries/docs/negatives (GradCache if --chunk-size), loss, step, log, save."""
     rank, world = get_rank(), get_world_size()
     gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
@@ -248,7 +304,11 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, st
                 loss = criterion(q, p, scores=batch["scores"].to(device))
             elif args.loss == "triplet":
                 mask = batch.get("negatives_mask")
-                loss = criterion(q, p) if neg is None else criterion(q, p, scatter_negatives(neg, mask), negatives_mask=mask.to(device))
+                loss = (
+                    criterion(q, p)
+                    if neg is None
+                    else criterion(q, p, scatter_negatives(neg, mask), negatives_mask=mask.to(device))
+                )
             else:
                 labels = batch.get("labels")
                 extra = {"labels": labels.to(device)} if labels is not None and not labels.is_floating_point() else {}
@@ -265,7 +325,14 @@ def train_loop(args, loader, model, criterion, optimizer, scheduler, sampler, st
             train_log.flush()
         if step % args.log_every == 0 or step == end:
             rate = seen / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, losses[-1], scheduler.get_last_lr()[0], rate)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s",
+                step,
+                total,
+                losses[-1],
+                scheduler.get_last_lr()[0],
+                rate,
+            )
         if (args.save_every and step % args.save_every == 0) or step == end:
             sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
             save_checkpoint(ckpt_dir, model=state, optimizer=optimizer, step=step, sampler=sampler, scheduler=scheduler)
@@ -281,7 +348,9 @@ def finish(args, model, hf_model, collator, cfg, val, before_file) -> dict:
     final = os.path.join(args.output, "final")
     export_pretrained(model, final, tokenizer=collator.tokenizer)
     if get_rank() == 0:
-        prompts = {k: v for k, v in (("query", collator.query_instruction), ("document", collator.doc_instruction)) if v}
+        prompts = {
+            k: v for k, v in (("query", collator.query_instruction), ("document", collator.doc_instruction)) if v
+        }
         write_st_files(final, hf_model.config.hidden_size, cfg.pooling, cfg.normalize, cfg.max_length, prompts)
     log.info("exported to %s", final)
     if not val or get_rank() != 0:

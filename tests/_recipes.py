@@ -25,17 +25,28 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300, stde
     """``torchrun --standalone --nproc_per_node=nproc recipes/<script>.py args``; returns stdout (then stderr,
     where the recipes log, if ``stderr``), fails with the logs."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "recipes" / f"{script}.py"), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "recipes" / f"{script}.py"),
+        *args,
+    ]
     # Own session: on a timeout the launcher and its workers are killed together (a hung rank
     # would otherwise live on until gloo's own timeout).
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n{out[-4000:]}\n{err[-6000:]}") from None
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n{out[-4000:]}\n{err[-6000:]}"
+        ) from None
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{out[-4000:]}\n{err[-6000:]}"
     return out + err if stderr else out
 
@@ -59,7 +70,9 @@ def rank_rows(n_rows: int, batch_size: int, step: int = 0, world_size: int = 2, 
     return out
 
 
-def ragged_rows(rows: list[dict], batch_size: int, negatives, label, seed: int = 0) -> tuple[list[dict], list[list[int]]]:
+def ragged_rows(
+    rows: list[dict], batch_size: int, negatives, label, seed: int = 0
+) -> tuple[list[dict], list[list[int]]]:
     """``rows`` where only rank 0's step-0 rows (of 2 ranks) carry hard negatives and a string label.
 
     ``negatives(i, j)`` is the ``j``-th of the hard negatives of row ``i``, which gets ``j % 3`` of

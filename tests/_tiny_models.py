@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-WORDS = ("a an the of on in at to is there photo red green blue yellow purple white cat dog bird "
-         "circle square triangle cross left right top bottom center sky sunset query passage").split()  # fmt: skip
+WORDS = (
+    "a an the of on in at to is there photo red green blue yellow purple white cat dog bird "
+    "circle square triangle cross left right top bottom center sky sunset query passage"
+).split()
 
 
 def word_tokenizer(words=WORDS, specials=("[PAD]", "[UNK]", "[BOS]", "[EOS]"), template: str | None = None, **kw):
@@ -27,14 +29,29 @@ def word_tokenizer(words=WORDS, specials=("[PAD]", "[UNK]", "[BOS]", "[EOS]"), t
 
 
 def tiny_bert(out: str, words=WORDS, dropout: float = 0.1) -> str:
-    """BertModel (2 layers, width 32, ``dropout`` in hidden states and attention) + a word-level tokenizer with [CLS]/[SEP]."""
+    """BertModel (2 layers, width 32, ``dropout`` in hidden states and attention) + a word-level
+    tokenizer with [CLS]/[SEP]."""
     from transformers import BertConfig, BertModel
 
-    tok = word_tokenizer(words, ("[PAD]", "[UNK]", "[CLS]", "[SEP]"), "[CLS] $A [SEP]", cls_token="[CLS]", sep_token="[SEP]",
-                         model_max_length=64)  # fmt: skip
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=64, pad_token_id=0, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout)  # fmt: skip
+    tok = word_tokenizer(
+        words,
+        ("[PAD]", "[UNK]", "[CLS]", "[SEP]"),
+        "[CLS] $A [SEP]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_max_length=64,
+    )
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(out)
     tok.save_pretrained(out)
@@ -54,7 +71,9 @@ def tiny_siglip(out: str, words=WORDS) -> str:
     )
     torch.manual_seed(0)
     SiglipModel(config).save_pretrained(out)
-    SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(out)
+    SiglipProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok
+    ).save_pretrained(out)
     return out
 
 
@@ -83,21 +102,53 @@ def tiny_qwen3vl(out: str, words=WORDS, layers: int = 1) -> str:
 
     from vembed_blocks.vlm import load_vlm_processor, qwen_vl_processor
 
-    tok = word_tokenizer((*words, "system", "user", "assistant", "represent", "input"), ("[PAD]", "[UNK]", *QWEN_SPECIALS),
-                         eos_token="<|im_end|>", additional_special_tokens=list(QWEN_SPECIALS), model_max_length=512)  # fmt: skip
+    tok = word_tokenizer(
+        (*words, "system", "user", "assistant", "represent", "input"),
+        ("[PAD]", "[UNK]", *QWEN_SPECIALS),
+        eos_token="<|im_end|>",
+        additional_special_tokens=list(QWEN_SPECIALS),
+        model_max_length=512,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    images = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2, temporal_patch_size=2)
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2, temporal_patch_size=2
+    )
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                           temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )  # fmt: skip
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=512,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=32,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     torch.manual_seed(0)
     Qwen3VLModel(config).save_pretrained(out)
     qwen_vl_processor(tok, images, QWEN_CHAT).save_pretrained(out)

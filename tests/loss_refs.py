@@ -24,9 +24,7 @@ def negatives_list(neg, neg_mask) -> list[torch.Tensor]:
         return []
     if neg.dim() == 2:
         return [neg[m] for m in range(neg.shape[0]) if neg_mask is None or neg_mask[m]]
-    return [
-        neg[i, k] for i in range(neg.shape[0]) for k in range(neg.shape[1]) if neg_mask is None or neg_mask[i, k]
-    ]
+    return [neg[i, k] for i in range(neg.shape[0]) for k in range(neg.shape[1]) if neg_mask is None or neg_mask[i, k]]
 
 
 def same_label(labels, i, j) -> bool:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _multiproc import run_ranks
+
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data.sampler import WeightedTaskSampler
 from vembed_blocks.distributed import gather_with_offset
@@ -30,9 +30,16 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)  # same initial weights in every process
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     vocab_size=60, max_position_embeddings=16, hidden_dropout_prob=0.2,
-                     attention_probs_dropout_prob=0.1)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=60,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.2,
+        attention_probs_dropout_prob=0.1,
+    )
     return BertModel(cfg, add_pooling_layer=False)
 
 
@@ -178,8 +185,10 @@ def _export_lora_clip(rank, export_dir, base_dir):
     model.eval()
     with torch.no_grad():
         b = clip_batch()
-        emb = (model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
-               model.get_image_features(pixel_values=b["pixel_values"]))
+        emb = (
+            model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
+            model.get_image_features(pixel_values=b["pixel_values"]),
+        )
         emb = tuple(_pooled(e) for e in emb)
     export_pretrained(model, f"{export_dir}/merged")
     export_pretrained(model, f"{export_dir}/adapter", merge_lora=False)
@@ -188,9 +197,8 @@ def _export_lora_clip(rank, export_dir, base_dir):
 
 def test_two_rank_resume_export_and_reshard(tmp_path):
     from peft import PeftModel
-    from transformers import CLIPModel
-
     from test_parallel import clip_batch, tiny_clip_config
+    from transformers import CLIPModel
 
     torch.manual_seed(0)
     base_dir = tmp_path / "clip"
@@ -215,8 +223,10 @@ def test_two_rank_resume_export_and_reshard(tmp_path):
     # Export: merged LoRA loads as a plain CLIPModel with the sharded model's embeddings.
     text, image = saved[0][3]
     b = clip_batch()
-    for loaded in (CLIPModel.from_pretrained(export_dir / "merged"),
-                   PeftModel.from_pretrained(CLIPModel.from_pretrained(base_dir), export_dir / "adapter")):
+    for loaded in (
+        CLIPModel.from_pretrained(export_dir / "merged"),
+        PeftModel.from_pretrained(CLIPModel.from_pretrained(base_dir), export_dir / "adapter"),
+    ):
         with torch.no_grad():
             t = loaded.eval().get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             i = loaded.get_image_features(pixel_values=b["pixel_values"])
@@ -368,6 +378,7 @@ def test_resaving_a_step_keeps_a_complete_checkpoint_at_every_kill_point(tmp_pat
                 if len(calls) > kill_at:
                     raise _Killed(name)
                 real[name](*args)
+
             return run
 
         with monkeypatch.context() as m:
@@ -406,9 +417,11 @@ def test_optimizer_parameter_outside_model_is_a_clear_error(tmp_path):
     torch.manual_seed(0)
     encoder, loss = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)), InfoNCE(learn_temperature=True)
     opt = torch.optim.AdamW([*encoder.parameters(), *loss.parameters()], lr=0.1)
-    message = ("optimizer parameter #4 (param_groups[0], shape ()) is not a parameter of model=; pass one "
-               "module holding every optimized parameter, to both save_checkpoint and load_checkpoint, e.g. "
-               "model=torch.nn.ModuleDict({'encoder': encoder, 'loss': loss})")
+    message = (
+        "optimizer parameter #4 (param_groups[0], shape ()) is not a parameter of model=; pass one "
+        "module holding every optimized parameter, to both save_checkpoint and load_checkpoint, e.g. "
+        "model=torch.nn.ModuleDict({'encoder': encoder, 'loss': loss})"
+    )
     with pytest.raises(ValueError) as err:
         save_checkpoint(tmp_path, model=encoder, optimizer=opt, step=1)
     assert str(err.value) == message

@@ -13,9 +13,16 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
-    BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast,
-    Qwen3VLConfig, Qwen3VLModel, Qwen3VLProcessor,
-)  # fmt: skip
+    BertConfig,
+    BertModel,
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
+    PreTrainedTokenizerFast,
+    Qwen3VLConfig,
+    Qwen3VLModel,
+    Qwen3VLProcessor,
+)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -39,7 +46,9 @@ def _tokenizer(specials, wrap=None, **kw):
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
     if wrap:  # e.g. CLIP's <bos> text <eos>: its text tower pools at the eos token
         bos, eos = wrap
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", **kw)
 
 
@@ -64,11 +73,19 @@ def _records(d, rows, name="d.jsonl", **kw):
 
 def test_text_collator_through_bert(data, tmp_path):
     tok = _tokenizer(["[CLS]", "[SEP]"])
-    recs = _records(data, [
-        {"query": "red cat", "positive": "a photo of a red cat", "negatives": ["dog", "blue bird", "sky"], "label": "x"},
-        {"query": "dog", "positive": "a dog", "label": "y"},
-        {"query": "bird", "positive": "the bird", "negatives": ["cat"], "label": "x"},
-    ])  # fmt: skip
+    recs = _records(
+        data,
+        [
+            {
+                "query": "red cat",
+                "positive": "a photo of a red cat",
+                "negatives": ["dog", "blue bird", "sky"],
+                "label": "x",
+            },
+            {"query": "dog", "positive": "a dog", "label": "y"},
+            {"query": "bird", "positive": "the bird", "negatives": ["cat"], "label": "x"},
+        ],
+    )
     batch = TextCollator(tok, max_length=6, query_instruction="query: ")(recs)
     assert set(batch) == {"query", "positive", "negatives", "negatives_mask", "labels"}
     assert batch["query"]["input_ids"].shape == (3, 3)  # "query: red cat" = 3 tokens ("query:" is one unknown word)
@@ -78,7 +95,9 @@ def test_text_collator_through_bert(data, tmp_path):
     x, y = (int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") >> 1 for v in "xy")
     assert batch["labels"].tolist() == [x, y, x]
     assert batch["query"]["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0]]
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     bert = _save_load(BertModel, cfg, tmp_path)
     with torch.no_grad():
         neg = bert(**batch["negatives"]).last_hidden_state[:, 0]
@@ -90,19 +109,29 @@ def test_text_collator_through_bert(data, tmp_path):
 def test_labels_mean_the_same_in_every_batch_rank_and_run(data):
     tok = _tokenizer(["[CLS]", "[SEP]"])
     collate = TextCollator(tok)
-    rank0 = collate(_records(data, [{"query": q, "positive": "a", "label": q} for q in ("cat", "dog", "cat")]))["labels"]
-    rank1 = collate(_records(data, [{"query": q, "positive": "a", "label": q} for q in ("dog", "cat", "bird")]))["labels"]
+    rank0 = collate(_records(data, [{"query": q, "positive": "a", "label": q} for q in ("cat", "dog", "cat")]))[
+        "labels"
+    ]
+    rank1 = collate(_records(data, [{"query": q, "positive": "a", "label": q} for q in ("dog", "cat", "bird")]))[
+        "labels"
+    ]
     assert rank0[0] == rank0[2] == rank1[1] and rank0[1] == rank1[0]  # by first appearance: cat 0 vs 1
     assert len({*rank0.tolist(), *rank1.tolist()}) == 3 and min(rank0.tolist() + rank1.tolist()) >= 0
     # another process with another hash seed computes the same ids
     code = "from vembed_blocks.data.collate import label_id; print(label_id('cat'), label_id('dog'))"
-    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": "123"}, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONHASHSEED": "123"}, capture_output=True, text=True, check=True
+    )
     assert out.stdout.split() == [str(rank0[0].item()), str(rank0[1].item())]
 
 
 def test_rows_without_a_label_are_marked_not_dropped(data):
     collate = TextCollator(_tokenizer(["[CLS]", "[SEP]"]))
-    rows = [{"query": "a", "positive": "b", "label": 3}, {"query": "c", "positive": "d"}, {"query": "e", "positive": "f", "label": 0}]
+    rows = [
+        {"query": "a", "positive": "b", "label": 3},
+        {"query": "c", "positive": "d"},
+        {"query": "e", "positive": "f", "label": 0},
+    ]
     assert collate(_records(data, rows))["labels"].tolist() == [3, -1, 0]
     named = collate(_records(data, [{"query": "a", "positive": "b", "label": "cat"}, {"query": "c", "positive": "d"}]))
     assert named["labels"][1] == -1 and named["labels"][0] >= 0
@@ -113,18 +142,25 @@ def test_rows_without_a_label_are_marked_not_dropped(data):
 
 
 def _clip_processor():
-    tok = _tokenizer(["<|startoftext|>", "<|endoftext|>"], wrap=("<|startoftext|>", "<|endoftext|>"),
-                     bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    tok = _tokenizer(
+        ["<|startoftext|>", "<|endoftext|>"],
+        wrap=("<|startoftext|>", "<|endoftext|>"),
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+    )
     ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return CLIPProcessor(image_processor=ip, tokenizer=tok)
 
 
 def test_dual_encoder_collator_through_clip(data, tmp_path):
     proc = _clip_processor()
-    recs = _records(data, [
-        {"query": "a red cat", "positive": "im0.jpg", "negatives": ["im1.jpg", "im2.jpg"]},
-        {"query": "a dog", "positive": "im3.jpg"},
-    ])  # fmt: skip
+    recs = _records(
+        data,
+        [
+            {"query": "a red cat", "positive": "im0.jpg", "negatives": ["im1.jpg", "im2.jpg"]},
+            {"query": "a dog", "positive": "im3.jpg"},
+        ],
+    )
     batch = DualEncoderCollator(proc)(recs)
     assert set(batch) == {"query", "positive", "negatives", "negatives_mask"}
     assert set(batch["query"]) == {"input_ids", "attention_mask"} and batch["query"]["input_ids"].shape == (2, 5)
@@ -134,11 +170,27 @@ def test_dual_encoder_collator_through_clip(data, tmp_path):
     assert batch["negatives_mask"].tolist() == [[True, True], [False, False]]
     tok = proc.tokenizer
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=16, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=0),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
         projection_dim=8,
-    )  # fmt: skip
+    )
     clip = _save_load(CLIPModel, cfg, tmp_path)
     with torch.no_grad():
         q = clip.get_text_features(**batch["query"])
@@ -155,8 +207,9 @@ def test_dual_encoder_collator_through_clip(data, tmp_path):
 def test_dual_encoder_collator_errors_name_the_record(data):
     proc = _clip_processor()
     mixed = _records(data, [{"query": "a cat", "positive": "a dog"}], "t.jsonl") + _records(
-        data, [{"query": "a cat", "positive": "im0.jpg"}], "i.jsonl")  # fmt: skip
-    with pytest.raises(RecordError, match=rf"i.jsonl:1: this record has no text"):
+        data, [{"query": "a cat", "positive": "im0.jpg"}], "i.jsonl"
+    )
+    with pytest.raises(RecordError, match=r"i.jsonl:1: this record has no text"):
         DualEncoderCollator(proc)(mixed)
     (data / "im4.jpg").write_bytes((data / "im4.jpg").read_bytes()[:60])  # truncated after read_records stat'ed it
     recs = _records(data, [{"query": "a cat", "positive": "im0.jpg"}, {"query": "a dog", "positive": "im4.jpg"}])
@@ -173,29 +226,63 @@ class _TinyQwen3VLProcessor(Qwen3VLProcessor):
 
 def _qwen():
     tok = _tokenizer(QWEN_SPECIALS, eos_token="<|im_end|>", additional_special_tokens=QWEN_SPECIALS)
-    ip = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2, temporal_patch_size=2)
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2, temporal_patch_size=2
+    )
     proc = _TinyQwen3VLProcessor(image_processor=ip, tokenizer=tok, chat_template=CHAT)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                           temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )  # fmt: skip
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=32,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     return proc, cfg
 
 
 def test_vlm_collator_through_qwen3_vl(data, tmp_path):
     proc, cfg = _qwen()
     image_pad = cfg.image_token_id
-    edit = _records(data, [
-        {"source_image": ["im0.jpg", "im1.jpg"], "target_image": "im2.jpg", "instruction": "make it blue"},
-        {"source_image": None, "target_image": "im3.jpg", "instruction": "a red cat"},
-        {"source_image": "im4.jpg", "target_image": "im0.jpg", "instruction": "sunset", "inverse_instruction": "the sky"},
-    ])  # fmt: skip
+    edit = _records(
+        data,
+        [
+            {"source_image": ["im0.jpg", "im1.jpg"], "target_image": "im2.jpg", "instruction": "make it blue"},
+            {"source_image": None, "target_image": "im3.jpg", "instruction": "a red cat"},
+            {
+                "source_image": "im4.jpg",
+                "target_image": "im0.jpg",
+                "instruction": "sunset",
+                "inverse_instruction": "the sky",
+            },
+        ],
+    )
     assert len(edit) == 4  # the third row also gives an inverse record
     batch = VLMCollator(proc, query_instruction="represent the user input .")(edit)
     assert set(batch) == {"query", "positive"}
@@ -218,13 +305,19 @@ def test_vlm_collator_through_qwen3_vl(data, tmp_path):
 
 def test_vlm_collator_text_only_side_and_negatives(data, tmp_path):
     proc, cfg = _qwen()
-    recs = _records(data, [
-        {"query": "a red cat", "positive": "im0.jpg", "negatives": ["im1.jpg", "im2.jpg"]},
-        {"query": "a dog", "positive": "im3.jpg", "negatives": ["im4.jpg"]},
-    ])  # fmt: skip
+    recs = _records(
+        data,
+        [
+            {"query": "a red cat", "positive": "im0.jpg", "negatives": ["im1.jpg", "im2.jpg"]},
+            {"query": "a dog", "positive": "im3.jpg", "negatives": ["im4.jpg"]},
+        ],
+    )
     batch = VLMCollator(proc)(recs)
     assert set(batch["query"]) == {"input_ids", "attention_mask", "mm_token_type_ids"}  # no images on this side
-    assert batch["negatives"]["image_grid_thw"].shape == (3, 3) and batch["negatives_mask"].tolist() == [[True, True], [True, False]]
+    assert batch["negatives"]["image_grid_thw"].shape == (3, 3) and batch["negatives_mask"].tolist() == [
+        [True, True],
+        [True, False],
+    ]
     model = _save_load(Qwen3VLModel, cfg, tmp_path)
     with torch.no_grad():
         n = model(**batch["negatives"]).last_hidden_state[:, -1]

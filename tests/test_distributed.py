@@ -1,8 +1,8 @@
 """gather_with_grad on real gloo ranks: values, ragged row counts, and the backward sum."""
 
 import torch
-
 from _multiproc import run_ranks
+
 from vembed_blocks.distributed import average_gradients, gather_with_grad, gather_with_offset, get_rank, get_world_size
 
 
@@ -25,7 +25,10 @@ def _body(rank, world_size):
     assert torch.allclose(x.grad, want[offset : offset + x.shape[0]])
     # average_gradients: a 0-D and a 2-D parameter, grads rank+1 and 10*(rank+1); None skipped.
     a, b, c = (torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in ((), (2, 2), (3,)))
-    a.grad, b.grad = torch.tensor(rank + 1.0, dtype=torch.float64), torch.full((2, 2), 10.0 * (rank + 1), dtype=torch.float64)
+    a.grad, b.grad = (
+        torch.tensor(rank + 1.0, dtype=torch.float64),
+        torch.full((2, 2), 10.0 * (rank + 1), dtype=torch.float64),
+    )
     average_gradients([a, b, c])
     mean = sum(r + 1.0 for r in range(world_size)) / world_size
     assert a.grad.shape == () and a.grad.item() == mean and torch.all(b.grad == 10 * mean) and c.grad is None

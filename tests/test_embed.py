@@ -14,7 +14,12 @@ def rec(q, p, negs=()):
 
 
 def test_retrieval_set_merges_repeated_queries_and_docs():
-    records = [rec("cat", "c.png", ["d.png"]), rec("dog", "d.png"), rec("cat", "c2.png"), rec("bird", "b.png", ["x.png"])]
+    records = [
+        rec("cat", "c.png", ["d.png"]),
+        rec("dog", "d.png"),
+        rec("cat", "c2.png"),
+        rec("bird", "b.png", ["x.png"]),
+    ]
     rs = retrieval_set(records)
     assert [q.text for q in rs.queries] == ["cat", "dog", "bird"]
     assert [d.images[0] for d in rs.docs] == ["c.png", "d.png", "c2.png", "b.png", "x.png"]

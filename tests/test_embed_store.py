@@ -11,7 +11,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from vembed_blocks.data import TaskBatches, WeightedTaskSampler
-from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, StoreError, collate_embeddings, ensure_meta, shard_name
+from vembed_blocks.data.embed_store import (
+    EmbedStore,
+    EmbedWriter,
+    StoreError,
+    collate_embeddings,
+    ensure_meta,
+    shard_name,
+)
 
 
 def _write(root, rank, world, n, shard_size, per_token=False, seed=0):
@@ -74,7 +81,9 @@ def test_store_pickles_and_feeds_task_batches(tmp_path):
     tasks["a"][0]  # open a file handle: the pickled copy must not carry it
     clone = pickle.loads(pickle.dumps(tasks["a"]))
     assert torch.equal(clone[5]["query"], tasks["a"][5]["query"])
-    sampler = WeightedTaskSampler({k: len(v) for k, v in tasks.items()}, 2, {"a": 1, "b": 1}, seed=3, rank=0, world_size=1)
+    sampler = WeightedTaskSampler(
+        {k: len(v) for k, v in tasks.items()}, 2, {"a": 1, "b": 1}, seed=3, rank=0, world_size=1
+    )
     loader = DataLoader(TaskBatches(tasks, sampler, collate_embeddings, steps=4), batch_size=None, num_workers=2)
     items = list(loader)
     plain = list(TaskBatches(tasks, sampler, collate_embeddings, steps=4))

@@ -14,12 +14,11 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from _multiproc import run_ranks
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from _multiproc import run_ranks
 from vembed_blocks.gradcache import GradCache
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,14 +181,37 @@ def tiny_qwen3_vl():
     1, 0, 2, 1 images of different grids, right padding."""
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
-    text = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=16,
-                rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True})
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=4,
-                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_position_embeddings=16,
-                  deepstack_visual_indexes=[0])
-    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=150, video_token_id=151,
-                        vision_start_token_id=152, vision_end_token_id=153)
+    text = dict(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=4,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        in_channels=3,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0],
+    )
+    cfg = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=150,
+        video_token_id=151,
+        vision_start_token_id=152,
+        vision_end_token_id=153,
+    )
     torch.manual_seed(11)
     model = Qwen3VLModel(cfg)
     grids = [[[1, 4, 4]], [], [[1, 4, 8], [1, 8, 4]], [[1, 4, 4]]]
@@ -204,8 +226,13 @@ def tiny_qwen3_vl():
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     grid = torch.tensor([g for row in grids for g in row])
     g = torch.Generator().manual_seed(12)
-    inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == 150).long(),
-              "pixel_values": torch.randn(int(grid.prod(1).sum()), 3 * 2 * 4 * 4, generator=g), "image_grid_thw": grid}
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (ids == 150).long(),
+        "pixel_values": torch.randn(int(grid.prod(1).sum()), 3 * 2 * 4 * 4, generator=g),
+        "image_grid_thw": grid,
+    }
     return model, inputs
 
 
@@ -290,8 +317,16 @@ def test_activation_checkpointing() -> None:
     from transformers import BertConfig, BertModel
 
     tower, plain = Tower(dim=16, ckpt=True), Tower(dim=16, ckpt=False)
-    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                     max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(3)
     bert = BertModel(cfg, add_pooling_layer=False).to(torch.float64)
     rbert = copy.deepcopy(bert)
@@ -348,7 +383,7 @@ def test_clear_errors() -> None:
     tower = Tower()
     q_in, d_in = batch(6, 0), batch(6, 1)
     gc = GradCache(chunk_size=4)
-    q, p = gc.encode(tower, **q_in), gc.encode(tower, **d_in)
+    q, _unused = gc.encode(tower, **q_in), gc.encode(tower, **d_in)
     with pytest.raises(RuntimeError, match="received no gradient"):
         info_nce(q, q.detach() + 0).backward()  # p unused
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
+import loss_refs as ref
 import pytest
 import torch
 
-import loss_refs as ref
-from vembed_blocks.losses import CoSENT, ColBERT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives
+from vembed_blocks.losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives
 
 DEVIATIONS: dict[str, float] = {}
 B, D, K = 5, 8, 3
@@ -114,6 +114,7 @@ def test_siglip_learnable_scale_and_bias_gradients():
 
 def _triplet_ref(a, p, negs_per_row, margin, dist, mining):
     """negs_per_row[i]: list of negative vectors for anchor i."""
+
     def d(x, y):
         return 1 - (x @ y) / (x.norm() * y.norm()) if dist == "cosine" else (x - y).norm()
 
@@ -146,7 +147,9 @@ def test_triplet_matches_reference(dist, mining, negs):
         compare(
             f"Triplet[{dist},{mining},{negs}]",
             lambda a, p, n: loss(a, p, n, negatives_mask=mask),
-            lambda a, p, n: _triplet_ref(a, p, [[n[i, k] for k in range(K) if mask[i, k]] for i in range(B)], 0.5, dist, mining),
+            lambda a, p, n: _triplet_ref(
+                a, p, [[n[i, k] for k in range(K) if mask[i, k]] for i in range(B)], 0.5, dist, mining
+            ),
             (a, p, n),
         )
 
@@ -158,8 +161,9 @@ def test_triplet_rows_without_negatives(mining):
     compare(  # RAGGED_MASK: row 2 has no negative, so it is not in the mean
         f"Triplet[{mining},row without negatives]",
         lambda a, p, n: loss(a, p, n, negatives_mask=RAGGED_MASK),
-        lambda a, p, n: _triplet_ref(a, p, [[n[i, k] for k in range(K) if RAGGED_MASK[i, k]] for i in range(B)], 0.5,
-                                     "cosine", mining),
+        lambda a, p, n: _triplet_ref(
+            a, p, [[n[i, k] for k in range(K) if RAGGED_MASK[i, k]] for i in range(B)], 0.5, "cosine", mining
+        ),
         (a, p, n),
     )
     none = loss(a, p, n, negatives_mask=torch.zeros(B, K, dtype=torch.bool))
@@ -201,11 +205,17 @@ def test_matryoshka_cuts_only_the_named_arguments():
     m = Matryoshka(Distill(temperature=0.5), [8, 4, 2], [1.0, 0.5, 0.25])
 
     def want(sq, sd):  # the teacher keeps its full width at every dim, even with the student's width
-        return sum(w * Distill(temperature=0.5)(sq[:, :d], sd[:, :d], tq, td) for d, w in ((8, 1.0), (4, 0.5), (2, 0.25)))
+        return sum(
+            w * Distill(temperature=0.5)(sq[:, :d], sd[:, :d], tq, td) for d, w in ((8, 1.0), (4, 0.5), (2, 0.25))
+        )
 
     compare("Matryoshka(Distill, same-width teacher)", lambda sq, sd: m(sq, sd, tq, td), want, (sq, sd))
     qt, dt, nt = rand(2, 3, D, seed=24), rand(2, 4, D, seed=25), rand(2, 1, 4, D, seed=26)
-    qm, dm, nm = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 1, 4, dtype=torch.bool)
+    qm, dm, nm = (
+        torch.ones(2, 3, dtype=torch.bool),
+        torch.ones(2, 4, dtype=torch.bool),
+        torch.ones(2, 1, 4, dtype=torch.bool),
+    )
     col = Matryoshka(ColBERT(temperature=0.1), [D, 3])
     want_col = sum(ColBERT(temperature=0.1)(qt[..., :d], qm, dt[..., :d], dm, nt[..., :d], nm) for d in (D, 3))
     assert torch.allclose(col(qt, qm, dt, dm, nt, nm), want_col, atol=1e-12, rtol=0)
@@ -234,7 +244,9 @@ def test_cosent_matches_reference():
 def test_colbert_matches_reference_with_padding(with_negatives):
     q, d, n = rand(B, 4, D, seed=12), rand(B, 6, D, seed=13), rand(B, 2, 5, D, seed=14)
     qm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
-    dm = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1] * 5 + [0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    dm = torch.tensor(
+        [[1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1] * 5 + [0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool
+    )
     nm = torch.zeros(B, 2, 5, dtype=torch.bool)
     nm[0, 0, :3] = nm[0, 1, :5] = nm[1, 0, :1] = nm[3, 1, 2:4] = True  # rows 2 and 4 have no negatives
     loss = ColBERT(temperature=0.1)
@@ -246,7 +258,9 @@ def test_colbert_matches_reference_with_padding(with_negatives):
             (q, d, n),
         )
     else:
-        compare("ColBERT", lambda q, d: loss(q, qm, d, dm), lambda q, d: ref.colbert(q, qm, d, dm, temperature=0.1), (q, d))
+        compare(
+            "ColBERT", lambda q, d: loss(q, qm, d, dm), lambda q, d: ref.colbert(q, qm, d, dm, temperature=0.1), (q, d)
+        )
 
 
 def test_colbert_padding_never_scores():
@@ -269,7 +283,9 @@ def test_matryoshka_unsorted_dims_keep_weights_paired():
     assert m.dims == [8, 4, 2] and m.weights == [1.0, 0.5, 2.0]
 
     def want(q, p, n):
-        return sum(w * ref.infonce(q[:, :d], p[:, :d], n[..., :d], RAGGED_MASK, scale=10.0) for d, w in zip(dims, weights))
+        return sum(
+            w * ref.infonce(q[:, :d], p[:, :d], n[..., :d], RAGGED_MASK, scale=10.0) for d, w in zip(dims, weights)
+        )
 
     compare("Matryoshka(InfoNCE)", lambda q, p, n: m(q, p, negatives=n, negatives_mask=RAGGED_MASK), want, (q, p, n))
 
@@ -324,7 +340,10 @@ def _x(*shape):
         (lambda: InfoNCE()(_x(4, 8), _x(3, 8)), "4 rows but positive has 3"),
         (lambda: InfoNCE()(_x(4, 8), _x(4, 6)), "dim 8 but positive has dim 6"),
         (lambda: InfoNCE()(_x(0, 8), _x(0, 8)), "empty batch"),
-        (lambda: InfoNCE()(_x(4, 8), _x(4, 8), _x(4, 2, 8), torch.ones(4, 3, dtype=torch.bool)), "negatives_mask must have shape (4, 2)"),
+        (
+            lambda: InfoNCE()(_x(4, 8), _x(4, 8), _x(4, 2, 8), torch.ones(4, 3, dtype=torch.bool)),
+            "negatives_mask must have shape (4, 2)",
+        ),
         (lambda: InfoNCE()(_x(4, 8), _x(4, 8), _x(3, 2, 8)), "negatives has 3 rows"),
         (lambda: InfoNCE()(_x(4, 8), _x(4, 8), _x(4, 2, 7)), "negatives have dim 7"),
         (lambda: InfoNCE()(_x(4, 8), _x(4, 8), labels=torch.zeros(3)), "labels must have shape (4,)"),
@@ -333,8 +352,14 @@ def _x(*shape):
         (lambda: SigLIP(temperature=0.0), "temperature must be > 0"),
         (lambda: SigLIP()(_x(4, 8), _x(5, 8)), "4 rows but b has 5"),
         (lambda: ColBERT(temperature=-0.1), "temperature must be > 0"),
-        (lambda: ColBERT()(_x(2, 3, 8), torch.ones(2, 4), _x(2, 5, 8), torch.ones(2, 5)), "query_mask must have shape (2, 3)"),
-        (lambda: ColBERT()(_x(2, 3, 8), torch.ones(2, 3), _x(2, 5, 8), torch.zeros(2, 5)), "doc_mask needs at least one real token"),
+        (
+            lambda: ColBERT()(_x(2, 3, 8), torch.ones(2, 4), _x(2, 5, 8), torch.ones(2, 5)),
+            "query_mask must have shape (2, 3)",
+        ),
+        (
+            lambda: ColBERT()(_x(2, 3, 8), torch.ones(2, 3), _x(2, 5, 8), torch.zeros(2, 5)),
+            "doc_mask needs at least one real token",
+        ),
         (lambda: CoSENT()(_x(4, 8), _x(4, 8), torch.zeros(5)), "scores must have shape (4,)"),
         (lambda: Triplet(distance="l3"), "distance must be"),
         (lambda: Matryoshka(InfoNCE(), [16, 4])(_x(4, 8), _x(4, 8)), "dim 16 is larger than the embedding dim 8"),

@@ -14,12 +14,12 @@ rows unlabelled (-1).
 
 from __future__ import annotations
 
+import loss_refs as ref
 import torch
 import torch.nn as nn
+from _multiproc import run_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import loss_refs as ref
-from _multiproc import run_ranks
 from vembed_blocks.losses import ColBERT, InfoNCE, SigLIP
 
 CASES = ["infonce", "infonce_neg", "infonce_sym", "siglip", "colbert"]
@@ -41,11 +41,17 @@ def global_batch(world: int) -> dict[str, torch.Tensor]:
     tok_mask = torch.rand(n, K, 4, generator=g) > 0.4
     tok_mask[0, 0, 0] = True  # at least one negative somewhere
     return {
-        "q": r(n, DIN), "p": r(n, DIN), "neg": r(n, K, DIN), "nmask": nmask,
+        "q": r(n, DIN),
+        "p": r(n, DIN),
+        "neg": r(n, K, DIN),
+        "nmask": nmask,
         "labels": torch.tensor([i % 4 for i in range(n)]),  # duplicate labels across ranks
-        "qt": r(n, 3, DIN), "qt_mask": torch.arange(3)[None] < q_len[:, None],
-        "dt": r(n, d_len.max().item(), DIN), "dt_mask": torch.arange(d_len.max().item())[None] < d_len[:, None],
-        "nt": r(n, K, 4, DIN), "nt_mask": tok_mask,
+        "qt": r(n, 3, DIN),
+        "qt_mask": torch.arange(3)[None] < q_len[:, None],
+        "dt": r(n, d_len.max().item(), DIN),
+        "dt_mask": torch.arange(d_len.max().item())[None] < d_len[:, None],
+        "nt": r(n, K, 4, DIN),
+        "nt_mask": tok_mask,
     }
 
 
@@ -53,7 +59,11 @@ def ragged_global(batch: dict[str, torch.Tensor], world: int) -> dict[str, torch
     """What one process sees for the ragged cases: rank 1's negatives masked, its rows unlabelled."""
     batch = dict(batch)
     ones = slice(ROWS, 2 * ROWS)
-    batch["nmask"], batch["nt_mask"], batch["labels"] = batch["nmask"].clone(), batch["nt_mask"].clone(), batch["labels"].clone()
+    batch["nmask"], batch["nt_mask"], batch["labels"] = (
+        batch["nmask"].clone(),
+        batch["nt_mask"].clone(),
+        batch["labels"].clone(),
+    )
     batch["nmask"][ones], batch["nt_mask"][ones], batch["labels"][ones] = False, False, -1
     if world > 2:
         batch["nmask"][2 * ROWS : 3 * ROWS] = True
@@ -124,7 +134,9 @@ class Combo(nn.Module):
         if c == "siglip":
             return ref.siglip(e(b["q"]), e(b["p"]), loss.log_scale.exp(), loss.bias, b["labels"])
         if c == "siglip_ragged":
-            return ref.siglip(e(b["q"]), e(b["p"]), loss.log_scale.exp(), loss.bias, b["labels"], e(b["neg"]), b["nmask"])
+            return ref.siglip(
+                e(b["q"]), e(b["p"]), loss.log_scale.exp(), loss.bias, b["labels"], e(b["neg"]), b["nmask"]
+            )
         return ref.colbert(e(b["qt"]), b["qt_mask"], e(b["dt"]), b["dt_mask"], e(b["nt"]), b["nt_mask"], 0.1)
 
 

@@ -22,10 +22,19 @@ def test_hand_made_rankings_with_ties_multiple_relevant_and_no_relevant():
     )
     m = retrieval_metrics(scores, [{2, 3}, {3}, set()], ks=(1, 3, 5))
     expect = {
-        "recall@1": 0.0, "hit@1": 0.0, "mrr@1": 0.0, "ndcg@1": 0.0, "map@1": 0.0,
-        "recall@3": (0 + 1) / 2, "hit@3": 0.5, "mrr@3": (0 + 1 / 3) / 2,
-        "ndcg@3": (0 + (1 / log2(4)) / 1) / 2, "map@3": (0 + 1 / 3) / 2,
-        "recall@5": 1.0, "hit@5": 1.0, "mrr@5": (1 / 4 + 1 / 3) / 2,
+        "recall@1": 0.0,
+        "hit@1": 0.0,
+        "mrr@1": 0.0,
+        "ndcg@1": 0.0,
+        "map@1": 0.0,
+        "recall@3": (0 + 1) / 2,
+        "hit@3": 0.5,
+        "mrr@3": (0 + 1 / 3) / 2,
+        "ndcg@3": (0 + (1 / log2(4)) / 1) / 2,
+        "map@3": (0 + 1 / 3) / 2,
+        "recall@5": 1.0,
+        "hit@5": 1.0,
+        "mrr@5": (1 / 4 + 1 / 3) / 2,
         "ndcg@5": ((1 / log2(5) + 1 / log2(6)) / (1 + 1 / log2(3)) + 0.5) / 2,
         "map@5": ((1 / 4 + 2 / 5) / 2 + 1 / 3) / 2,
     }
@@ -93,11 +102,17 @@ def test_bad_inputs():
 # query 1 ranks 1,2,0 and its relevant {1, 2} sit at ranks 1 and 2.
 TWO_QUERY_SCORES = torch.tensor([[0.2, 0.9, 0.5], [0.1, 0.8, 0.3]])
 TWO_QUERY_EXPECT = {
-    "recall@1": (0 + 1 / 2) / 2, "hit@1": (0 + 1) / 2, "mrr@1": (0 + 1) / 2, "ndcg@1": (0 + 1) / 2,
+    "recall@1": (0 + 1 / 2) / 2,
+    "hit@1": (0 + 1) / 2,
+    "mrr@1": (0 + 1) / 2,
+    "ndcg@1": (0 + 1) / 2,
     "map@1": (0 + (1 / 1) / 2) / 2,
-    "recall@2": (1 / 2 + 1) / 2, "hit@2": 1.0, "mrr@2": (1 / 2 + 1) / 2,
-    "ndcg@2": ((1 / log2(3)) / (1 + 1 / log2(3)) + 1) / 2, "map@2": ((1 / 2) / 2 + (1 / 1 + 2 / 2) / 2) / 2,
-}  # fmt: skip
+    "recall@2": (1 / 2 + 1) / 2,
+    "hit@2": 1.0,
+    "mrr@2": (1 / 2 + 1) / 2,
+    "ndcg@2": ((1 / log2(3)) / (1 + 1 / log2(3)) + 1) / 2,
+    "map@2": ((1 / 2) / 2 + (1 / 1 + 2 / 2) / 2) / 2,
+}
 
 
 @pytest.mark.parametrize("container", [tuple, list])
@@ -123,8 +138,10 @@ def test_label_pair_read_only_with_lengths_q_and_n():
 
 
 def test_relevant_of_the_wrong_shape_raises_saying_what_was_expected():
-    expected = (r"expected 3 relevance sets \(document indices, one per query\) "
-                r"or a pair \(query_labels\[3\], doc_labels\[4\]\); got a tuple of 2 with element lengths ")
+    expected = (
+        r"expected 3 relevance sets \(document indices, one per query\) "
+        r"or a pair \(query_labels\[3\], doc_labels\[4\]\); got a tuple of 2 with element lengths "
+    )
     # doc labels one too long: used to be read as labels and fail as "document(s) [4] outside 0..3".
     with pytest.raises(ValueError, match=expected + r"\[3, 5\]"):
         retrieval_metrics(torch.zeros(3, 4), ([0, 1, 2], [0, 1, 2, 1, 0]))
@@ -156,6 +173,11 @@ def test_format_table_columns():
     from vembed_blocks.metrics import format_table
 
     before = {"recall@1": 0.1, "mrr@10": 0.25}
-    assert format_table(before, names=("recall@1", "mrr@10")) == "metric       before\nrecall@1     0.1000\nmrr@10       0.2500"
+    assert (
+        format_table(before, names=("recall@1", "mrr@10"))
+        == "metric       before\nrecall@1     0.1000\nmrr@10       0.2500"
+    )
     assert format_table(before, {"recall@1": 0.5, "mrr@10": 1.0}, names=("mrr@10",)).splitlines() == [
-        "metric       before    after", "mrr@10       0.2500   1.0000"]  # fmt: skip
+        "metric       before    after",
+        "mrr@10       0.2500   1.0000",
+    ]

@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _multiproc import run_ranks
 from torch import nn
 
-from _multiproc import run_ranks
 from vembed_blocks.distributed import gather_with_offset
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, shard_model, wrap_ddp
 
@@ -28,11 +28,13 @@ ATOL = 1e-5
 def tiny_clip_config(dropout: float = 0.0):
     from transformers import CLIPConfig
 
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  attention_dropout=dropout)
+    common = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, attention_dropout=dropout
+    )
     return CLIPConfig(
-        text_config=dict(common, vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=1),
+        text_config=dict(
+            common, vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1
+        ),
         vision_config=dict(common, image_size=16, patch_size=8),
         projection_dim=16,
     )
@@ -42,13 +44,32 @@ def tiny_qwen3vl_config():
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, vocab_size=128,
-                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
-                           patch_size=4, temporal_patch_size=2, spatial_merge_size=2,
-                           num_position_embeddings=16, deepstack_visual_indexes=[1]),
-        image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103,
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=128,
+            rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=32,
+            patch_size=4,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[1],
+        ),
+        image_token_id=100,
+        video_token_id=101,
+        vision_start_token_id=102,
+        vision_end_token_id=103,
     )
 
 
@@ -68,8 +89,7 @@ def model_dirs(tmp_path_factory):
 def clip_batch(n: int = 4) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 100, (n, 8), generator=g)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                pixel_values=torch.randn(n, 3, 16, 16, generator=g))
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(n, 3, 16, 16, generator=g))
 
 
 def qwen_batch(n: int = 4) -> dict:
@@ -87,7 +107,9 @@ def _features(out) -> torch.Tensor:
 
 def clip_loss(model, b: dict, gather: bool) -> torch.Tensor:
     """Symmetric CLIP loss, local rows against gathered columns; scale = exp(logit_scale)."""
-    t = F.normalize(_features(model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])), dim=-1)
+    t = F.normalize(
+        _features(model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])), dim=-1
+    )
     i = F.normalize(_features(model.get_image_features(pixel_values=b["pixel_values"])), dim=-1)
     scale = unwrapped(model).logit_scale.exp()
     (t_all, off), (i_all, _) = (gather_with_offset(t), gather_with_offset(i)) if gather else ((t, 0), (i, 0))
@@ -99,8 +121,13 @@ def qwen_loss(model, b: dict, gather: bool) -> torch.Tensor:
     """InfoNCE (temperature 0.05) of last-token embeddings: text queries vs image+text docs."""
     n = b["q"].shape[0]
     q = model(input_ids=b["q"], attention_mask=torch.ones_like(b["q"])).last_hidden_state[:, -1]
-    d = model(input_ids=b["d"], attention_mask=torch.ones_like(b["d"]), pixel_values=b["pixel_values"],
-              image_grid_thw=torch.tensor([[1, 4, 4]] * n), mm_token_type_ids=(b["d"] == 100).long()).last_hidden_state[:, -1]
+    d = model(
+        input_ids=b["d"],
+        attention_mask=torch.ones_like(b["d"]),
+        pixel_values=b["pixel_values"],
+        image_grid_thw=torch.tensor([[1, 4, 4]] * n),
+        mm_token_type_ids=(b["d"] == 100).long(),
+    ).last_hidden_state[:, -1]
     q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
     d_all, off = gather_with_offset(d) if gather else (d, 0)
     return F.cross_entropy(q @ d_all.T / 0.05, torch.arange(n) + off)
@@ -125,7 +152,7 @@ def local_slice(b: dict, rank: int, world: int) -> dict:
     out = {}
     for key, v in b.items():
         per = v.shape[0] // n  # pixel rows per sample (flattened Qwen patches)
-        out[key] = v[rank * k * per:(rank + 1) * k * per]
+        out[key] = v[rank * k * per : (rank + 1) * k * per]
     return out
 
 
@@ -147,7 +174,6 @@ def max_diff(a: dict, b: dict) -> float:
 # ---------------------------------------------------------------- the launch
 def _equivalence(rank, world, clip_dir, qwen_dir):
     from transformers import CLIPModel, Qwen3VLModel
-
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -173,8 +199,11 @@ def _equivalence(rank, world, clip_dir, qwen_dir):
             local_loss, norm = sgd_step(model, loss_fn, local_slice(batch, rank, world), gather=True)
             losses = [None] * world
             torch.distributed.all_gather_object(losses, local_loss)
-            results[f"{name}/{how}"] = (max_diff(full_params(model), ref_params),
-                                        abs(sum(losses) / world - global_loss), abs(norm - global_norm) / global_norm)
+            results[f"{name}/{how}"] = (
+                max_diff(full_params(model), ref_params),
+                abs(sum(losses) / world - global_loss),
+                abs(norm - global_norm) / global_norm,
+            )
     return results
 
 
@@ -184,7 +213,9 @@ def test_one_step_matches_single_process(model_dirs):
     for rank, checks in enumerate(res):
         for key, (pdiff, ldiff, norm_rel) in checks.items():
             if rank == 0:
-                print(f"{key}: max |param diff| {pdiff:.2e}, |loss diff| {ldiff:.2e}, grad norm rel. diff {norm_rel:.2e}")
+                print(
+                    f"{key}: max |param diff| {pdiff:.2e}, |loss diff| {ldiff:.2e}, grad norm rel. diff {norm_rel:.2e}"
+                )
             if key.endswith("bf16"):  # bf16 compute (8 mantissa bits): the update is only close
                 assert pdiff < 0.2 * moved[key.split("/")[0]] and ldiff < 5e-2 and norm_rel < 5e-2, key
             else:  # fp32 paths: equal to float rounding; the norm over sharded (DTensor) grads too
@@ -232,10 +263,15 @@ def test_no_process_group_is_noop_and_lora_targets(model_dirs):
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
-    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                                vocab_size=50))
+    bert = BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=50)
+    )
     assert set(apply_lora(bert, r=2, alpha=4).peft_config["default"].target_modules) == {
-        "query", "key", "value", "attention.output.dense"}
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+    }
 
 
 def test_checkpoint_layers_same_gradients(model_dirs):

@@ -90,12 +90,15 @@ EPS = {torch.float16: 2**-10, torch.bfloat16: 2**-7}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method, length, value", [
-    ("weighted_mean", 1000, None),  # fp16 weights 1..n sum past 65504: was all zeros
-    ("weighted_mean", 4000, None),  # fp16 cumsum itself overflows: was NaN
-    ("mean", 5000, 60.0),           # fp16 sum 300000 > 65504: was inf
-    ("mean", 5000, None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "method, length, value",
+    [
+        ("weighted_mean", 1000, None),  # fp16 weights 1..n sum past 65504: was all zeros
+        ("weighted_mean", 4000, None),  # fp16 cumsum itself overflows: was NaN
+        ("mean", 5000, 60.0),  # fp16 sum 300000 > 65504: was inf
+        ("mean", 5000, None),
+    ],
+)
 def test_low_precision_means_accumulate_in_float32(dtype, method, length, value):
     hidden, mask, seqs = long_batch(length, dtype, value)
     out = pool(hidden, mask, method)

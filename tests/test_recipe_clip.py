@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _recipes import load_script, torchrun, train_log
 from _tiny_models import tiny_siglip
+from safetensors.torch import load_file
+
 from vembed_blocks import demo as demo_data
 
 clip_t2i = load_script("clip_t2i")
@@ -27,12 +27,18 @@ evaluate = load_script("evaluate")
 def demo(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("demo")
     train, val = demo_data.render_demo(str(root), per_combo=1, seed=0)
-    return {"train": train, "val": val, "clip": demo_data.build_tiny_clip(str(root / "clip"), quick=True), "root": str(root)}
+    return {
+        "train": train,
+        "val": val,
+        "clip": demo_data.build_tiny_clip(str(root / "clip"), quick=True),
+        "root": str(root),
+    }
 
 
 def test_demo_quick_run_improves_retrieval(tmp_path):
-    result = clip_t2i.main(["--demo-quick", "--output", str(tmp_path), "--batch-size", "32", "--num-workers", "0",
-                            "--log-every", "20"])  # fmt: skip
+    result = clip_t2i.main(
+        ["--demo-quick", "--output", str(tmp_path), "--batch-size", "32", "--num-workers", "0", "--log-every", "20"]
+    )
     before, after = result["before"], result["after"]
     assert after["recall@10"] >= before["recall@10"] + 0.1, (before, after)
     assert after["mrr@10"] >= 2 * before["mrr@10"], (before, after)
@@ -42,8 +48,25 @@ def test_demo_quick_run_improves_retrieval(tmp_path):
 
 
 def common(demo: dict[str, str], out: Path, model: str, *extra: str) -> list[str]:
-    return ["--data", demo["train"], "--val-data", demo["val"], "--model", model, "--output", str(out),
-            "--batch-size", "8", "--chunk-size", "3", "--num-workers", "0", "--log-every", "1", *extra]  # fmt: skip
+    return [
+        "--data",
+        demo["train"],
+        "--val-data",
+        demo["val"],
+        "--model",
+        model,
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--chunk-size",
+        "3",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def test_torchrun_clip_resume_matches_straight_run_and_evaluate_reproduces(demo, tmp_path):
@@ -72,8 +95,12 @@ def test_torchrun_clip_resume_matches_straight_run_and_evaluate_reproduces(demo,
 
 
 def test_torchrun_siglip_saves_resumes_and_exports(demo, tmp_path):
-    words = sorted({w for t in demo_data.TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
-                   | set(demo_data.SHAPES) | set(demo_data.COLOURS) | set(demo_data.POSITIONS))  # fmt: skip
+    words = sorted(
+        {w for t in demo_data.TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
+        | set(demo_data.SHAPES)
+        | set(demo_data.COLOURS)
+        | set(demo_data.POSITIONS)
+    )
     siglip = tiny_siglip(str(tmp_path / "siglip"), words)
     out = tmp_path / "run"
     torchrun("clip_t2i", *common(demo, out, siglip, "--loss", "siglip", "--max-steps", "3", "--stop-at", "2"))

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
 from _recipes import assert_ragged_step0, load_script, ragged_rows, torchrun, train_log
 from _tiny_models import tiny_bert, tiny_qwen3vl
+from safetensors.torch import load_file
 from test_recipe_qwen3 import shapes_dataset
 
 colbert = load_script("colbert")
@@ -31,8 +30,11 @@ colbert = load_script("colbert")
 def pets_dataset(root: Path) -> tuple[str, str]:
     """12 query/passage pairs (colour x cat/dog); train rows carry 0, 1 or 2 hard negatives."""
     sides = ["left", "right", "top", "bottom"]
-    rows = [{"query": f"the {c} {a}", "positive": f"a photo of a {c} {a} at the {sides[(i + j) % 4]}"}
-            for i, c in enumerate("red green blue yellow purple white".split()) for j, a in enumerate(["cat", "dog"])]  # fmt: skip
+    rows = [
+        {"query": f"the {c} {a}", "positive": f"a photo of a {c} {a} at the {sides[(i + j) % 4]}"}
+        for i, c in enumerate("red green blue yellow purple white".split())
+        for j, a in enumerate(["cat", "dog"])
+    ]
     val = [dict(r) for r in rows]
     for i, r in enumerate(rows):
         r["negatives"] = [rows[(i + 1 + j) % len(rows)]["positive"] for j in range(i % 3)]
@@ -42,16 +44,40 @@ def pets_dataset(root: Path) -> tuple[str, str]:
 
 
 def common(model: str, train: str, val: str, out: Path, *extra: str) -> list[str]:
-    return ["--model", model, "--data", train, "--val-data", val, "--output", str(out), "--batch-size", "6",
-            "--chunk-size", "4", "--num-negatives", "1", "--dim", "16", "--lr", "3e-3", "--num-workers", "0",
-            "--log-every", "1", *extra]  # fmt: skip
+    return [
+        "--model",
+        model,
+        "--data",
+        train,
+        "--val-data",
+        val,
+        "--output",
+        str(out),
+        "--batch-size",
+        "6",
+        "--chunk-size",
+        "4",
+        "--num-negatives",
+        "1",
+        "--dim",
+        "16",
+        "--lr",
+        "3e-3",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def test_torchrun_text_colbert_learns_resumes_and_exports(tmp_path):
     train, val = pets_dataset(tmp_path)
     bert = tiny_bert(str(tmp_path / "bert"))
     straight, split = tmp_path / "straight", tmp_path / "split"
-    torchrun("colbert", *common(bert, train, val, straight, "--max-steps", "6", "--save-every", "3", "--eval-every", "3"))
+    torchrun(
+        "colbert", *common(bert, train, val, straight, "--max-steps", "6", "--save-every", "3", "--eval-every", "3")
+    )
     torchrun("colbert", *common(bert, train, val, split, "--max-steps", "6", "--stop-at", "3"))
     assert not (split / "final").exists()
     torchrun("colbert", *common(bert, train, val, split, "--max-steps", "6", "--resume"))
@@ -74,7 +100,10 @@ def test_torchrun_text_colbert_learns_resumes_and_exports(tmp_path):
     final = split / "final"
     meta = json.loads((final / "colbert.json").read_text())
     assert meta["encoder"] == "text" and meta["dim"] == 16
-    model, proj = BertModel.from_pretrained(final).eval(), load_file(str(final / "colbert_projection.safetensors"))["weight"]
+    model, proj = (
+        BertModel.from_pretrained(final).eval(),
+        load_file(str(final / "colbert_projection.safetensors"))["weight"],
+    )
     collator = TextCollator(AutoTokenizer.from_pretrained(final), max_length=256)
     rs = retrieval_set(colbert.load_records(val, None))
 
@@ -92,8 +121,23 @@ def test_single_process_colqwen_learns_and_exports(tmp_path):
     train, val = shapes_dataset(tmp_path)
     qwen = tiny_qwen3vl(str(tmp_path / "qwen"))
     out = tmp_path / "colqwen"
-    result = colbert.main(common(qwen, train, val, out, "--max-steps", "4", "--mrl-dims", "16,8", "--grad-checkpointing",
-                                 "--batch-size", "12", "--lr", "5e-3"))  # one process: all 12 pairs every step
+    result = colbert.main(
+        common(
+            qwen,
+            train,
+            val,
+            out,
+            "--max-steps",
+            "4",
+            "--mrl-dims",
+            "16,8",
+            "--grad-checkpointing",
+            "--batch-size",
+            "12",
+            "--lr",
+            "5e-3",
+        )
+    )  # one process: all 12 pairs every step
     losses = result["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
     assert result["after"]["mrr@10"] > result["before"]["mrr@10"], result
@@ -132,20 +176,46 @@ def test_torchrun_ragged_negatives_and_labels(tmp_path):
     and the recipe warns."""
     (tmp_path / "pets").mkdir()
     (tmp_path / "shapes").mkdir()
-    runs = [("pets", pets_dataset(tmp_path / "pets")[0], tiny_bert(str(tmp_path / "bert"), dropout=0.0), k) for k in (2, 0)]
+    runs = [
+        ("pets", pets_dataset(tmp_path / "pets")[0], tiny_bert(str(tmp_path / "bert"), dropout=0.0), k) for k in (2, 0)
+    ]
     runs.append(("shapes", shapes_dataset(tmp_path / "shapes")[0], tiny_qwen3vl(str(tmp_path / "qwen")), 2))
     for name, train, model, k in runs:
         rows = [json.loads(line) for line in Path(train).read_text().splitlines()]
-        negative, label = (lambda i, m: rows[(i + 4 + m) % len(rows)]["positive"]), (lambda i: rows[i]["query"].split()[1])
+        negative, label = (
+            (lambda i, m: rows[(i + 4 + m) % len(rows)]["positive"]),
+            (lambda i: rows[i]["query"].split()[1]),
+        )
         ragged, step0 = ragged_rows(rows, 3, negative, label)  # label: the colour
         data = Path(train).with_name("ragged.jsonl")  # next to the images it may name
         data.write_text("".join(json.dumps(r) + "\n" for r in ragged))
         records = colbert.load_records(str(data), None)
         assert_ragged_step0(records, step0)  # the sampler really gives rank 0 all of them and rank 1 none at step 0
         out = tmp_path / f"{name}-k{k}"
-        argv = ["--model", model, "--data", str(data), "--output", str(out), "--batch-size", "3", "--chunk-size", "2",
-                "--num-negatives", str(k), "--dim", "16", "--max-steps", "3", "--lr", "3e-3", "--num-workers", "0",
-                "--log-every", "1"]  # fmt: skip
+        argv = [
+            "--model",
+            model,
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--batch-size",
+            "3",
+            "--chunk-size",
+            "2",
+            "--num-negatives",
+            str(k),
+            "--dim",
+            "16",
+            "--max-steps",
+            "3",
+            "--lr",
+            "3e-3",
+            "--num-workers",
+            "0",
+            "--log-every",
+            "1",
+        ]
         logs = torchrun("colbert", *argv, timeout=240, stderr=True)
         losses = train_log(out)
         assert sorted(losses) == [1, 2, 3] and all(map(math.isfinite, losses.values())), (name, k, losses)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from _recipes import assert_ragged_step0, load_script, ragged_rows, torchrun, train_log
 from _tiny_models import WORDS, tiny_bert, word_tokenizer
+from safetensors.torch import save_file
+
 from vembed_blocks import Distill
 from vembed_blocks.st_folder import embed_texts, load_text_encoder
 
@@ -50,25 +50,51 @@ def toy(tmp_path_factory) -> dict[str, str]:
     rng, noise = random.Random(0), torch.Generator().manual_seed(0)
     combos = [(c, s, p) for c in COLOURS for s in SHAPES for p in PLACES]
     rng.shuffle(combos)
-    rows = [{"query": f"{c} {s} {p}", "positive": f"there is a {c} {s} at the {p}",
-             "negatives": [f"there is a {c} {rng.choice([x for x in SHAPES if x != s])} at the {p}"]} for c, s, p in combos]  # fmt: skip
+    rows = [
+        {
+            "query": f"{c} {s} {p}",
+            "positive": f"there is a {c} {s} at the {p}",
+            "negatives": [f"there is a {c} {rng.choice([x for x in SHAPES if x != s])} at the {p}"],
+        }
+        for c, s, p in combos
+    ]
     train, val = rows[:96], rows[96:]
     aligned = root / "aligned"
     aligned.mkdir()
-    save_file({"query": torch.stack([teacher_vector(r["query"], noise) for r in train]),
-               "doc": torch.stack([teacher_vector(r["positive"], noise) for r in train])},
-              str(aligned / "teacher.safetensors"))  # fmt: skip
+    save_file(
+        {
+            "query": torch.stack([teacher_vector(r["query"], noise) for r in train]),
+            "doc": torch.stack([teacher_vector(r["positive"], noise) for r in train]),
+        },
+        str(aligned / "teacher.safetensors"),
+    )
     # recipes/evaluate.py's layout: unique queries / corpus items, rows in first-appearance order
     by_text = root / "by_text"
     by_text.mkdir()
-    queries, corpus = [r["query"] for r in train], list(dict.fromkeys(d for r in train for d in [r["positive"], *r["negatives"]]))
-    save_file({"embeddings": torch.stack([teacher_vector(t, noise) for t in queries])}, str(by_text / "queries.safetensors"))
-    save_file({"embeddings": torch.stack([teacher_vector(t, noise) for t in corpus])}, str(by_text / "corpus.safetensors"))
-    items = {"queries": [{"text": t, "images": []} for t in queries], "corpus": [{"text": t, "images": []} for t in corpus]}
+    queries, corpus = (
+        [r["query"] for r in train],
+        list(dict.fromkeys(d for r in train for d in [r["positive"], *r["negatives"]])),
+    )
+    save_file(
+        {"embeddings": torch.stack([teacher_vector(t, noise) for t in queries])}, str(by_text / "queries.safetensors")
+    )
+    save_file(
+        {"embeddings": torch.stack([teacher_vector(t, noise) for t in corpus])}, str(by_text / "corpus.safetensors")
+    )
+    items = {
+        "queries": [{"text": t, "images": []} for t in queries],
+        "corpus": [{"text": t, "images": []} for t in corpus],
+    }
     (by_text / "items.json").write_text(json.dumps(items))
-    return {"train": write_jsonl(root / "train.jsonl", train), "val": write_jsonl(root / "val.jsonl", val),
-            "aligned": str(aligned), "by_text": str(by_text), "student": tiny_bert(str(root / "student")),
-            "teacher": wide_bert(str(root / "teacher")), "root": str(root)}  # fmt: skip
+    return {
+        "train": write_jsonl(root / "train.jsonl", train),
+        "val": write_jsonl(root / "val.jsonl", val),
+        "aligned": str(aligned),
+        "by_text": str(by_text),
+        "student": tiny_bert(str(root / "student")),
+        "teacher": wide_bert(str(root / "teacher")),
+        "root": str(root),
+    }
 
 
 def wide_bert(out: str) -> str:
@@ -78,8 +104,15 @@ def wide_bert(out: str) -> str:
     from vembed_blocks.st_folder import write_st_files
 
     tok = word_tokenizer(sorted(WORDS), ("[PAD]", "[UNK]", "[BOS]", "[EOS]"), "[BOS] $A [EOS]", model_max_length=32)
-    config = BertConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
-                        max_position_embeddings=32, pad_token_id=0)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
     torch.manual_seed(1)
     BertModel(config).save_pretrained(out)
     tok.save_pretrained(out)
@@ -87,7 +120,9 @@ def wide_bert(out: str) -> str:
     return out
 
 
-def whole_set_loss(model_dir: str, data: str, teacher_q: torch.Tensor, teacher_d: torch.Tensor, kind: str, temperature: float) -> float:
+def whole_set_loss(
+    model_dir: str, data: str, teacher_q: torch.Tensor, teacher_d: torch.Tensor, kind: str, temperature: float
+) -> float:
     """Distill over all rows at once (queries vs. all positives): the objective without batch noise."""
     model, collator, cfg = load_text_encoder(model_dir)
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
@@ -97,14 +132,43 @@ def whole_set_loss(model_dir: str, data: str, teacher_q: torch.Tensor, teacher_d
 
 
 def common(toy: dict[str, str], out: Path, *extra: str) -> list[str]:
-    return ["--model", toy["student"], "--data", toy["train"], "--val-data", toy["val"], "--output", str(out),
-            "--batch-size", "8", "--lr", "2e-3", "--num-workers", "0", "--log-every", "5", *extra]  # fmt: skip
+    return [
+        "--model",
+        toy["student"],
+        "--data",
+        toy["train"],
+        "--val-data",
+        toy["val"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "5",
+        *extra,
+    ]
 
 
 def test_torchrun_precomputed_teacher_learns_resumes_and_exports(toy, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run = ["--teacher-embeddings", toy["aligned"], "--max-steps", "12", "--chunk-size", "5", "--mrl-dims", "32,16",
-           "--eval-every", "6", "--temperature", "0.1"]  # fmt: skip
+    run = [
+        "--teacher-embeddings",
+        toy["aligned"],
+        "--max-steps",
+        "12",
+        "--chunk-size",
+        "5",
+        "--mrl-dims",
+        "32,16",
+        "--eval-every",
+        "6",
+        "--temperature",
+        "0.1",
+    ]
     torchrun("distill", *common(toy, straight, *run, "--save-every", "6"))
     torchrun("distill", *common(toy, split, *run, "--stop-at", "6"))
     assert not (split / "final").exists()
@@ -122,7 +186,9 @@ def test_torchrun_precomputed_teacher_learns_resumes_and_exports(toy, tmp_path):
 
     assert isinstance(BertModel.from_pretrained(split / "final"), BertModel)
     t = load_file(str(Path(toy["aligned"]) / "teacher.safetensors"))
-    before, after = (whole_set_loss(m, toy["train"], t["query"], t["doc"], "kl", 0.1) for m in (toy["student"], str(split / "final")))
+    before, after = (
+        whole_set_loss(m, toy["train"], t["query"], t["doc"], "kl", 0.1) for m in (toy["student"], str(split / "final"))
+    )
     print(f"whole-set KL to the teacher before/after: {before:.4f} -> {after:.4f}")
     assert after < 0.7 * before, (before, after)
 
@@ -133,7 +199,9 @@ def test_live_teacher_with_other_width_and_tokenizer(toy, tmp_path):
     assert len(result["losses"]) == 20
     teacher, t_collator, t_cfg = load_text_encoder(toy["teacher"])
     student_tokenizer = load_text_encoder(toy["student"])[1].tokenizer
-    assert t_cfg.pooling == "cls" and t_collator.tokenizer.convert_tokens_to_ids("red") != student_tokenizer.convert_tokens_to_ids("red")
+    assert t_cfg.pooling == "cls" and t_collator.tokenizer.convert_tokens_to_ids(
+        "red"
+    ) != student_tokenizer.convert_tokens_to_ids("red")
     rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
     tq = embed_texts(teacher, t_collator, t_cfg, [r["query"] for r in rows], is_query=True)
     td = embed_texts(teacher, t_collator, t_cfg, [r["positive"] for r in rows], is_query=False)
@@ -191,11 +259,35 @@ def test_torchrun_ragged_negatives_and_labels(toy, tmp_path):
     records = distill.Numbered(distill.load_records(data))
     assert_ragged_step0(records, step0)  # the sampler really gives rank 0 all of them and rank 1 none at step 0
     student = tiny_bert(str(tmp_path / "student"), dropout=0.0)  # no dropout: step 1 is reproducible in one process
-    runs = {"live": ["--teacher", toy["teacher"], "--chunk-size", "3"], "by_text": ["--teacher-embeddings", toy["by_text"]]}
+    runs = {
+        "live": ["--teacher", toy["teacher"], "--chunk-size", "3"],
+        "by_text": ["--teacher-embeddings", toy["by_text"]],
+    }
     for name, extra in runs.items():
         out = tmp_path / name
-        argv = ["--model", student, "--data", data, "--output", str(out), *extra, "--batch-size", "4", "--mrl-dims", "32,16",
-                "--temperature", "0.1", "--max-steps", "3", "--lr", "2e-3", "--num-workers", "0", "--log-every", "1"]  # fmt: skip
+        argv = [
+            "--model",
+            student,
+            "--data",
+            data,
+            "--output",
+            str(out),
+            *extra,
+            "--batch-size",
+            "4",
+            "--mrl-dims",
+            "32,16",
+            "--temperature",
+            "0.1",
+            "--max-steps",
+            "3",
+            "--lr",
+            "2e-3",
+            "--num-workers",
+            "0",
+            "--log-every",
+            "1",
+        ]
         torchrun("distill", *argv, timeout=240)
         losses = train_log(out)
         assert sorted(losses) == [1, 2, 3] and all(map(math.isfinite, losses.values())), (name, losses)

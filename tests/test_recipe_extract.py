@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from _recipes import load_script, torchrun
 from _tiny_models import tiny_qwen3vl, tiny_siglip
+from PIL import Image
+
 from vembed_blocks.data.embed_store import EmbedStore, shard_name
 
 extract = load_script("extract_embeds")
@@ -35,7 +35,12 @@ def edit_rows(root: Path, n: int = 9) -> Path:
     for i in range(n):
         a, b = names[i % 4], names[(i + 1) % 4]
         src = [None, f"img/{a}.png", [f"img/{a}.png", f"img/{b}.png"]][i % 3]
-        row = {"src": src, "tgt": f"img/{b}.png", "instruction": f"the {a} sky to {b}", "instruction_cn": f"{a} {b} sunset"}
+        row = {
+            "src": src,
+            "tgt": f"img/{b}.png",
+            "instruction": f"the {a} sky to {b}",
+            "instruction_cn": f"{a} {b} sunset",
+        }
         if i % 2:
             row["inverse_instruction"] = f"a photo of a {a} cat"
         rows.append(row)
@@ -51,8 +56,25 @@ def setup(tmp_path_factory) -> dict:
 
 
 def args(setup, out, *extra) -> list[str]:
-    return ["--data", str(setup["data"]), "--model", setup["vlm"], "--output", str(out), "--field", "source_image=src",
-            "--field", "target_image=tgt", "--batch-size", "3", "--shard-size", "2", "--image-sample-size", "40", *extra]  # fmt: skip
+    return [
+        "--data",
+        str(setup["data"]),
+        "--model",
+        setup["vlm"],
+        "--output",
+        str(out),
+        "--field",
+        "source_image=src",
+        "--field",
+        "target_image=tgt",
+        "--batch-size",
+        "3",
+        "--shard-size",
+        "2",
+        "--image-sample-size",
+        "40",
+        *extra,
+    ]
 
 
 def test_two_ranks_interrupted_and_rerun_store_each_record_once_equal_to_one_process(setup, tmp_path):
@@ -75,7 +97,9 @@ def test_two_ranks_interrupted_and_rerun_store_each_record_once_equal_to_one_pro
     assert a.ids == b.ids and len(set(a.ids)) == 12
     lines = [json.loads(x) for p in sorted(out.glob("index-*.jsonl")) for x in p.read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == sorted(a.ids)  # no duplicated index line
-    assert sorted(r["n"] % 2 for r in lines if r["shard"].startswith("shard-00001-")) == [1] * 6  # rank 1 took records 1::2
+    assert (
+        sorted(r["n"] % 2 for r in lines if r["shard"].startswith("shard-00001-")) == [1] * 6
+    )  # rank 1 took records 1::2
     for i in range(len(a)):
         for side in ("query", "positive"):
             assert torch.allclose(a[i][side], b[i][side], atol=1e-5), (a.ids[i], side)
@@ -112,8 +136,25 @@ def test_options_t2i_inverse_language_per_token(setup, tmp_path):
 def test_dual_encoder_siglip_is_detected(setup, tmp_path):
     siglip = tiny_siglip(str(tmp_path / "siglip"))
     out = tmp_path / "siglip_out"
-    result = extract.main(["--data", str(setup["data"]), "--model", siglip, "--output", str(out), "--field", "source_image=src",
-                           "--field", "target_image=tgt", "--t2i-mode", "--batch-size", "4", "--shard-size", "4"])  # fmt: skip
+    result = extract.main(
+        [
+            "--data",
+            str(setup["data"]),
+            "--model",
+            siglip,
+            "--output",
+            str(out),
+            "--field",
+            "source_image=src",
+            "--field",
+            "target_image=tgt",
+            "--t2i-mode",
+            "--batch-size",
+            "4",
+            "--shard-size",
+            "4",
+        ]
+    )
     store = EmbedStore(out)
     assert result["records"] == len(store) == 9 and store.meta["kind"] == "dual_encoder"
     assert store[0]["query"].shape == store[0]["positive"].shape == (32,)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _recipes import load_script, torchrun, train_log
+
 from vembed_blocks.data import WeightedTaskSampler
 from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter
 
@@ -32,7 +32,9 @@ def write_task(root: Path, name: str, n: int, seed: int, grouped: bool) -> None:
     d = torch.tanh(q @ w) + 0.05 * torch.randn(n, 16, generator=g)
     writer = EmbedWriter(root / name, 0)
     for k in range(0, n, 16):
-        rows = [{"id": f"{i}.0", "n": i, "num_source_images": i % 4 if grouped else -1} for i in range(k, min(n, k + 16))]
+        rows = [
+            {"id": f"{i}.0", "n": i, "num_source_images": i % 4 if grouped else -1} for i in range(k, min(n, k + 16))
+        ]
         writer.write(k // 16, rows, {"query": list(q[k : k + 16]), "positive": list(d[k : k + 16])})
 
 
@@ -49,9 +51,37 @@ WEIGHTS, GROUPS = "edit_a=3,edit_b=1", "0=1,1=1,2=1,3=0"
 
 
 def common(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data-dir", str(data_dir), "--train-data-weights", WEIGHTS, "--train-src-img-num-weights", GROUPS,
-            "--output", str(out), "--batch-size", "4", "--hidden", "64", "--dim", "16", "--lr", "3e-3", "--temperature", "0.1",
-            "--max-steps", "24", "--num-workers", "0", "--log-every", "4", "--eval-rows", "32", "--eval-every", "12", *extra]  # fmt: skip
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--train-data-weights",
+        WEIGHTS,
+        "--train-src-img-num-weights",
+        GROUPS,
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--hidden",
+        "64",
+        "--dim",
+        "16",
+        "--lr",
+        "3e-3",
+        "--temperature",
+        "0.1",
+        "--max-steps",
+        "24",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "4",
+        "--eval-rows",
+        "32",
+        "--eval-every",
+        "12",
+        *extra,
+    ]
 
 
 def test_two_ranks_weighted_homogeneous_learns_resumes_exports(data_dir, tmp_path):
@@ -67,8 +97,16 @@ def test_two_ranks_weighted_homogeneous_learns_resumes_exports(data_dir, tmp_pat
     assert all(r["rank_tasks"] == [r["task"]] * 2 for r in rows)
     sizes = {"edit_a": 64, "edit_b": 48}
     groups = {name: [i % 4 for i in range(n)] for name, n in sizes.items()}
-    ref = WeightedTaskSampler(sizes, 4, {"edit_a": 3, "edit_b": 1}, seed=0, rank=0, world_size=2,
-                              group_of=groups, group_weights={0: 1, 1: 1, 2: 1, 3: 0})  # fmt: skip
+    ref = WeightedTaskSampler(
+        sizes,
+        4,
+        {"edit_a": 3, "edit_b": 1},
+        seed=0,
+        rank=0,
+        world_size=2,
+        group_of=groups,
+        group_weights={0: 1, 1: 1, 2: 1, 3: 0},
+    )
     assert [(r["task"], f"{r['task']}/{r['group']}") for r in rows] == [ref.draw(t) for t in range(24)]
     mix = collections.Counter(r["task"] for r in rows)
     assert "plain_c" not in mix and mix["edit_a"] > mix["edit_b"] > 0, mix
@@ -100,12 +138,41 @@ def test_trains_on_extract_embeds_output(tmp_path):
 
     extract = load_script("extract_embeds")
     data, vlm, meta = edit_rows(tmp_path / "raw"), tiny_qwen3vl(str(tmp_path / "qwen")), tmp_path / "meta"
-    base = ["--data", str(data), "--model", vlm, "--field", "source_image=src", "--field", "target_image=tgt", "--shard-size", "4"]
+    base = [
+        "--data",
+        str(data),
+        "--model",
+        vlm,
+        "--field",
+        "source_image=src",
+        "--field",
+        "target_image=tgt",
+        "--shard-size",
+        "4",
+    ]
     extract.main([*base, "--output", str(meta / "edits")])
     extract.main([*base, "--output", str(meta / "t2i_tokens"), "--t2i-mode", "--per-token"])
     out = tmp_path / "run"
-    result = multitask.main(["--data-dir", str(meta), "--train-src-img-num-weights", "0=1,1=1,2=1", "--output", str(out),
-                             "--batch-size", "4", "--hidden", "32", "--dim", "8", "--max-steps", "4", "--num-workers", "0"])  # fmt: skip
+    result = multitask.main(
+        [
+            "--data-dir",
+            str(meta),
+            "--train-src-img-num-weights",
+            "0=1,1=1,2=1",
+            "--output",
+            str(out),
+            "--batch-size",
+            "4",
+            "--hidden",
+            "32",
+            "--dim",
+            "8",
+            "--max-steps",
+            "4",
+            "--num-workers",
+            "0",
+        ]
+    )
     rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {r["task"] for r in rows} <= {"edits", "t2i_tokens"}
     assert set(result["metrics"]) == {"edits", "t2i_tokens"}

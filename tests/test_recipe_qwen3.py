@@ -19,15 +19,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from _recipes import assert_ragged_step0, load_script, ragged_rows, torchrun, train_log
 from _tiny_models import tiny_qwen3vl
+from PIL import Image
 
 qwen3 = load_script("qwen3_fsdp")
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
-           "yellow": (230, 210, 40), "purple": (150, 60, 190), "white": (245, 245, 245)}  # fmt: skip
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "white": (245, 245, 245),
+}
 
 
 def shapes_dataset(root: Path) -> tuple[str, str]:
@@ -37,7 +42,11 @@ def shapes_dataset(root: Path) -> tuple[str, str]:
     for colour, rgb in COLOURS.items():
         for shape in ("circle", "square"):
             img = np.full((48, 48, 3), 90, np.uint8)
-            inside = (abs(yy - 24) < 12) & (abs(xx - 24) < 12) if shape == "square" else (yy - 24) ** 2 + (xx - 24) ** 2 < 140
+            inside = (
+                (abs(yy - 24) < 12) & (abs(xx - 24) < 12)
+                if shape == "square"
+                else (yy - 24) ** 2 + (xx - 24) ** 2 < 140
+            )
             img[inside] = rgb
             Image.fromarray(img).save(root / f"{colour}_{shape}.png")
             rows.append({"query": f"a {colour} {shape}", "positive": f"{colour}_{shape}.png"})
@@ -52,9 +61,15 @@ def shapes_dataset(root: Path) -> tuple[str, str]:
 def edit_dataset(root: Path) -> str:
     """The same 12 targets in the edit format; every third query also shows the other shape of its
     colour, so with small chunks some ranks' chunks have images and others' none."""
-    rows = [{"source_image": f"{c}_{'square' if s == 'circle' else 'circle'}.png" if (i + j) % 3 == 0 else None,
-             "target_image": f"{c}_{s}.png", "instruction": f"a {c} {s}"}
-            for i, c in enumerate(COLOURS) for j, s in enumerate(("circle", "square"))]  # fmt: skip
+    rows = [
+        {
+            "source_image": f"{c}_{'square' if s == 'circle' else 'circle'}.png" if (i + j) % 3 == 0 else None,
+            "target_image": f"{c}_{s}.png",
+            "instruction": f"a {c} {s}",
+        }
+        for i, c in enumerate(COLOURS)
+        for j, s in enumerate(("circle", "square"))
+    ]
     (root / "edit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(root / "edit.jsonl")
 
@@ -67,16 +82,46 @@ def toy(tmp_path_factory) -> dict[str, str]:
 
 
 def common(toy: dict[str, str], out: Path, *extra: str, data: str = "train") -> list[str]:
-    return ["--model", toy["model"], "--data", toy[data], "--val-data", toy[data], "--output", str(out),
-            "--batch-size", "6", "--chunk-size", "4", "--num-negatives", "1", "--lr", "3e-3", "--num-workers", "0",
-            "--log-every", "1", *extra]  # fmt: skip
+    return [
+        "--model",
+        toy["model"],
+        "--data",
+        toy[data],
+        "--val-data",
+        toy[data],
+        "--output",
+        str(out),
+        "--batch-size",
+        "6",
+        "--chunk-size",
+        "4",
+        "--num-negatives",
+        "1",
+        "--lr",
+        "3e-3",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def test_torchrun_fsdp_learns_resumes_and_exports(toy, tmp_path):
     # Edit-format rows (images on some queries only) and chunks of 2: ranks disagree on whether a
     # chunk runs the vision tower, which FSDP2 must survive. Hard negatives: the LoRA test below.
     straight, split = tmp_path / "straight", tmp_path / "split"
-    flags = ["--max-steps", "6", "--grad-checkpointing", "--mrl-dims", "32,16", "--chunk-size", "2", "--num-negatives", "0"]
+    flags = [
+        "--max-steps",
+        "6",
+        "--grad-checkpointing",
+        "--mrl-dims",
+        "32,16",
+        "--chunk-size",
+        "2",
+        "--num-negatives",
+        "0",
+    ]
     torchrun("qwen3_fsdp", *common(toy, straight, *flags, "--save-every", "3", "--eval-every", "3", data="edit"))
     torchrun("qwen3_fsdp", *common(toy, split, *flags, "--stop-at", "3", data="edit"))
     assert not (split / "final").exists()
@@ -135,8 +180,12 @@ def one_process_loss(argv: list[str], records: list) -> float:
 
     args = qwen3.parse_args(argv)
     model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
-    collator = VLMCollator(load_vlm_processor(args.model), query_instruction=args.query_instruction,
-                           doc_instruction=args.doc_instruction, max_image_side=args.max_image_side)  # fmt: skip
+    collator = VLMCollator(
+        load_vlm_processor(args.model),
+        query_instruction=args.query_instruction,
+        doc_instruction=args.doc_instruction,
+        max_image_side=args.max_image_side,
+    )
     batch, k = qwen3.FixedNegatives(collator, args.num_negatives)(records), args.num_negatives
     with torch.no_grad():
         q, p = vlm_embed(model, batch["query"]), vlm_embed(model, batch["positive"])
@@ -160,9 +209,28 @@ def test_torchrun_fsdp_ragged_negatives_and_labels(toy, tmp_path):
     assert_ragged_step0(records, step0)  # the sampler really gives rank 0 all of them and rank 1 none at step 0
     for k in (2, 0):
         out = tmp_path / f"k{k}"
-        argv = ["--model", toy["model"], "--data", str(data), "--output", str(out), "--batch-size", "3", "--chunk-size", "2",
-                "--num-negatives", str(k), "--max-steps", "3", "--lr", "3e-3", "--num-workers", "0",
-                "--log-every", "1"]  # fmt: skip
+        argv = [
+            "--model",
+            toy["model"],
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--batch-size",
+            "3",
+            "--chunk-size",
+            "2",
+            "--num-negatives",
+            str(k),
+            "--max-steps",
+            "3",
+            "--lr",
+            "3e-3",
+            "--num-workers",
+            "0",
+            "--log-every",
+            "1",
+        ]
         logs = torchrun("qwen3_fsdp", *argv, timeout=240, stderr=True)
         losses = train_log(out)
         assert sorted(losses) == [1, 2, 3] and all(map(math.isfinite, losses.values())), losses

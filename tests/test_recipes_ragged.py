@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _recipes import load_script, rank_rows, torchrun, train_log
 from _tiny_models import tiny_bert, tiny_siglip
+from safetensors.torch import load_file
+
 from vembed_blocks import demo as demo_data
 
 clip_t2i = load_script("clip_t2i")
@@ -29,7 +29,8 @@ B, STEPS = 6, 3  # rows per rank, steps per run
 
 
 def make_ragged(rows: list[dict], path: Path) -> str:
-    """Step 0: rank 0 has negatives (2, 1, 1, 0, 2, 1 per row) and labels, rank 1 nothing; step 1: rank 1 has negatives only."""
+    """Step 0: rank 0 has negatives (2, 1, 1, 0, 2, 1 per row) and labels, rank 1 nothing;
+    step 1: rank 1 has negatives only."""
     (r0, r1), (_, s1) = rank_rows(len(rows), B, 0), rank_rows(len(rows), B, 1)
     assert not set(r0) & set(s1)
     rows = [dict(r) for r in rows]
@@ -66,8 +67,12 @@ def images(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ragged_clip")
     train, _ = demo_data.render_demo(str(root), per_combo=1, seed=0)
     rows = [json.loads(line) for line in Path(train).read_text().splitlines()]
-    words = sorted({w for t in demo_data.TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
-                   | set(demo_data.SHAPES) | set(demo_data.COLOURS) | set(demo_data.POSITIONS))  # fmt: skip
+    words = sorted(
+        {w for t in demo_data.TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
+        | set(demo_data.SHAPES)
+        | set(demo_data.COLOURS)
+        | set(demo_data.POSITIONS)
+    )
     return {
         "data": make_ragged(rows, root / "ragged.jsonl"),  # next to train.jsonl: same relative image paths
         "clip": demo_data.build_tiny_clip(str(root / "clip"), quick=True),
@@ -77,10 +82,31 @@ def images(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("loss,chunk", [("infonce", "4"), ("siglip", "0")])
 def test_clip_ragged_two_ranks_equal_one_process(images, tmp_path, loss, chunk):
-    """InfoNCE through GradCache; SigLIP (hard negatives as negative-only columns) without: several DDP forwards a step."""
+    """InfoNCE through GradCache; SigLIP (hard negatives as negative-only columns) without:
+    several DDP forwards a step."""
     model = images["clip" if loss == "infonce" else "siglip"]
-    run = ["--model", model, "--data", images["data"], "--loss", loss, "--chunk-size", chunk, "--max-steps", str(STEPS),
-           "--max-grad-norm", "0", "--weight-decay", "0", "--lr", "1e-3", "--num-workers", "0", "--log-every", "1"]  # fmt: skip
+    run = [
+        "--model",
+        model,
+        "--data",
+        images["data"],
+        "--loss",
+        loss,
+        "--chunk-size",
+        chunk,
+        "--max-steps",
+        str(STEPS),
+        "--max-grad-norm",
+        "0",
+        "--weight-decay",
+        "0",
+        "--lr",
+        "1e-3",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+    ]
     torchrun("clip_t2i", *run, "--batch-size", str(B), "--output", str(tmp_path / "two"), timeout=240)
     clip_t2i.main([*run, "--batch-size", str(2 * B), "--output", str(tmp_path / "one")])
     assert_same_losses(tmp_path / "two", tmp_path / "one")
@@ -89,12 +115,37 @@ def test_clip_ragged_two_ranks_equal_one_process(images, tmp_path, loss, chunk):
 
 def test_text_ragged_two_ranks_equal_one_process(tmp_path):
     """InfoNCE with labels, no GradCache: rank 0 makes three forwards at step 1, rank 1 two."""
-    colours, shapes, places = "red green blue yellow".split(), "circle square triangle".split(), "left right top bottom".split()
-    rows = [{"query": f"{c} {s} {p}", "positive": f"there is a {c} {s} at the {p}"} for c in colours for s in shapes for p in places]
+    colours, shapes, places = (
+        "red green blue yellow".split(),
+        "circle square triangle".split(),
+        "left right top bottom".split(),
+    )
+    rows = [
+        {"query": f"{c} {s} {p}", "positive": f"there is a {c} {s} at the {p}"}
+        for c in colours
+        for s in shapes
+        for p in places
+    ]
     data = make_ragged(rows, tmp_path / "ragged.jsonl")
     model = tiny_bert(str(tmp_path / "bert"), dropout=0.0)
-    run = ["--model", model, "--data", data, "--max-steps", str(STEPS), "--max-grad-norm", "0", "--weight-decay", "0",
-           "--lr", "2e-3", "--num-workers", "0", "--log-every", "1"]  # fmt: skip
+    run = [
+        "--model",
+        model,
+        "--data",
+        data,
+        "--max-steps",
+        str(STEPS),
+        "--max-grad-norm",
+        "0",
+        "--weight-decay",
+        "0",
+        "--lr",
+        "2e-3",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+    ]
     torchrun("text_t2t", *run, "--batch-size", str(B), "--output", str(tmp_path / "two"), timeout=240)
     text_t2t.main([*run, "--batch-size", str(2 * B), "--output", str(tmp_path / "one")])
     assert_same_losses(tmp_path / "two", tmp_path / "one")

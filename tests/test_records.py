@@ -32,10 +32,14 @@ def _jsonl(d, rows, name="data.jsonl"):
 
 
 def test_every_pair_format(d):
-    p = _jsonl(d, [
-        {"query": "a red cat", "positive": "a.jpg", "negatives": ["b.jpg", "c.png"], "label": 3},
-        {"query": "a dog", "positive": "b.jpg"},
-    ], "t2i.jsonl")  # fmt: skip
+    p = _jsonl(
+        d,
+        [
+            {"query": "a red cat", "positive": "a.jpg", "negatives": ["b.jpg", "c.png"], "label": 3},
+            {"query": "a dog", "positive": "b.jpg"},
+        ],
+        "t2i.jsonl",
+    )
     r1, r2 = list(read_records(p))
     assert r1.format == "t2i" and r1.query == Item(text="a red cat")
     assert r1.positive == Item(images=(str(d / "a.jpg"),))
@@ -43,16 +47,38 @@ def test_every_pair_format(d):
     assert r1.label == 3 and r1.source == f"{p}:1"
     assert r2.negatives == [] and r2.label is None and r2.source == f"{p}:2"
 
-    i2i = list(read_records(_jsonl(d, [{"query_image": "a.jpg", "positive": "b.JPG".lower(), "negatives": ["c.png"]}], "i2i.jsonl")))[0]
-    assert i2i.format == "i2i" and i2i.query == Item(images=(str(d / "a.jpg"),)) and i2i.positive.images == (str(d / "b.jpg"),)
+    i2i = list(
+        read_records(
+            _jsonl(d, [{"query_image": "a.jpg", "positive": "b.JPG".lower(), "negatives": ["c.png"]}], "i2i.jsonl")
+        )
+    )[0]
+    assert (
+        i2i.format == "i2i"
+        and i2i.query == Item(images=(str(d / "a.jpg"),))
+        and i2i.positive.images == (str(d / "b.jpg"),)
+    )
 
-    i2t = list(read_records(_jsonl(d, [{"query_image": "a.jpg", "positive": "a red square", "negatives": ["blue"]}], "i2t.jsonl")))[0]
+    i2t = list(
+        read_records(
+            _jsonl(d, [{"query_image": "a.jpg", "positive": "a red square", "negatives": ["blue"]}], "i2t.jsonl")
+        )
+    )[0]
     assert i2t.format == "i2t" and i2t.positive == Item(text="a red square") and i2t.negatives == [Item(text="blue")]
 
-    m2i = list(read_records(_jsonl(d, [{"query_image": "a.jpg", "query": "make it blue", "positive": "b.jpg"}], "m2i.jsonl")))[0]
+    m2i = list(
+        read_records(_jsonl(d, [{"query_image": "a.jpg", "query": "make it blue", "positive": "b.jpg"}], "m2i.jsonl"))
+    )[0]
     assert m2i.format == "m2i" and m2i.query == Item(text="make it blue", images=(str(d / "a.jpg"),))
 
-    t2t = list(read_records(_jsonl(d, [{"query": "q", "positive": "p", "negatives": ["n1", "n2"], "task": "nli", "score": 0.5}], "t2t.jsonl")))[0]
+    t2t = list(
+        read_records(
+            _jsonl(
+                d,
+                [{"query": "q", "positive": "p", "negatives": ["n1", "n2"], "task": "nli", "score": 0.5}],
+                "t2t.jsonl",
+            )
+        )
+    )[0]
     assert t2t.format == "t2t" and t2t.positive == Item(text="p") and [n.text for n in t2t.negatives] == ["n1", "n2"]
     assert t2t.task == "nli" and t2t.extra == {"score": 0.5}
 
@@ -70,11 +96,22 @@ def test_declared_format_and_column_mapping(d):
 
 def test_edit_format(d):
     rows = [
-        {"source_image": "s1.png", "target_image": "t.png", "instruction": "make sunset", "instruction_cn": "日落",
-         "inverse_instruction": "a blue sky", "inverse_instruction_cn": "蓝天"},
-        {"source_image": ["s1.png", "s2.png"], "target_image": "t.png", "instruction": "merge", "instruction_cn": "合并"},
+        {
+            "source_image": "s1.png",
+            "target_image": "t.png",
+            "instruction": "make sunset",
+            "instruction_cn": "日落",
+            "inverse_instruction": "a blue sky",
+            "inverse_instruction_cn": "蓝天",
+        },
+        {
+            "source_image": ["s1.png", "s2.png"],
+            "target_image": "t.png",
+            "instruction": "merge",
+            "instruction_cn": "合并",
+        },
         {"source_image": None, "target_image": "t.png", "instruction": "a cat", "instruction_cn": "猫"},
-    ]  # fmt: skip
+    ]
     p = _jsonl(d, rows)
     recs = list(read_records(p))
     assert [r.source.rsplit(":", 1)[1] for r in recs] == ["1", "1", "2", "3"]
@@ -94,10 +131,13 @@ def test_edit_format(d):
 
 def test_edit_row_without_instruction_reads_it_as_empty(d):
     # Seed 004: "treated as empty string if missing"; the source images still make a query.
-    p = _jsonl(d, [
-        {"source_image": "s1.png", "target_image": "t.png", "inverse_instruction": "a blue sky"},
-        {"source_image": ["s1.png", "s2.png"], "target_image": "t.png", "instruction": "   "},
-    ])  # fmt: skip
+    p = _jsonl(
+        d,
+        [
+            {"source_image": "s1.png", "target_image": "t.png", "inverse_instruction": "a blue sky"},
+            {"source_image": ["s1.png", "s2.png"], "target_image": "t.png", "instruction": "   "},
+        ],
+    )
     s1, s2, t = (str(d / n) for n in ("s1.png", "s2.png", "t.png"))
     fwd, inv, multi = read_records(p)
     assert fwd.query == Item(text="", images=(s1,)) and fwd.positive == Item(images=(t,))
@@ -105,7 +145,9 @@ def test_edit_row_without_instruction_reads_it_as_empty(d):
     assert multi.query == Item(text="", images=(s1, s2))
     assert [r.query.text for r in read_records(p, language="cn", inverse=False)] == ["", ""]
     # With t2i_mode the sources are dropped, so the query would be empty: refused, not silently kept.
-    with pytest.raises(RecordError, match=r"data.jsonl:1: no 'instruction' and no source image \(t2i_mode drops them\)"):
+    with pytest.raises(
+        RecordError, match=r"data.jsonl:1: no 'instruction' and no source image \(t2i_mode drops them\)"
+    ):
         list(read_records(p, t2i_mode=True))
 
 
@@ -113,7 +155,9 @@ def test_files_with_a_utf8_bom(d):
     # Excel's "CSV UTF-8" (and some editors' JSONL) start with EF BB BF; the header must not become "\ufeffquery".
     csv_path, jsonl_path = d / "bom.csv", d / "bom.jsonl"
     csv_path.write_bytes(b"\xef\xbb\xbfquery,positive\r\na cat,a.jpg\r\na dog,b.jpg\r\n")
-    jsonl_path.write_bytes(b'\xef\xbb\xbf{"query": "a cat", "positive": "a.jpg"}\n{"query": "a dog", "positive": "b.jpg"}\n')
+    jsonl_path.write_bytes(
+        b'\xef\xbb\xbf{"query": "a cat", "positive": "a.jpg"}\n{"query": "a dog", "positive": "b.jpg"}\n'
+    )
     for path in (csv_path, jsonl_path):
         recs = list(read_records(path))
         assert [r.query for r in recs] == [Item(text="a cat"), Item(text="a dog")]
@@ -214,7 +258,11 @@ def test_load_image_orientation_rgb_cap_and_errors(d):
     Image.new("L", (4, 4), 7).save(d / "gray.png")
     assert load_image(str(d / "gray.png")).getpixel((1, 1)) == (7, 7, 7)
     _corrupt(d)
-    for name, reason in (("trunc.jpg", "truncated|OSError"), ("junk.png", "cannot identify"), ("nope.png", "file not found")):
+    for name, reason in (
+        ("trunc.jpg", "truncated|OSError"),
+        ("junk.png", "cannot identify"),
+        ("nope.png", "file not found"),
+    ):
         with pytest.raises(ImageLoadError, match=rf"^data.jsonl:7: cannot load image .*{name}: .*({reason})"):
             load_image(str(d / name), source="data.jsonl:7")
 
@@ -244,10 +292,15 @@ def test_indexed_records_random_access_matches_streaming(d):
 def test_load_records_random_access_for_jsonl_and_csv(tmp_path):
     from vembed_blocks.data.records import IndexedRecords, load_records
 
-    (tmp_path / "d.jsonl").write_text('{"query": "a cat", "positive": "a pet"}\n{"query": "a dog", "positive": "a hound"}\n')
+    (tmp_path / "d.jsonl").write_text(
+        '{"query": "a cat", "positive": "a pet"}\n{"query": "a dog", "positive": "a hound"}\n'
+    )
     (tmp_path / "d.csv").write_text("query,positive\na cat,a pet\na dog,a hound\n")
     jsonl, csv_ = load_records(tmp_path / "d.jsonl", format="t2t"), load_records(tmp_path / "d.csv", format="t2t")
     assert isinstance(jsonl, IndexedRecords) and isinstance(csv_, list)
-    assert [(r.query.text, r.positive.text) for r in jsonl] == [(r.query.text, r.positive.text) for r in csv_] == [
-        ("a cat", "a pet"), ("a dog", "a hound")]  # fmt: skip
+    assert (
+        [(r.query.text, r.positive.text) for r in jsonl]
+        == [(r.query.text, r.positive.text) for r in csv_]
+        == [("a cat", "a pet"), ("a dog", "a hound")]
+    )
     assert jsonl[1].positive.text == "a hound"

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from vembed_blocks.data.records import IndexedRecords
-from vembed_blocks.data.sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_group_weights, parse_weights
-from vembed_blocks.data.sampler import _Stream
+from vembed_blocks.data.sampler import (
+    TaskBatches,
+    WeightedTaskSampler,
+    _Stream,
+    load_task_dir,
+    parse_group_weights,
+    parse_weights,
+)
 
 SIZES = {"a": 1000, "b": 300, "c": 50}
 
@@ -37,7 +43,9 @@ def test_default_weights_are_task_sizes():
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ranks_agree_on_task_and_get_disjoint_rows(world):
     bs = 8
-    ranks = [WeightedTaskSampler(SIZES, bs, {"a": 1, "b": 1, "c": 1}, seed=3, rank=r, world_size=world) for r in range(world)]
+    ranks = [
+        WeightedTaskSampler(SIZES, bs, {"a": 1, "b": 1, "c": 1}, seed=3, rank=r, world_size=world) for r in range(world)
+    ]
     checked = 0
     for _ in range(300):
         before = ranks[0].state_dict()["streams"]
@@ -96,8 +104,16 @@ def test_resume_reproduces_the_uninterrupted_stream():
 
 def test_group_weights():
     groups = [0] * 40 + [1] * 40 + [2] * 20 + [3] * 10  # e.g. number of source images per row
-    s = WeightedTaskSampler({"edit": 110, "t2i": 30}, 2, {"edit": 1, "t2i": 1}, seed=5, rank=0, world_size=1,
-                            group_of={"edit": groups}, group_weights=parse_group_weights("0=1,1=1,2=2,3=0"))  # fmt: skip
+    s = WeightedTaskSampler(
+        {"edit": 110, "t2i": 30},
+        2,
+        {"edit": 1, "t2i": 1},
+        seed=5,
+        rank=0,
+        world_size=1,
+        group_of={"edit": groups},
+        group_weights=parse_group_weights("0=1,1=1,2=2,3=0"),
+    )
     by_group = Counter()
     for _ in range(20_000):
         task, idx = next(s)
@@ -122,7 +138,9 @@ def test_impossible_configurations_raise():
         s = WeightedTaskSampler(SIZES, 2, {"a": 1}, rank=0, world_size=1)
     assert {next(s)[0] for _ in range(50)} == {"a"}
     with pytest.raises(ValueError, match="none of its groups"):
-        WeightedTaskSampler({"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [3, 3, 3, 3]}, group_weights={3: 0, 1: 1})
+        WeightedTaskSampler(
+            {"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [3, 3, 3, 3]}, group_weights={3: 0, 1: 1}
+        )
     with pytest.raises(ValueError, match="4 rows"):
         WeightedTaskSampler({"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [1]})
 
@@ -130,8 +148,16 @@ def test_impossible_configurations_raise():
 def test_weighted_group_that_no_task_has_warns_and_is_never_drawn():
     groups = [0, 0, 1, 1, 1, 3, 3, 3]  # seed-004 default weights on data without 2-source rows
     with pytest.warns(UserWarning, match=r"groups \['2'\] have weight but no rows in any sampled task"):
-        s = WeightedTaskSampler({"edit": 8}, 2, {"edit": 1}, seed=4, rank=0, world_size=1,
-                                group_of={"edit": groups}, group_weights=parse_group_weights("0=1,1=1,2=1,3=0"))  # fmt: skip
+        s = WeightedTaskSampler(
+            {"edit": 8},
+            2,
+            {"edit": 1},
+            seed=4,
+            rank=0,
+            world_size=1,
+            group_of={"edit": groups},
+            group_weights=parse_group_weights("0=1,1=1,2=1,3=0"),
+        )
     drawn = Counter()
     for _ in range(400):
         task, idx = next(s)
@@ -140,7 +166,9 @@ def test_weighted_group_that_no_task_has_warns_and_is_never_drawn():
         drawn[g.pop()] += 1
     assert set(drawn) == {0, 1} and abs(drawn[0] - drawn[1]) < 80  # weight 1 each; 3 has weight 0
     with pytest.warns(UserWarning, match=r"groups \['5'\] have weight but no rows"):
-        WeightedTaskSampler({"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [1, 1, 2, 2]}, group_weights={1: 1, 2: 1, 5: 1})
+        WeightedTaskSampler(
+            {"e": 4}, 2, {"e": 1}, rank=0, world_size=1, group_of={"e": [1, 1, 2, 2]}, group_weights={1: 1, 2: 1, 5: 1}
+        )
 
 
 def _global_batches(ranks: list[WeightedTaskSampler], steps: int) -> list[tuple[str, list[int]]]:
@@ -235,10 +263,22 @@ def test_resume_at_and_around_pass_boundaries():
 
 
 def test_parsers():
-    assert parse_weights("dataset_a=0.5, dataset_b=1.2,dataset_c=1") == {"dataset_a": 0.5, "dataset_b": 1.2, "dataset_c": 1.0}
+    assert parse_weights("dataset_a=0.5, dataset_b=1.2,dataset_c=1") == {
+        "dataset_a": 0.5,
+        "dataset_b": 1.2,
+        "dataset_c": 1.0,
+    }
     assert parse_group_weights("0=1,1=1,2=1,3=0") == {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0}
-    for bad, msg in [("", "empty"), ("a=1,", "expected name=weight"), ("a", "expected name=weight"), ("=1", "expected name=weight"),
-                     ("a=x", "not a number"), ("a=-1", ">= 0"), ("a=nan", "finite"), ("a=1,a=2", "duplicate")]:  # fmt: skip
+    for bad, msg in [
+        ("", "empty"),
+        ("a=1,", "expected name=weight"),
+        ("a", "expected name=weight"),
+        ("=1", "expected name=weight"),
+        ("a=x", "not a number"),
+        ("a=-1", ">= 0"),
+        ("a=nan", "finite"),
+        ("a=1,a=2", "duplicate"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             parse_weights(bad)
     with pytest.raises(ValueError, match="must be an integer"):
@@ -261,16 +301,22 @@ def test_dataloader_workers_give_the_same_batches(tmp_path):
     tasks = _task_dir(tmp_path)
     assert isinstance(tasks["alpha"], IndexedRecords) and len(tasks["alpha"]) == 23
     assert tasks["beta"][4].query.text == "beta q4" and tasks["beta"][4].task == "beta"
-    sampler = WeightedTaskSampler({k: len(v) for k, v in tasks.items()}, 3, {"alpha": 2, "beta": 1}, seed=2, rank=1, world_size=2)
+    sampler = WeightedTaskSampler(
+        {k: len(v) for k, v in tasks.items()}, 3, {"alpha": 2, "beta": 1}, seed=2, rank=1, world_size=2
+    )
     runs = {}
     for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(TaskBatches(tasks, sampler, _texts, steps=12), batch_size=None, num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            TaskBatches(tasks, sampler, _texts, steps=12), batch_size=None, num_workers=workers
+        )
         runs[workers] = [(b["step"], b["task"], b["batch"]) for b in loader]
     assert runs[0] == runs[2] and [s for s, _, _ in runs[0]] == list(range(12))
     expected = [(task, [f"{task} q{i}" for i in idx]) for task, idx in (next(sampler) for _ in range(12))]
     assert [(t, b) for _, t, b in runs[0]] == expected
     # Resume from the state carried by batch 5: the rest of the stream is the same.
-    sampler = WeightedTaskSampler({k: len(v) for k, v in tasks.items()}, 3, {"alpha": 2, "beta": 1}, seed=2, rank=1, world_size=2)
+    sampler = WeightedTaskSampler(
+        {k: len(v) for k, v in tasks.items()}, 3, {"alpha": 2, "beta": 1}, seed=2, rank=1, world_size=2
+    )
     loader = torch.utils.data.DataLoader(TaskBatches(tasks, sampler, _texts, steps=12), batch_size=None)
     state = [b["sampler_state"] for b in loader][5]
     tail = [(b["step"], b["task"], b["batch"]) for b in TaskBatches(tasks, sampler, _texts, steps=6, state=state)]

@@ -24,6 +24,8 @@ def test_through_lambda_lr_and_errors():
         lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([1.0, 2.0, 2.0, 2 * 0.5 * (1 + math.cos(math.pi / 4)), 1.0, 2 * 0.5 * (1 + math.cos(3 * math.pi / 4))])
+    assert lrs == pytest.approx(
+        [1.0, 2.0, 2.0, 2 * 0.5 * (1 + math.cos(math.pi / 4)), 1.0, 2 * 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    )
     with pytest.raises(ValueError, match="need warmup >= 0 and total >= 1"):
         warmup_cosine(-1, 10)

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _tiny_models import tiny_bert
+
 from vembed_blocks.pooling import pool
-from vembed_blocks.st_folder import embed_texts, load_text_encoder, read_text_encoder_config, text_features, write_st_files
+from vembed_blocks.st_folder import (
+    embed_texts,
+    load_text_encoder,
+    read_text_encoder_config,
+    text_features,
+    write_st_files,
+)
 
 
 def write(folder: Path, files: dict) -> str:
@@ -21,39 +27,63 @@ def write(folder: Path, files: dict) -> str:
 
 
 def modules(*kinds: tuple[str, str]) -> list[dict]:
-    return [{"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"} for i, (kind, path) in enumerate(kinds)]
+    return [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (kind, path) in enumerate(kinds)
+    ]
 
 
 def test_plain_hf_folder_gets_defaults_and_overrides(tmp_path):
     cfg = read_text_encoder_config(tmp_path)
-    assert (cfg.pooling, cfg.normalize, cfg.max_length, cfg.subfolder, cfg.is_sentence_transformers) == ("mean", True, None, "", False)
+    assert (cfg.pooling, cfg.normalize, cfg.max_length, cfg.subfolder, cfg.is_sentence_transformers) == (
+        "mean",
+        True,
+        None,
+        "",
+        False,
+    )
     _, collator, cfg = load_text_encoder(tiny_bert(str(tmp_path / "bert")), pooling="cls", query_prefix="q: ")
     assert (cfg.pooling, cfg.max_length, collator.max_length, collator.query_instruction) == ("cls", 64, 64, "q: ")
 
 
-@pytest.mark.parametrize("pooling_cfg, expected", [
-    ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "cls"),
-    ({"pooling_mode_lasttoken": True}, "last"),
-    ({"pooling_mode": "weightedmean", "include_prompt": True}, "weighted_mean"),   # sentence-transformers >= 5 key
-    ({"pooling_mode": ["max"]}, "max"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "pooling_cfg, expected",
+    [
+        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "cls"),
+        ({"pooling_mode_lasttoken": True}, "last"),
+        ({"pooling_mode": "weightedmean", "include_prompt": True}, "weighted_mean"),  # sentence-transformers >= 5 key
+        ({"pooling_mode": ["max"]}, "max"),
+    ],
+)
 def test_reads_pooling_normalize_length_and_prompts(tmp_path, pooling_cfg, expected):
-    path = write(tmp_path, {
-        "modules.json": modules(("Transformer", ""), ("Pooling", "1_Pooling")),
-        "1_Pooling/config.json": pooling_cfg,
-        "sentence_bert_config.json": {"max_seq_length": 128, "do_lower_case": False},
-        "config_sentence_transformers.json": {"prompts": {"query": "Instruct: find\nQuery:", "document": ""}},
-    })  # fmt: skip
+    path = write(
+        tmp_path,
+        {
+            "modules.json": modules(("Transformer", ""), ("Pooling", "1_Pooling")),
+            "1_Pooling/config.json": pooling_cfg,
+            "sentence_bert_config.json": {"max_seq_length": 128, "do_lower_case": False},
+            "config_sentence_transformers.json": {"prompts": {"query": "Instruct: find\nQuery:", "document": ""}},
+        },
+    )
     cfg = read_text_encoder_config(path)
     assert (cfg.pooling, cfg.normalize, cfg.max_length, cfg.is_sentence_transformers) == (expected, False, 128, True)
     assert cfg.prompts == {"query": "Instruct: find\nQuery:", "document": ""}
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"1_Pooling/config.json": {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}}, "exactly one pooling mode"),
-    ({"1_Pooling/config.json": {"pooling_mode_mean_sqrt_len_tokens": True}}, "mean_sqrt_len_tokens"),
-    ({"1_Pooling/config.json": {"pooling_mode": "mean"}, "sentence_bert_config.json": {"do_lower_case": True}}, "do_lower_case"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (
+            {"1_Pooling/config.json": {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}},
+            "exactly one pooling mode",
+        ),
+        ({"1_Pooling/config.json": {"pooling_mode_mean_sqrt_len_tokens": True}}, "mean_sqrt_len_tokens"),
+        (
+            {"1_Pooling/config.json": {"pooling_mode": "mean"}, "sentence_bert_config.json": {"do_lower_case": True}},
+            "do_lower_case",
+        ),
+    ],
+)
 def test_unsupported_settings_raise(tmp_path, files, message):
     path = write(tmp_path, {"modules.json": modules(("Transformer", ""), ("Pooling", "1_Pooling")), **files})
     with pytest.raises(NotImplementedError, match=message):
@@ -61,8 +91,13 @@ def test_unsupported_settings_raise(tmp_path, files, message):
 
 
 def test_dense_head_raises(tmp_path):
-    path = write(tmp_path, {"modules.json": modules(("Transformer", ""), ("Pooling", "1_Pooling"), ("Dense", "2_Dense")),
-                            "1_Pooling/config.json": {"pooling_mode": "mean"}})  # fmt: skip
+    path = write(
+        tmp_path,
+        {
+            "modules.json": modules(("Transformer", ""), ("Pooling", "1_Pooling"), ("Dense", "2_Dense")),
+            "1_Pooling/config.json": {"pooling_mode": "mean"},
+        },
+    )
     with pytest.raises(NotImplementedError, match="2_Dense"):
         read_text_encoder_config(path)
 
@@ -79,18 +114,28 @@ def test_write_then_load_from_transformer_subfolder(tmp_path):
     model, collator, cfg = load_text_encoder(tmp_path)
     tokenizer = collator.tokenizer
     assert collator.query_instruction == "query " and collator.doc_instruction is None
-    assert (cfg.subfolder, cfg.pooling, cfg.normalize, cfg.max_length, cfg.prompts) == ("0_Transformer", "max", True, 24, {"query": "query "})
+    assert (cfg.subfolder, cfg.pooling, cfg.normalize, cfg.max_length, cfg.prompts) == (
+        "0_Transformer",
+        "max",
+        True,
+        24,
+        {"query": "query "},
+    )
     model.eval()
     inputs = dict(tokenizer(["red cat", "a blue bird on the left"], padding=True, return_tensors="pt"))
     with torch.no_grad():
         emb = text_features(model, inputs, cfg.pooling, cfg.normalize)
-        expected = torch.nn.functional.normalize(pool(model(**inputs).last_hidden_state, inputs["attention_mask"], "max"), dim=-1)
+        expected = torch.nn.functional.normalize(
+            pool(model(**inputs).last_hidden_state, inputs["attention_mask"], "max"), dim=-1
+        )
     assert emb.shape == (2, 32) and torch.allclose(emb, expected)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
 
 
 def test_written_folder_loads_in_sentence_transformers(tmp_path):
-    st = pytest.importorskip("sentence_transformers", reason="optional: checks the written files against the real loader")
+    st = pytest.importorskip(
+        "sentence_transformers", reason="optional: checks the written files against the real loader"
+    )
     tiny_bert(str(tmp_path))
     write_st_files(tmp_path, dim=32, pooling="weighted_mean", normalize=True, max_length=16)
     model, collator, cfg = load_text_encoder(tmp_path)

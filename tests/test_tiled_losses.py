@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import itertools
 
+import loss_refs as ref
 import pytest
 import torch
+from _multiproc import run_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import loss_refs as ref
-from _multiproc import run_ranks
 from vembed_blocks import tiled
 from vembed_blocks.distributed import pad_dim
 from vembed_blocks.losses import ColBERT, InfoNCE, SigLIP
@@ -51,7 +51,9 @@ def assert_same(name, dense, tiled_out, rtol=1e-5):
     DEVIATIONS[name] = max(DEVIATIONS.get(name, 0.0), dev)
 
 
-INFONCE_OPTIONS = list(itertools.product([False, True], ["none", "per_row_masked", "pool"], [False, True], [False, True]))
+INFONCE_OPTIONS = list(
+    itertools.product([False, True], ["none", "per_row_masked", "pool"], [False, True], [False, True])
+)
 
 
 @pytest.mark.parametrize("symmetric,negatives,labels,learn", INFONCE_OPTIONS)
@@ -114,7 +116,11 @@ def test_colbert_tiled_equals_dense(negatives):
 
 def test_tiled_matches_float64_reference():
     """The tiled path against the plain loop references too (not only against the dense path)."""
-    q, p, n = randn(B, D, seed=11, dtype=torch.float64), randn(B, D, seed=12, dtype=torch.float64), randn(B, K, D, seed=13, dtype=torch.float64)
+    q, p, n = (
+        randn(B, D, seed=11, dtype=torch.float64),
+        randn(B, D, seed=12, dtype=torch.float64),
+        randn(B, K, D, seed=13, dtype=torch.float64),
+    )
     nmask = randn(B, K, seed=14) > 0
     lab = torch.tensor([0, 1, 0, 2, 1, 3, 0, 4, 2, 5])
     got = InfoNCE(temperature=0.1, symmetric=True, tile_size=3)(q, p, n, nmask, labels=lab)
@@ -193,12 +199,17 @@ def dist_batch(world: int) -> dict[str, torch.Tensor]:
     tok = torch.rand(n, 2, 3, generator=g) > 0.5
     tok[:, 0, 0] = True
     return {
-        "q": torch.randn(n, D, generator=g), "p": torch.randn(n, D, generator=g),
-        "neg": torch.randn(n, K, D, generator=g), "nmask": nm, "labels": torch.arange(n) % 3,
-        "qt": torch.randn(n, 3, D, generator=g), "qt_mask": torch.rand(n, 3, generator=g) > 0.3,
+        "q": torch.randn(n, D, generator=g),
+        "p": torch.randn(n, D, generator=g),
+        "neg": torch.randn(n, K, D, generator=g),
+        "nmask": nm,
+        "labels": torch.arange(n) % 3,
+        "qt": torch.randn(n, 3, D, generator=g),
+        "qt_mask": torch.rand(n, 3, generator=g) > 0.3,
         "dt": torch.randn(n, int(d_len.max()), D, generator=g),
         "dt_mask": torch.arange(int(d_len.max()))[None] < d_len[:, None],
-        "nt": torch.randn(n, 2, 3, D, generator=g), "nt_mask": tok,
+        "nt": torch.randn(n, 2, 3, D, generator=g),
+        "nt_mask": tok,
     }
 
 
@@ -206,7 +217,9 @@ def dist_loss(case: str, tile: int, ring: bool, gather: bool = True):
     torch.manual_seed(0)
     return {
         "infonce": lambda: InfoNCE(0.1, learn_temperature=True, gather=gather, tile_size=tile, ring=ring),
-        "infonce_all": lambda: InfoNCE(0.1, learn_temperature=True, symmetric=True, gather=gather, tile_size=tile, ring=ring),
+        "infonce_all": lambda: InfoNCE(
+            0.1, learn_temperature=True, symmetric=True, gather=gather, tile_size=tile, ring=ring
+        ),
         "siglip": lambda: SigLIP(5.0, -2.0, gather=gather, tile_size=tile, ring=ring),
         "colbert": lambda: ColBERT(0.1, gather=gather, tile_size=tile, ring=ring),
     }[case]()
@@ -214,7 +227,12 @@ def dist_loss(case: str, tile: int, ring: bool, gather: bool = True):
 
 def dist_call(case: str, loss, b: dict[str, torch.Tensor]):
     """(loss value, gradients w.r.t. the float inputs (by key) and the loss's parameters)."""
-    keys = {"infonce": ["q", "p"], "infonce_all": ["q", "p", "neg"], "siglip": ["q", "p"], "colbert": ["qt", "dt", "nt"]}[case]
+    keys = {
+        "infonce": ["q", "p"],
+        "infonce_all": ["q", "p", "neg"],
+        "siglip": ["q", "p"],
+        "colbert": ["qt", "dt", "nt"],
+    }[case]
     x = {k: b[k].clone().requires_grad_() for k in keys}
     qt_mask = b["qt_mask"].clone()
     qt_mask[:, 0] = True
@@ -255,7 +273,9 @@ def check_contract(world: int) -> None:
             dev = abs(value - want_value)
             # Each rank's input gradients: W x its rows of the global gradient (DDP then averages
             # parameter gradients over W, which the parameters of the loss show directly).
-            got_x = {k: torch.cat([pad_dim(r[key][1][k], 1, g.shape[1]) for r in results]) / world for k, g in want_x.items()}
+            got_x = {
+                k: torch.cat([pad_dim(r[key][1][k], 1, g.shape[1]) for r in results]) / world for k, g in want_x.items()
+            }
             for k, g in want_x.items():
                 dev = max(dev, (got_x[k] - g).abs().max().item() / max(g.abs().max().item(), 1e-6))
             for i, g in enumerate(want_params):

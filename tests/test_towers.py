@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _recipes import load_script
 from _tiny_models import tiny_bert
+
 from vembed_blocks.demo import build_tiny_clip, render_demo
 from vembed_blocks.towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
 
@@ -22,7 +22,9 @@ def tiny_dinov2(out: str) -> str:
     from transformers.models.bit import BitImageProcessorPil
 
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+    )
     Dinov2Model(config).save_pretrained(out)
     BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
     return out
@@ -54,7 +56,9 @@ def test_composed_features_equal_backbones_plus_projections_and_round_trip(backb
     loaded, loaded_proc = load_dual_encoder(str(tmp_path / "c"))
     assert isinstance(loaded, ComposedDualEncoder) and loaded.dim == 8
     with torch.no_grad():
-        assert torch.equal(loaded.eval().get_image_features(pixel_values=pixels), model.eval().get_image_features(pixel_values=pixels))
+        assert torch.equal(
+            loaded.eval().get_image_features(pixel_values=pixels), model.eval().get_image_features(pixel_values=pixels)
+        )
     assert loaded_proc.tokenizer("a red cat")["input_ids"] == processor.tokenizer("a red cat")["input_ids"]
 
 
@@ -65,8 +69,13 @@ def test_dual_encoder_features_on_clip(tmp_path):
     ids = torch.tensor([[2, 5, 6, 3]])
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(dual_encoder_features(model, {"input_ids": ids}), model.get_text_features(input_ids=ids).pooler_output)
-        assert torch.equal(dual_encoder_features(model, {"pixel_values": pixels}), model.get_image_features(pixel_values=pixels).pooler_output)
+        assert torch.equal(
+            dual_encoder_features(model, {"input_ids": ids}), model.get_text_features(input_ids=ids).pooler_output
+        )
+        assert torch.equal(
+            dual_encoder_features(model, {"pixel_values": pixels}),
+            model.get_image_features(pixel_values=pixels).pooler_output,
+        )
     with pytest.raises(ValueError, match="need pixel_values or input_ids"):
         dual_encoder_features(model, {"attention_mask": ids})
 
@@ -75,9 +84,35 @@ def test_recipe_trains_composed_towers_with_eval_every_and_checkpointing(backbon
     clip_t2i, evaluate = load_script("clip_t2i"), load_script("evaluate")
     train, val = render_demo(str(tmp_path / "demo"), per_combo=1, seed=0)
     out = tmp_path / "run"
-    result = clip_t2i.main(["--vision-model", backbones[0], "--text-model", backbones[1], "--proj-dim", "16", "--data", train,
-                            "--val-data", val, "--output", str(out), "--max-steps", "4", "--batch-size", "16", "--lr", "1e-3",
-                            "--chunk-size", "6", "--eval-every", "2", "--grad-checkpointing", "--num-workers", "0"])  # fmt: skip
+    result = clip_t2i.main(
+        [
+            "--vision-model",
+            backbones[0],
+            "--text-model",
+            backbones[1],
+            "--proj-dim",
+            "16",
+            "--data",
+            train,
+            "--val-data",
+            val,
+            "--output",
+            str(out),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--chunk-size",
+            "6",
+            "--eval-every",
+            "2",
+            "--grad-checkpointing",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert len(result["losses"]) == 4 and all(map(torch.isfinite, torch.tensor(result["losses"])))
     evals = [json.loads(line) for line in (out / "eval_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2]

@@ -8,9 +8,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _tiny_models import tiny_qwen3vl
 from PIL import Image
 
-from _tiny_models import tiny_qwen3vl
 from vembed_blocks.colbert import maxsim
 from vembed_blocks.data import VLMCollator, read_records
 from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_hidden_states, vlm_token_embeddings
@@ -23,7 +23,10 @@ def qwen(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i, (w, h) in enumerate([(40, 30), (64, 64), (30, 50)]):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"im{i}.png")
-    t2i = [{"query": "a red cat", "positive": "im0.png"}, {"query": "the blue bird on the left of a green dog", "positive": "im1.png"}]
+    t2i = [
+        {"query": "a red cat", "positive": "im0.png"},
+        {"query": "the blue bird on the left of a green dog", "positive": "im1.png"},
+    ]
     m2i = [{"query_image": "im2.png", "query": "sky", "positive": "im0.png"}]
     records = []
     for name, rows in (("t2i.jsonl", t2i), ("m2i.jsonl", m2i)):  # one format per file

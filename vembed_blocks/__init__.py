@@ -55,8 +55,8 @@ from .parallel import (
 )
 from .pooling import pool
 from .schedule import warmup_cosine
-from .towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
 from .st_folder import embed_texts, load_text_encoder
+from .towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
 from .vlm import load_vlm_processor, shard_vlm, vlm_embed, vlm_token_embeddings
 
 __version__ = "0.1.0"

@@ -150,9 +150,11 @@ def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) 
     params = [(g, p) for g, group in enumerate(optimizer.param_groups) for p in group["params"]]
     for index, (g, p) in enumerate(params):  # numbered as in torch's optimizer state_dict
         if id(p) not in held:
-            raise ValueError(f"optimizer parameter #{index} (param_groups[{g}], shape {tuple(p.shape)}) is not a parameter"
-                             " of model=; pass one module holding every optimized parameter, to both save_checkpoint"
-                             " and load_checkpoint, e.g. model=torch.nn.ModuleDict({'encoder': encoder, 'loss': loss})")
+            raise ValueError(
+                f"optimizer parameter #{index} (param_groups[{g}], shape {tuple(p.shape)}) is not a parameter"
+                " of model=; pass one module holding every optimized parameter, to both save_checkpoint"
+                " and load_checkpoint, e.g. model=torch.nn.ModuleDict({'encoder': encoder, 'loss': loss})"
+            )
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -348,7 +350,7 @@ def _merge_lora(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
 def _write_hf(base: nn.Module, sd: dict[str, torch.Tensor], out: Path) -> None:
@@ -364,7 +366,9 @@ def _write_hf(base: nn.Module, sd: dict[str, torch.Tensor], out: Path) -> None:
     persistent = set(fresh.state_dict())
     bad = [k for k in missing if k in persistent]
     if bad or unexpected:
-        raise RuntimeError(f"export: state dict does not fit {type(base).__name__}: missing {bad}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"export: state dict does not fit {type(base).__name__}: missing {bad}, unexpected {unexpected}"
+        )
     fresh.save_pretrained(out, safe_serialization=True)
 
 
@@ -417,6 +421,9 @@ def _write_export(model: nn.Module, sd: dict[str, torch.Tensor], out: Path, merg
     from safetensors.torch import save_file
 
     adapter = get_peft_model_state_dict(model, state_dict=sd)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in adapter.items()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     model.peft_config[model.active_adapter].save_pretrained(str(out))

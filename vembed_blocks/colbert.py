@@ -27,7 +27,9 @@ def maxsim(query: torch.Tensor, query_mask: torch.Tensor, docs: torch.Tensor, do
     return (sim * qm[:, None, :]).sum(-1) / qm.sum(-1, keepdim=True)
 
 
-def paired_maxsim(query: torch.Tensor, query_mask: torch.Tensor, doc: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+def paired_maxsim(
+    query: torch.Tensor, query_mask: torch.Tensor, doc: torch.Tensor, doc_mask: torch.Tensor
+) -> torch.Tensor:
     """MaxSim ``[B]`` of each ``query[i]`` against its own ``doc[i]`` (the diagonal of `maxsim`)."""
     sim = torch.einsum("bqd,btd->bqt", query, doc)
     sim = sim.masked_fill(~doc_mask.bool()[:, None, :], float("-inf")).amax(dim=-1)  # [B, Lq]
@@ -83,7 +85,9 @@ class ColBERT(nn.Module):
     candidates travel rank to rank instead of being gathered (see `InfoNCE`).
     """
 
-    def __init__(self, temperature: float = 0.05, gather: bool = True, tile_size: int | None = None, ring: bool = False) -> None:
+    def __init__(
+        self, temperature: float = 0.05, gather: bool = True, tile_size: int | None = None, ring: bool = False
+    ) -> None:
         super().__init__()
         check_temperature("ColBERT", temperature)
         resolve_tile(tile_size, 0, 0)  # validates

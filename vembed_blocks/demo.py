@@ -17,8 +17,14 @@ import torch
 __all__ = ["SHAPES", "COLOURS", "POSITIONS", "TEMPLATES", "render_demo", "build_tiny_clip"]
 
 SHAPES = ["circle", "square", "triangle", "cross"]
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
-           "yellow": (230, 210, 40), "purple": (150, 60, 190), "white": (245, 245, 245)}  # fmt: skip
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "white": (245, 245, 245),
+}
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
 TEMPLATES = ["a {c} {s} on the {p}", "a photo of a {c} {s} at the {p}", "{c} {s}, {p}", "there is a {c} {s} to the {p}"]
 
@@ -66,19 +72,34 @@ def build_tiny_clip(out_dir: str, quick: bool) -> str:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
     from transformers.models.clip import CLIPImageProcessorPil
 
-    words = sorted({w for t in TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
-                   | set(SHAPES) | set(COLOURS) | set(POSITIONS) | {","})  # fmt: skip
+    words = sorted(
+        {w for t in TEMPLATES for w in t.replace(",", " ").split() if "{" not in w}
+        | set(SHAPES)
+        | set(COLOURS)
+        | set(POSITIONS)
+        | {","}
+    )
     vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3, **{w: i + 4 for i, w in enumerate(words)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                        eos_token="[EOS]", model_max_length=16)  # fmt: skip
+    tk.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        model_max_length=16,
+    )
     images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     width, layers = (32, 1) if quick else (64, 2)
     tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4)
     config = CLIPConfig(
-        text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0),
+        text_config=dict(
+            tower, vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0
+        ),
         vision_config=dict(tower, image_size=32, patch_size=8),
         projection_dim=width,
     )

@@ -1,11 +1,12 @@
 """GradCache: contrastive training with a batch larger than activation memory allows.
 
-``encode`` embeds the batch chunk by chunk without keeping activations, and returns ``Tensor[B, ...]`` that requires grad. The loss is computed
-on the full batch, so every row still sees every in-batch negative. When ``backward``
-reaches the embeddings, their gradient ``dL/de [B, ...]`` is cached; once the whole
-backward pass is done, each chunk is re-run with grad (same RNG, same autocast state)
-and backpropagated with its slice of that gradient. By the chain rule this gives
-exactly the full-batch parameter gradients while holding one chunk of activations.
+``encode`` embeds the batch chunk by chunk without keeping activations, and returns
+``Tensor[B, ...]`` that requires grad. The loss is computed on the full batch, so every row
+still sees every in-batch negative. When ``backward`` reaches the embeddings, their gradient
+``dL/de [B, ...]`` is cached; once the whole backward pass is done, each chunk is re-run
+with grad (same RNG, same autocast state) and backpropagated with its slice of that
+gradient. By the chain rule this gives exactly the full-batch parameter gradients while
+holding one chunk of activations.
 
 Beyond the classic algorithm, the graph of the ``keep_last`` largest chunks (default: one, the
 last) of every ``encode`` call is kept from the first pass and backpropagated directly (no
@@ -114,7 +115,8 @@ class _Splitter:
         bad = [f"{p}: {n}" for p, n in self.sizes if n != self.rows]
         if bad:
             raise ValueError(
-                f"inconsistent batch sizes in encode inputs ({self.sizes[0][0]} has {self.rows} rows; {', '.join(bad)}); "
+                f"inconsistent batch sizes in encode inputs ({self.sizes[0][0]} has {self.rows} rows; "
+                f"{', '.join(bad)}); "
                 "every tensor must have the batch on dim 0 (flat pixel_values need their image_grid_thw next to them)."
             )
         if self.rows == 0:
@@ -164,9 +166,13 @@ class _Splitter:
             patch_cum = [0] + grid.prod(1).cumsum(0).tolist()
             at = {u: j for j, u in enumerate(grid_cum)}
             if unit_cum[-1] != grid_cum[-1] or any(u not in at for u in unit_cum):
-                raise ValueError(f"mm_token_type_ids count {unit_cum[-1]} vision runs but {grid_key} describes {grid_cum[-1]}.")
+                raise ValueError(
+                    f"mm_token_type_ids count {unit_cum[-1]} vision runs but {grid_key} describes {grid_cum[-1]}."
+                )
             if patch_cum[-1] != m[pix_key].shape[0]:
-                raise ValueError(f"{pix_key} has {m[pix_key].shape[0]} patches but {grid_key} describes {patch_cum[-1]}.")
+                raise ValueError(
+                    f"{pix_key} has {m[pix_key].shape[0]} patches but {grid_key} describes {patch_cum[-1]}."
+                )
             self.offsets[(id(m), grid_key)] = [at[u] for u in unit_cum]
             self.offsets[(id(m), pix_key)] = [patch_cum[at[u]] for u in unit_cum]
 
@@ -234,7 +240,9 @@ class _CachedEmbedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if ctx.record.fn is None:
-            raise RuntimeError("GradCache: this encode output was already backpropagated; each encode is replayed once.")
+            raise RuntimeError(
+                "GradCache: this encode output was already backpropagated; each encode is replayed once."
+            )
         ctx.record.grad = grad
         # The replay must wait until every encode output of this backward has its gradient.
         torch.autograd.Variable._execution_engine.queue_callback(ctx.owner._flush)
@@ -270,7 +278,13 @@ class GradCache:
             raise ValueError("GradCache needs chunk_size=<rows> or max_tokens=<real tokens per chunk>.")
         if (chunk_size is not None and chunk_size < 1) or (max_tokens is not None and max_tokens < 1) or keep_last < 0:
             raise ValueError("chunk_size and max_tokens must be positive, keep_last >= 0.")
-        mods = [] if sync_module is None else list(sync_module) if isinstance(sync_module, (list, tuple)) else [sync_module]
+        mods = (
+            []
+            if sync_module is None
+            else list(sync_module)
+            if isinstance(sync_module, (list, tuple))
+            else [sync_module]
+        )
         if sync_each_chunk and any(isinstance(m, DistributedDataParallel) for m in mods):
             raise ValueError("sync_each_chunk is for FSDP2; DDP must reduce once per step.")
         self.chunk_size, self.max_tokens, self.keep_last = chunk_size, max_tokens, keep_last
@@ -349,7 +363,9 @@ class GradCache:
     @staticmethod
     def _check(out: Any, rows: int, prev: list[torch.Tensor], i: int) -> None:
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"GradCache: fn must return a Tensor[b, ...], got {type(out).__name__}; encode each output separately.")
+            raise TypeError(
+                f"GradCache: fn must return a Tensor[b, ...], got {type(out).__name__}; encode each output separately."
+            )
         if out.ndim == 0 or out.shape[0] != rows or (prev and out.shape[1:] != prev[0].shape[1:]):
             want = f"[{rows}, {', '.join(map(str, prev[0].shape[1:]))}]" if prev else f"[{rows}, ...]"
             raise ValueError(
@@ -446,7 +462,9 @@ def _release(r: _Record) -> None:
 def _fsdp_sync_flag(m: nn.Module) -> bool:
     """Whether FSDP2 gradient sync is currently on for ``m`` (what the user set for this step)."""
     try:
-        groups = [g for sub in m.modules() if isinstance(sub, FSDPModule) for g in sub._get_fsdp_state()._fsdp_param_groups]
+        groups = [
+            g for sub in m.modules() if isinstance(sub, FSDPModule) for g in sub._get_fsdp_state()._fsdp_param_groups
+        ]
         return all(g.reduce_grads for g in groups)
     except AttributeError:  # private layout changed: assume the default
         return True

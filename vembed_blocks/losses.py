@@ -18,11 +18,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._loss_utils import check_mask, check_rows, check_temperature, contrastive_sides, flatten_negatives, on_device, scale_param
-from .distributed import is_dist
-from .tiled import Side, dropped, resolve_tile, signed_logits, tiled_logsumexp, tiled_sigmoid_loss
+from ._loss_utils import (
+    check_mask,
+    check_rows,
+    check_temperature,
+    contrastive_sides,
+    flatten_negatives,
+    on_device,
+    scale_param,
+)
 from .colbert import ColBERT
+from .distributed import is_dist
 from .mining import mine_hard_negatives
+from .tiled import Side, dropped, resolve_tile, signed_logits, tiled_logsumexp, tiled_sigmoid_loss
 
 __all__ = ["InfoNCE", "SigLIP", "Triplet", "CoSENT", "ColBERT", "Matryoshka", "Distill", "mine_hard_negatives"]
 
@@ -288,8 +296,10 @@ class Matryoshka(nn.Module):
         if truncate is None:
             truncate = next((t for cls, t in _MATRYOSHKA_TRUNCATE if isinstance(loss, cls)), None)
             if truncate is None:
-                raise ValueError(f"Matryoshka: pass truncate= (the positions / keyword names of the embedding "
-                                 f"arguments of {type(loss).__name__} to cut)")
+                raise ValueError(
+                    f"Matryoshka: pass truncate= (the positions / keyword names of the embedding "
+                    f"arguments of {type(loss).__name__} to cut)"
+                )
         pairs = sorted(zip(dims, weights), key=lambda dw: -dw[0])
         self.loss, self.truncate = loss, tuple(truncate)
         self.dims = [d for d, _ in pairs]
@@ -354,7 +364,10 @@ class Distill(nn.Module):
                 raise ValueError(f"Distill: {a} has {mats[a].shape[axis]} {what} but {b} has {mats[b].shape[axis]}")
         s = F.normalize(student_q, dim=-1) @ F.normalize(student_d, dim=-1).T
         with torch.no_grad():
-            t = F.normalize(teacher_q.detach().to(s.dtype), dim=-1) @ F.normalize(teacher_d.detach().to(s.dtype), dim=-1).T
+            t = (
+                F.normalize(teacher_q.detach().to(s.dtype), dim=-1)
+                @ F.normalize(teacher_d.detach().to(s.dtype), dim=-1).T
+            )
         if self.kind == "mse":
             return F.mse_loss(s, t)
         tau = self.temperature

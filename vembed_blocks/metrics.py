@@ -60,8 +60,10 @@ def _expected(relevant, num_queries: int, num_docs: int) -> str:
     if hasattr(relevant, "__len__") and not isinstance(relevant, (str, bytes)):
         lengths = [len(r) if hasattr(r, "__len__") else type(r).__name__ for r in itertools.islice(relevant, 4)]
         got = f"a {got} of {len(relevant)} with element lengths {lengths}{'...' * (len(relevant) > 4)}"
-    return (f"expected {num_queries} relevance sets (document indices, one per query) or a pair "
-            f"(query_labels[{num_queries}], doc_labels[{num_docs}]); got {got}")  # fmt: skip
+    return (
+        f"expected {num_queries} relevance sets (document indices, one per query) or a pair "
+        f"(query_labels[{num_queries}], doc_labels[{num_docs}]); got {got}"
+    )
 
 
 def _relevant_sets(relevant, num_queries: int, num_docs: int) -> list[set[int]]:
@@ -71,16 +73,22 @@ def _relevant_sets(relevant, num_queries: int, num_docs: int) -> list[set[int]]:
     anything else must be Q collections of document indices (so a 2-tuple of sets with Q == 2
     is two relevant sets, as the caller meant).
     """
-    if (isinstance(relevant, tuple) and len(relevant) == 2 and _is_label_vector(relevant[0], num_queries)
-            and _is_label_vector(relevant[1], num_docs)):  # fmt: skip
+    if (
+        isinstance(relevant, tuple)
+        and len(relevant) == 2
+        and _is_label_vector(relevant[0], num_queries)
+        and _is_label_vector(relevant[1], num_docs)
+    ):
         return relevance_from_labels(*relevant)
     try:  # operator.index: document indices must be integers (2.7 or "a" is a mistake, not doc 2)
         sets = [{operator.index(j) for j in r} for r in relevant]
     except TypeError as e:
         raise ValueError(f"retrieval_metrics: {_expected(relevant, num_queries, num_docs)} ({e})") from e
     if len(sets) != num_queries:
-        raise ValueError(f"retrieval_metrics: {len(sets)} relevance sets for {num_queries} queries; "
-                         f"{_expected(relevant, num_queries, num_docs)}")  # fmt: skip
+        raise ValueError(
+            f"retrieval_metrics: {len(sets)} relevance sets for {num_queries} queries; "
+            f"{_expected(relevant, num_queries, num_docs)}"
+        )
     for i, r in enumerate(sets):
         bad = [j for j in r if not 0 <= j < num_docs]
         if bad:
@@ -187,8 +195,11 @@ def search(
     return best_s, best_i
 
 
-def format_table(before: dict[str, float], after: dict[str, float] | None = None,
-                 names: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")) -> str:  # fmt: skip
+def format_table(
+    before: dict[str, float],
+    after: dict[str, float] | None = None,
+    names: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"),
+) -> str:
     """A plain-text table of ``names`` from ``before`` (and ``after``, as a second column)."""
     rows = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
     rows += [f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else "") for n in names]

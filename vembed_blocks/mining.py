@@ -31,11 +31,17 @@ def mine_hard_negatives(
     Queries are processed ``chunk_size`` at a time, so Q x N is never held at once.
     """
     if query.dim() != 2 or candidates.dim() != 2:
-        raise ValueError(f"mine_hard_negatives: query and candidates must be 2-D, got {tuple(query.shape)} and {tuple(candidates.shape)}")
+        raise ValueError(
+            "mine_hard_negatives: query and candidates must be 2-D, "
+            f"got {tuple(query.shape)} and {tuple(candidates.shape)}"
+        )
     if query.shape[1] != candidates.shape[1]:
         raise ValueError(f"mine_hard_negatives: query dim {query.shape[1]} != candidates dim {candidates.shape[1]}")
     if positive_index.shape != query.shape[:1]:
-        raise ValueError(f"mine_hard_negatives: positive_index must have shape ({query.shape[0]},), got {tuple(positive_index.shape)}")
+        raise ValueError(
+            f"mine_hard_negatives: positive_index must have shape ({query.shape[0]},), "
+            f"got {tuple(positive_index.shape)}"
+        )
     n = candidates.shape[0]
     if not 0 < k <= n:
         raise ValueError(f"mine_hard_negatives: k must be in 1..{n} (number of candidates), got {k}")

@@ -26,7 +26,14 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "shard_model", "wrap_ddp", "checkpoint_layers", "compile_layers", "apply_lora", "unwrap_model", "clip_gradients", "one_gradient_sync",
+    "shard_model",
+    "wrap_ddp",
+    "checkpoint_layers",
+    "compile_layers",
+    "apply_lora",
+    "unwrap_model",
+    "clip_gradients",
+    "one_gradient_sync",
     "SCALAR_PARAMS_ATTR",
 ]
 
@@ -49,9 +56,17 @@ _FORWARD_METHODS = (
 
 # Attention projections, per naming family: BERT, CLIP/Qwen/LLaMA, Qwen-VL vision, GPT-2.
 _LORA_SUFFIXES = (
-    "query", "key", "value", "attention.output.dense",
-    "q_proj", "k_proj", "v_proj", "o_proj", "out_proj",
-    "attn.qkv", "attn.proj",
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "out_proj",
+    "attn.qkv",
+    "attn.proj",
     "c_attn",
 )
 
@@ -142,8 +157,14 @@ def _mp_policy(mixed_precision):
 
     if mixed_precision is None or isinstance(mixed_precision, MixedPrecisionPolicy):
         return mixed_precision or MixedPrecisionPolicy()
-    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-              "float16": torch.float16, "fp32": None, "float32": None}
+    dtypes = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": None,
+        "float32": None,
+    }
     if mixed_precision not in dtypes:
         raise ValueError(f"mixed_precision={mixed_precision!r}: use one of {sorted(dtypes)} or a MixedPrecisionPolicy")
     # Low-precision compute, but gradients reduced in fp32 (summing many bf16 grads loses bits).

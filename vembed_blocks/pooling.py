@@ -29,7 +29,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str = "mean
         raise ValueError(f"pool: hidden must be [B, L, D], got shape {tuple(hidden.shape)}")
     if attention_mask.shape != hidden.shape[:2]:
         raise ValueError(
-            f"pool: attention_mask shape {tuple(attention_mask.shape)} does not match hidden [B, L] = {tuple(hidden.shape[:2])}"
+            f"pool: attention_mask shape {tuple(attention_mask.shape)} does not match "
+            f"hidden [B, L] = {tuple(hidden.shape[:2])}"
         )
     if method not in POOL_METHODS:
         raise ValueError(f"pool: unknown method {method!r}; choose one of {', '.join(POOL_METHODS)}")

@@ -35,17 +35,27 @@ from .data.records import Item
 from .embed import embed_items
 from .pooling import pool
 
-__all__ = ["TextEncoderConfig", "read_text_encoder_config", "load_text_encoder", "text_features", "embed_texts", "write_st_files"]
+__all__ = [
+    "TextEncoderConfig",
+    "read_text_encoder_config",
+    "load_text_encoder",
+    "text_features",
+    "embed_texts",
+    "write_st_files",
+]
 
 # sentence-transformers pooling mode -> our `pool` method
 _FROM_ST = {"mean": "mean", "cls": "cls", "max": "max", "weightedmean": "weighted_mean", "lasttoken": "last"}
 _TO_ST = {ours: st for st, ours in _FROM_ST.items()}
 # legacy boolean keys of 1_Pooling/config.json -> mode name
 _LEGACY = {
-    "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -110,7 +120,10 @@ def read_text_encoder_config(path: str | os.PathLike) -> TextEncoderConfig:
         where = f"{path}/{sub or '.'} ({kind})"
         if kind == "Transformer":
             out.subfolder = sub
-            st = _json(path, os.path.join(sub, "sentence_bert_config.json") if sub else "sentence_bert_config.json") or {}
+            st = (
+                _json(path, os.path.join(sub, "sentence_bert_config.json") if sub else "sentence_bert_config.json")
+                or {}
+            )
             if st.get("do_lower_case"):
                 raise NotImplementedError(f"{where}: do_lower_case=true is not supported; lowercase your texts")
             out.max_length = st.get("max_seq_length")
@@ -125,9 +138,14 @@ def read_text_encoder_config(path: str | os.PathLike) -> TextEncoderConfig:
 
 
 def load_text_encoder(
-    path: str | os.PathLike, *, pooling: str | None = None, max_length: int | None = None,
-    query_prefix: str | None = None, doc_prefix: str | None = None, **model_kwargs: Any,
-) -> tuple[torch.nn.Module, TextCollator, TextEncoderConfig]:  # fmt: skip
+    path: str | os.PathLike,
+    *,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    query_prefix: str | None = None,
+    doc_prefix: str | None = None,
+    **model_kwargs: Any,
+) -> tuple[torch.nn.Module, TextCollator, TextEncoderConfig]:
     """``(AutoModel, TextCollator, TextEncoderConfig)`` for a plain HF or sentence-transformers folder/id.
 
     The keyword arguments override what the folder says: ``pooling`` (a `pool` method),
@@ -145,13 +163,17 @@ def load_text_encoder(
     cfg.pooling = pooling or cfg.pooling
     # sentence-transformers >= 5 keeps max_seq_length as the tokenizer's model_max_length; plain HF
     # tokenizers often say 1e30 there, so those are capped.
-    cfg.max_length = max_length or cfg.max_length or min(tokenizer.model_max_length, 10**6 if cfg.is_sentence_transformers else 512)
+    cfg.max_length = (
+        max_length or cfg.max_length or min(tokenizer.model_max_length, 10**6 if cfg.is_sentence_transformers else 512)
+    )
     query = query_prefix if query_prefix is not None else cfg.prompts.get("query")
     doc = doc_prefix if doc_prefix is not None else cfg.prompts.get("document")
     return model, TextCollator(tokenizer, cfg.max_length, query_instruction=query, doc_instruction=doc), cfg
 
 
-def text_features(model: torch.nn.Module, inputs: dict[str, torch.Tensor], pooling: str, normalize: bool) -> torch.Tensor:
+def text_features(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], pooling: str, normalize: bool
+) -> torch.Tensor:
     """``model(**inputs).last_hidden_state[B, L, D]`` -> pooled ``[B, D]`` (L2-normalised if asked).
 
     ``inputs``: the tokenizer's tensors (``input_ids``, ``attention_mask``, ...). Works
@@ -163,8 +185,15 @@ def text_features(model: torch.nn.Module, inputs: dict[str, torch.Tensor], pooli
 
 
 @torch.no_grad()
-def embed_texts(model: torch.nn.Module, collator: TextCollator, cfg: TextEncoderConfig, texts: Sequence[str], is_query: bool,
-                batch_size: int = 128, bf16: bool = False) -> torch.Tensor:  # fmt: skip
+def embed_texts(
+    model: torch.nn.Module,
+    collator: TextCollator,
+    cfg: TextEncoderConfig,
+    texts: Sequence[str],
+    is_query: bool,
+    batch_size: int = 128,
+    bf16: bool = False,
+) -> torch.Tensor:
     """``Tensor[len(texts), D]`` (CPU, float32) in eval mode, batch by batch.
 
     Equal (to float rounding) to ``SentenceTransformer(folder).encode(texts)`` for the
@@ -185,8 +214,14 @@ def embed_texts(model: torch.nn.Module, collator: TextCollator, cfg: TextEncoder
         model.train(was_training)
 
 
-def write_st_files(out: str | os.PathLike, dim: int, pooling: str, normalize: bool, max_length: int | None = None,
-                   prompts: dict[str, str] | None = None) -> None:  # fmt: skip
+def write_st_files(
+    out: str | os.PathLike,
+    dim: int,
+    pooling: str,
+    normalize: bool,
+    max_length: int | None = None,
+    prompts: dict[str, str] | None = None,
+) -> None:
     """Make the HF folder ``out`` (model at its root) a sentence-transformers folder too.
 
     Writes modules.json, 1_Pooling/config.json (legacy boolean keys, which every
@@ -197,14 +232,19 @@ def write_st_files(out: str | os.PathLike, dim: int, pooling: str, normalize: bo
         raise ValueError(f"write_st_files: pooling {pooling!r} has no sentence-transformers equivalent")
     os.makedirs(os.path.join(out, "1_Pooling"), exist_ok=True)
     prefix = "sentence_transformers.models."
-    modules = [{"idx": 0, "name": "0", "path": "", "type": prefix + "Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": prefix + "Pooling"}]  # fmt: skip
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": prefix + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": prefix + "Pooling"},
+    ]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": prefix + "Normalize"})
         os.makedirs(os.path.join(out, "2_Normalize"), exist_ok=True)
     pool_cfg = {"word_embedding_dimension": dim, **{k: _TO_ST[pooling] == v for k, v in _LEGACY.items()}}
-    files = {"modules.json": modules, "1_Pooling/config.json": pool_cfg,
-             "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False}}  # fmt: skip
+    files = {
+        "modules.json": modules,
+        "1_Pooling/config.json": pool_cfg,
+        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
+    }
     if prompts:
         files["config_sentence_transformers.json"] = {"prompts": prompts}
     for name, content in files.items():

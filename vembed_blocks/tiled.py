@@ -239,7 +239,9 @@ def _masked_scores(scorer: Scorer, rows: Side, cols: Side) -> torch.Tensor:
     return z if drop is None else z.masked_fill_(drop, -math.inf)
 
 
-def tiled_logsumexp(rows: Side, cols: Side, tile: int, scorer: Scorer | None = None, ring: bool = False) -> torch.Tensor:
+def tiled_logsumexp(
+    rows: Side, cols: Side, tile: int, scorer: Scorer | None = None, ring: bool = False
+) -> torch.Tensor:
     """``[B]`` logsumexp over columns of ``scorer(rows, cols)`` with masks from the metadata.
 
     Differentiable in ``rows.x`` and ``cols.x``. ``ring``: ``cols`` are this rank's columns

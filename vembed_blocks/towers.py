@@ -12,7 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from .pooling import POOL_METHODS, pool
 
-__all__ = ["dual_encoder_features", "ComposedDualEncoder", "ComposedProcessor", "compose_dual_encoder", "load_dual_encoder"]
+__all__ = [
+    "dual_encoder_features",
+    "ComposedDualEncoder",
+    "ComposedProcessor",
+    "compose_dual_encoder",
+    "load_dual_encoder",
+]
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -86,7 +92,9 @@ class ComposedDualEncoder(torch.nn.Module):
         os.makedirs(out, exist_ok=True)
         self.vision.save_pretrained(os.path.join(out, "vision"), **kwargs)
         self.text.save_pretrained(os.path.join(out, "text"), **kwargs)
-        projections = {f"{k}.weight": getattr(self, k).weight.detach().contiguous().cpu() for k in ("vision_proj", "text_proj")}
+        projections = {
+            f"{k}.weight": getattr(self, k).weight.detach().contiguous().cpu() for k in ("vision_proj", "text_proj")
+        }
         save_file(projections, os.path.join(out, "projections.safetensors"))
         with open(os.path.join(out, COMPOSED_FILE), "w") as f:
             json.dump({"dim": self.dim, "text_pooling": self.text_pooling}, f)
@@ -97,11 +105,19 @@ class ComposedDualEncoder(torch.nn.Module):
 
         with open(os.path.join(path, COMPOSED_FILE)) as f:
             meta = json.load(f)
-        model = cls(AutoModel.from_pretrained(os.path.join(path, "vision")), AutoModel.from_pretrained(os.path.join(path, "text")),
-                    meta["dim"], meta["text_pooling"])  # fmt: skip
-        missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "projections.safetensors")), strict=False)
+        model = cls(
+            AutoModel.from_pretrained(os.path.join(path, "vision")),
+            AutoModel.from_pretrained(os.path.join(path, "text")),
+            meta["dim"],
+            meta["text_pooling"],
+        )
+        missing, unexpected = model.load_state_dict(
+            load_file(os.path.join(path, "projections.safetensors")), strict=False
+        )
         if unexpected or any(k.startswith(("vision_proj", "text_proj")) for k in missing):
-            raise ValueError(f"{path}: projections.safetensors does not match (missing {missing}, unexpected {unexpected})")
+            raise ValueError(
+                f"{path}: projections.safetensors does not match (missing {missing}, unexpected {unexpected})"
+            )
         return model
 
 
@@ -122,7 +138,10 @@ class ComposedProcessor:
     def from_pretrained(cls, path: str) -> "ComposedProcessor":
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        return cls(AutoImageProcessor.from_pretrained(os.path.join(path, "vision")), AutoTokenizer.from_pretrained(os.path.join(path, "text")))
+        return cls(
+            AutoImageProcessor.from_pretrained(os.path.join(path, "vision")),
+            AutoTokenizer.from_pretrained(os.path.join(path, "text")),
+        )
 
     def save_pretrained(self, out: str) -> None:
         self.image_processor.save_pretrained(os.path.join(out, "vision"))
@@ -138,9 +157,15 @@ def load_dual_encoder(path: str) -> tuple[torch.nn.Module, Any]:
     return AutoModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
 
 
-def compose_dual_encoder(vision_model: str, text_model: str, dim: int, text_pooling: str = "mean") -> tuple[ComposedDualEncoder, ComposedProcessor]:
+def compose_dual_encoder(
+    vision_model: str, text_model: str, dim: int, text_pooling: str = "mean"
+) -> tuple[ComposedDualEncoder, ComposedProcessor]:
     """A new `ComposedDualEncoder` from two pretrained backbones (ids or folders), projections random."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    model = ComposedDualEncoder(AutoModel.from_pretrained(vision_model), AutoModel.from_pretrained(text_model), dim, text_pooling)
-    return model, ComposedProcessor(AutoImageProcessor.from_pretrained(vision_model), AutoTokenizer.from_pretrained(text_model))
+    model = ComposedDualEncoder(
+        AutoModel.from_pretrained(vision_model), AutoModel.from_pretrained(text_model), dim, text_pooling
+    )
+    return model, ComposedProcessor(
+        AutoImageProcessor.from_pretrained(vision_model), AutoTokenizer.from_pretrained(text_model)
+    )

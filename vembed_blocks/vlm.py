@@ -22,7 +22,14 @@ from torch import nn
 
 from .pooling import pool
 
-__all__ = ["load_vlm_processor", "qwen_vl_processor", "vlm_hidden_states", "vlm_embed", "vlm_token_embeddings", "shard_vlm"]
+__all__ = [
+    "load_vlm_processor",
+    "qwen_vl_processor",
+    "vlm_hidden_states",
+    "vlm_embed",
+    "vlm_token_embeddings",
+    "shard_vlm",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +63,17 @@ def _image_only_class(base: type) -> type:
             shutil.copy(video, save_directory)
         return out
 
-    cls = type(base.__name__, (base,), {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__,
-                                        "__qualname__": qualname, "__doc__": f"{base.__name__} without a video processor."})  # fmt: skip
+    cls = type(
+        base.__name__,
+        (base,),
+        {
+            "__init__": __init__,
+            "save_pretrained": save_pretrained,
+            "__module__": __name__,
+            "__qualname__": qualname,
+            "__doc__": f"{base.__name__} without a video processor.",
+        },
+    )
     globals()[qualname] = cls
     return cls
 
@@ -68,14 +84,19 @@ def __getattr__(name: str) -> type:
     if name.startswith("_ImageOnly"):
         import transformers
 
-        base = getattr(transformers, name[len("_ImageOnly"):], None)
+        base = getattr(transformers, name[len("_ImageOnly") :], None)
         if isinstance(base, type):
             return _image_only_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def qwen_vl_processor(tokenizer: Any, image_processor: Any, chat_template: str | None = None,
-                      processor_class: str = "Qwen3VLProcessor", source: str | None = None) -> Any:  # fmt: skip
+def qwen_vl_processor(
+    tokenizer: Any,
+    image_processor: Any,
+    chat_template: str | None = None,
+    processor_class: str = "Qwen3VLProcessor",
+    source: str | None = None,
+) -> Any:
     """A Qwen-VL processor (``Qwen3VLProcessor`` by default) without a video processor.
 
     Why: the processor classes require a video processor, and every Qwen-VL video processor
@@ -88,7 +109,9 @@ def qwen_vl_processor(tokenizer: Any, image_processor: Any, chat_template: str |
     it was loaded from) lets ``save_pretrained`` copy that folder's video-processor config too.
     """
     cls = _image_only_class(_processor_base(processor_class))
-    proc = cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template or tokenizer.chat_template)
+    proc = cls(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template or tokenizer.chat_template
+    )
     proc.video_processor = None
     proc._vembed_source = source
     return proc
@@ -136,11 +159,18 @@ def load_vlm_processor(path: str) -> Any:
     config = _read_json(os.path.join(path, "processor_config.json")) or {}
     image_cfg = config.get("image_processor") or _read_json(os.path.join(path, "preprocessor_config.json"))
     if image_cfg is None:
-        raise OSError(f"{path}: no image processor settings (processor_config.json or preprocessor_config.json); {reason}")
+        raise OSError(
+            f"{path}: no image processor settings (processor_config.json or preprocessor_config.json); {reason}"
+        )
     image_cfg = {k: v for k, v in image_cfg.items() if k not in ("image_processor_type", "processor_class")}
     log.info("load_vlm_processor: %s; built from tokenizer + Qwen2VLImageProcessorPil + chat template", reason)
-    return qwen_vl_processor(tokenizer, Qwen2VLImageProcessorPil(**image_cfg), _chat_template(path, tokenizer),
-                             config.get("processor_class", "Qwen3VLProcessor"), source=path)  # fmt: skip
+    return qwen_vl_processor(
+        tokenizer,
+        Qwen2VLImageProcessorPil(**image_cfg),
+        _chat_template(path, tokenizer),
+        config.get("processor_class", "Qwen3VLProcessor"),
+        source=path,
+    )
 
 
 def vlm_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -154,8 +184,10 @@ def vlm_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> t
     out = model(**{"use_cache": False, **inputs})
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
-        raise ValueError(f"{type(model).__name__} returned no last_hidden_state: load the backbone with AutoModel "
-                         "(e.g. Qwen3VLModel), not a *ForConditionalGeneration head")  # fmt: skip
+        raise ValueError(
+            f"{type(model).__name__} returned no last_hidden_state: load the backbone with AutoModel "
+            "(e.g. Qwen3VLModel), not a *ForConditionalGeneration head"
+        )
     return hidden
 
 
@@ -169,8 +201,9 @@ def vlm_embed(model: nn.Module, inputs: Mapping[str, torch.Tensor], pooling: str
     return pool(vlm_hidden_states(model, inputs), inputs["attention_mask"], pooling)
 
 
-def vlm_token_embeddings(model: nn.Module, inputs: Mapping[str, torch.Tensor],
-                         projection: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def vlm_token_embeddings(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], projection: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level outputs for late interaction (ColPali / ColQwen): ``(tokens[B, L, D'], mask[B, L])``.
 
     ``tokens`` are the hidden states, through ``projection`` (e.g. ``nn.Linear(D, 128)``) when

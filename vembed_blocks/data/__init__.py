@@ -3,13 +3,43 @@
 from .collate import DualEncoderCollator, TextCollator, VLMCollator, label_id, scatter_negatives
 from .embed_store import EmbedStore, EmbedWriter, StoreError, collate_embeddings, ensure_meta
 from .images import ImageLoadError, load_image, load_images
-from .records import IMAGE_EXTENSIONS, IndexedRecords, Item, Record, RecordError, RecordReader, load_records, read_records
+from .records import (
+    IMAGE_EXTENSIONS,
+    IndexedRecords,
+    Item,
+    Record,
+    RecordError,
+    RecordReader,
+    load_records,
+    read_records,
+)
 from .sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_group_weights, parse_weights
 
 __all__ = [
-    "DualEncoderCollator", "TextCollator", "VLMCollator", "label_id", "scatter_negatives",
-    "EmbedStore", "EmbedWriter", "StoreError", "collate_embeddings", "ensure_meta",
-    "ImageLoadError", "load_image", "load_images",
-    "IMAGE_EXTENSIONS", "IndexedRecords", "Item", "Record", "RecordError", "RecordReader", "load_records", "read_records",
-    "TaskBatches", "WeightedTaskSampler", "load_task_dir", "parse_group_weights", "parse_weights",
-]  # fmt: skip
+    "DualEncoderCollator",
+    "TextCollator",
+    "VLMCollator",
+    "label_id",
+    "scatter_negatives",
+    "EmbedStore",
+    "EmbedWriter",
+    "StoreError",
+    "collate_embeddings",
+    "ensure_meta",
+    "ImageLoadError",
+    "load_image",
+    "load_images",
+    "IMAGE_EXTENSIONS",
+    "IndexedRecords",
+    "Item",
+    "Record",
+    "RecordError",
+    "RecordReader",
+    "load_records",
+    "read_records",
+    "TaskBatches",
+    "WeightedTaskSampler",
+    "load_task_dir",
+    "parse_group_weights",
+    "parse_weights",
+]

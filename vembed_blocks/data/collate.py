@@ -120,8 +120,13 @@ class TextCollator(_Collator):
     tokenizer says otherwise.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 512, query_instruction: str | None = None,
-                 doc_instruction: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int = 512,
+        query_instruction: str | None = None,
+        doc_instruction: str | None = None,
+    ) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
         self.query_instruction, self.doc_instruction = query_instruction, doc_instruction
 
@@ -143,10 +148,21 @@ class DualEncoderCollator(_Collator):
     caps decoded images before the processor resizes them (saves decode-time memory).
     """
 
-    def __init__(self, processor: Any, max_length: int = 77, padding: bool | str = True,
-                 max_image_side: int | None = None, query_instruction: str | None = None,
-                 doc_instruction: str | None = None) -> None:  # fmt: skip
-        self.processor, self.max_length, self.padding, self.max_image_side = processor, max_length, padding, max_image_side
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int = 77,
+        padding: bool | str = True,
+        max_image_side: int | None = None,
+        query_instruction: str | None = None,
+        doc_instruction: str | None = None,
+    ) -> None:
+        self.processor, self.max_length, self.padding, self.max_image_side = (
+            processor,
+            max_length,
+            padding,
+            max_image_side,
+        )
         self.query_instruction, self.doc_instruction = query_instruction, doc_instruction
 
     def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
@@ -159,8 +175,9 @@ class DualEncoderCollator(_Collator):
                 raise RecordError(src, f"this record has no {kind} where others in the batch do; one tower per side")
         if all(with_text):
             texts = [self._text(it, is_query) for it in items]
-            enc = self.processor.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_length,
-                                           return_tensors="pt")  # fmt: skip
+            enc = self.processor.tokenizer(
+                texts, padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             out.update(enc)
         if all(with_image):
             images = []
@@ -186,11 +203,20 @@ class VLMCollator(_Collator):
     + ``image_grid_thw[images, 3]`` (``GradCache.encode`` splits these by row).
     """
 
-    def __init__(self, processor: Any, query_instruction: str = "Represent the user's input.",
-                 doc_instruction: str | None = None, max_image_side: int | None = None,
-                 add_generation_prompt: bool = True,
-                 message_fn: Callable[[Item, str | None], list[dict]] | None = None) -> None:  # fmt: skip
-        self.processor, self.max_image_side, self.add_generation_prompt = processor, max_image_side, add_generation_prompt
+    def __init__(
+        self,
+        processor: Any,
+        query_instruction: str = "Represent the user's input.",
+        doc_instruction: str | None = None,
+        max_image_side: int | None = None,
+        add_generation_prompt: bool = True,
+        message_fn: Callable[[Item, str | None], list[dict]] | None = None,
+    ) -> None:
+        self.processor, self.max_image_side, self.add_generation_prompt = (
+            processor,
+            max_image_side,
+            add_generation_prompt,
+        )
         self.query_instruction, self.doc_instruction = query_instruction, doc_instruction or query_instruction
         self.message_fn = message_fn or _chat
 
@@ -199,8 +225,11 @@ class VLMCollator(_Collator):
         texts, images = [], []
         for it, src in zip(items, sources):
             messages = self.message_fn(it, instruction)
-            texts.append(self.processor.apply_chat_template(messages, tokenize=False,
-                                                            add_generation_prompt=self.add_generation_prompt))  # fmt: skip
+            texts.append(
+                self.processor.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=self.add_generation_prompt
+                )
+            )
             images += load_images(it.images, max_side=self.max_image_side, source=src)
         enc = self.processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
         return dict(enc)

@@ -129,8 +129,12 @@ class EmbedWriter:
         rows, bad = _read_index(self.index_path)
         kept, dropped = _complete_shards(self.root, rows)
         if bad or dropped:
-            log.warning("%s: dropping %d unreadable line(s) and incomplete shard(s) %s; they are recomputed",
-                        self.index_path, len(bad), sorted(dropped))  # fmt: skip
+            log.warning(
+                "%s: dropping %d unreadable line(s) and incomplete shard(s) %s; they are recomputed",
+                self.index_path,
+                len(bad),
+                sorted(dropped),
+            )
             tmp = self.index_path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps({k: v for k, v in r.items() if k != "_offset"}) + "\n" for r in kept)
@@ -147,7 +151,9 @@ class EmbedWriter:
     def records_done(self) -> int:
         return sum(self.done.values())
 
-    def write(self, shard: int, rows: Sequence[Mapping[str, Any]], embeddings: Mapping[str, Sequence[torch.Tensor]]) -> str:
+    def write(
+        self, shard: int, rows: Sequence[Mapping[str, Any]], embeddings: Mapping[str, Sequence[torch.Tensor]]
+    ) -> str:
         """Store shard ``shard``: ``rows[i]`` (a dict with at least ``"id"``) and ``embeddings[side][i]``.
 
         Each embedding is ``[D]`` (pooled; the side becomes ``[rows, D]``) or ``[L_i, D]``
@@ -155,7 +161,9 @@ class EmbedWriter:
         """
         name = shard_name(self.rank, shard)
         if name in self.done:
-            raise ValueError(f"{self.root}/{name} is already written and indexed; skip it (is_done) to avoid duplicate rows")
+            raise ValueError(
+                f"{self.root}/{name} is already written and indexed; skip it (is_done) to avoid duplicate rows"
+            )
         n = len(rows)
         tensors: dict[str, torch.Tensor] = {}
         for side, values in embeddings.items():
@@ -171,8 +179,10 @@ class EmbedWriter:
         tmp = os.path.join(self.root, f".{name}.tmp")
         save_file(tensors, tmp, metadata={"ids": json.dumps(ids)})
         os.replace(tmp, os.path.join(self.root, name))  # the shard is complete before anything names it
-        lines = "".join(json.dumps({**r, "id": i, "shard": name, "row": j, "rows": n}) + "\n"
-                        for j, (i, r) in enumerate(zip(ids, rows)))  # fmt: skip
+        lines = "".join(
+            json.dumps({**r, "id": i, "shard": name, "row": j, "rows": n}) + "\n"
+            for j, (i, r) in enumerate(zip(ids, rows))
+        )
         with open(self.index_path, "a") as f:
             f.write(lines)
             f.flush()
@@ -189,8 +199,10 @@ def ensure_meta(root: str | os.PathLike, meta: Mapping[str, Any]) -> None:
             old = json.load(f)
         diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(meta)).items() if old.get(k) != v}
         if diff:
-            raise StoreError(f"{path} was written with other settings {diff} (old, new): "
-                             "use another output directory or delete this one")  # fmt: skip
+            raise StoreError(
+                f"{path} was written with other settings {diff} (old, new): "
+                "use another output directory or delete this one"
+            )
         return
     os.makedirs(os.fspath(root), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -248,8 +260,10 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
 
     def _fail(self, message: str) -> None:
         if self.strict:
-            raise StoreError(f"{message}; rerun the extraction with the same arguments to repair, "
-                             "or open with EmbedStore(..., strict=False) to skip it")  # fmt: skip
+            raise StoreError(
+                f"{message}; rerun the extraction with the same arguments to repair, "
+                "or open with EmbedStore(..., strict=False) to skip it"
+            )
         log.warning("%s: skipped", message)
 
     def _load_index(self) -> list[dict]:
@@ -280,7 +294,9 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
             with safe_open(path, "pt") as f:
                 ids = json.loads((f.metadata() or {}).get("ids", "null"))
                 lengths = {k: f.get_slice(k).get_shape()[0] for k in f.keys() if not k.endswith(_OFFSETS)}
-                lengths.update({k[: -len(_OFFSETS)]: f.get_slice(k).get_shape()[0] - 1 for k in f.keys() if k.endswith(_OFFSETS)})
+                lengths.update(
+                    {k[: -len(_OFFSETS)]: f.get_slice(k).get_shape()[0] - 1 for k in f.keys() if k.endswith(_OFFSETS)}
+                )
         except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
             self._fail(f"{path}: unreadable shard ({type(e).__name__}: {e})")
             return False
@@ -306,8 +322,11 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
         if h is None:
             f = safe_open(os.path.join(self.root, self._shards[shard]), "pt")
             keys = f.keys()
-            h = {k: (f.get_slice(k), f.get_tensor(k + _OFFSETS) if k + _OFFSETS in keys else None)
-                 for k in keys if not k.endswith(_OFFSETS)}  # fmt: skip
+            h = {
+                k: (f.get_slice(k), f.get_tensor(k + _OFFSETS) if k + _OFFSETS in keys else None)
+                for k in keys
+                if not k.endswith(_OFFSETS)
+            }
             self._handles[shard] = h
             if len(self._handles) > self.max_open:
                 self._handles.popitem(last=False)
@@ -334,7 +353,9 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
         try:
             return self._pos[str(record_id)]
         except KeyError:
-            raise KeyError(f"record id {record_id!r} is not in embedding store {self.root} ({len(self)} records)") from None
+            raise KeyError(
+                f"record id {record_id!r} is not in embedding store {self.root} ({len(self)} records)"
+            ) from None
 
     def get(self, record_id: str) -> dict[str, torch.Tensor]:
         """``{side: Tensor}`` of one record by id (see `position` for the error)."""

@@ -62,6 +62,8 @@ def load_image(path: str, *, max_side: int | None = None, source: str | None = N
     return img
 
 
-def load_images(paths: tuple[str, ...] | list[str], *, max_side: int | None = None, source: str | None = None) -> list[Image.Image]:
+def load_images(
+    paths: tuple[str, ...] | list[str], *, max_side: int | None = None, source: str | None = None
+) -> list[Image.Image]:
     """``load_image`` over several paths (a record side with many images)."""
     return [load_image(p, max_side=max_side, source=source) for p in paths]

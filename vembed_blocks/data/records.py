@@ -41,7 +41,18 @@ import numpy as np
 
 from .images import ImageLoadError, load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "FORMATS", "Item", "Record", "RecordError", "RecordReader", "IndexedRecords", "load_records", "read_records", "parse_row"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FORMATS",
+    "Item",
+    "Record",
+    "RecordError",
+    "RecordReader",
+    "IndexedRecords",
+    "load_records",
+    "read_records",
+    "parse_row",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +63,19 @@ _LANG_SUFFIX = {"en": "", "cn": "_cn"}
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
 # Canonical field names a column mapping may rename.
 _FIELDS = (
-    "query", "query_image", "positive", "negatives", "label", "task", "source_image", "target_image",
-    "instruction", "instruction_cn", "inverse_instruction", "inverse_instruction_cn",
-)  # fmt: skip
+    "query",
+    "query_image",
+    "positive",
+    "negatives",
+    "label",
+    "task",
+    "source_image",
+    "target_image",
+    "instruction",
+    "instruction_cn",
+    "inverse_instruction",
+    "inverse_instruction_cn",
+)
 
 
 class RecordError(ValueError):
@@ -105,7 +126,9 @@ def _is_image(name: str, value: str, fmt: str | None) -> bool:
 class _Row:
     """Typed accessors over one raw row that raise ``RecordError`` naming the row."""
 
-    def __init__(self, raw: Mapping[str, Any], source: str, base_dir: str, check_images: bool, verify_images: bool) -> None:
+    def __init__(
+        self, raw: Mapping[str, Any], source: str, base_dir: str, check_images: bool, verify_images: bool
+    ) -> None:
         self.raw, self.source, self.base_dir = raw, source, base_dir
         self.check_images, self.verify_images = check_images, verify_images
 
@@ -113,7 +136,9 @@ class _Row:
         return RecordError(self.source, message)
 
     def has(self, name: str) -> bool:
-        return self.raw.get(name) is not None  # present-but-empty is reported by the field check, not as "unknown format"
+        return (
+            self.raw.get(name) is not None
+        )  # present-but-empty is reported by the field check, not as "unknown format"
 
     def text(self, name: str, required: bool = True) -> str | None:
         value = self.raw.get(name)
@@ -220,21 +245,41 @@ def _edit(row: _Row, t2i_mode: bool, inverse: bool, language: str) -> list[Recor
     if not text and not sources:
         why = " (t2i_mode drops them)" if all_sources else ""
         raise row.fail(f"no 'instruction{suffix}' and no source image{why}: the query would be empty")
-    out = [Record(query=Item(text=text, images=sources), positive=Item(images=target), format="edit",
-                  extra={"num_source_images": nsrc, "inverse": False})]  # fmt: skip
+    out = [
+        Record(
+            query=Item(text=text, images=sources),
+            positive=Item(images=target),
+            format="edit",
+            extra={"num_source_images": nsrc, "inverse": False},
+        )
+    ]
     inv_text = row.text("inverse_instruction" + suffix, required=False)
     # No inverse row when there is nothing to invert to or no text for it (documented).
     if inverse and not t2i_mode and sources and inv_text:
-        out.append(Record(query=Item(text=inv_text, images=target), positive=Item(images=sources), format="edit",
-                          extra={"num_source_images": nsrc, "inverse": True}))  # fmt: skip
+        out.append(
+            Record(
+                query=Item(text=inv_text, images=target),
+                positive=Item(images=sources),
+                format="edit",
+                extra={"num_source_images": nsrc, "inverse": True},
+            )
+        )
     return out
 
 
 def parse_row(
-    raw: Any, source: str, base_dir: str = ".", *, format: str | None = None, task: str | None = None,
-    t2i_mode: bool = False, inverse: bool = True, language: str = "en", check_images: bool = True,
+    raw: Any,
+    source: str,
+    base_dir: str = ".",
+    *,
+    format: str | None = None,
+    task: str | None = None,
+    t2i_mode: bool = False,
+    inverse: bool = True,
+    language: str = "en",
+    check_images: bool = True,
     verify_images: bool = False,
-) -> list[Record]:  # fmt: skip
+) -> list[Record]:
     """Validate one already-renamed row and turn it into records (edit rows may give two)."""
     if not isinstance(raw, Mapping):
         raise RecordError(source, f"expected a JSON object, got {type(raw).__name__}")
@@ -307,8 +352,15 @@ _READERS = {".jsonl": _jsonl_rows, ".json": _jsonl_rows, ".csv": _csv_rows, ".pa
 class RecordReader:
     """Iterator over the records of one file; ``skipped`` counts rows dropped by ``skip_bad``."""
 
-    def __init__(self, path: str, skip_bad: bool = False, *, columns: Mapping[str, str] | None = None,
-                 format: str | None = None, **options: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: str,
+        skip_bad: bool = False,
+        *,
+        columns: Mapping[str, str] | None = None,
+        format: str | None = None,
+        **options: Any,
+    ) -> None:
         ext = os.path.splitext(path)[1].lower()
         if ext not in _READERS:
             raise ValueError(f"{path}: unsupported file type {ext!r} (expected one of {sorted(_READERS)})")
@@ -356,8 +408,11 @@ class RecordReader:
                 records = self.parse(raw, source, base)
                 fmt = records[0].format
                 if seen_format is not None and fmt != seen_format:  # e.g. one path without extension
-                    raise RecordError(source, f"format {fmt!r} differs from {seen_format!r} of earlier rows; "
-                                      "declare format= if this is intended")  # fmt: skip
+                    raise RecordError(
+                        source,
+                        f"format {fmt!r} differs from {seen_format!r} of earlier rows; "
+                        "declare format= if this is intended",
+                    )
             except RecordError as e:
                 if not self.skip_bad:
                     raise
@@ -368,8 +423,13 @@ class RecordReader:
             seen_format = fmt
             yield from records
         if self.skipped:
-            log.warning("%s: skipped %d of %d rows; first errors:\n  %s", self.path, self.skipped, self.rows,
-                        "\n  ".join(self.errors))  # fmt: skip
+            log.warning(
+                "%s: skipped %d of %d rows; first errors:\n  %s",
+                self.path,
+                self.skipped,
+                self.rows,
+                "\n  ".join(self.errors),
+            )
 
 
 def read_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> RecordReader:

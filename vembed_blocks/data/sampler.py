@@ -230,10 +230,17 @@ class WeightedTaskSampler:
     """
 
     def __init__(
-        self, task_sizes: Mapping[str, int], batch_size: int, weights: Mapping[str, float] | None = None,
-        seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
-        group_of: Mapping[str, Sequence[Hashable]] | None = None, group_weights: Mapping[Hashable, float] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        task_sizes: Mapping[str, int],
+        batch_size: int,
+        weights: Mapping[str, float] | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        *,
+        group_of: Mapping[str, Sequence[Hashable]] | None = None,
+        group_weights: Mapping[Hashable, float] | None = None,
+    ) -> None:
         if rank is None or world_size is None:
             from ..distributed import get_rank, get_world_size
 
@@ -251,9 +258,13 @@ class WeightedTaskSampler:
         self._build_streams(dict(task_sizes), group_of or {}, group_weights)
         small = sorted(k for k, s in self._streams.items() if len(s) < self.global_batch)
         if small:
-            warnings.warn(f"streams smaller than the global batch ({self.global_batch}) repeat rows within a batch: {small}")
+            warnings.warn(
+                f"streams smaller than the global batch ({self.global_batch}) repeat rows within a batch: {small}"
+            )
 
-    def _task_weights(self, sizes: dict[str, int], weights: Mapping[str, float] | None) -> tuple[list[str], list[float]]:
+    def _task_weights(
+        self, sizes: dict[str, int], weights: Mapping[str, float] | None
+    ) -> tuple[list[str], list[float]]:
         if weights is None:
             weights = {t: float(n) for t, n in sizes.items()}
         unknown = sorted(set(weights) - set(sizes))
@@ -272,8 +283,12 @@ class WeightedTaskSampler:
             raise ValueError(f"tasks with weight but no rows: {empty}")
         return tasks, [float(weights[t]) for t in tasks]
 
-    def _build_streams(self, sizes: dict[str, int], group_of: Mapping[str, Sequence[Hashable]],
-                       group_weights: Mapping[Hashable, float] | None) -> None:  # fmt: skip
+    def _build_streams(
+        self,
+        sizes: dict[str, int],
+        group_of: Mapping[str, Sequence[Hashable]],
+        group_weights: Mapping[Hashable, float] | None,
+    ) -> None:
         gw = None if group_weights is None else {str(g): float(w) for g, w in group_weights.items()}
         seen: set[str] = set()
         for task in self.tasks:
@@ -323,9 +338,11 @@ class WeightedTaskSampler:
     def state_dict(self) -> dict[str, Any]:
         """Step + one ``[pass, offset]`` per stream (JSON-serialisable)."""
         return {
-            "step": self.step, "seed": self.seed, "global_batch": self.global_batch,
+            "step": self.step,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
             "streams": {k: s.state() for k, s in self._streams.items()},
-        }  # fmt: skip
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: the next batches equal those an uninterrupted run would have drawn.
@@ -333,8 +350,10 @@ class WeightedTaskSampler:
         The world size may change if the global batch does not.
         """
         if state["seed"] != self.seed or state["global_batch"] != self.global_batch:
-            raise ValueError(f"sampler state is for seed {state['seed']} / global batch {state['global_batch']}, "
-                             f"this sampler has {self.seed} / {self.global_batch}")  # fmt: skip
+            raise ValueError(
+                f"sampler state is for seed {state['seed']} / global batch {state['global_batch']}, "
+                f"this sampler has {self.seed} / {self.global_batch}"
+            )
         if set(state["streams"]) != set(self._streams):
             raise ValueError(f"sampler state has streams {sorted(state['streams'])}, expected {sorted(self._streams)}")
         for key, cursor in state["streams"].items():
@@ -394,9 +413,14 @@ class TaskBatches(IterableDataset):
     into the sampler) to resume exactly. ``steps`` makes the stream finite.
     """
 
-    def __init__(self, tasks: Mapping[str, Sequence[Any]], sampler: WeightedTaskSampler,
-                 collate_fn: Callable[[list[Any]], Any] | None = None, steps: int | None = None,
-                 state: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tasks: Mapping[str, Sequence[Any]],
+        sampler: WeightedTaskSampler,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        steps: int | None = None,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
         missing = sorted(set(sampler.tasks) - set(tasks))
         if missing:
             raise ValueError(f"sampler draws tasks with no records: {missing}")
