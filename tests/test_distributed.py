@@ -32,6 +32,13 @@ def _body(rank, world_size):
     average_gradients([a, b, c])
     mean = sum(r + 1.0 for r in range(world_size)) / world_size
     assert a.grad.shape == () and a.grad.item() == mean and torch.all(b.grad == 10 * mean) and c.grad is None
+    # A gradient on rank 0 only (e.g. a tower only its negatives went through) counts as zeros
+    # elsewhere; tiny buckets (8 bytes) split the all-reduce per tensor, mixed dtypes too.
+    d, e = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(2))
+    d.grad = torch.full((3,), 6.0, dtype=torch.float64) if rank == 0 else None
+    e.grad = torch.full((2,), float(rank))
+    average_gradients([d, e], bucket_bytes=8)
+    assert torch.all(d.grad == 6.0 / world_size) and torch.allclose(e.grad, torch.full((2,), (world_size - 1) / 2))
     return get_rank(), get_world_size()
 
 

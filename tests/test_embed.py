@@ -33,3 +33,38 @@ def test_embed_items_keeps_order_across_batches():
     assert out.flatten().tolist() == [2.0 * i for i in range(10)]
     with pytest.raises(ValueError, match="returned 1 rows for 3 items"):
         embed_items(items, lambda b: torch.zeros(1, 2), batch_size=3)
+
+
+def _tokens(batch):
+    """Token outputs whose length depends on the batch: item i has i % 4 + 1 real tokens of value i."""
+    length = max(i % 4 + 1 for i in batch)
+    mask = torch.tensor([[t < i % 4 + 1 for t in range(length)] for i in batch])
+    return torch.tensor(batch, dtype=torch.float32)[:, None, None].expand(-1, length, 2) * mask[..., None], mask
+
+
+def _expected_tokens(n):
+    mask = torch.tensor([[t < i % 4 + 1 for t in range(4)] for i in range(n)])
+    return torch.arange(n, dtype=torch.float32)[:, None, None].expand(-1, 4, 2) * mask[..., None], mask
+
+
+def _all_ranks_body(rank, world):
+    from vembed_blocks.embed import embed_on_all_ranks
+
+    calls = []
+    pooled = embed_on_all_ranks(list(range(11)), lambda b: calls.append(len(b)) or torch.tensor(b)[:, None] * 1.0, 2)
+    tokens, mask = embed_on_all_ranks(list(range(11)), _tokens, 3)
+    return pooled, tokens, mask, calls
+
+
+def test_embed_on_all_ranks_splits_work_and_returns_every_row():
+    from _multiproc import run_ranks
+
+    want_tokens, want_mask = _expected_tokens(11)
+    for world in (2, 3):
+        results = run_ranks(_all_ranks_body, world, timeout=120)
+        for pooled, tokens, mask, calls in results:
+            assert pooled.flatten().tolist() == [float(i) for i in range(11)]
+            assert torch.equal(tokens, want_tokens) and torch.equal(mask, want_mask)
+        assert len({sum(r[3]) for r in results}) == 1 and sum(results[0][3]) == -(-11 // world)  # equal work
+    tokens, mask = embed_items(list(range(11)), _tokens, 3)  # one process: the same, padded across batches
+    assert torch.equal(tokens, want_tokens) and torch.equal(mask, want_mask)

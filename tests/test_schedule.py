@@ -29,3 +29,24 @@ def test_through_lambda_lr_and_errors():
     )
     with pytest.raises(ValueError, match="need warmup >= 0 and total >= 1"):
         warmup_cosine(-1, 10)
+
+
+def test_linear_and_constant_by_hand_and_warmup_ratio():
+    from vembed_blocks.schedule import lr_multiplier, make_scheduler, warmup_steps
+
+    lin, const = lr_multiplier("linear", 2, 10), lr_multiplier("constant", 2, 10)
+    assert [lin(t) for t in (0, 1, 2, 6, 10, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0, 0.0])
+    assert [const(t) for t in (0, 1, 2, 9, 50)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert warmup_steps(0, 0.1, 95) == 10 and warmup_steps(7, 0.0, 95) == 7 and warmup_steps(0, 0.0, 95) == 0
+    with pytest.raises(ValueError, match="not both"):
+        warmup_steps(5, 0.1, 100)
+    with pytest.raises(ValueError, match="must be one of"):
+        lr_multiplier("step", 0, 10)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3.0)
+    sched = make_scheduler(opt, "constant", 3, 10)
+    lrs = []
+    for _ in range(5):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 2.0, 3.0, 3.0, 3.0])

@@ -119,3 +119,17 @@ def test_recipe_trains_composed_towers_with_eval_every_and_checkpointing(backbon
     got = evaluate.main(["--model", str(out / "final"), "--data", val, "--output", str(tmp_path / "eval")])
     for name, value in result["after"].items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_text_padding_decided_by_model_type(tmp_path):
+    from transformers import CLIPConfig, SiglipConfig
+
+    from vembed_blocks.towers import text_padding
+
+    class Fake:
+        def __init__(self, config):
+            self.config = config
+
+    assert text_padding(Fake(SiglipConfig())) == {"max_length": 64, "padding": "max_length"}
+    assert text_padding(Fake(CLIPConfig())) == {"max_length": 77, "padding": True}
+    assert text_padding(object()) == {"max_length": 77, "padding": True}  # composed towers: no HF config

@@ -208,15 +208,39 @@ def ring_shift(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callabl
     return out, wait
 
 
-def average_gradients(params) -> None:
-    """Average ``.grad`` over ranks for parameters no DDP/FSDP wrapper syncs (a loss's temperature).
+def average_gradients(params, bucket_bytes: int = 32 << 20) -> None:
+    """Average ``.grad`` over ranks for the plain (not FSDP-sharded) parameters in ``params``.
 
-    One all-reduce of the flattened gradients; parameters without a gradient are skipped
-    (all ranks must agree on which those are). No-op at world size 1.
+    For parameters no wrapper syncs (a loss's temperature, a projection outside the sharded
+    model), or all of a model trained without DDP (`parallel.one_gradient_sync`). Sharded
+    (DTensor) parameters are skipped: FSDP2 has reduced their gradients already. A parameter
+    with a gradient on some rank but none here gets zeros first (one small all-reduce of
+    flags), so every rank all-reduces the same tensors. Gradients travel in flat buckets of at
+    most ``bucket_bytes``, bounding the extra memory. No-op at world size 1.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or not is_dist():
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if not isinstance(p, DTensor)]
+    if not params or not is_dist():
         return
+    present = any_rank([p.grad is not None for p in params], params[0].device)
+    grads = []
+    for p, some_rank_has_it in zip(params, present):
+        if some_rank_has_it and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if some_rank_has_it:
+            grads.append(p.grad)
+    bucket: list[torch.Tensor] = []
+    for g in grads:
+        if bucket and (g.dtype != bucket[0].dtype or sum(b.numel() for b in bucket) * g.element_size() >= bucket_bytes):
+            _all_reduce_mean(bucket)
+            bucket = []
+        bucket.append(g)
+    if bucket:
+        _all_reduce_mean(bucket)
+
+
+def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()

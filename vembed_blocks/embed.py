@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["RetrievalSet", "retrieval_set", "embed_items"]
+from .distributed import get_rank, get_world_size
+
+__all__ = ["RetrievalSet", "retrieval_set", "embed_items", "embed_on_all_ranks"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=Hashable)
@@ -57,6 +60,36 @@ def retrieval_set(records: Iterable, include_negatives: bool = True) -> Retrieva
     return RetrievalSet(list(q_index), list(d_index), relevant)
 
 
+def _embed_batches(items: Sequence[T], encode: Callable, batch_size: int, desc: str, log_every_s: float):
+    """``encode`` consecutive batches of ``items``, yielding each output on CPU, with progress logs."""
+    if batch_size <= 0:
+        raise ValueError(f"embed_items: batch_size must be positive, got {batch_size}")
+    start = last = time.perf_counter()
+    for i in range(0, len(items), batch_size):
+        batch = list(items[i : i + batch_size])
+        out = encode(batch)
+        parts = out if isinstance(out, tuple) else (out,)
+        if any(p.shape[0] != len(batch) for p in parts):
+            raise ValueError(f"embed_items: encode returned {parts[0].shape[0]} rows for {len(batch)} items")
+        yield tuple(p.float().cpu() if p.is_floating_point() else p.cpu() for p in parts)
+        now = time.perf_counter()
+        if now - last >= log_every_s or i + batch_size >= len(items):
+            done = min(i + batch_size, len(items))
+            log.info("%s: %d/%d (%.1f items/s)", desc, done, len(items), done / max(now - start, 1e-9))
+            last = now
+
+
+def _concat(batches: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Concatenate batch outputs position by position, padding dim 1 (token axes) to the longest."""
+    out = []
+    for parts in zip(*batches):
+        if parts[0].dim() >= 2 and len({p.shape[1] for p in parts}) > 1:
+            length = max(p.shape[1] for p in parts)
+            parts = [torch.cat([p, p.new_zeros(p.shape[0], length - p.shape[1], *p.shape[2:])], 1) for p in parts]
+        out.append(torch.cat(parts))
+    return tuple(out)
+
+
 @torch.no_grad()
 def embed_items(
     items: Sequence[T],
@@ -67,23 +100,42 @@ def embed_items(
 ) -> torch.Tensor:
     """``encode`` consecutive batches of ``items``; returns ``Tensor[len(items), ...]`` on CPU.
 
-    ``encode(list_of_items) -> Tensor[b, ...]`` does the collation and the forward pass.
-    Progress is logged (``desc: done/total, items/s``) at most every ``log_every_s`` seconds.
+    ``encode(list_of_items) -> Tensor[b, ...]`` does the collation and the forward pass; it may
+    also return a tuple of tensors (e.g. token vectors and their mask), and then so does this,
+    each padded along dim 1 to the longest batch (zeros / False). Progress is logged
+    (``desc: done/total, items/s``) at most every ``log_every_s`` seconds.
     """
-    if batch_size <= 0:
-        raise ValueError(f"embed_items: batch_size must be positive, got {batch_size}")
-    out, start, last = [], time.perf_counter(), time.perf_counter()
-    for i in range(0, len(items), batch_size):
-        batch = list(items[i : i + batch_size])
-        emb = encode(batch)
-        if emb.shape[0] != len(batch):
-            raise ValueError(f"embed_items: encode returned {emb.shape[0]} rows for {len(batch)} items")
-        out.append(emb.float().cpu())
-        now = time.perf_counter()
-        if now - last >= log_every_s or i + batch_size >= len(items):
-            done = min(i + batch_size, len(items))
-            log.info("%s: %d/%d (%.1f items/s)", desc, done, len(items), done / max(now - start, 1e-9))
-            last = now
-    if not out:
+    batches = list(_embed_batches(items, encode, batch_size, desc, log_every_s))
+    if not batches:
         raise ValueError(f"embed_items: nothing to embed for {desc!r}")
-    return torch.cat(out)
+    out = _concat(batches)
+    return out if len(out) > 1 else out[0]
+
+
+@torch.no_grad()
+def embed_on_all_ranks(
+    items: Sequence[T],
+    encode: Callable[[list[T]], torch.Tensor],
+    batch_size: int = 64,
+    desc: str = "embed",
+    log_every_s: float = 10.0,
+) -> torch.Tensor:
+    """`embed_items` with the work split over ranks; every rank returns all ``len(items)`` rows.
+
+    Each rank encodes an equal slice (the last padded with copies of the first item, dropped
+    again), so every rank runs the same number of forwards: what FSDP2 needs, whose forwards
+    are collectives. The outputs are exchanged (``all_gather_object``, CPU tensors). At world
+    size 1 it is `embed_items`.
+    """
+    world, rank, n = get_world_size(), get_rank(), len(items)
+    if world == 1:
+        return embed_items(items, encode, batch_size, desc, log_every_s)
+    if n == 0:
+        raise ValueError(f"embed_items: nothing to embed for {desc!r}")
+    per = -(-n // world)
+    mine = list(items[rank * per : (rank + 1) * per])
+    mine += [items[0]] * (per - len(mine))  # filler rows, dropped below
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, list(_embed_batches(mine, encode, batch_size, desc, log_every_s)))
+    out = tuple(x[:n] for x in _concat([b for batches in everyone for b in batches]))
+    return out if len(out) > 1 else out[0]

@@ -18,6 +18,7 @@ __all__ = [
     "ComposedProcessor",
     "compose_dual_encoder",
     "load_dual_encoder",
+    "text_padding",
 ]
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -146,6 +147,19 @@ class ComposedProcessor:
     def save_pretrained(self, out: str) -> None:
         self.image_processor.save_pretrained(os.path.join(out, "vision"))
         self.tokenizer.save_pretrained(os.path.join(out, "text"))
+
+
+def text_padding(model: Any) -> dict[str, Any]:
+    """The text padding a dual encoder was trained with, as `DualEncoderCollator` keyword arguments.
+
+    SigLIP (``config.model_type`` ``siglip`` / ``siglip2``) was trained on text padded to
+    ``max_length=64``, and pools assuming it; CLIP and composed towers pad to the longest
+    text of the batch (at most 77 tokens). The one place this decision is made.
+    """
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if model_type.startswith("siglip"):
+        return {"max_length": 64, "padding": "max_length"}
+    return {"max_length": 77, "padding": True}
 
 
 def load_dual_encoder(path: str) -> tuple[torch.nn.Module, Any]:

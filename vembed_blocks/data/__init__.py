@@ -13,6 +13,7 @@ from .records import (
     load_records,
     read_records,
 )
+from .loader import TaskLoader
 from .sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_group_weights, parse_weights
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "load_records",
     "read_records",
     "TaskBatches",
+    "TaskLoader",
     "WeightedTaskSampler",
     "load_task_dir",
     "parse_group_weights",

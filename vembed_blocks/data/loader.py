@@ -1,0 +1,85 @@
+"""`TaskLoader`: the sampler's batches through a DataLoader, plus the state a checkpoint saves.
+
+A recipe's loop needs two things from its data: the next batch, and, when it saves, the
+sampler state *after the last batch it trained on* (DataLoader workers run ahead, so the
+sampler object in the main process never knows it). `TaskLoader` gives both, so no recipe
+keeps that bookkeeping::
+
+    loader = TaskLoader(tasks, sampler, collator, num_workers=2, seed=args.seed, grad_accum_steps=2)
+    start = load_checkpoint(ckpt, model=..., optimizer=..., sampler=loader)   # restores it
+    for step, batches, tasks in loader.steps(end):     # step: 1-based optimizer step
+        ...                                            # batches: grad_accum_steps micro-batches
+        save_checkpoint(ckpt, model=..., optimizer=..., step=step, sampler=loader)
+
+``steps(end)`` yields optimizer steps ``loader.step + 1 .. end``, each with the
+``grad_accum_steps`` micro-batches of consecutive sampler steps; each DataLoader worker builds
+every ``num_workers``-th micro-batch (`TaskBatches`), so the sequence is the same for any
+worker count and for a resumed run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .sampler import TaskBatches, WeightedTaskSampler
+
+__all__ = ["TaskLoader"]
+
+
+class TaskLoader:
+    """Batches of ``sampler`` over ``tasks`` (collated by ``collate_fn``), resumable via ``state_dict``.
+
+    ``state_dict()`` is the sampler state after the last batch ``steps`` yielded (before any:
+    the sampler's own); ``load_state_dict`` sets where the next ``steps`` starts. ``seed``
+    seeds the DataLoader's own generator, so creating its iterator never draws from the global
+    RNG (a resumed run would otherwise replay other dropout masks than the uninterrupted one).
+    """
+
+    def __init__(
+        self,
+        tasks: Mapping[str, Sequence[Any]],
+        sampler: WeightedTaskSampler,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        grad_accum_steps: int = 1,
+    ) -> None:
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        self.tasks, self.sampler, self.collate_fn = tasks, sampler, collate_fn
+        self.num_workers, self.seed, self.accum = num_workers, seed, grad_accum_steps
+        self._state = sampler.state_dict()
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done: the next is ``self.step + 1`` (sampler steps / ``grad_accum_steps``)."""
+        return int(self._state["step"]) // self.accum
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self._state = self.sampler.state_dict()
+
+    def steps(self, end: int) -> Iterator[tuple[int, list[Any], list[str]]]:
+        """``(step, micro_batches, their_tasks)`` for optimizer steps ``self.step + 1 .. end`` (1-based)."""
+        if int(self._state["step"]) % self.accum:
+            raise ValueError(
+                f"sampler state at step {self._state['step']} is not a multiple of {self.accum} micro-steps"
+            )
+        self.sampler.load_state_dict(self._state)
+        micro = TaskBatches(self.tasks, self.sampler, self.collate_fn, steps=max(0, end - self.step) * self.accum)
+        generator = torch.Generator().manual_seed(self.seed)
+        loader = DataLoader(micro, batch_size=None, num_workers=self.num_workers, generator=generator)
+        batches, tasks = [], []
+        for item in loader:
+            batches.append(item["batch"])
+            tasks.append(item["task"])
+            if len(batches) == self.accum:
+                self._state = item["sampler_state"]
+                yield (item["step"] + 1) // self.accum, batches, tasks
+                batches, tasks = [], []

@@ -1,0 +1,151 @@
+"""What a training run writes about itself: its arguments, a line per step, optional trackers.
+
+- `write_args(args, output, resume)`: ``<output>/args.json``; on ``--resume`` a changed
+  argument that changes what the checkpoint means (model, data, batch size, loss, ...) is
+  named in a warning, since the run then continues something other than what was saved.
+- `RunLog(output, report_to=())`: one call per optimizer step writes a JSON line to
+  ``<output>/train_log.jsonl`` (always), a console line every ``log_every`` steps, and the
+  same scalars to TensorBoard (``report_to=("tensorboard",)``: event files under
+  ``<output>/tensorboard``) and/or Weights & Biases (``"wandb"``; offline unless
+  ``WANDB_MODE`` says otherwise). Only rank 0 writes; the trackers are optional extras
+  (``pip install "vembed-blocks[logging]"``) and a missing one is an ImportError naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any, Iterable
+
+__all__ = ["write_args", "RunLog", "TRACKERS"]
+
+TRACKERS = ("tensorboard", "wandb")
+# Arguments that only change how a run reports or splits itself, not what it trains.
+_HARMLESS = {
+    "resume",
+    "stop_at",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "num_workers",
+    "eval_batch_size",
+    "report_to",
+}
+log = logging.getLogger(__name__)
+
+
+def write_args(args: argparse.Namespace, output: str, resume: bool = False, rank: int = 0) -> dict[str, Any]:
+    """Write ``vars(args)`` to ``<output>/args.json`` (rank 0); return the differences from the saved ones on resume.
+
+    Returns ``{name: (saved, now)}`` for every argument outside the reporting ones that changed
+    since the file was written (empty on a fresh run), after warning about them.
+    """
+    path = os.path.join(output, "args.json")
+    now = {k: v for k, v in sorted(vars(args).items()) if _jsonable(v)}
+    changed: dict[str, Any] = {}
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), now.get(k)) for k in sorted((set(saved) | set(now)) - _HARMLESS)}
+        changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+        if changed:
+            text = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            warnings.warn(f"resuming {output} with other arguments than it was started with: {text}")
+    if rank == 0:
+        os.makedirs(output, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(now, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return changed
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+class RunLog:
+    """Per-step scalars to ``train_log.jsonl``, the console, and the trackers in ``report_to``.
+
+    ``log(step, total, samples=n, loss=..., lr=..., **more)``: ``samples`` (rows of this step,
+    all ranks) feeds the samples/s figure; everything else is written as given. Call
+    ``close()`` at the end (also a context manager). Ranks other than 0 write nothing.
+    """
+
+    def __init__(
+        self,
+        output: str,
+        report_to: Iterable[str] = (),
+        rank: int = 0,
+        log_every: int = 10,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        report_to = [r for r in report_to if r and r != "none"]
+        unknown = sorted(set(report_to) - set(TRACKERS))
+        if unknown:
+            raise ValueError(f"--report-to: unknown tracker(s) {unknown}; choose from {TRACKERS}")
+        self.rank, self.log_every = rank, max(1, log_every)
+        self.t0, self.samples = time.perf_counter(), 0
+        self._file = self._tb = self._wandb = None
+        if rank != 0:
+            return
+        os.makedirs(output, exist_ok=True)
+        self._file = open(os.path.join(output, "train_log.jsonl"), "a")
+        if "tensorboard" in report_to:
+            self._tb = _tensorboard_writer(os.path.join(output, "tensorboard"))
+        if "wandb" in report_to:
+            self._wandb = _wandb_run(output, config or {})
+
+    def log(self, step: int, total: int, samples: int = 0, **scalars: float) -> None:
+        self.samples += samples
+        if self._file is None:
+            return
+        self._file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in scalars.items():
+                self._tb.add_scalar(f"train/{name}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+        if step % self.log_every == 0 or step == total:
+            rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+            log.info("step %d/%d  %s  %.1f samples/s", step, total, shown, rate)
+
+    def close(self) -> None:
+        for handle in (self._file, self._tb):
+            if handle is not None:
+                handle.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._file = self._tb = self._wandb = None
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _tensorboard_writer(logdir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch's writer needs the tensorboard package
+        raise ImportError('--report-to tensorboard needs tensorboard: pip install "vembed-blocks[logging]"') from e
+    return SummaryWriter(logdir)
+
+
+def _wandb_run(output: str, config: dict[str, Any]):
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError('--report-to wandb needs wandb: pip install "vembed-blocks[logging]"') from e
+    mode = os.environ.get("WANDB_MODE", "offline")  # offline: no account or network; `wandb sync` uploads later
+    return wandb.init(dir=output, config=config, mode=mode, project=os.environ.get("WANDB_PROJECT", "vembed-blocks"))

@@ -1,0 +1,79 @@
+"""The flags every training recipe shares, defined once: same names, help and meaning everywhere.
+
+``add_common_args(parser, lr=..., batch_size=..., ...)`` adds them; a recipe passes only the
+defaults that suit its models (a CLIP fine-tune wants another learning rate than a head
+trained from scratch) and adds its own flags after. ``check_common_args(args)`` rejects bad
+values with one clear message before anything is loaded. Conventions: 0 means off
+(``--chunk-size``, ``--max-grad-norm``, ``--eval-every``, ``--save-every``, ``--lora``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .run_log import TRACKERS
+from .schedule import SCHEDULES
+
+__all__ = ["add_common_args", "check_common_args"]
+
+
+def add_common_args(
+    p: argparse.ArgumentParser,
+    *,
+    output: str,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.01,
+    eval_batch_size: int = 128,
+    lora_alpha: float = 16.0,
+) -> argparse.ArgumentParser:
+    """Add the shared data, optimisation, loop, checkpoint and logging flags to ``p``."""
+    a = p.add_argument
+    a("--data", help="training file (JSONL/CSV/Parquet); default: this recipe's demo set")
+    a("--val-data", help="validation file: retrieval metrics before/after (and every --eval-every steps)")
+    a("--output", default=output, help="run folder: args.json, logs, checkpoints/, final/")
+    a("--seed", type=int, default=0, help="seeds the model init, the sampler and the data order")
+    a("--batch-size", type=int, default=batch_size, help="rows per rank per micro-batch")
+    a("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step (one gradient sync)")
+    a("--chunk-size", type=int, default=0, help="GradCache rows per chunk (0 = off)")
+    a("--epochs", type=float, default=1.0, help="passes over --data (ignored with --max-steps)")
+    a("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    a("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    a("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
+    a("--lr-schedule", choices=SCHEDULES, default="cosine", help="decay after the warmup")
+    a("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    a("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of the steps (instead of --warmup-steps)")
+    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    a("--bf16", action="store_true", help="bf16 autocast (FSDP2 recipes: bf16 parameters, fp32 reduce)")
+    a("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
+    a("--compile", action="store_true", help="torch.compile every block in place")
+    a("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    a("--lora-alpha", type=float, default=lora_alpha, help="LoRA alpha")
+    a("--mrl-dims", help="Matryoshka dims, e.g. '512,256,128'")
+    a("--num-workers", type=int, default=2, help="DataLoader workers (decode + processor)")
+    a("--log-every", type=int, default=10, help="console log line every N steps (train_log.jsonl gets every step)")
+    a("--eval-every", type=int, default=0, help="retrieval metrics on --val-data every N steps (0 = off)")
+    a("--eval-batch-size", type=int, default=eval_batch_size, help="rows per forward when embedding for evaluation")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
+    a("--resume", action="store_true", help="continue from <output>/checkpoints")
+    a("--stop-at", type=int, help="save and exit at this step (split a run across jobs; then --resume)")
+    a("--report-to", nargs="*", choices=[*TRACKERS, "none"], default=[], help="also log to these trackers")
+    return p
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """``SystemExit`` naming the first shared flag with a value that cannot work."""
+    positive = ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every")
+    non_negative = ("chunk_size", "lora", "num_workers", "eval_every", "save_every", "warmup_steps", "max_grad_norm")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, name)}")
+    if not 0 <= args.warmup_ratio <= 1 or (args.warmup_ratio and args.warmup_steps):
+        raise SystemExit("give --warmup-steps or --warmup-ratio (in [0, 1]), not both")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.lr <= 0 or args.epochs <= 0:
+        raise SystemExit(f"--lr and --epochs must be > 0, got {args.lr} and {args.epochs}")
