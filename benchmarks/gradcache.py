@@ -92,9 +92,9 @@ def make_steps(model, embed, chunk: int) -> dict[str, Callable[[dict, dict], Non
             for c in chunks(f, chunk):
                 embed(c).sum().backward()
 
-    def ours(size: int, keep_last: int = 1):
+    def ours(size: int, keep_graphs: int = 1):
         def step(fq, fd):
-            gc = GradCache(chunk_size=size, keep_last=keep_last)
+            gc = GradCache(chunk_size=size, keep_graphs=keep_graphs)
             mnrl(gc.encode(embed, fq), gc.encode(embed, fd)).backward()
 
         return step
@@ -102,7 +102,7 @@ def make_steps(model, embed, chunk: int) -> dict[str, Callable[[dict, dict], Non
     steps = {"plain full batch": plain, f"classic floor (chunk {chunk})": classic_floor}
     for size in (8, 16, 32):
         steps[f"GradCache chunk {size}"] = ours(size)
-    steps[f"GradCache chunk {chunk}, keep_last=2"] = ours(chunk, keep_last=2)
+    steps[f"GradCache chunk {chunk}, keep_graphs=2"] = ours(chunk, keep_graphs=2)
     try:
         try:
             from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss

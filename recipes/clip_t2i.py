@@ -153,7 +153,7 @@ def evaluate(hf_model: nn.Module, collator: DualEncoderCollator, path: str, args
 
     def encode(is_query: bool):
         def run(items):
-            inputs = {k: v.to(device) for k, v in collator.encode(items, [path] * len(items), is_query).items()}
+            inputs = {k: v.to(device) for k, v in collator.encode(items, is_query).items()}
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 return F.normalize(dual_encoder_features(hf_model, inputs).float(), dim=-1)
 

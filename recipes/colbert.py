@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -52,10 +51,9 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.metrics import format_table
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers
 from vembed_blocks.schedule import warmup_cosine
-from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_token_embeddings
+from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # never modified in place
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -178,9 +176,7 @@ def make_loss(args: argparse.Namespace) -> nn.Module:
 
 
 @torch.no_grad()
-def embed_tokens(
-    args, model, proj, collator, items: list, path: str, is_query: bool, device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_tokens(args, model, proj, collator, items: list, is_query: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit token vectors ``[n, L, dim]`` + mask ``[n, L]`` of ``items``: each rank an equal slice
     (FSDP2: same forwards everywhere), batches padded to one L, then exchanged between ranks."""
     world, rank, n = get_world_size(), get_rank(), len(items)
@@ -190,7 +186,7 @@ def embed_tokens(
     parts = []
     for i in range(0, per, args.eval_batch_size):
         chunk = mine[i : i + args.eval_batch_size]
-        inputs = {k: v.to(device) for k, v in collator.encode(chunk, [path] * len(chunk), is_query).items()}
+        inputs = {k: v.to(device) for k, v in collator.encode(chunk, is_query).items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             tokens = token_embeddings(args, model, proj, inputs)
         parts.append((F.normalize(tokens.float(), dim=-1).cpu(), inputs["attention_mask"].bool().cpu()))
@@ -208,8 +204,8 @@ def evaluate(args, model, proj, collator, path: str, device) -> dict[str, float]
     rs = retrieval_set(load_records(path, format=args.format))
     was_training = model.training
     model.eval()
-    q, qm = embed_tokens(args, model, proj, collator, rs.queries, path, True, device)
-    d, dm = embed_tokens(args, model, proj, collator, rs.docs, path, False, device)
+    q, qm = embed_tokens(args, model, proj, collator, rs.queries, True, device)
+    d, dm = embed_tokens(args, model, proj, collator, rs.docs, False, device)
     model.train(was_training)
     block = max(1, 2**24 // max(1, len(q) * q.shape[1] * d.shape[1]))  # bound the [Q, n, Lq, Ld] similarities
     scores = torch.cat([maxsim(q, qm, d[i : i + block], dm[i : i + block]) for i in range(0, len(d), block)], dim=1)
@@ -325,7 +321,8 @@ def train_loop(
 ) -> list[float]:
     """The explicit loop: token embeddings of queries, documents, negatives (GradCache if --chunk-size), MaxSim loss."""
     rank, world = get_rank(), get_world_size()
-    gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
+    splitter = VLMSplit if args.encoder == "vlm" else None  # VLMSplit: flat pixel_values cut by image
+    gc = GradCache(chunk_size=args.chunk_size, sync_module=model, splitter=splitter) if args.chunk_size else None
     ckpt_dir = os.path.join(args.output, "checkpoints")
 
     def encode(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ from vembed_blocks.parallel import (
 )
 from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.schedule import warmup_cosine
-from vembed_blocks.st_folder import embed_texts, load_text_encoder, text_features, write_st_files
+from vembed_blocks.text_encoder import embed_texts, load_text_encoder, text_features, write_st_files
 
 log = logging.getLogger("distill")
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def encoder(is_query: bool):
         @torch.no_grad()
         def run(items):
-            inputs = {k: v.to(device) for k, v in collator.encode(items, [args.data] * len(items), is_query).items()}
+            inputs = {k: v.to(device) for k, v in collator.encode(items, is_query).items()}
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 return F.normalize(dual_encoder_features(model, inputs).float(), dim=-1)
 

@@ -131,7 +131,7 @@ def embed_side(items, sources, is_query, embed, collator, args, device) -> list[
         groups.setdefault((it.text is not None, len(it.images)), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(items)
     for idx in groups.values():
-        inputs = collator.encode([items[i] for i in idx], [sources[i] for i in idx], is_query)
+        inputs = collator.encode([items[i] for i in idx], is_query, [sources[i] for i in idx])
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             vectors = embed(inputs)

@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -48,11 +47,9 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.metrics import format_table
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, clip_gradients, compile_layers
 from vembed_blocks.schedule import warmup_cosine
-from vembed_blocks.vlm import load_vlm_processor, shard_vlm, vlm_embed
+from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_embed
 
 log = logging.getLogger("qwen3_fsdp")
-# The root returns last_hidden_state as a view; pooling only indexes it (never in place), so this is noise.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,8 +129,7 @@ def build_model(args: argparse.Namespace, device: torch.device):
     if args.lora:
         hf_model = apply_lora(hf_model, r=args.lora, alpha=args.lora_alpha)
     if args.compile:
-        torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly, with a warning
-        compile_layers(hf_model, backend=args.compile_backend)
+        compile_layers(hf_model, backend=args.compile_backend, fallback_to_eager=True)  # failing blocks run eagerly
     hf_model.train()
     # Text decoder layers as FSDP units, the vision tower in the root unit: a rank whose chunk has
     # no image skips it, and a per-block vision unit would wait for an all-gather nobody joins.
@@ -168,7 +164,7 @@ def evaluate(model, collator: VLMCollator, path: str, args, device) -> dict[str,
 
     def encode(is_query: bool):
         def run(items):
-            inputs = {k: v.to(device) for k, v in collator.encode(items, [path] * len(items), is_query).items()}
+            inputs = {k: v.to(device) for k, v in collator.encode(items, is_query).items()}
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 return F.normalize(vlm_embed(model, inputs).float(), dim=-1)
 
@@ -283,8 +279,8 @@ def train_loop(
 ) -> list[float]:
     """The explicit loop: encode queries, positives, negatives (GradCache if --chunk-size), loss, step, log, save."""
     rank, world = get_rank(), get_world_size()
-    # VLM-aware chunks: GradCache splits flat pixel_values by image_grid_thw / mm_token_type_ids.
-    gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
+    # VLM-aware chunks: VLMSplit cuts flat pixel_values by image_grid_thw / mm_token_type_ids.
+    gc = GradCache(chunk_size=args.chunk_size, sync_module=model, splitter=VLMSplit) if args.chunk_size else None
     ckpt_dir = os.path.join(args.output, "checkpoints")
 
     def encode(inputs: dict) -> torch.Tensor:

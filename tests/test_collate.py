@@ -217,6 +217,27 @@ def test_dual_encoder_collator_errors_name_the_record(data):
         DualEncoderCollator(proc)(recs)
 
 
+def test_encode_one_side_with_and_without_sources(data):
+    """encode(items, is_query, sources=None): no made-up sources; errors then name the item's position."""
+    from vembed_blocks.data.records import Item
+
+    tok = _tokenizer(["[CLS]", "[SEP]"])
+    collator = TextCollator(tok, query_instruction="query: ")
+    items = [Item(text="red cat"), Item(text="a dog")]
+    q, d = collator.encode(items, is_query=True), collator.encode(items, False)
+    assert q["input_ids"].shape[1] == d["input_ids"].shape[1] + 1  # the query prefix is one more word
+    assert all(torch.equal(a, b) for a, b in zip(collator.encode(items, True, ["f:1", "f:2"]).values(), q.values()))
+    bad = [Item(text="a cat"), Item(images=(str(data / "im0.jpg"),))]
+    with pytest.raises(RecordError, match=r"^items\[1\]: TextCollator needs text-only records"):
+        collator.encode(bad, True)
+    with pytest.raises(RecordError, match=r"^f:9: TextCollator needs text-only records"):
+        collator.encode(bad, True, ["f:8", "f:9"])
+    with pytest.raises(ValueError, match="2 items but 1 sources"):
+        collator.encode(items, True, ["f:1"])
+    with pytest.raises(ImageLoadError, match=r"items\[0\]: cannot load image .*missing.jpg"):
+        DualEncoderCollator(_clip_processor()).encode([Item(images=(str(data / "missing.jpg"),))], False)
+
+
 class _TinyQwen3VLProcessor(Qwen3VLProcessor):
     """Qwen3VLProcessor without a video processor (its base class needs torchvision to type-check)."""
 

@@ -14,9 +14,9 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from _gradcache_refs import Tower, assert_close, batch, grads, info_nce
 from _multiproc import run_ranks
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vembed_blocks.gradcache import GradCache
 
@@ -30,47 +30,8 @@ def _float64():
     torch.set_default_dtype(old)
 
 
-class Tower(nn.Module):
-    """Token embedding -> MLP block (optionally checkpointed) -> masked mean pool: [B, L] -> [B, D]."""
-
-    def __init__(self, vocab: int = 40, dim: int = 12, dropout: float = 0.0, ckpt: bool = False, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.emb = nn.Embedding(vocab, dim)
-        self.block = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
-        self.drop, self.ckpt = nn.Dropout(dropout), ckpt
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.drop(self.emb(input_ids))
-        h = h + (checkpoint(self.block, h, use_reentrant=False) if self.ckpt else self.block(h))
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1)
-
-
-def batch(n: int, seed: int, length: int = 7, vocab: int = 40) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, length + 1, (n,), generator=g)
-    mask = (torch.arange(length)[None] < lengths[:, None]).long()
-    return {"input_ids": torch.randint(0, vocab, (n, length), generator=g) * mask, "attention_mask": mask}
-
-
-def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: torch.Tensor | float = 0.1) -> torch.Tensor:
-    q, p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
-    return F.cross_entropy(q @ p.T / temperature, torch.arange(len(q)))
-
-
-def grads(*modules: nn.Module) -> list[torch.Tensor]:
-    return [p.grad.clone() for m in modules for p in m.parameters()]
-
-
-def assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
-
-
-@pytest.mark.parametrize("chunk_size,keep_last", [(1, 1), (3, 1), (3, 0), (3, 2), (64, 1)])
-def test_two_towers_match_full_batch(chunk_size: int, keep_last: int) -> None:
+@pytest.mark.parametrize("chunk_size,keep_graphs", [(1, 1), (3, 1), (3, 0), (3, 2), (64, 1)])
+def test_two_towers_match_full_batch(chunk_size: int, keep_graphs: int) -> None:
     """Separate query/doc towers, batch 10 (ragged last chunk at 3), learnable temperature."""
     qt, dt = Tower(seed=1), Tower(seed=2)
     temp = nn.Parameter(torch.tensor(0.2))
@@ -78,7 +39,7 @@ def test_two_towers_match_full_batch(chunk_size: int, keep_last: int) -> None:
     rq, rd, rtemp = copy.deepcopy(qt), copy.deepcopy(dt), copy.deepcopy(temp)
     info_nce(rq(**q_in), rd(**d_in), rtemp).backward()
 
-    gc = GradCache(chunk_size=chunk_size, keep_last=keep_last)
+    gc = GradCache(chunk_size=chunk_size, keep_graphs=keep_graphs)
     q, p = gc.encode(qt, **q_in), gc.encode(dt, **d_in)
     assert q.shape == (10, 12) and q.requires_grad
     info_nce(q, p, temp).backward()
@@ -118,143 +79,6 @@ def test_token_budget_chunks() -> None:
     info_nce(q, d).backward()
     assert_close(grads(tower), grads(ref))
     assert len(seen) > 3  # really chunked (first pass plus replays)
-
-
-class FlatVisionModel(nn.Module):
-    """Qwen-VL-shaped inputs: flat pixel_values[patches, C], image_grid_thw[images, 3] and
-    mm_token_type_ids[B, L] (1 = image token; one contiguous run per image). The image
-    feature (mean over its patches) is added to the row the image belongs to."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(5)
-        self.text, self.vis = nn.Embedding(40, 8), nn.Linear(6, 8)
-
-    def forward(self, input_ids, attention_mask, mm_token_type_ids, pixel_values=None, image_grid_thw=None):
-        m = attention_mask.unsqueeze(-1).to(torch.float64)
-        out = (self.text(input_ids) * m).sum(1) / m.sum(1)
-        runs = [[j for j in range(t.shape[0]) if t[j] == 1 and (j == 0 or t[j - 1] != 1)] for t in mm_token_type_ids]
-        n_images = sum(len(r) for r in runs)
-        if n_images == 0:
-            assert pixel_values is None and image_grid_thw is None
-            return out
-        sizes = image_grid_thw.prod(1).tolist()
-        assert len(sizes) == n_images and sum(sizes) == pixel_values.shape[0]
-        feats = [f.mean(0) for f in torch.split(self.vis(pixel_values), sizes)]
-        owner = [row for row, r in enumerate(runs) for _ in r]
-        extra = torch.zeros_like(out).index_add(0, torch.tensor(owner), torch.stack(feats))
-        return out + torch.tanh(extra)
-
-
-def vlm_batch() -> dict[str, torch.Tensor]:
-    """5 rows with 1, 0, 2, 1, 0 images of different patch counts."""
-    images_per_row, grids = [1, 0, 2, 1, 0], [[1, 2, 2], [1, 2, 4], [1, 4, 2], [1, 2, 2]]
-    types = torch.zeros(5, 10, dtype=torch.long)
-    for row, n in enumerate(images_per_row):
-        for j in range(n):  # image tokens at 1-2 and 4-5, a text token between
-            types[row, 1 + 3 * j : 3 + 3 * j] = 1
-    g = torch.Generator().manual_seed(9)
-    grid = torch.tensor(grids)
-    return {
-        "input_ids": torch.randint(0, 40, (5, 10), generator=g),
-        "attention_mask": torch.ones(5, 10, dtype=torch.long),
-        "mm_token_type_ids": types,
-        "pixel_values": torch.randn(int(grid.prod(1).sum()), 6, generator=g),
-        "image_grid_thw": grid,
-    }
-
-
-@pytest.mark.parametrize("chunk_size", [1, 2, 3])
-def test_vlm_flat_pixel_values(chunk_size: int) -> None:
-    model, text = FlatVisionModel(), Tower(vocab=40, dim=8)
-    inputs, d_in = vlm_batch(), batch(5, 7)
-    rm, rt = copy.deepcopy(model), copy.deepcopy(text)
-    info_nce(rm(**inputs), rt(**d_in)).backward()
-
-    gc = GradCache(chunk_size=chunk_size)
-    info_nce(gc.encode(model, **inputs), gc.encode(text, **d_in)).backward()
-    assert_close(grads(model, text), grads(rm, rt))
-
-
-def tiny_qwen3_vl():
-    """A ~80k-parameter Qwen3-VL (random weights) and a processor-shaped batch: 4 rows with
-    1, 0, 2, 1 images of different grids, right padding."""
-    from transformers import Qwen3VLConfig, Qwen3VLModel
-
-    text = dict(
-        vocab_size=200,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-    )
-    vision = dict(
-        depth=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=32,
-        patch_size=4,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
-        in_channels=3,
-        num_position_embeddings=16,
-        deepstack_visual_indexes=[0],
-    )
-    cfg = Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=150,
-        video_token_id=151,
-        vision_start_token_id=152,
-        vision_end_token_id=153,
-    )
-    torch.manual_seed(11)
-    model = Qwen3VLModel(cfg)
-    grids = [[[1, 4, 4]], [], [[1, 4, 8], [1, 8, 4]], [[1, 4, 4]]]
-    rows = []
-    for k, row_grids in enumerate(grids):
-        ids = [1, 10 + k]
-        for t, h, w in row_grids:  # <vision_start> image tokens (t*h*w / merge^2) <vision_end>
-            ids += [152] + [150] * (t * h * w // 4) + [153]
-        rows.append(ids + [20 + k] * (k + 1))
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    grid = torch.tensor([g for row in grids for g in row])
-    g = torch.Generator().manual_seed(12)
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "mm_token_type_ids": (ids == 150).long(),
-        "pixel_values": torch.randn(int(grid.prod(1).sum()), 3 * 2 * 4 * 4, generator=g),
-        "image_grid_thw": grid,
-    }
-    return model, inputs
-
-
-def test_real_qwen3_vl_chunks() -> None:
-    """The real Qwen3-VL model accepts every chunk (pixels, grids and mm_token_type_ids agree)."""
-    model, inputs = tiny_qwen3_vl()
-    text = Tower(vocab=200, dim=32)
-    d_in = batch(4, 13, vocab=200)
-
-    def embed(model=model, **kw):
-        h = model(**kw).last_hidden_state
-        m = kw["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1)
-
-    rm, rt = copy.deepcopy(model), copy.deepcopy(text)
-    info_nce(embed(model=rm, **inputs), rt(**d_in)).backward()
-    want = grads(rm, rt)
-    for chunk in (1, 3):
-        model.zero_grad(), text.zero_grad()
-        gc = GradCache(chunk_size=chunk)
-        info_nce(gc.encode(embed, **inputs), gc.encode(text, **d_in)).backward()
-        assert_close(grads(model, text), want)
 
 
 def test_accumulation_and_loss_scaling() -> None:

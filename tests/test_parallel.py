@@ -314,3 +314,56 @@ def test_compile_layers_in_place_keeps_names_values_and_gradients():
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(torch.autograd.grad(got.sum(), model[0].lin.weight)[0], want_grad, atol=1e-6)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model)
+
+
+def test_compile_layers_falls_back_to_eager_only_when_asked():
+    import torch._dynamo
+
+    from vembed_blocks.parallel import compile_layers
+
+    with torch._dynamo.config.patch(suppress_errors=False):  # restored on exit: no setting leaks to other tests
+        compile_layers(torch.nn.Sequential(_Block()), [_Block])
+        assert torch._dynamo.config.suppress_errors is False  # nothing process-wide by default
+        compile_layers(torch.nn.Sequential(_Block()), [_Block], fallback_to_eager=True)
+        assert torch._dynamo.config.suppress_errors is True
+
+
+def test_checkpoint_layers_wraps_once_and_adds_nothing_but_forward():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Block(), _Block())
+    before = [set(vars(b)) for b in model]
+    x = torch.randn(4, 8)
+    want = torch.autograd.grad(model(x).sum(), model[0].lin.weight)[0]
+    checkpoint_layers(model, [_Block])
+    checkpoint_layers(model, [_Block])  # a second call leaves checkpointed blocks alone
+    for b, keys in zip(model, before):
+        assert set(vars(b)) - keys == {"forward"}  # the checkpointed forward itself, no marker attribute
+        inner = b.forward.args[0]
+        assert inner.__func__ is _Block.forward  # wrapped exactly once
+    assert torch.allclose(torch.autograd.grad(model(x).sum(), model[0].lin.weight)[0], want, atol=1e-6)
+
+
+def _scalar_registry(rank, world, clip_dir):
+    import gc
+
+    from transformers import CLIPModel
+
+    from vembed_blocks.parallel import _RESHAPED_SCALARS, reshaped_scalar_params
+
+    model = CLIPModel.from_pretrained(clip_dir)
+    before = set(vars(model))
+    shard_model(model)
+    out = {
+        "names": reshaped_scalar_params(model),
+        "shape": tuple(model.logit_scale.shape),
+        "new_attrs": sorted(k for k in set(vars(model)) - before if "vembed" in k),
+    }
+    del model
+    gc.collect()
+    out["left"] = len(_RESHAPED_SCALARS)  # weakly keyed: gone with the model
+    return out
+
+
+def test_shard_model_remembers_reshaped_scalars_without_marking_the_model(model_dirs):
+    (res,) = run_ranks(_scalar_registry, 1, model_dirs[0], timeout=120)
+    assert res == {"names": ("logit_scale",), "shape": (1,), "new_attrs": [], "left": 0}

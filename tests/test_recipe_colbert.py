@@ -108,7 +108,7 @@ def test_torchrun_text_colbert_learns_resumes_and_exports(tmp_path):
     rs = retrieval_set(colbert.load_records(val, None))
 
     def tokens(items, is_query):
-        x = collator.encode(items, [val] * len(items), is_query)
+        x = collator.encode(items, is_query)
         with torch.no_grad():
             return F.normalize(model(**x).last_hidden_state @ proj.T, dim=-1), x["attention_mask"].bool()
 

@@ -23,7 +23,7 @@ from _tiny_models import WORDS, tiny_bert, word_tokenizer
 from safetensors.torch import save_file
 
 from vembed_blocks import Distill
-from vembed_blocks.st_folder import embed_texts, load_text_encoder
+from vembed_blocks.text_encoder import embed_texts, load_text_encoder
 
 distill = load_script("distill")
 
@@ -101,7 +101,7 @@ def wide_bert(out: str) -> str:
     """A teacher unlike the student: width 48, 3 layers, its own tokenizer ([BOS]/[EOS], other ids), CLS pooling."""
     from transformers import BertConfig, BertModel
 
-    from vembed_blocks.st_folder import write_st_files
+    from vembed_blocks.text_encoder import write_st_files
 
     tok = word_tokenizer(sorted(WORDS), ("[PAD]", "[UNK]", "[BOS]", "[EOS]"), "[BOS] $A [EOS]", model_max_length=32)
     config = BertConfig(
@@ -225,7 +225,7 @@ def test_evaluate_py_layout_uses_negatives_and_names_missing_texts(toy, tmp_path
 
 def one_process_loss(argv: list[str], records: list) -> float:
     """The recipe's loss on ``records`` (the global batch) in one process, before any update."""
-    from vembed_blocks.st_folder import text_features
+    from vembed_blocks.text_encoder import text_features
 
     args = distill.parse_args(argv)
     student, collator, cfg, teacher, teacher_input = distill.prepare(args, torch.device("cpu"))

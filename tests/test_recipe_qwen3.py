@@ -147,8 +147,8 @@ def test_torchrun_fsdp_learns_resumes_and_exports(toy, tmp_path):
     collator = VLMCollator(load_vlm_processor(str(split / "final")))
     rs = retrieval_set(qwen3.load_records(toy["edit"], None))
     with torch.no_grad():
-        q = F.normalize(vlm_embed(model, collator.encode(rs.queries, [toy["edit"]] * len(rs.queries), True)), dim=-1)
-        d = F.normalize(vlm_embed(model, collator.encode(rs.docs, [toy["edit"]] * len(rs.docs), False)), dim=-1)
+        q = F.normalize(vlm_embed(model, collator.encode(rs.queries, True)), dim=-1)
+        d = F.normalize(vlm_embed(model, collator.encode(rs.docs, False)), dim=-1)
     got = retrieval_metrics(q @ d.T, rs.relevant, ks=(1, 5, 10))
     after = json.loads((split / "metrics.json").read_text())["after"]
     for name, value in after.items():

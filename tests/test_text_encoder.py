@@ -1,4 +1,4 @@
-"""vembed_blocks/st_folder.py: reading and writing sentence-transformers folder settings."""
+"""vembed_blocks/text_encoder.py: reading and writing sentence-transformers folder settings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from _tiny_models import tiny_bert
 
 from vembed_blocks.pooling import pool
-from vembed_blocks.st_folder import (
+from vembed_blocks.text_encoder import (
     embed_texts,
     load_text_encoder,
     read_text_encoder_config,

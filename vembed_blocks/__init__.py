@@ -40,7 +40,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .embed import RetrievalSet, embed_items, retrieval_set
-from .gradcache import GradCache, RandState
+from .gradcache import GradCache, RandState, RowSplit
 from .losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives
 from .metrics import retrieval_metrics, search
 from .parallel import (
@@ -55,8 +55,8 @@ from .parallel import (
 )
 from .pooling import pool
 from .schedule import warmup_cosine
-from .st_folder import embed_texts, load_text_encoder
+from .text_encoder import embed_texts, load_text_encoder
 from .towers import ComposedDualEncoder, compose_dual_encoder, dual_encoder_features, load_dual_encoder
-from .vlm import load_vlm_processor, shard_vlm, vlm_embed, vlm_token_embeddings
+from .vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_embed, vlm_token_embeddings
 
 __version__ = "0.1.0"

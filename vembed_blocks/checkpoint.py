@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import get_rank, get_world_size, is_dist
-from .parallel import SCALAR_PARAMS_ATTR, unwrap_model
+from .parallel import reshaped_scalar_params, unwrap_model
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_pretrained"]
 
@@ -393,7 +393,7 @@ def export_pretrained(
     sd = _full_state_dict(model)
     out = Path(dir)
     if get_rank() == 0:
-        for name in getattr(model, SCALAR_PARAMS_ATTR, ()):
+        for name in reshaped_scalar_params(model):
             sd[name] = sd[name].reshape(())
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}

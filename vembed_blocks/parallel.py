@@ -19,6 +19,7 @@ import functools
 import inspect
 import math
 import warnings
+import weakref
 from typing import Iterable, Iterator
 
 import torch
@@ -34,12 +35,14 @@ __all__ = [
     "unwrap_model",
     "clip_gradients",
     "one_gradient_sync",
-    "SCALAR_PARAMS_ATTR",
+    "reshaped_scalar_params",
 ]
 
-# Name of the attribute (on the root handed to `shard_model`) that lists the parameters
-# reshaped from 0-D to [1]; `export_pretrained` reads it to restore HF shapes.
-SCALAR_PARAMS_ATTR = "_vembed_scalar_params"
+# Root handed to `shard_model` -> names of its parameters reshaped from 0-D to [1], which
+# `export_pretrained` turns back into 0-D. Kept here, weakly keyed (the entry goes with the model),
+# rather than as an attribute written onto the user's model: nothing is added to their object,
+# and callers need not carry the names from `shard_model` to the export themselves.
+_RESHAPED_SCALARS: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 # Methods that dual encoders / embedding models call instead of forward. FSDP2 only
 # all-gathers around `forward`, so each of these that exists is registered.
@@ -128,6 +131,14 @@ def _resolve_layer_classes(model: nn.Module, layer_classes: Iterable[type | str]
     return tuple(out)
 
 
+def reshaped_scalar_params(model: nn.Module) -> tuple[str, ...]:
+    """Names of the 0-D parameters of ``model`` that `shard_model` reshaped to [1] (empty if none / not sharded).
+
+    `export_pretrained` uses it to write them back as 0-D (the shapes ``from_pretrained`` expects).
+    """
+    return _RESHAPED_SCALARS.get(unwrap_model(model), ())
+
+
 def _reshape_scalar_params(model: nn.Module) -> list[str]:
     """Replace every 0-D parameter by a [1] one (FSDP2 cannot shard scalars).
 
@@ -194,7 +205,7 @@ def shard_model(
             runs the root's collectives, so ranks with and without images would disagree.
 
     0-D parameters (CLIP's ``logit_scale``, SigLIP's ``logit_bias``) become shape [1]; their
-    names are kept on the model for `export_pretrained`. Methods such as
+    names are remembered for `export_pretrained` (`reshaped_scalar_params`). Methods such as
     ``get_text_features`` are registered as forward methods so they gather weights too.
     Root parameters (e.g. ``logit_scale``) are readable as plain tensors only after a
     forward/encode call of the step (before it they are sharded DTensors).
@@ -215,7 +226,7 @@ def shard_model(
     # (its backward runs last anyway). This is also what makes root parameters such as
     # ``model.logit_scale`` plain tensors when read between forward calls and the loss.
     fully_shard(model, reshard_after_forward=None, **kw)
-    setattr(model, SCALAR_PARAMS_ATTR, scalars)
+    _RESHAPED_SCALARS[model] = tuple(scalars)
     for name in _FORWARD_METHODS if forward_methods is None else forward_methods:
         if hasattr(model, name) and callable(getattr(model, name)):
             register_fsdp_forward_method(model, name)
@@ -298,6 +309,12 @@ def one_gradient_sync(model: nn.Module) -> Iterator[None]:
     average_gradients([p for p in model.parameters() if p.requires_grad])
 
 
+def _is_checkpointed(m: nn.Module) -> bool:
+    """Whether `checkpoint_layers` already replaced ``m.forward`` (read from that forward: no marker needed)."""
+    fwd = m.__dict__.get("forward")
+    return isinstance(fwd, functools.partial) and fwd.func is _checkpointed_forward
+
+
 def _checkpointed_forward(orig_forward, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
 
@@ -316,21 +333,34 @@ def checkpoint_layers(model: nn.Module, layer_classes: Iterable[type | str] | No
     """
     classes = _resolve_layer_classes(model, layer_classes)
     for m in model.modules():
-        if isinstance(m, classes) and m is not model and not getattr(m, "_vembed_ckpt", False):
+        if isinstance(m, classes) and m is not model and not _is_checkpointed(m):
             m.forward = functools.partial(_checkpointed_forward, m.forward)
-            m._vembed_ckpt = True
     return model
 
 
-def compile_layers(model: nn.Module, layer_classes: Iterable[type | str] | None = None, **compile_kwargs) -> nn.Module:
+def compile_layers(
+    model: nn.Module,
+    layer_classes: Iterable[type | str] | None = None,
+    fallback_to_eager: bool = False,
+    **compile_kwargs,
+) -> nn.Module:
     """``torch.compile`` every block of the given classes (default `_no_split_modules`) in place.
 
     Uses ``nn.Module.compile`` so no ``_orig_mod`` wrapper appears: state-dict keys, LoRA
     targeting, sharding and checkpoints see the same tree, and encode methods such as
     ``get_text_features`` run the compiled blocks too (compiling the root would only cover
-    ``forward``). Composes with `checkpoint_layers` (apply that first). Returns the model.
+    ``forward``). Composes with `checkpoint_layers` (apply that first). ``compile_kwargs`` go to
+    ``torch.compile`` (``backend=``, ``mode=``, ...). Returns the model.
+
+    ``fallback_to_eager=True``: a block that fails to compile runs eagerly, with a logged warning,
+    instead of raising. This sets dynamo's ``suppress_errors`` for the whole process (it is read at
+    every lazy (re)compilation, so it cannot be scoped to these blocks), which is why it is opt-in.
     """
     classes = _resolve_layer_classes(model, layer_classes)
+    if fallback_to_eager:
+        from ._torch_private import set_compile_errors_fall_back_to_eager
+
+        set_compile_errors_fall_back_to_eager()
     for m in model.modules():
         if isinstance(m, classes) and m is not model:
             m.compile(**compile_kwargs)

@@ -204,7 +204,7 @@ def embed_texts(
     model.eval()
 
     def run(batch: list[str]) -> torch.Tensor:
-        enc = collator.encode([Item(text=t) for t in batch], ["embed_texts"] * len(batch), is_query)
+        enc = collator.encode([Item(text=t) for t in batch], is_query)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             return text_features(model, {k: v.to(device) for k, v in enc.items()}, cfg.pooling, cfg.normalize).float()
 

@@ -1,9 +1,11 @@
-"""Qwen-VL style vision-language models as embedding encoders: processor loading and pooling.
+"""Qwen-VL style vision-language models as embedding encoders: processor loading, pooling, sharding
+and GradCache chunking.
 
     processor = load_vlm_processor(path)               # works without torchvision
     collator = VLMCollator(processor, query_instruction="Represent the user's input.")
     emb = vlm_embed(model, batch["query"])              # [B, D], last real token (Qwen3-VL-Embedding)
     tok, mask = vlm_token_embeddings(model, batch["positive"])   # [B, L, D], [B, L] (ColPali / ColQwen)
+    gc = GradCache(chunk_size=8, splitter=VLMSplit)    # chunks of rows with their own images
 
 ``model`` is the backbone (``AutoModel.from_pretrained`` gives ``Qwen3VLModel``, whose output
 has ``last_hidden_state``), plain or wrapped by `shard_model` / `wrap_ddp` / peft.
@@ -15,11 +17,14 @@ import json
 import logging
 import os
 import shutil
+import warnings
+import weakref
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .gradcache import RowSplit
 from .pooling import pool
 
 __all__ = [
@@ -29,11 +34,24 @@ __all__ = [
     "vlm_embed",
     "vlm_token_embeddings",
     "shard_vlm",
+    "VLMSplit",
 ]
 
 log = logging.getLogger(__name__)
 
 _VIDEO_CONFIG = "video_preprocessor_config.json"
+
+# Processor built by `qwen_vl_processor` -> the folder it was loaded from, whose video-processor
+# config its `save_pretrained` copies. Weakly keyed here rather than an attribute set on the
+# processor: the processor's own attributes are what transformers serialises and compares, and
+# nothing is added to it. (A pickled copy, e.g. in a DataLoader worker, does not carry it; save from
+# the processor `load_vlm_processor` returned.)
+_SOURCES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+# Flat per-patch vision inputs (Qwen-VL) and the grid that says how many patches each image / video
+# has; mm_token_type_ids marks image (1) / video (2) tokens per row.
+_PIXEL_TO_GRID = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
+_GRID_TOKEN_TYPE = {"image_grid_thw": 1, "video_grid_thw": 2}
 
 
 def _processor_base(name: str) -> type:
@@ -57,7 +75,7 @@ def _image_only_class(base: type) -> type:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         out = base.save_pretrained(self, save_directory, *args, **kwargs)
-        src = getattr(self, "_vembed_source", None)
+        src = _SOURCES.get(self)
         video = os.path.join(src, _VIDEO_CONFIG) if src else None
         if video and os.path.isfile(video) and not os.path.exists(os.path.join(save_directory, _VIDEO_CONFIG)):
             shutil.copy(video, save_directory)
@@ -113,7 +131,8 @@ def qwen_vl_processor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template or tokenizer.chat_template
     )
     proc.video_processor = None
-    proc._vembed_source = source
+    if source:
+        _SOURCES[proc] = source
     return proc
 
 
@@ -232,4 +251,110 @@ def shard_vlm(model: nn.Module, mixed_precision: str | object | None = None) -> 
     model = shard_model(model, layer_classes=text_blocks, mixed_precision=mixed_precision, forward_methods=())
     if hasattr(model, "set_reduce_scatter_unused_params"):
         model.set_reduce_scatter_unused_params(True)
+    # FSDP2's post-forward hook warns at every forward of the root that it "returned a view tensor"
+    # (last_hidden_state is one under activation checkpointing, LoRA or bf16), since an in-place op on
+    # that view would skip the pre-backward all-gather. The functions here only read it (`pool` indexes,
+    # a projection makes a new tensor), so for this model the message is noise, printed by every rank.
+    # It is raised inside each forward; a warnings.catch_warnings() around every forward would reset
+    # Python's "shown once" registry for all other warnings at every step (and is not thread-safe), so
+    # one filter is installed instead, matching only this message from torch's FSDP code (installing
+    # it again replaces it: filters do not pile up).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"FSDP2-wrapped module .* returned a view tensor",
+        category=UserWarning,
+        module=r"torch\.distributed\.fsdp\.",
+    )
     return model
+
+
+def _runs(types: torch.Tensor, value: int) -> torch.Tensor:
+    """Per row of ``types[B, L]``: how many contiguous runs equal ``value`` (one run = one image/frame)."""
+    hit = types == value
+    start = hit.clone()
+    start[:, 1:] &= ~hit[:, :-1]
+    return start.sum(1)
+
+
+class VLMSplit(RowSplit):
+    """`GradCache` splitter for Qwen-VL inputs: ``GradCache(chunk_size=8, splitter=VLMSplit)``.
+
+    Like `RowSplit` (every tensor on dim 0, nested dicts/lists too), plus the Qwen-VL layouts whose
+    rows are not on dim 0, in any dict holding both keys of a pair:
+
+    - flat ``pixel_values[patches, C]`` / ``pixel_values_videos`` are sliced to the patches of the
+      chunk's rows, and ``image_grid_thw[images, 3]`` / ``video_grid_thw`` to their images; a chunk
+      without any image gets neither key (the models reject empty grids);
+    - ``position_ids[3, B, L]`` (M-RoPE) is sliced on dim 1.
+
+    Which images belong to which row is read from ``mm_token_type_ids[B, L]`` (1 = image token,
+    2 = video token, one contiguous run per image / video frame; `VLMCollator` returns it), or,
+    without it, one image per row. Counts that do not add up raise ``ValueError``.
+    ``max_tokens`` chunking counts image tokens like any other (they are in ``attention_mask``).
+    """
+
+    def __init__(self, inputs: Any) -> None:
+        self._grids: list[Mapping] = []  # dicts holding a pixel/grid pair
+        self._offsets: dict[tuple[int, str], list[int]] = {}  # (id(dict), key) -> per-row start, length B+1
+        super().__init__(inputs)
+        for mapping in self._grids:
+            self._grid_offsets(mapping)
+
+    def _scan_mapping(self, m: Mapping, path: str) -> None:
+        special = {g for p, g in _PIXEL_TO_GRID.items() if p in m and g in m}
+        special |= {p for p, g in _PIXEL_TO_GRID.items() if g in special}
+        if special:
+            self._grids.append(m)
+        for key, value in m.items():
+            if key in special:
+                continue
+            if key == "position_ids" and isinstance(value, torch.Tensor) and value.ndim == 3:
+                self.sizes.append((f"{path}.{key}[dim 1]", value.shape[1]))
+            else:
+                self._scan(value, f"{path}.{key}")
+
+    def _grid_offsets(self, m: Mapping) -> None:
+        """Row -> first grid row / first patch offsets (length B+1) for each pixel/grid pair in ``m``."""
+        for pix_key, grid_key in _PIXEL_TO_GRID.items():
+            if grid_key not in m or pix_key not in m:
+                continue
+            grid = m[grid_key].long().cpu()
+            units = grid[:, 0] if grid_key == "video_grid_thw" else torch.ones(len(grid), dtype=torch.long)
+            types = m.get("mm_token_type_ids")
+            if isinstance(types, torch.Tensor):
+                per_row = _runs(types.cpu(), _GRID_TOKEN_TYPE[grid_key])
+            elif len(grid) == self.rows and bool((units == 1).all()):
+                per_row = torch.ones(self.rows, dtype=torch.long)  # one image per row
+            else:
+                raise ValueError(
+                    f"cannot tell which of the {len(grid)} {grid_key} rows belong to which of the {self.rows} samples: "
+                    "pass mm_token_type_ids (the processor returns it) alongside the pixels."
+                )
+            unit_cum = [0] + per_row.cumsum(0).tolist()
+            grid_cum = [0] + units.cumsum(0).tolist()
+            patch_cum = [0] + grid.prod(1).cumsum(0).tolist()
+            at = {u: j for j, u in enumerate(grid_cum)}
+            if unit_cum[-1] != grid_cum[-1] or any(u not in at for u in unit_cum):
+                raise ValueError(
+                    f"mm_token_type_ids count {unit_cum[-1]} vision runs but {grid_key} describes {grid_cum[-1]}."
+                )
+            if patch_cum[-1] != m[pix_key].shape[0]:
+                raise ValueError(
+                    f"{pix_key} has {m[pix_key].shape[0]} patches but {grid_key} describes {patch_cum[-1]}."
+                )
+            self._offsets[(id(m), grid_key)] = [at[u] for u in unit_cum]
+            self._offsets[(id(m), pix_key)] = [patch_cum[at[u]] for u in unit_cum]
+
+    def _slice_mapping(self, m: Mapping, s: int, e: int) -> dict:
+        out = {}
+        for key, value in m.items():
+            off = self._offsets.get((id(m), key))
+            if off is not None:
+                if off[s] == off[e]:
+                    continue  # no image in these rows: drop the vision keys (models reject empty grids)
+                out[key] = value[off[s] : off[e]]
+            elif key == "position_ids" and isinstance(value, torch.Tensor) and value.ndim == 3:
+                out[key] = value[:, s:e]
+            else:
+                out[key] = self._slice(value, s, e)
+        return out

@@ -3,6 +3,7 @@
 from .collate import DualEncoderCollator, TextCollator, VLMCollator, label_id, scatter_negatives
 from .embed_store import EmbedStore, EmbedWriter, StoreError, collate_embeddings, ensure_meta
 from .images import ImageLoadError, load_image, load_images
+from .loader import TaskLoader
 from .records import (
     IMAGE_EXTENSIONS,
     IndexedRecords,
@@ -13,7 +14,6 @@ from .records import (
     load_records,
     read_records,
 )
-from .loader import TaskLoader
 from .sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_group_weights, parse_weights
 
 __all__ = [

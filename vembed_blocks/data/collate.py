@@ -12,6 +12,8 @@ number of real negatives, ``M = negatives_mask.sum()``)::
     }
 
 Each inner dict goes straight into the model or ``GradCache.encode(fn, **batch["query"])``.
+One side alone (evaluation, an API): ``collator.encode(items, is_query, sources=None)`` with the
+same per-side dict; ``sources`` (e.g. ``"file:line"`` per item) only label error messages.
 Negatives are encoded flat (no padding rows burn compute); ``scatter_negatives`` turns
 their ``[M, D]`` embeddings into the ``[B, K, D]`` + mask that the losses take.
 Labels: str labels become `label_id(s)` (a hash: the same id on every rank and in every run),
@@ -77,13 +79,27 @@ def _labels(records: Sequence[Record]) -> torch.Tensor | None:
     raise RecordError(records[0].source, f"labels in a batch must all be str, all int or all numbers: {values}")
 
 
+def _sources(items: Sequence[Item], sources: Sequence[str] | None) -> Sequence[str]:
+    """Error-message labels of ``items``: the given ``sources``, or ``items[i]`` (their position in the call)."""
+    if sources is None:
+        return [f"items[{i}]" for i in range(len(items))]
+    if len(sources) != len(items):
+        raise ValueError(f"{len(items)} items but {len(sources)} sources")
+    return sources
+
+
 class _Collator:
     """Shared skeleton: encode query / positive / flat negatives side by side."""
 
     query_instruction: str | None = None
     doc_instruction: str | None = None
 
-    def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
+    def encode(
+        self, items: Sequence[Item], is_query: bool, sources: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for one side: ``items`` as queries (``is_query``: the query instruction) or
+        documents. ``sources``: one label per item for error messages (``"file:line"``; default
+        ``items[i]``)."""
         raise NotImplementedError
 
     def __call__(self, records: Sequence[Record]) -> dict[str, Any]:
@@ -91,13 +107,13 @@ class _Collator:
             raise ValueError("cannot collate an empty batch")
         sources = [r.source for r in records]
         out: dict[str, Any] = {
-            "query": self.encode([r.query for r in records], sources, True),
-            "positive": self.encode([r.positive for r in records], sources, False),
+            "query": self.encode([r.query for r in records], True, sources),
+            "positive": self.encode([r.positive for r in records], False, sources),
         }
         k = max(len(r.negatives) for r in records)
         if k:
             negs = [(n, r.source) for r in records for n in r.negatives]
-            out["negatives"] = self.encode([n for n, _ in negs], [s for _, s in negs], False)
+            out["negatives"] = self.encode([n for n, _ in negs], False, [s for _, s in negs])
             out["negatives_mask"] = torch.tensor([[j < len(r.negatives) for j in range(k)] for r in records])
         labels = _labels(records)
         if labels is not None:
@@ -130,8 +146,10 @@ class TextCollator(_Collator):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.query_instruction, self.doc_instruction = query_instruction, doc_instruction
 
-    def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
-        for item, src in zip(items, sources):
+    def encode(
+        self, items: Sequence[Item], is_query: bool, sources: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        for item, src in zip(items, _sources(items, sources)):
             if item.images or item.text is None:
                 raise RecordError(src, "TextCollator needs text-only records (this one has images)")
         texts = [self._text(it, is_query) for it in items]
@@ -165,7 +183,10 @@ class DualEncoderCollator(_Collator):
         )
         self.query_instruction, self.doc_instruction = query_instruction, doc_instruction
 
-    def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
+    def encode(
+        self, items: Sequence[Item], is_query: bool, sources: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        sources = _sources(items, sources)
         with_text = [it.text is not None for it in items]
         with_image = [bool(it.images) for it in items]
         out: dict[str, torch.Tensor] = {}
@@ -220,10 +241,12 @@ class VLMCollator(_Collator):
         self.query_instruction, self.doc_instruction = query_instruction, doc_instruction or query_instruction
         self.message_fn = message_fn or _chat
 
-    def encode(self, items: list[Item], sources: list[str], is_query: bool) -> dict[str, torch.Tensor]:
+    def encode(
+        self, items: Sequence[Item], is_query: bool, sources: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         instruction = self.query_instruction if is_query else self.doc_instruction
         texts, images = [], []
-        for it, src in zip(items, sources):
+        for it, src in zip(items, _sources(items, sources)):
             messages = self.message_fn(it, instruction)
             texts.append(
                 self.processor.apply_chat_template(
