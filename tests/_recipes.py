@@ -17,6 +17,7 @@ def load_script(name: str):
     """``recipes/<name>.py`` as a module (to call its ``main(argv)`` or helpers in-process)."""
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 

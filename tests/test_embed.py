@@ -68,3 +68,18 @@ def test_embed_on_all_ranks_splits_work_and_returns_every_row():
         assert len({sum(r[3]) for r in results}) == 1 and sum(results[0][3]) == -(-11 // world)  # equal work
     tokens, mask = embed_items(list(range(11)), _tokens, 3)  # one process: the same, padded across batches
     assert torch.equal(tokens, want_tokens) and torch.equal(mask, want_mask)
+
+
+def test_evaluate_retrieval_scores_unique_queries_against_the_corpus():
+    from vembed_blocks.embed import evaluate_retrieval
+
+    records = [rec("cat", "c.png", ["d.png"]), rec("dog", "d.png"), rec("bird", "b.png")]
+    vec = {"cat": [1.0, 0.0], "dog": [0.0, 1.0], "bird": [0.6, 0.8], "c.png": [0.0, 1.0], "d.png": [1.0, 0.0]}
+    vec["b.png"] = [0.6, 0.8]
+
+    def encode(items, is_query):
+        return torch.tensor([vec[i.text] if is_query else vec[i.images[0]] for i in items])
+
+    # cat: c.png scores 0 (rank 3 of c, d, b = 0, 1, 0.6); dog: d.png ranks 3; bird: b.png ranks 1
+    got = evaluate_retrieval(records, encode, batch_size=2)
+    assert got["recall@1"] == pytest.approx(1 / 3) and got["mrr@10"] == pytest.approx((1 / 3 + 1 / 3 + 1) / 3)

@@ -21,6 +21,7 @@ from _recipes import load_script, torchrun, train_log
 from _tiny_models import tiny_bert
 
 from vembed_blocks import Triplet
+from vembed_blocks.text_encoder import embed_texts
 
 text_t2t = load_script("text_t2t")
 
@@ -133,7 +134,7 @@ def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
         model, collator, cfg = text_t2t.load_encoder(
             text_t2t.parse_args(["--model", str(split / "final"), "--data", "-"])
         )
-        ours = text_t2t.embed_texts(model, collator, cfg, texts, is_query=False)
+        ours = embed_texts(model, collator, cfg, texts, is_query=False)
         theirs = torch.from_numpy(SentenceTransformer(str(split / "final"), device="cpu").encode(texts))
         assert (ours - theirs).abs().max() <= 1e-5
 
@@ -143,8 +144,7 @@ def embed_rows(model_dir: str, data: str, *flags: str) -> tuple[torch.Tensor, to
     model, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", model_dir, "--data", data, *flags]))
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
     q, p = (
-        text_t2t.embed_texts(model, collator, cfg, [r[k] for r in rows], is_query=k == "query")
-        for k in ("query", "positive")
+        embed_texts(model, collator, cfg, [r[k] for r in rows], is_query=k == "query") for k in ("query", "positive")
     )
     return q, p, rows
 
@@ -176,7 +176,7 @@ def test_cosent_and_triplet_learn_in_process(toy, tmp_path):
     for model in (toy["model"], str(out / "final")):
         q, p, rows = embed_rows(model, toy["negs"])
         model_, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", model, "--data", "-"]))
-        n = text_t2t.embed_texts(model_, collator, cfg, [r["negatives"][0] for r in rows], is_query=False)
+        n = embed_texts(model_, collator, cfg, [r["negatives"][0] for r in rows], is_query=False)
         losses.append(Triplet()(q, p, n).item())
     print("triplet whole-set loss before/after", losses)
     assert losses[1] < 0.8 * losses[0], losses
@@ -203,9 +203,7 @@ def test_embeddings_equal_sentence_transformers_on_real_minilm():
     ]
     model, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", path, "--data", "-"]))
     assert (cfg.pooling, cfg.normalize, cfg.max_length) == ("mean", True, 256)
-    ours = text_t2t.embed_texts(
-        model, collator, cfg, texts, is_query=True, batch_size=3
-    )  # other batches, other padding
+    ours = embed_texts(model, collator, cfg, texts, is_query=True, batch_size=3)  # other batches, other padding
     theirs = torch.from_numpy(SentenceTransformer(path, device="cpu").encode(texts))
     deviation = (ours - theirs).abs().max().item()
     print(f"max abs deviation from SentenceTransformer.encode: {deviation:.2e}")

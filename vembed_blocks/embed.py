@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .distributed import get_rank, get_world_size
 
-__all__ = ["RetrievalSet", "retrieval_set", "embed_items", "embed_on_all_ranks"]
+__all__ = ["RetrievalSet", "retrieval_set", "embed_items", "embed_on_all_ranks", "evaluate_retrieval"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=Hashable)
@@ -139,3 +139,27 @@ def embed_on_all_ranks(
     dist.all_gather_object(everyone, list(_embed_batches(mine, encode, batch_size, desc, log_every_s)))
     out = tuple(x[:n] for x in _concat([b for batches in everyone for b in batches]))
     return out if len(out) > 1 else out[0]
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    records: Iterable,
+    encode: Callable[[list, bool], torch.Tensor],
+    batch_size: int = 64,
+    score: Callable[..., torch.Tensor] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Retrieval metrics of ``records``' unique queries against their corpus (`retrieval_set`).
+
+    ``encode(items, is_query)`` embeds a batch (normalised, if cosine is meant); every rank
+    embeds an equal share (`embed_on_all_ranks`) and every rank returns the same metrics.
+    ``score(queries, docs) -> [Q, N]`` defaults to dot products; for multi-vector outputs
+    (``encode`` returning ``(tokens, mask)``) pass e.g. a MaxSim scorer taking both tuples.
+    """
+    from .metrics import retrieval_metrics
+
+    rs = retrieval_set(records)
+    q = embed_on_all_ranks(rs.queries, lambda items: encode(items, True), batch_size, "embed queries")
+    d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "embed corpus")
+    scores = q @ d.T if score is None else score(q, d)
+    return retrieval_metrics(scores, rs.relevant, ks=ks)

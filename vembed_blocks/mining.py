@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mine_hard_negatives"]
+__all__ = ["mine_hard_negatives", "write_mined_file"]
 
 
 @torch.no_grad()
@@ -64,3 +68,44 @@ def mine_hard_negatives(
         out_idx.append(idx.masked_fill(top == float("-inf"), -1))
         out_score.append(top)
     return torch.cat(out_idx), torch.cat(out_score)
+
+
+def write_mined_file(
+    records: list,
+    encode: Callable[[list, bool], torch.Tensor],
+    out: str,
+    k: int,
+    margin: float | None = None,
+    max_ratio: float | None = None,
+    batch_size: int = 128,
+) -> int:
+    """Mine ``k`` hard negatives per text record and write the records, with them, as JSONL to ``out``.
+
+    Every rank embeds a share of the unique queries and documents (``encode(items, is_query)``,
+    `embed.embed_on_all_ranks`); rank 0 mines and writes (atomically: ``out`` appears complete or
+    not at all). A candidate that is relevant to the query (any of its positives, when a query
+    has several) is never its negative; a row's own negatives come first, de-duplicated.
+    Returns the number of rows written (on every rank).
+    """
+    from .distributed import get_rank, is_dist
+    from .embed import embed_on_all_ranks, retrieval_set
+
+    rs = retrieval_set(records)
+    q_of, d_of = {q: i for i, q in enumerate(rs.queries)}, {d: i for i, d in enumerate(rs.docs)}
+    q = embed_on_all_ranks(rs.queries, lambda items: encode(items, True), batch_size, "mining: embed queries")
+    d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "mining: embed corpus")
+    if get_rank() == 0:
+        rows = [(q_of[r.query], d_of[r.positive], r) for r in records]
+        depth = min(len(rs.docs), k + max(len(s) for s in rs.relevant))  # room to drop the other positives
+        positives = torch.tensor([b for _, b, _ in rows])
+        idx, _ = mine_hard_negatives(q[[a for a, _, _ in rows]], d, positives, depth, margin, max_ratio)
+        with open(out + ".tmp", "w") as f:
+            for (qi, _, r), cand in zip(rows, idx.tolist()):
+                found = [rs.docs[j].text for j in cand if j >= 0 and j not in rs.relevant[qi]][:k]
+                negs = list(dict.fromkeys([n.text for n in r.negatives] + found))
+                row = {**r.extra, "query": r.query.text, "positive": r.positive.text, "negatives": negs}
+                f.write(json.dumps(row | ({"label": r.label} if r.label is not None else {})) + "\n")
+        os.replace(out + ".tmp", out)
+    if is_dist():
+        torch.distributed.barrier()
+    return len(records)

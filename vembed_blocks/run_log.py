@@ -21,7 +21,7 @@ import time
 import warnings
 from typing import Any, Iterable
 
-__all__ = ["write_args", "RunLog", "TRACKERS"]
+__all__ = ["write_args", "RunLog", "TRACKERS", "write_metrics"]
 
 TRACKERS = ("tensorboard", "wandb")
 # Arguments that only change how a run reports or splits itself, not what it trains.
@@ -119,6 +119,19 @@ class RunLog:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items())
             log.info("step %d/%d  %s  %.1f samples/s", step, total, shown, rate)
 
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Validation metrics at ``step``: a line in ``eval_log.jsonl``, the console and the trackers."""
+        if self._file is None:
+            return
+        with open(os.path.join(os.path.dirname(self._file.name), "eval_log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            if self._tb is not None:
+                self._tb.add_scalar(f"eval/{name}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        log.info("eval step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
     def close(self) -> None:
         for handle in (self._file, self._tb):
             if handle is not None:
@@ -149,3 +162,15 @@ def _wandb_run(output: str, config: dict[str, Any]):
         raise ImportError('--report-to wandb needs wandb: pip install "vembed-blocks[logging]"') from e
     mode = os.environ.get("WANDB_MODE", "offline")  # offline: no account or network; `wandb sync` uploads later
     return wandb.init(dir=output, config=config, mode=mode, project=os.environ.get("WANDB_PROJECT", "vembed-blocks"))
+
+
+def write_metrics(output: str, before: dict[str, float] | None, after: dict[str, float], rank: int = 0) -> dict:
+    """``<output>/metrics.json`` = ``{"before": ..., "after": ...}`` and a table on stdout (rank 0)."""
+    from .metrics import format_table
+
+    result = {"before": before, "after": after} if before is not None else {"after": after}
+    if rank == 0:
+        with open(os.path.join(output, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(format_table(before, after) if before is not None else format_table(after), flush=True)
+    return result

@@ -1,0 +1,38 @@
+"""The training recipes share one skeleton: the regions marked ``# <shared: name>`` ... ``# </shared>``
+are the same text in every recipe that has been moved onto it, so a diff between two recipes shows
+only their model, collator, loss and evaluation. Drift (a fix made in one copy) fails here."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from _recipes import ROOT
+
+SKELETON = ["clip_t2i", "text_t2t"]  # recipes on the shared skeleton (the others follow)
+REGION = re.compile(r"^ *# <shared: (?P<name>[^>]+)>\n(?P<body>.*?)^ *# </shared>", re.S | re.M)
+
+
+def regions(name: str) -> dict[str, str]:
+    found = {m["name"]: m["body"] for m in REGION.finditer((ROOT / "recipes" / f"{name}.py").read_text())}
+    assert found, f"{name}.py has no shared regions"
+    return found
+
+
+@pytest.mark.parametrize("name", SKELETON[1:])
+def test_shared_regions_are_identical(name):
+    base, other = regions(SKELETON[0]), regions(name)
+    assert list(other) == list(base), f"{name}.py: regions {list(other)}, {SKELETON[0]}.py: {list(base)}"
+    for region, body in base.items():
+        if other[region] != body:
+            a, b = body.splitlines(), other[region].splitlines()
+            first = next(i for i, (x, y) in enumerate(zip(a + [""], b + [""])) if x != y)
+            pytest.fail(
+                f"region {region!r} of {name}.py differs from {SKELETON[0]}.py at its line {first + 1}:\n"
+                f"  {SKELETON[0]}: {a[first] if first < len(a) else '<end>'}\n"
+                f"  {name}: {b[first] if first < len(b) else '<end>'}"
+            )
+
+
+def test_the_skeleton_covers_the_run():
+    assert list(regions(SKELETON[0])) == ["set-up", "resume, evaluate before", "the loop", "finish"]
