@@ -9,8 +9,8 @@ Each query of a rank is scored against the positives (and hard negatives) of eve
 and teacher (widths, tokenizers, pooling may differ). Teacher: live (--teacher MODEL: frozen, eval
 mode, no gradient, same batch) or precomputed (--teacher-embeddings DIR): DIR/teacher.safetensors
 with "query" and "doc" [R, Dt], row i = record i of --data (hard negatives then unused), or the
-files recipes/evaluate.py writes (looked up by text). Writes train_log.jsonl, metrics.json, checkpoints
-(--resume) and final/ (HF + sentence-transformers folder). Details: docs/recipes/distill.md.
+files recipes/evaluate.py writes (looked up by text). Writes args.json, train_log.jsonl, metrics.json,
+checkpoints (--resume) and final/ (HF + sentence-transformers folder). Details: docs/recipes/distill.md.
 """
 
 from __future__ import annotations
@@ -20,82 +20,72 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
-import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
-from vembed_blocks import Distill, get_rank, get_world_size, init_distributed, retrieval_metrics
-from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import TaskBatches, TextCollator, WeightedTaskSampler, load_records
+from vembed_blocks import Distill, Matryoshka, init_distributed
+from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vembed_blocks.data import TaskLoader, TextCollator, WeightedTaskSampler, load_records
 from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import retrieval_set
+from vembed_blocks.embed import evaluate_retrieval
+from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import (
-    apply_lora,
-    checkpoint_layers,
-    clip_gradients,
-    compile_layers,
-    one_gradient_sync,
-    wrap_ddp,
-)
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.schedule import warmup_cosine
-from vembed_blocks.text_encoder import embed_texts, load_text_encoder, text_features, write_st_files
+from vembed_blocks.run_log import RunLog, write_args, write_metrics
+from vembed_blocks.schedule import make_scheduler, warmup_steps
+from vembed_blocks.text_encoder import (
+    TextEncoderConfig,
+    encode_text_items,
+    export_text_encoder,
+    load_text_encoder,
+    text_features,
+)
+from vembed_blocks.train_args import add_common_args, check_common_args
 
 log = logging.getLogger("distill")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, output="runs/distill", lr=2e-5, batch_size=64)
     p.add_argument(
         "--model", required=True, help="the student: HF id or local folder (plain HF or sentence-transformers)"
     )
     p.add_argument("--teacher", help="live teacher: HF id or local folder (its own tokenizer and pooling)")
     p.add_argument("--teacher-embeddings", help="precomputed teacher embeddings folder (see above)")
-    p.add_argument("--data", required=True, help="training file (JSONL/CSV/Parquet), T2T rows")
-    p.add_argument("--val-data", help="validation file for before/after retrieval metrics of the student")
     p.add_argument("--kind", choices=["kl", "mse"], default="kl")
     p.add_argument("--temperature", type=float, default=0.05, help="KL temperature on cosine scores (in [-1, 1])")
     p.add_argument("--pooling", choices=POOL_METHODS, help="student pooling; default: the folder's, else mean")
     p.add_argument("--max-length", type=int, help="student token cap; default: the folder's max_seq_length, else 512")
     p.add_argument("--query-prefix", help="student query prefix; default: the folder's 'query' prompt")
     p.add_argument("--doc-prefix", help="student document prefix; default: the folder's 'document' prompt")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per rank per step")
-    p.add_argument("--chunk-size", type=int, default=0, help="GradCache rows per chunk for the student (0 = off)")
-    p.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--mrl-dims", help="Matryoshka dims of the student, e.g. '384,256,128' (the teacher is never cut)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, help="overrides --epochs")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for student and teacher")
-    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of every student block")
-    p.add_argument("--compile", action="store_true", help="torch.compile every student block in place")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (tokenisation)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0, help="retrieval metrics on --val-data every N steps (0 = off)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
-    p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints")
-    p.add_argument("--stop-at", type=int, help="save and exit at this step (split a run across jobs; then --resume)")
-    p.add_argument("--eval-batch-size", type=int, default=128)
-    p.add_argument("--output", default="runs/distill")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if (args.teacher is None) == (args.teacher_embeddings is None):
         p.error("give exactly one of --teacher and --teacher-embeddings")
+    if args.data is None:
+        p.error("--data is required (T2T rows)")
     return args
 
 
-# ----------------------------------------------------------------------------- pieces of the loop
+# ----------------------------------------------------------------------------- model, data, loss, evaluation
+
+
+@dataclass
+class Parts:
+    model: nn.Module  # the student: what the loop trains
+    state: nn.ModuleDict  # everything a checkpoint restores
+    param_groups: list[dict]
+    criterion: nn.Module  # Distill, or Matryoshka over the student's widths (the teacher is never cut)
+    collator: TextCollator
+    cfg: TextEncoderConfig
+    teacher: tuple[nn.Module, TextEncoderConfig] | None  # live teacher, or None with precomputed embeddings
+    teacher_input: object  # the teacher's collator, or a TeacherStore
 
 
 class Numbered:
@@ -156,19 +146,16 @@ def collate(student: TextCollator, teacher: TextCollator | TeacherStore, records
     return batch
 
 
-def evaluate(model: nn.Module, collator: TextCollator, cfg, path: str, args) -> dict[str, float]:
-    """Cosine retrieval of the unique positives (+ negatives) of ``path`` for its unique queries."""
-    rs = retrieval_set(load_records(path, format="t2t"))
-    q = embed_texts(model, collator, cfg, [i.text for i in rs.queries], True, args.eval_batch_size, args.bf16)
-    d = embed_texts(model, collator, cfg, [i.text for i in rs.docs], False, args.eval_batch_size, args.bf16)
-    return retrieval_metrics(F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T, rs.relevant, ks=(1, 5, 10))
+def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
+    """(train file, val file) as given."""
+    for path in (args.data, args.val_data):
+        if path and not os.path.exists(path):
+            raise SystemExit(f"no such file: {path}")
+    return args.data, args.val_data
 
 
-# ----------------------------------------------------------------------------- main
-
-
-def prepare(args: argparse.Namespace, device: torch.device):
-    """(student, student collator, student cfg, teacher (model, cfg) or None, teacher collator or store)."""
+def build(args: argparse.Namespace, device: torch.device) -> Parts:
+    """The student (its folder's pooling / length / prompts, flags override), the teacher, and the loss."""
     student, collator, cfg = load_text_encoder(
         args.model,
         pooling=args.pooling,
@@ -176,207 +163,158 @@ def prepare(args: argparse.Namespace, device: torch.device):
         query_prefix=args.query_prefix,
         doc_prefix=args.doc_prefix,
     )
+    student.to(device)
     for p in getattr(student, "pooler", nn.Identity()).parameters():  # BERT's pooler head: pooling never uses it
-        p.requires_grad_(False)  # (a parameter with no gradient gets no optimizer state, which resume would miss)
+        p.requires_grad_(False)
+    teacher, teacher_input = None, None
     if args.teacher_embeddings:
-        return student.to(device), collator, cfg, None, TeacherStore(args.teacher_embeddings)
-    teacher, t_collator, t_cfg = load_text_encoder(args.teacher)
-    teacher.to(device).eval().requires_grad_(False)  # frozen: no dropout, no gradient, never in the optimizer
-    return student.to(device), collator, cfg, (teacher, t_cfg), t_collator
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    rank, world, device = init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
-    torch.manual_seed(args.seed)
-    os.makedirs(args.output, exist_ok=True)
-    hf_model, collator, cfg, teacher, teacher_input = prepare(args, device)
-    if args.grad_checkpointing:
-        checkpoint_layers(hf_model)
-    if args.lora:
-        hf_model = apply_lora(hf_model, r=args.lora, alpha=args.lora_alpha)
-    if args.compile:
-        compile_layers(hf_model)
-    hf_model.train()
-    model = wrap_ddp(hf_model)
-    criterion = Distill(temperature=args.temperature, kind=args.kind)
-
-    train = Numbered(load_records(args.data, format="t2t"))
-    sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
-    total = args.max_steps or max(1, round(args.epochs * math.ceil(len(train) / (args.batch_size * world))))
-    params = [p for p in hf_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total))
-    ckpt_dir = os.path.join(args.output, "checkpoints")
-    start = 0
-    if args.resume and latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(ckpt_dir, model=hf_model, optimizer=optimizer, sampler=sampler, scheduler=scheduler)
-        log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-
-    val = args.val_data
-    before_file = os.path.join(args.output, "metrics_before.json")
-    if val and rank == 0 and (start == 0 or not os.path.exists(before_file)):
-        with open(before_file, "w") as f:
-            json.dump(evaluate(hf_model, collator, cfg, val, args), f)
-
-    end = min(total, args.stop_at or total)
-    batches = TaskBatches(
-        {"train": train}, sampler, functools.partial(collate, collator, teacher_input), steps=end - start
-    )
-    # Own generator: iter(DataLoader) would otherwise draw from the global RNG (dropout), and it runs at a
-    # different point of a resumed run than of an uninterrupted one.
-    loader = DataLoader(
-        batches, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed)
-    )
-    log.info(
-        "training steps %d -> %d of %d, %d rows/step over %d rank(s)", start, end, total, args.batch_size * world, world
-    )
-
-    def evaluate_during(step: int) -> None:  # --eval-every: rank 0 scores; the others wait at the next collective
-        # noqa below: main() deletes hf_model before shutdown, after the last call of this closure
-        if val and rank == 0:
-            metrics = evaluate(hf_model, collator, cfg, val, args)  # noqa: F821
-            log.info(
-                "eval step %d  R@1 %.4f  R@10 %.4f  MRR@10 %.4f",
-                step,
-                metrics["recall@1"],
-                metrics["recall@10"],
-                metrics["mrr@10"],
-            )
-            with open(os.path.join(args.output, "eval_log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-    losses = train_loop(
-        args,
-        loader,
-        model,
-        teacher,
-        criterion,
-        optimizer,
-        scheduler,
-        sampler,
-        hf_model,
-        cfg,
-        total,
-        end,
-        device,
-        evaluate_during,
-    )
-
-    result = {"losses": losses}
-    if end < total:
-        log.info("stopped at step %d of %d; continue with --resume", end, total)
+        teacher_input = TeacherStore(args.teacher_embeddings)
     else:
-        result.update(finish(args, model, hf_model, collator, cfg, val, before_file))
-    del model, hf_model, teacher  # the DDP wrapper must go before the process group (see shutdown_distributed)
-    shutdown_distributed()
-    return result
+        t_model, teacher_input, t_cfg = load_text_encoder(args.teacher)
+        t_model.to(device).eval().requires_grad_(False)  # frozen: no dropout, no gradient, never in the optimizer
+        teacher = (t_model, t_cfg)
+    if args.grad_checkpointing:
+        checkpoint_layers(student)
+    if args.lora:
+        student = apply_lora(student, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:
+        compile_layers(student)
+    student.train()
+    criterion = Distill(temperature=args.temperature, kind=args.kind)
+    if args.mrl_dims:
+        criterion = Matryoshka(criterion, [int(d) for d in args.mrl_dims.split(",")])
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    state = nn.ModuleDict({"model": student})
+    return Parts(student, state, groups, criterion, collator, cfg, teacher, teacher_input)
 
 
-def train_loop(
-    args,
-    loader,
-    model,
-    teacher,
-    criterion,
-    optimizer,
-    scheduler,
-    sampler,
-    state,
-    cfg,
-    total,
-    end,
-    device,
-    evaluate_during,
-) -> list[float]:
-    """The explicit loop: student (GradCache if --chunk-size) and teacher embed the batch, Distill, step, log, save."""
-    rank, world = get_rank(), get_world_size()
-    gc = GradCache(chunk_size=args.chunk_size, sync_module=model) if args.chunk_size else None
-    ckpt_dir = os.path.join(args.output, "checkpoints")
-    dims = [int(d) for d in args.mrl_dims.split(",")] if args.mrl_dims else [None]
+def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
+    """(batches, rows per epoch): numbered records (row-aligned teacher embeddings are found by number)."""
+    train = Numbered(load_records(path, format="t2t"))
+    sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
+    collate_fn = functools.partial(collate, parts.collator, parts.teacher_input)
+    loader = TaskLoader({"train": train}, sampler, collate_fn, args.num_workers, args.seed, args.grad_accum_steps)
+    return loader, len(train)
+
+
+def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
+    """Student (GradCache if --chunk-size) and teacher embed queries and docs; Distill over every rank's docs."""
 
     def encode(inputs: dict) -> torch.Tensor:
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        fn = lambda **x: text_features(model, x, cfg.pooling, normalize=False)  # noqa: E731 (Distill normalises)
+        fn = lambda **x: text_features(parts.model, x, parts.cfg.pooling, normalize=False)  # Distill normalises
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
 
     @torch.no_grad()
     def encode_teacher(inputs: dict) -> torch.Tensor:
-        t_model, t_cfg = teacher
+        t_model, t_cfg = parts.teacher
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            return text_features(
-                t_model, {k: v.to(device) for k, v in inputs.items()}, t_cfg.pooling, t_cfg.normalize
-            ).float()
+            return text_features(t_model, inputs, t_cfg.pooling, t_cfg.normalize).float()
 
     def docs(side: dict, enc) -> torch.Tensor:  # positives, then the flat hard negatives (the store's order too)
         return torch.cat([enc(side["positive"])] + ([enc(side["negatives"])] if "negatives" in side else []))
 
-    t0, seen, losses = time.perf_counter(), 0, []
-    train_log = open(os.path.join(args.output, "train_log.jsonl"), "a") if rank == 0 else None
-    for item in loader:
-        step, batch = item["step"] + 1, item["batch"]
-        with one_gradient_sync(model):  # several forwards, one gradient all-reduce (parallel.one_gradient_sync)
-            sq, sd = encode(batch["student"]["query"]), docs(batch["student"], encode)
-            if teacher is not None:
-                tq, td = encode_teacher(batch["teacher"]["query"]), docs(batch["teacher"], encode_teacher)
-            else:
-                tq, td = (t.to(device) for t in batch["teacher_emb"])
-            sd, td = (
-                gather_with_grad(sd),
-                gather_with_grad(td),
-            )  # candidates: every rank's docs; rows: this rank's queries
-            loss = sum(criterion(sq[:, :d], sd[:, :d], tq, td) for d in dims)
-            loss.backward()
-        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(mean_over_ranks(loss))  # the global batch's loss, not rank 0's
-        seen += sq.shape[0] * world
-        if train_log:
-            train_log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}) + "\n")
-            train_log.flush()
-        if step % args.log_every == 0 or step == end:
-            rate = seen / (time.perf_counter() - t0)
-            log.info(
-                "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s",
-                step,
-                total,
-                losses[-1],
-                scheduler.get_last_lr()[0],
-                rate,
-            )
-        if (args.save_every and step % args.save_every == 0) or step == end:
-            sampler.load_state_dict(item["sampler_state"])  # the state after the batch just trained on
-            save_checkpoint(ckpt_dir, model=state, optimizer=optimizer, step=step, sampler=sampler, scheduler=scheduler)
-        if args.eval_every and step % args.eval_every == 0 and step < total:
-            evaluate_during(step)
-    if train_log:
-        train_log.close()
-    return losses
+    sq, sd = encode(batch["student"]["query"]), docs(batch["student"], encode)
+    if parts.teacher is not None:
+        tq, td = encode_teacher(batch["teacher"]["query"]), docs(batch["teacher"], encode_teacher)
+    else:
+        tq, td = (t.to(device) for t in batch["teacher_emb"])
+    # Candidates: every rank's docs (ragged counts are fine); rows: this rank's queries.
+    return parts.criterion(sq, gather_with_grad(sd), tq, gather_with_grad(td))
 
 
-def finish(args, model, hf_model, collator, cfg, val, before_file) -> dict:
-    """Export the student as an HF + sentence-transformers folder and evaluate it after training."""
-    final = os.path.join(args.output, "final")
-    export_pretrained(model, final, tokenizer=collator.tokenizer)
-    if get_rank() == 0:
-        prompts = {
-            k: v for k, v in (("query", collator.query_instruction), ("document", collator.doc_instruction)) if v
-        }
-        write_st_files(final, hf_model.config.hidden_size, cfg.pooling, cfg.normalize, cfg.max_length, prompts)
-    log.info("exported to %s", final)
-    if not val or get_rank() != 0:
-        return {}
-    with open(before_file) as f:
-        before = json.load(f)
-    after = evaluate(hf_model, collator, cfg, val, args)
-    with open(os.path.join(args.output, "metrics.json"), "w") as f:
-        json.dump({"before": before, "after": after}, f, indent=1)
-    log.info("%s", "  ".join(f"{n} {before[n]:.4f} -> {after[n]:.4f}" for n in ("recall@1", "recall@10", "mrr@10")))
-    return {"before": before, "after": after}
+@torch.no_grad()
+def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
+    """Cosine retrieval of ``path``'s unique positives (+ negatives) for its unique queries, by the student."""
+    encoder = (parts.model, parts.collator, parts.cfg)
+    parts.model.eval()
+    encode = lambda items, is_query: F.normalize(encode_text_items(*encoder, items, is_query, args.bf16), dim=-1)
+    metrics = evaluate_retrieval(load_records(path, format="t2t"), encode, args.eval_batch_size)
+    parts.model.train()
+    return metrics
+
+
+def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
+    """The student as an HF folder that is also a sentence-transformers folder."""
+    export_text_encoder(parts.model, final, parts.collator, parts.cfg)
+
+
+# ----------------------------------------------------------------------------- the run (shared by every recipe)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # <shared: set-up>
+    args = parse_args(argv)
+    check_common_args(args)
+    rank, world, device = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.output, exist_ok=True)
+    data, val = prepare_data(args, rank, world)
+    write_args(args, args.output, args.resume, rank)
+    parts = build(args, device)
+    loader, rows = load_data(args, parts, data, rank, world)
+    total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
+    optimizer = torch.optim.AdamW(parts.param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = warmup_steps(args.warmup_steps, args.warmup_ratio, total)
+    scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
+    # </shared>
+    # <shared: resume, evaluate before>
+    ckpt_dir = os.path.join(args.output, "checkpoints")
+    start = 0
+    if args.resume and latest_checkpoint(ckpt_dir) is not None:
+        start = load_checkpoint(ckpt_dir, model=parts.state, optimizer=optimizer, sampler=loader, scheduler=scheduler)
+        log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
+    before, before_file = None, os.path.join(args.output, "metrics_before.json")
+    if val and start == 0:  # every rank embeds a share
+        before = evaluate(args, parts, val, device)
+        if rank == 0:
+            with open(before_file, "w") as f:
+                json.dump(before, f)
+    elif val and os.path.exists(before_file):  # resumed: the first launch's
+        with open(before_file) as f:
+            before = json.load(f)
+    # </shared>
+    # <shared: the loop>
+    end = min(total, args.stop_at or total)
+    log.info("steps %d -> %d of %d, %d rows/step on %d rank(s)", start, end, total, args.batch_size * world, world)
+    gc = GradCache(chunk_size=args.chunk_size, sync_module=parts.model) if args.chunk_size else None
+    losses = []
+    with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
+        for step, batches, _ in loader.steps(end):
+            loss = 0.0
+            for batch in accumulate_gradients(parts.state, batches):
+                micro = step_loss(args, parts, batch, gc, device) / len(batches)
+                micro.backward()
+                loss += micro.detach()
+            grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
+            samples = args.batch_size * world * len(batches)
+            run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
+            if (args.save_every and step % args.save_every == 0) or step == end:
+                save_checkpoint(
+                    ckpt_dir, model=parts.state, optimizer=optimizer, step=step, sampler=loader, scheduler=scheduler
+                )
+            if val and args.eval_every and step % args.eval_every == 0 and step < total:
+                run_log.eval(step, evaluate(args, parts, val, device))
+    # </shared>
+    # <shared: finish>
+    result = {"losses": losses}
+    if end < total:
+        log.info("stopped at step %d of %d; continue with --resume", end, total)
+    else:
+        export(args, parts, os.path.join(args.output, "final"))
+        log.info("exported to %s", os.path.join(args.output, "final"))
+        if val:
+            result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank))
+    shutdown_distributed()
+    return result
+    # </shared>
 
 
 if __name__ == "__main__":

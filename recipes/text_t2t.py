@@ -24,10 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vembed_blocks import CoSENT, InfoNCE, Matryoshka, Triplet, get_rank, init_distributed
-from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from vembed_blocks import CoSENT, InfoNCE, Matryoshka, Triplet, init_distributed
+from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskLoader, TextCollator, WeightedTaskSampler, load_records, scatter_negatives
-from vembed_blocks.data.records import Item
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
@@ -37,7 +36,13 @@ from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.run_log import RunLog, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.text_encoder import TextEncoderConfig, load_text_encoder, text_features, write_st_files
+from vembed_blocks.text_encoder import (
+    TextEncoderConfig,
+    encode_text_items,
+    export_text_encoder,
+    load_text_encoder,
+    text_features,
+)
 from vembed_blocks.train_args import add_common_args, check_common_args
 
 log = logging.getLogger("text_t2t")
@@ -75,6 +80,10 @@ class Parts:
     criterion: nn.Module
     collator: TextCollator
     cfg: TextEncoderConfig  # pooling, normalisation, max length of the folder (or the flags)
+
+    @property
+    def encoder(self) -> tuple[nn.Module, TextCollator, TextEncoderConfig]:
+        return self.model, self.collator, self.cfg
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -129,7 +138,7 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
             parts.model.eval()
             write_mined_file(
                 load_records(path, format="t2t"),
-                lambda items, q: encode_texts(args, parts, items, q),
+                lambda items, q: F.normalize(encode_text_items(*parts.encoder, items, q, args.bf16), dim=-1),
                 mined,
                 args.mine_negatives,
                 args.mine_margin,
@@ -186,19 +195,11 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     return parts.criterion(q, p, negatives=neg, **extra)
 
 
-def encode_texts(args: argparse.Namespace, parts: Parts, items: list[Item], is_query: bool) -> torch.Tensor:
-    """Unit embeddings of text items, as the export will compute them (eval mode is the caller's)."""
-    device = next(parts.model.parameters()).device
-    inputs = {k: v.to(device) for k, v in parts.collator.encode(items, is_query).items()}
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-        return F.normalize(text_features(parts.model, inputs, parts.cfg.pooling, parts.cfg.normalize).float(), dim=-1)
-
-
 @torch.no_grad()
 def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
     """Cosine retrieval of ``path``'s unique positives (+ negatives) for its unique queries; all ranks embed."""
     parts.model.eval()
-    encode = lambda items, is_query: encode_texts(args, parts, items, is_query)
+    encode = lambda items, is_query: F.normalize(encode_text_items(*parts.encoder, items, is_query, args.bf16), dim=-1)
     metrics = evaluate_retrieval(load_records(path, format="t2t"), encode, args.eval_batch_size)
     parts.model.train()
     return metrics
@@ -206,11 +207,7 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
 
 def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
     """An HF folder that is also a sentence-transformers folder (pooling, normalisation, prompts)."""
-    export_pretrained(parts.model, final, tokenizer=parts.collator.tokenizer)
-    if get_rank() == 0:
-        c, cfg = parts.collator, parts.cfg
-        prompts = {k: v for k, v in (("query", c.query_instruction), ("document", c.doc_instruction)) if v}
-        write_st_files(final, parts.model.config.hidden_size, cfg.pooling, cfg.normalize, cfg.max_length, prompts)
+    export_text_encoder(parts.model, final, parts.collator, parts.cfg)
 
 
 # ----------------------------------------------------------------------------- the run (shared by every recipe)

@@ -228,7 +228,14 @@ def one_process_loss(argv: list[str], records: list) -> float:
     from vembed_blocks.text_encoder import text_features
 
     args = distill.parse_args(argv)
-    student, collator, cfg, teacher, teacher_input = distill.prepare(args, torch.device("cpu"))
+    parts = distill.build(args, torch.device("cpu"))
+    student, collator, cfg, teacher, teacher_input = (
+        parts.model,
+        parts.collator,
+        parts.cfg,
+        parts.teacher,
+        parts.teacher_input,
+    )
     batch = distill.collate(collator, teacher_input, records)
 
     def embed(model, side: dict, pooling: str, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,8 @@ from .embed import embed_items
 from .pooling import pool
 
 __all__ = [
+    "encode_text_items",
+    "export_text_encoder",
     "TextEncoderConfig",
     "read_text_encoder_config",
     "load_text_encoder",
@@ -250,3 +252,36 @@ def write_st_files(
     for name, content in files.items():
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2)
+
+
+def encode_text_items(
+    model: torch.nn.Module,
+    collator: TextCollator,
+    cfg: TextEncoderConfig,
+    items: Sequence[Item],
+    is_query: bool,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """Embeddings ``[len(items), D]`` of text items in one forward, as the exported folder computes them
+    (the folder's pooling and normalisation, the collator's prefixes); no gradient, mode left to the caller."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in collator.encode(list(items), is_query).items()}
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        return text_features(model, inputs, cfg.pooling, cfg.normalize).float()
+
+
+def export_text_encoder(model: torch.nn.Module, out: str, collator: TextCollator, cfg: TextEncoderConfig) -> None:
+    """An HF folder (LoRA merged, `export_pretrained`) that is also a sentence-transformers folder.
+
+    Every rank calls it (the export gathers sharded weights); rank 0 writes the
+    sentence-transformers files with the pooling, normalisation, length and prompts in use.
+    """
+    from .checkpoint import export_pretrained
+    from .distributed import get_rank
+
+    export_pretrained(model, out, tokenizer=collator.tokenizer)
+    if get_rank() == 0:
+        prompts = {
+            k: v for k, v in (("query", collator.query_instruction), ("document", collator.doc_instruction)) if v
+        }
+        write_st_files(out, model.config.hidden_size, cfg.pooling, cfg.normalize, cfg.max_length, prompts)
