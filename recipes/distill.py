@@ -86,6 +86,7 @@ class Parts:
     cfg: TextEncoderConfig
     teacher: tuple[nn.Module, TextEncoderConfig] | None  # live teacher, or None with precomputed embeddings
     teacher_input: object  # the teacher's collator, or a TeacherStore
+    splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
 
 
 class Numbered:
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     # <shared: the loop>
     end = min(total, args.stop_at or total)
     log.info("steps %d -> %d of %d, %d rows/step on %d rank(s)", start, end, total, args.batch_size * world, world)
-    gc = GradCache(chunk_size=args.chunk_size, sync_module=parts.model) if args.chunk_size else None
+    gc = None if not args.chunk_size else GradCache(args.chunk_size, sync_module=parts.model, splitter=parts.splitter)
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, _ in loader.steps(end):

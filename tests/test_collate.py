@@ -28,7 +28,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from vembed_blocks.data.collate import DualEncoderCollator, TextCollator, VLMCollator, scatter_negatives
 from vembed_blocks.data.images import ImageLoadError
-from vembed_blocks.data.records import RecordError, read_records
+from vembed_blocks.data.records import Item, RecordError, read_records
 
 WORDS = "a an the red blue green cat dog bird photo of sky sunset make it query passage represent user input".split()
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -343,3 +343,22 @@ def test_vlm_collator_text_only_side_and_negatives(data, tmp_path):
     with torch.no_grad():
         n = model(**batch["negatives"]).last_hidden_state[:, -1]
     assert scatter_negatives(n, batch["negatives_mask"]).shape == (2, 2, 32)
+
+
+def test_fixed_negatives_pads_cuts_and_masks(data, caplog):
+    from vembed_blocks.data.collate import FixedNegatives
+
+    collate = TextCollator(_tokenizer(["[CLS]", "[SEP]"]))
+    rows = [
+        {"query": "a", "positive": "b", "negatives": ["c", "d", "e"]},
+        {"query": "f", "positive": "g"},
+        {"query": "h", "positive": "i", "negatives": ["j"]},
+    ]
+    batch = FixedNegatives(collate, 2)(_records(data, rows))
+    assert batch["negatives_mask"].tolist() == [[True, True], [False, False], [True, False]]
+    want = collate.encode([Item(text=t) for t in ["c", "d", "g", "g", "j", "i"]], False)  # padding: the positive
+    assert torch.equal(batch["negatives"]["input_ids"], want["input_ids"])
+    none = FixedNegatives(collate, 0)
+    with caplog.at_level("WARNING"):
+        assert "negatives" not in none(_records(data, rows)) and "negatives" not in none(_records(data, rows))
+    assert caplog.text.count("--num-negatives is 0") == 1  # once per process

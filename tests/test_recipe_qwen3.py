@@ -175,7 +175,8 @@ def one_process_loss(argv: list[str], records: list) -> float:
     """The recipe's loss on ``records`` (the global batch) in one process, before any update."""
     from transformers import AutoModel
 
-    from vembed_blocks import VLMCollator
+    from vembed_blocks import InfoNCE, Matryoshka, VLMCollator
+    from vembed_blocks.data import FixedNegatives
     from vembed_blocks.vlm import load_vlm_processor, vlm_embed
 
     args = qwen3.parse_args(argv)
@@ -186,14 +187,17 @@ def one_process_loss(argv: list[str], records: list) -> float:
         doc_instruction=args.doc_instruction,
         max_image_side=args.max_image_side,
     )
-    batch, k = qwen3.FixedNegatives(collator, args.num_negatives)(records), args.num_negatives
+    batch, k = FixedNegatives(collator, args.num_negatives)(records), args.num_negatives
     with torch.no_grad():
         q, p = vlm_embed(model, batch["query"]), vlm_embed(model, batch["positive"])
         extra = {"labels": batch["labels"]} if "labels" in batch else {}
         if k:
             negatives = vlm_embed(model, batch["negatives"]).view(len(records), k, -1)
             extra.update(negatives=negatives, negatives_mask=batch["negatives_mask"])
-        return qwen3.make_loss(args)(q, p, **extra).item()
+        loss = InfoNCE(temperature=args.temperature)
+        if args.mrl_dims:
+            loss = Matryoshka(loss, [int(d) for d in args.mrl_dims.split(",")])
+        return loss(q, p, **extra).item()
 
 
 def test_torchrun_fsdp_ragged_negatives_and_labels(toy, tmp_path):

@@ -1,6 +1,6 @@
 """Data blocks: records, images, collators, the weighted task sampler, embedding stores."""
 
-from .collate import DualEncoderCollator, TextCollator, VLMCollator, label_id, scatter_negatives
+from .collate import DualEncoderCollator, FixedNegatives, TextCollator, VLMCollator, label_id, scatter_negatives
 from .embed_store import EmbedStore, EmbedWriter, StoreError, collate_embeddings, ensure_meta
 from .images import ImageLoadError, load_image, load_images
 from .loader import TaskLoader
@@ -18,6 +18,7 @@ from .sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_grou
 
 __all__ = [
     "DualEncoderCollator",
+    "FixedNegatives",
     "TextCollator",
     "VLMCollator",
     "label_id",

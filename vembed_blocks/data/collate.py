@@ -25,7 +25,9 @@ record of a batch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,7 +35,9 @@ import torch
 from .images import load_images
 from .records import Item, Record, RecordError
 
-__all__ = ["TextCollator", "DualEncoderCollator", "VLMCollator", "scatter_negatives", "label_id"]
+log = logging.getLogger(__name__)
+
+__all__ = ["TextCollator", "DualEncoderCollator", "VLMCollator", "FixedNegatives", "scatter_negatives", "label_id"]
 
 
 def scatter_negatives(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -267,3 +271,31 @@ def _chat(item: Item, instruction: str | None) -> list[dict]:
     if instruction:
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": instruction}]})
     return messages
+
+
+class FixedNegatives:
+    """Every record with exactly ``k`` hard negatives: short rows padded with copies of their positive,
+    masked out (``negatives_mask[B, k]``); longer rows cut to their first ``k``.
+
+    Why: under FSDP2 every sharded forward is a collective, so every rank must encode the same
+    number of negatives per step; a ragged count would hang. Padding costs forwards, never
+    correctness (padded slots are masked in the loss). ``k = 0`` drops the data's negatives,
+    with a warning once per process (a silently unused column is a surprise).
+    """
+
+    def __init__(self, collator: Callable[[Sequence[Record]], dict[str, Any]], k: int) -> None:
+        if k < 0:
+            raise ValueError(f"FixedNegatives: k must be >= 0, got {k}")
+        self.collator, self.k, self.warned = collator, k, False
+
+    def __call__(self, records: Sequence[Record]) -> dict[str, Any]:
+        k = self.k
+        if not k and not self.warned and any(r.negatives for r in records):
+            self.warned = True
+            log.warning("rows have hard negatives but --num-negatives is 0: they are not used (pass --num-negatives K)")
+        batch = self.collator(
+            [dataclasses.replace(r, negatives=(list(r.negatives[:k]) + [r.positive] * k)[:k]) for r in records]
+        )
+        if k:
+            batch["negatives_mask"] = torch.tensor([[j < len(r.negatives) for j in range(k)] for r in records])
+        return batch
