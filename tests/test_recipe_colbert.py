@@ -24,6 +24,9 @@ from _tiny_models import tiny_bert, tiny_qwen3vl
 from safetensors.torch import load_file
 from test_recipe_qwen3 import shapes_dataset
 
+from vembed_blocks import ColBERT, Matryoshka
+from vembed_blocks.data import FixedNegatives
+
 colbert = load_script("colbert")
 
 
@@ -153,11 +156,11 @@ def one_process_loss(argv: list[str], records: list) -> float:
     """The recipe's loss on ``records`` (the global batch) in one process, before any update."""
     args = colbert.parse_args(argv)
     torch.manual_seed(args.seed)  # as main() does before building: the projection's initial weights
-    model, proj, collator, _ = colbert.build_encoder(args, torch.device("cpu"))
-    batch, k, b = colbert.FixedNegatives(collator, args.num_negatives)(records), args.num_negatives, len(records)
+    parts = colbert.build(args, torch.device("cpu"))
+    batch, k, b = FixedNegatives(parts.collator, args.num_negatives)(records), args.num_negatives, len(records)
 
     def encode(x: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return colbert.token_embeddings(args, model, proj, x), x["attention_mask"].bool()
+        return colbert.token_embeddings(args, parts, x), x["attention_mask"].bool()
 
     with torch.no_grad():
         (q, qm), (d, dm) = encode(batch["query"]), encode(batch["positive"])
@@ -166,7 +169,10 @@ def one_process_loss(argv: list[str], records: list) -> float:
             n, nm = encode(batch["negatives"])
             nm = nm.view(b, k, -1) & batch["negatives_mask"][..., None]  # a padded slot: no real token
             extra = {"negatives": n.view(b, k, n.shape[1], -1), "negatives_mask": nm}
-        return colbert.make_loss(args)(q, qm, d, dm, **extra).item()
+        loss = ColBERT(temperature=args.temperature)
+        if args.mrl_dims:
+            loss = Matryoshka(loss, [int(d) for d in args.mrl_dims.split(",")])
+        return loss(q, qm, d, dm, **extra).item()
 
 
 def test_torchrun_ragged_negatives_and_labels(tmp_path):
