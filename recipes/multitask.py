@@ -38,7 +38,7 @@ from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from vembed_blocks.data import TaskBatches, WeightedTaskSampler, parse_group_weights, parse_weights
 from vembed_blocks.data.embed_store import EmbedStore, collate_embeddings
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.parallel import clip_gradients, unwrap_model, wrap_ddp
+from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 
 log = logging.getLogger("multitask")
 
@@ -92,7 +92,7 @@ class FusionHead(nn.Module):
         self.doc = nn.Sequential(nn.Linear(doc_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, query: torch.Tensor, doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.query(query), self.doc(doc)  # one call for both sides: one DDP gradient sync
+        return self.query(query), self.doc(doc)
 
     def save_pretrained(self, out: str) -> None:
         os.makedirs(out, exist_ok=True)
@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     first = next(iter(tasks.values()))[0]
     head = FusionHead(first["query"].shape[-1], first["positive"].shape[-1], args.hidden, args.dim).to(device)
-    model = wrap_ddp(head)
     criterion = InfoNCE(temperature=args.temperature, symmetric=args.symmetric, gather=True)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
@@ -215,25 +214,22 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size * world,
         world,
     )
-    losses = train_loop(args, loader, model, head, criterion, optimizer, scheduler, sampler, tasks, start, end, device)
+    losses = train_loop(args, loader, head, criterion, optimizer, scheduler, sampler, tasks, start, end, device)
 
     result = {"losses": losses}
     if end < args.max_steps:
         log.info("stopped at step %d of %d; continue with --resume", end, args.max_steps)
     else:
         result.update(finish(args, head, tasks))
-    del model  # the DDP wrapper must go before the process group (see shutdown_distributed)
     shutdown_distributed()
     return result
 
 
-def train_loop(
-    args, loader, model, head, criterion, optimizer, scheduler, sampler, tasks, start, end, device
-) -> list[float]:
+def train_loop(args, loader, head, criterion, optimizer, scheduler, sampler, tasks, start, end, device) -> list[float]:
     """The explicit loop: head on both sides, gathered InfoNCE, step, log the mix, save."""
     rank, world = get_rank(), get_world_size()
     names = sorted(tasks)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(head) if args.compile else head
     # The mix so far is a pure function of the steps already taken: recount it instead of storing it.
     counts = collections.Counter(sampler.draw(t)[0] for t in range(start))
     t0, seen, losses = time.perf_counter(), 0, []
@@ -247,9 +243,10 @@ def train_loop(
             rank_tasks = [names[int(g)] for g in got]
             if len(set(rank_tasks)) > 1:
                 raise RuntimeError(f"step {step}: ranks drew different tasks {rank_tasks}")
-        q, d = fwd(pooled(batch, "query").to(device), pooled(batch, "positive").to(device))
-        loss = criterion(q, d)
-        loss.backward()
+        for batch in accumulate_gradients(head, [batch]):  # no DDP wrapper: the head's gradients averaged once
+            q, d = fwd(pooled(batch, "query").to(device), pooled(batch, "positive").to(device))
+            loss = criterion(q, d)
+            loss.backward()
         clip_gradients(head.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -308,7 +305,7 @@ def finish(args: argparse.Namespace, head: FusionHead, tasks: dict[str, EmbedSto
     for name, m in metrics.items():
         log.info("%-20s recall@1 %.4f  recall@5 %.4f", name, m["recall@1"], m["recall@5"])
     final = os.path.join(args.output, "final")
-    unwrap_model(head).save_pretrained(final)
+    head.save_pretrained(final)
     log.info("exported the head to %s (FusionHead.from_pretrained)", final)
     return {"metrics": metrics}
 

@@ -9,7 +9,13 @@ import re
 import pytest
 from _recipes import ROOT
 
-SKELETON = ["clip_t2i", "text_t2t", "distill", "qwen3_fsdp", "colbert"]  # recipes on the shared skeleton (the others follow)
+SKELETON = [
+    "clip_t2i",
+    "text_t2t",
+    "distill",
+    "qwen3_fsdp",
+    "colbert",
+]  # recipes on the shared skeleton (the others follow)
 REGION = re.compile(r"^ *# <shared: (?P<name>[^>]+)>\n(?P<body>.*?)^ *# </shared>", re.S | re.M)
 
 

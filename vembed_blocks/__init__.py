@@ -35,20 +35,18 @@ from .distributed import (
     get_rank,
     get_world_size,
     init_distributed,
-    is_main_process,
     mean_over_ranks,
     shutdown_distributed,
 )
 from .embed import RetrievalSet, embed_items, retrieval_set
+from .grad_sync import accumulate_gradients, clip_gradients
 from .gradcache import GradCache, RandState, RowSplit
 from .losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives
 from .metrics import retrieval_metrics, search
 from .parallel import (
     apply_lora,
     checkpoint_layers,
-    clip_gradients,
     compile_layers,
-    one_gradient_sync,
     shard_model,
     unwrap_model,
     wrap_ddp,

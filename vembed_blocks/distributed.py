@@ -26,7 +26,6 @@ __all__ = [
     "is_dist",
     "get_rank",
     "get_world_size",
-    "is_main_process",
     "init_distributed",
     "gather_with_grad",
     "gather_with_offset",
@@ -53,10 +52,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of ranks (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
@@ -212,7 +207,7 @@ def average_gradients(params, bucket_bytes: int = 32 << 20) -> None:
     """Average ``.grad`` over ranks for the plain (not FSDP-sharded) parameters in ``params``.
 
     For parameters no wrapper syncs (a loss's temperature, a projection outside the sharded
-    model), or all of a model trained without DDP (`parallel.one_gradient_sync`). Sharded
+    model), or all of a model trained without DDP (`grad_sync.accumulate_gradients`). Sharded
     (DTensor) parameters are skipped: FSDP2 has reduced their gradients already. A parameter
     with a gradient on some rank but none here gets zeros first (one small all-reduce of
     flags), so every rank all-reduces the same tensors. Gradients travel in flat buckets of at

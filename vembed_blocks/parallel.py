@@ -14,13 +14,11 @@ runs unchanged as plain ``python recipe.py``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import math
 import warnings
 import weakref
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -33,8 +31,6 @@ __all__ = [
     "compile_layers",
     "apply_lora",
     "unwrap_model",
-    "clip_gradients",
-    "one_gradient_sync",
     "reshaped_scalar_params",
 ]
 
@@ -77,33 +73,6 @@ _LORA_SUFFIXES = (
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip a DDP wrapper (FSDP2 and peft wrappers are kept: they own the state-dict names)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
-    """Scale gradients so their global L2 norm is at most ``max_norm``; ``0`` = off. Returns the norm.
-
-    The rule of ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``,
-    capped at 1), over FSDP2-sharded (DTensor) and plain gradients together, which one torch
-    call cannot mix. ``max_norm=0`` leaves gradients as they are (the seeds' convention; passed
-    to ``clip_grad_norm_`` it would zero them all). Sharded norms are collectives: call it on
-    every rank.
-    """
-    if max_norm < 0 or not math.isfinite(max_norm):
-        raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in parameters if p.grad is not None]
-    squares = 0.0
-    for group in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
-        if group:
-            norm = torch.nn.utils.get_total_norm(group)
-            squares += float(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
-    total = math.sqrt(squares)
-    coef = max_norm / (total + 1e-6)
-    if max_norm > 0 and coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
-    return total
 
 
 def _pg_ready() -> bool:
@@ -285,28 +254,6 @@ def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
             # Instance attribute: shadows DDP.__getattr__ fallback for this name.
             object.__setattr__(ddp, name, _route_through_ddp(ddp, name))
     return ddp
-
-
-@contextlib.contextmanager
-def one_gradient_sync(model: nn.Module) -> Iterator[None]:
-    """A training step's forwards and backward under DDP ``no_sync``, then one all-reduce of the gradients.
-
-    DDP expects one forward per backward. An embedding step makes several (queries, documents,
-    and on some ranks a batch of hard negatives): with ``find_unused_parameters`` the second
-    forward of a tower fails ("Expected to mark a variable ready only once"), and ranks with
-    different forward counts would pair the wrong collectives. Inside this context DDP keeps
-    no books; on exit the gradients of the trainable parameters are averaged over ranks in one
-    flat all-reduce (`average_gradients`: parameters without a gradient must be the same on
-    every rank). GradCache inside it is fine. A model that is not DDP: a no-op.
-    """
-    if not isinstance(model, nn.parallel.DistributedDataParallel):
-        yield
-        return
-    from .distributed import average_gradients
-
-    with model.no_sync():
-        yield
-    average_gradients([p for p in model.parameters() if p.requires_grad])
 
 
 def _is_checkpointed(m: nn.Module) -> bool:
