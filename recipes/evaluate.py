@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from vembed_blocks import DualEncoderCollator, dual_encoder_features, load_records, retrieval_metrics
 from vembed_blocks.embed import embed_items, retrieval_set
-from vembed_blocks.towers import load_dual_encoder
+from vembed_blocks.towers import load_dual_encoder, text_padding
 
 log = logging.getLogger("evaluate")
 
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_dual_encoder(args.model)  # an HF dual encoder or composed towers
     model = model.to(device).eval()
-    siglip = "siglip" in type(model).__name__.lower()  # SigLIP was trained on max_length=64 padding
-    collator = DualEncoderCollator(processor, max_length=64 if siglip else 77, padding="max_length" if siglip else True)
+    collator = DualEncoderCollator(processor, **text_padding(model))  # SigLIP: max_length=64 padding
 
     records = load_records(args.data, format=args.format)
     rs = retrieval_set(records)

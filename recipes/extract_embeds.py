@@ -31,7 +31,7 @@ from vembed_blocks import dual_encoder_features, init_distributed
 from vembed_blocks.data import DualEncoderCollator, VLMCollator, read_records
 from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, ensure_meta
 from vembed_blocks.distributed import shutdown_distributed
-from vembed_blocks.towers import COMPOSED_FILE, load_dual_encoder
+from vembed_blocks.towers import COMPOSED_FILE, load_dual_encoder, text_padding
 from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
 
 log = logging.getLogger("extract_embeds")
@@ -112,11 +112,9 @@ def load_encoder(args: argparse.Namespace, device: torch.device):
         raise SystemExit("--per-token needs a VLM; a dual encoder gives one projected vector per side")
     model, processor = load_dual_encoder(args.model)
     model = model.to(device).eval()
-    siglip = "siglip" in type(model).__name__.lower()  # SigLIP was trained on max_length=64 padding
     collator = DualEncoderCollator(
         processor,
-        max_length=64 if siglip else 77,
-        padding="max_length" if siglip else True,
+        **text_padding(model),  # SigLIP: max_length=64 padding
         max_image_side=args.image_sample_size,
     )
     return "dual_encoder", lambda inputs: list(dual_encoder_features(model, inputs)), collator

@@ -80,10 +80,10 @@ def images(tmp_path_factory) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("loss,chunk", [("infonce", "4"), ("siglip", "0")])
-def test_clip_ragged_two_ranks_equal_one_process(images, tmp_path, loss, chunk):
-    """InfoNCE through GradCache; SigLIP (hard negatives as negative-only columns) without:
-    several DDP forwards a step."""
+@pytest.mark.parametrize("loss,chunk,accum", [("infonce", "4", "1"), ("siglip", "0", "1"), ("infonce", "0", "2")])
+def test_clip_ragged_two_ranks_equal_one_process(images, tmp_path, loss, chunk, accum):
+    """InfoNCE through GradCache; SigLIP (hard negatives as negative-only columns) without; InfoNCE
+    with 2 accumulated micro-batches per step (the ragged ones are then the first step's two)."""
     model = images["clip" if loss == "infonce" else "siglip"]
     run = [
         "--model",
