@@ -79,9 +79,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
 
 
 def shutdown_distributed() -> None:
-    """End a run: destroy the process group safely. Delete your DDP model (``del model``) first.
+    """End a run: destroy the process group safely.
 
-    With torch 2.13 and gloo, freeing a DDP wrapper or the group joins gloo's worker thread
+    The recipes hold no DDP wrapper (`grad_sync.accumulate_gradients` syncs instead), so there
+    is nothing to free first. If your own loop keeps a `wrap_ddp` model, ``del`` it before
+    calling this. Why: with torch 2.13 and gloo, freeing a DDP wrapper or the group joins gloo's worker thread
     while the main thread holds the GIL; if that thread is still freeing the Python tensors
     of the last collective (which needs the GIL) both wait forever. It was seen about once in
     ten 2-rank runs. So: give the worker a moment to finish, collect garbage (a `wrap_ddp`
