@@ -1,4 +1,4 @@
-"""Late-interaction retrieval (ColBERT, ColPali / ColQwen): token embeddings, MaxSim, FSDP2, GradCache.
+r"""Late-interaction retrieval (ColBERT, ColPali / ColQwen): token embeddings, MaxSim, FSDP2, GradCache.
 
 Every token keeps its own vector (the encoder's last hidden states through an optional linear
 projection to --dim, 128 as in ColBERT); a query scores a document by MaxSim (each query
@@ -48,14 +48,14 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.run_log import RunLog, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import add_common_args, check_common_args
+from vembed_blocks.train_args import HelpFormatter, add_common_args, check_common_args
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p, output="runs/colbert", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0)
     p.add_argument("--model", required=True, help="HF id or local folder: a BERT-like text encoder or a Qwen-VL model")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format")

@@ -1,4 +1,4 @@
-"""Distil a teacher's query-document similarity structure into a text student (Distill: KL or MSE).
+r"""Distil a teacher's query-document similarity structure into a text student (Distill: KL or MSE).
 
     python recipes/distill.py --model sentence-transformers/all-MiniLM-L6-v2 --teacher BAAI/bge-large-en-v1.5 \
         --data train.jsonl --val-data val.jsonl --output runs/distill
@@ -46,13 +46,13 @@ from vembed_blocks.text_encoder import (
     load_text_encoder,
     text_features,
 )
-from vembed_blocks.train_args import add_common_args, check_common_args
+from vembed_blocks.train_args import HelpFormatter, add_common_args, check_common_args
 
 log = logging.getLogger("distill")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p, output="runs/distill", lr=2e-5, batch_size=64)
     p.add_argument(
         "--model", required=True, help="the student: HF id or local folder (plain HF or sentence-transformers)"

@@ -1,4 +1,4 @@
-"""Extract embeddings offline (seed 004, step 1): a JSONL in any seed format -> one task directory.
+r"""Extract embeddings offline (seed 004, step 1): a JSONL in any seed format -> one task directory.
 
 A VLM (Qwen3-VL: the query is the source image(s) + instruction in one chat, the document is
 the target image; last-token or per-token hidden states) or a dual encoder (CLIP/SigLIP) is

@@ -1,4 +1,4 @@
-"""Train a composed-retrieval head on precomputed embeddings, mixing tasks by weight (seed 004, step 2).
+r"""Train a composed-retrieval head on precomputed embeddings, mixing tasks by weight (seed 004, step 2).
 
 Each subdirectory of --data-dir is one task written by `recipes/extract_embeds.py` (query =
 source image(s) + instruction, document = target image). A small MLP per side maps the

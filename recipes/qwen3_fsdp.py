@@ -1,4 +1,4 @@
-"""Train a Qwen3-VL-Embedding style model: Qwen3-VL backbone, last-token pooling, FSDP2, GradCache.
+r"""Train a Qwen3-VL-Embedding style model: Qwen3-VL backbone, last-token pooling, FSDP2, GradCache.
 
 Each item becomes a chat ([system: instruction] [user: images + text] + assistant prefix) via
 the processor's chat template; its embedding is the hidden state of the last token. Queries
@@ -45,14 +45,14 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.run_log import RunLog, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import add_common_args, check_common_args
+from vembed_blocks.train_args import HelpFormatter, add_common_args, check_common_args
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_embed
 
 log = logging.getLogger("qwen3_fsdp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p, output="runs/qwen3_fsdp", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0)
     p.add_argument("--model", required=True, help="HF id or local folder of a Qwen3-VL (or Qwen2-VL) model")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format")

@@ -1,4 +1,4 @@
-"""Fine-tune a text bi-encoder (BERT, MiniLM, BGE, Qwen3-Embedding) with InfoNCE, CoSENT or Triplet.
+r"""Fine-tune a text bi-encoder (BERT, MiniLM, BGE, Qwen3-Embedding) with InfoNCE, CoSENT or Triplet.
 
     python recipes/text_t2t.py --model sentence-transformers/all-MiniLM-L6-v2 --data train.jsonl --val-data val.jsonl
     torchrun --nproc_per_node=8 recipes/text_t2t.py --model BAAI/bge-base-en-v1.5 --data train.jsonl \
@@ -43,13 +43,13 @@ from vembed_blocks.text_encoder import (
     load_text_encoder,
     text_features,
 )
-from vembed_blocks.train_args import add_common_args, check_common_args
+from vembed_blocks.train_args import HelpFormatter, add_common_args, check_common_args
 
 log = logging.getLogger("text_t2t")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p, output="runs/text_t2t", lr=2e-5, batch_size=64)
     p.add_argument("--model", required=True, help="HF id or local folder (plain HF or sentence-transformers)")
     p.add_argument("--loss", choices=["infonce", "cosent", "triplet"], default="infonce")

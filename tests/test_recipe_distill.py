@@ -255,7 +255,7 @@ def one_process_loss(argv: list[str], records: list) -> float:
 
 def test_torchrun_ragged_negatives_and_labels(toy, tmp_path):
     """At step 1 only rank 0 has hard negatives (0-2 a row) and string labels (unused by Distill): with a
-    live teacher (GradCache) and with the evaluate.py layout (no GradCache: rank 0 makes one more DDP
+    live teacher (GradCache) and with the evaluate.py layout (no GradCache: rank 0 makes one more
     forward than rank 1), Matryoshka, the run finishes with finite losses, and step 1's loss equals one
     process on the global batch (every rank's docs as candidates)."""
     rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]

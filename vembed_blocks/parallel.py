@@ -4,12 +4,14 @@ Recommended order in a recipe (each step sees the module tree the previous one l
 
     model = checkpoint_layers(model)             # recompute each transformer block in backward
     model = apply_lora(model, r=16, alpha=32)    # optional: peft adapters, base frozen
-    model = shard_model(model, mixed_precision="bf16")   # or wrap_ddp(model)
+    model = shard_model(model, mixed_precision="bf16")   # or nothing: grad_sync averages plain gradients
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=...)
 
 The optimizer must be built *after* `shard_model` (FSDP2 replaces parameters by DTensors).
 `shard_model` and `wrap_ddp` are no-ops without an initialised process group, so a recipe
-runs unchanged as plain ``python recipe.py``.
+runs unchanged as plain ``python recipe.py``. The recipes do not use `wrap_ddp`: an embedding
+step makes several forwards (and a varying number across ranks), which DDP's bookkeeping does
+not allow; `grad_sync.accumulate_gradients` syncs unsharded models once per step instead.
 """
 
 from __future__ import annotations

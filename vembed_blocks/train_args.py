@@ -14,7 +14,11 @@ import argparse
 from .run_log import TRACKERS
 from .schedule import SCHEDULES
 
-__all__ = ["add_common_args", "check_common_args"]
+__all__ = ["HelpFormatter", "add_common_args", "check_common_args"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the recipe's docstring as written and shows every flag's default."""
 
 
 def add_common_args(
@@ -26,10 +30,11 @@ def add_common_args(
     weight_decay: float = 0.01,
     eval_batch_size: int = 128,
     lora_alpha: float = 16.0,
+    data_help: str = "training file (JSONL/CSV/Parquet)",
 ) -> argparse.ArgumentParser:
     """Add the shared data, optimisation, loop, checkpoint and logging flags to ``p``."""
     a = p.add_argument
-    a("--data", help="training file (JSONL/CSV/Parquet); default: this recipe's demo set")
+    a("--data", help=data_help)
     a("--val-data", help="validation file: retrieval metrics before/after (and every --eval-every steps)")
     a("--output", default=output, help="run folder: args.json, logs, checkpoints/, final/")
     a("--seed", type=int, default=0, help="seeds the model init, the sampler and the data order")
