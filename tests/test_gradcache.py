@@ -136,6 +136,203 @@ def test_dropout_replay_is_bit_identical() -> None:
     assert torch.equal(torch.rand(3), after_ref)  # the replays did not disturb the RNG stream
 
 
+def _budget_run(budget: str, seed: int = 123):
+    """GradCache with memory_budget (in first-chunk footprints F: "0", "1", "some" = 2.5F, "all" = inf) on
+    batch 10 / chunk 3 (rows 3/3/3/1), two encode calls, dropout 0.3. Returns (tower, plans, forward calls,
+    the RNG draw after the step, first-pass vs replay mismatches)."""
+    tower = Tower(dropout=0.3)
+    q_in, d_in = batch(10, 20), batch(10, 21)
+    probe = GradCache(chunk_size=3, memory_budget=float("inf"))
+    probe.encode(tower, **q_in)
+    f = probe.last_plan.chunk_bytes
+    probe.reset()
+    assert f > 0
+    first: dict[int, torch.Tensor] = {}
+    calls, mismatches = [0], []
+
+    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = tower(input_ids, attention_mask)
+        calls[0] += 1
+        key = input_ids.data_ptr()  # each chunk is a view with its own offset; a replay reuses it
+        if key in first:
+            mismatches.append(not torch.equal(out.detach(), first[key]))
+        else:
+            first[key] = out.detach().clone()
+        return out
+
+    gc = GradCache(chunk_size=3, memory_budget={"0": 0, "1": f, "some": 2.5 * f, "all": float("inf")}[budget])
+    torch.manual_seed(seed)
+    q = gc.encode(fn, **q_in)
+    plans = [gc.last_plan]
+    p = gc.encode(fn, **d_in)
+    plans.append(gc.last_plan)
+    info_nce(q, p).backward()
+    return tower, plans, calls[0], torch.rand(3), mismatches
+
+
+@pytest.mark.parametrize("budget,kept", [("0", (0, 0)), ("1", (1, 0)), ("some", (3, 0)), ("all", (4, 4))])
+def test_memory_budget_matches_full_batch_with_dropout(budget: str, kept: tuple[int, int]) -> None:
+    """Budgets of 0, 1, 2.5 and all chunks: exact gradients, bit-identical replays, only the rest re-run.
+
+    The budget is shared by the two encode calls (their graphs live together until backward): with
+    2.5 chunks the query call keeps chunks 0, 1 and the 1-row chunk 3 (2.33 F) and the doc call gets none.
+    """
+    ref = Tower(dropout=0.3)
+    q_in, d_in = batch(10, 20), batch(10, 21)
+    torch.manual_seed(123)  # reference: the same chunks, forwarded with grad in the same order
+    q = torch.cat([ref(**{k: v[s : s + 3] for k, v in q_in.items()}) for s in (0, 3, 6, 9)])
+    d = torch.cat([ref(**{k: v[s : s + 3] for k, v in d_in.items()}) for s in (0, 3, 6, 9)])
+    info_nce(q, d).backward()
+    after_ref = torch.rand(3)
+
+    tower, plans, calls, after, mismatches = _budget_run(budget)
+    assert (plans[0].kept, plans[1].kept) == kept and all(p.chunks == 4 for p in plans)
+    assert calls == 8 + (8 - sum(kept))  # first pass of every chunk, then a replay of each chunk not kept
+    assert len(mismatches) == 8 - sum(kept) and not any(mismatches)  # replays equal the first pass, bit for bit
+    assert_close(grads(tower), grads(ref))
+    assert torch.equal(after, after_ref)  # the replays did not disturb the RNG stream
+
+
+class _Token:
+    pass
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose graph node holds a fresh token: the token lives exactly as long as the chunk's graph."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tokens: list) -> torch.Tensor:
+        ctx.token = _Token()
+        tokens.append(weakref.ref(ctx.token))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+@pytest.mark.parametrize("budget,alive", [(0.0, 0), (0.5, 0), (1.5, 1), (2.0, 2), (5.0, 5), (float("inf"), 8)])
+def test_memory_budget_bounds_the_graphs_held(budget: float, alive: int) -> None:
+    """Between encode and backward exactly the budgeted graphs are alive (two calls of 4 chunks share the
+    budget), without waiting for the cyclic GC: the measured first chunk's graph and saved activations
+    are freed at once when it does not fit; nothing is left after backward."""
+    tower, tokens, saved = Tower(), [], []
+    # The first Linear's output is saved by the GELU: its storage lives exactly as long as the chunk's graph.
+    tower.block[0].register_forward_hook(lambda m, i, o: saved.append(weakref.ref(o.untyped_storage())))
+
+    def fn(**kw: torch.Tensor) -> torch.Tensor:
+        return _Mark.apply(tower(**kw), tokens)
+
+    probe = GradCache(chunk_size=4, memory_budget=float("inf"))
+    probe.encode(fn, **batch(16, 0))
+    f = probe.last_plan.chunk_bytes
+    probe.reset()
+    pygc.collect()
+    tokens.clear(), saved.clear()
+    pygc.disable()
+    try:
+        gc = GradCache(chunk_size=4, memory_budget=budget * f)
+        q, p = gc.encode(fn, **batch(16, 0)), gc.encode(fn, **batch(16, 1))  # 4 chunks of 4 rows each
+        assert sum(r() is not None for r in tokens) == alive
+        assert sum(r() is not None for r in saved) == alive
+        info_nce(q, p).backward()
+        del q, p
+        assert all(r() is None for r in tokens) and all(r() is None for r in saved)
+    finally:
+        pygc.enable()
+
+
+def test_memory_budget_arguments() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        GradCache(chunk_size=2, memory_budget=1 << 20, keep_graphs=2)
+    with pytest.raises(ValueError, match="memory_budget >= 0"):
+        GradCache(chunk_size=2, memory_budget=-1)
+    with pytest.raises(ValueError, match="memory_budget >= 0"):
+        GradCache(chunk_size=2, memory_budget=float("nan"))
+    tower = Tower().requires_grad_(False)  # frozen: measured, nothing kept, plain embeddings
+    gc = GradCache(chunk_size=3, memory_budget=float("inf"))
+    e = gc.encode(tower, **batch(7, 0))
+    assert not e.requires_grad and gc.last_plan.kept == 0 and gc._pending == []
+
+
+class LazyDevice:
+    """A fake accelerator whose generator exists only once something uses it, like CUDA's: a device-RNG
+    provider for `RandState.devices` (see `vembed_blocks.gradcache.CudaRNG`), testable on CPU."""
+
+    def __init__(self, seed: int = 77) -> None:
+        self.seed, self.gen = seed, None
+
+    def dropout(self, h: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+        if self.gen is None:  # lazy initialisation on first use, seeded like CUDA's (initial seed, offset 0)
+            self.gen = torch.Generator().manual_seed(self.seed)
+        keep = torch.rand(h.shape, generator=self.gen) >= p
+        return h * keep / (1 - p)
+
+    def initialized(self) -> bool:
+        return self.gen is not None
+
+    def get_states(self) -> list[torch.Tensor]:
+        return [self.gen.get_state()]
+
+    def set_states(self, states: list[torch.Tensor]) -> None:
+        self.gen.set_state(states[0])
+
+    def fresh_states(self) -> list[torch.Tensor]:
+        return [torch.Generator().manual_seed(self.seed).get_state()]
+
+
+def test_rand_state_covers_a_device_initialised_inside_the_block(monkeypatch) -> None:
+    """A snapshot taken before the device exists still replays the block's draws (`complete`, or lazily)."""
+    from vembed_blocks.gradcache import RandState
+
+    for complete in (True, False):
+        dev = LazyDevice()
+        monkeypatch.setattr(RandState, "devices", (dev,))
+        state = RandState()
+        assert not dev.initialized()
+        first = dev.dropout(torch.ones(64))  # initialises the device, then draws
+        if complete:
+            state.complete()
+        after = dev.dropout(torch.ones(64))
+        with state.replay():
+            assert torch.equal(dev.dropout(torch.ones(64)), first)
+        assert not torch.equal(after, first)
+        assert torch.equal(dev.dropout(torch.ones(64)), LazyDevice().dropout(torch.ones(192))[128:])  # stream intact
+
+
+def test_gradcache_replays_a_lazily_initialised_device(monkeypatch) -> None:
+    """The first chunk initialises the device's generator: replays still draw the first pass's masks."""
+    from vembed_blocks.gradcache import RandState
+
+    def run(dev: LazyDevice, model: Tower, gc: GradCache | None) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+
+        def fn(input_ids, attention_mask):
+            out = dev.dropout(model(input_ids, attention_mask))
+            seen.append(out.detach().clone())
+            return out
+
+        q_in, d_in = batch(7, 50), batch(7, 51)
+        if gc is None:  # reference: the same chunks, forwarded with grad in the same order
+            q = torch.cat([fn(**{k: v[s : s + 3] for k, v in q_in.items()}) for s in (0, 3, 6)])
+            d = torch.cat([fn(**{k: v[s : s + 3] for k, v in d_in.items()}) for s in (0, 3, 6)])
+        else:
+            q, d = gc.encode(fn, **q_in), gc.encode(fn, **d_in)
+        info_nce(q, d).backward()
+        return seen
+
+    ref = Tower()
+    want = run(LazyDevice(), ref, None)
+    tower, dev = Tower(), LazyDevice()
+    monkeypatch.setattr(RandState, "devices", (dev,))
+    seen = run(dev, tower, GradCache(chunk_size=3, keep_graphs=0))  # every chunk replayed, chunk 0 first
+    assert len(seen) == 12
+    assert all(torch.equal(a, b) for a, b in zip(seen[:6], want))  # first pass: the reference's masks
+    for got, first in zip(seen[6:], seen[:6]):
+        assert torch.equal(got, first)  # without the fresh state of the lazy device, chunk 0 would differ
+    assert_close(grads(tower), grads(ref))
+
+
 def test_activation_checkpointing() -> None:
     """torch.utils.checkpoint inside our tower, and HF BertModel with gradient checkpointing on."""
     from transformers import BertConfig, BertModel
@@ -195,6 +392,79 @@ def test_autocast_state_is_replayed() -> None:
     # The reference sums the chunks' weight grads in bf16 (one cached cast), GradCache in fp32.
     for a, b in zip(lin.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=1e-2)
+
+
+class HalfTower(nn.Module):
+    """`Tower` plus a projection head, float32 weights: under CPU fp16 autocast its embeddings are float16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower, self.head = Tower().float(), nn.Linear(12, 12).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tower(input_ids, attention_mask))
+
+
+def _fp16_step(model: nn.Module, scaler, gc: GradCache | None, hook=None) -> torch.Tensor:
+    """One autocast-fp16 step, ``scaler.scale(loss).backward()``; GradCache or the same chunks with grad."""
+    q_in, d_in = batch(7, 60), batch(7, 61)
+    with torch.autocast("cpu", dtype=torch.float16):
+        if gc is None:
+            q = torch.cat([model(**{k: v[s : s + 3] for k, v in q_in.items()}) for s in (0, 3, 6)])
+            p = torch.cat([model(**{k: v[s : s + 3] for k, v in d_in.items()}) for s in (0, 3, 6)])
+        else:
+            q, p = gc.encode(model, **q_in), gc.encode(model, **d_in)
+    assert q.dtype == torch.float16
+    if hook is not None:
+        q.register_hook(hook)
+    loss = info_nce(q.float(), p.float())
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    return loss
+
+
+def test_grad_scaler_scales_the_cached_gradients() -> None:
+    """fp16 + torch.amp.GradScaler on CPU: gradients carry the scale (cached gradients included), the step
+    unscales them exactly, and equal a reference forwarding the same chunks with grad."""
+    scale = 2.0**12
+    model, ref, plain = HalfTower(), HalfTower(), HalfTower()
+    _fp16_step(plain, None, GradCache(chunk_size=3))  # unscaled
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    _fp16_step(model, scaler, GradCache(chunk_size=3))
+    _fp16_step(ref, torch.amp.GradScaler("cpu", init_scale=scale), None)
+    for g, r, u in zip(grads(model), grads(ref), grads(plain)):
+        tol = 1e-2 * float(r.abs().max())  # fp16 activations; the reference sums chunk grads in fp16 first
+        torch.testing.assert_close(g, r, rtol=0, atol=tol)
+        torch.testing.assert_close(g / scale, u, rtol=1e-3, atol=1e-3 * float(u.abs().max()))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaled = grads(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler.step(opt)
+    scaler.update()
+    for p, b, g in zip(model.parameters(), before, scaled):
+        torch.testing.assert_close(p.detach(), b - 0.1 * (g / scale), rtol=0, atol=1e-7)
+    assert scaler.get_scale() == scale  # a finite step keeps the scale
+
+
+@pytest.mark.parametrize(
+    "inject,row,value", [("overflow", None, None), ("nan_in_replayed_chunk", 1, "nan"), ("inf_in_kept_chunk", 4, "inf")]
+)
+def test_grad_scaler_skips_non_finite_steps(inject: str, row: int | None, value: str | None) -> None:
+    """An inf/NaN in the cached gradient reaches the parameter gradients, so GradScaler skips the step.
+
+    "overflow" is the real fp16 failure: with scale 2**40 the gradient of the float16 embeddings overflows
+    to inf. The injected ones put a NaN/inf into one row of a replayed chunk (rows 0-2) or of the kept chunk
+    (rows 3-5: the last of the largest keeps its graph)."""
+    model = HalfTower()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40 if inject == "overflow" else 2.0**10)
+    hook = None if row is None else (lambda g: g.index_fill(0, torch.tensor([row]), float(value)))
+    _fp16_step(model, scaler, GradCache(chunk_size=3), hook)
+    assert not all(bool(p.grad.isfinite().all()) for p in model.parameters())  # it reached the parameters
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))  # step skipped
+    assert scaler.get_scale() == (2.0**39 if inject == "overflow" else 2.0**9)  # and the scale backed off
 
 
 def test_frozen_tower_returns_plain_embeddings() -> None:
@@ -296,12 +566,23 @@ def _dist_body(rank: int, world: int) -> dict:
     ddp.register_comm_hook(counter, _counting_allreduce)
     _gathered_info_nce(ddp(**local(q_all)), ddp(**local(d_all))).backward()  # plain DDP step
     out["plain"] = (counter[0], _max_err(grads(model), want))
-    for name, chunk, explicit in [("c2", 2, False), ("c4", 4, False), ("c100", 100, False), ("closure", 4, True)]:
+    kept: dict[str, list[int]] = {}  # graphs kept by the query and the doc encode call of each run
+    probe = GradCache(chunk_size=2, memory_budget=float("inf"))
+    probe.encode(ddp, **local(q_all))  # first chunk's footprint (forwards under no_sync, no backward)
+    f = probe.last_plan.chunk_bytes
+    probe.reset()
+    runs = [("c2", 2, False, None), ("c4", 4, False, None), ("c100", 100, False, None), ("closure", 4, True, None)]
+    runs += [("budget0", 2, False, 0), ("budget2", 2, False, 2 * f), ("budget_all", 2, True, float("inf"))]
+    for name, chunk, explicit, budget in runs:
         model.zero_grad()
         counter[0] = 0
-        gc = GradCache(chunk_size=chunk, sync_module=ddp if explicit else None)
+        gc = GradCache(chunk_size=chunk, sync_module=ddp if explicit else None, memory_budget=budget)
         fn = (lambda **kw: ddp(**kw)) if explicit else ddp
-        _gathered_info_nce(gc.encode(fn, **local(q_all)), gc.encode(fn, **local(d_all))).backward()
+        q = gc.encode(fn, **local(q_all))
+        kept[name] = [gc.last_plan.kept]
+        p = gc.encode(fn, **local(d_all))
+        kept[name].append(gc.last_plan.kept)
+        _gathered_info_nce(q, p).backward()
         out[name] = (counter[0], _max_err(grads(model), want))
 
     # Separate query and doc towers, each its own DDP module: each all-reduces exactly once.
@@ -316,19 +597,31 @@ def _dist_body(rank: int, world: int) -> dict:
     out["two_ddp"] = (q_count[0] * d_count[0], _max_err(grads(qt, dt), grads(rq, rd)))
 
     mesh = init_device_mesh("cpu", (world,))
-    for name, chunk, each in [("fsdp_c2", 2, False), ("fsdp_each", 2, True), ("fsdp_c100", 100, False)]:
+    fsdp_runs = [("fsdp_c2", 2, False, None), ("fsdp_each", 2, True, None), ("fsdp_c100", 100, False, None)]
+    fsdp_runs += [("fsdp_budget2", 2, False, 2 * f), ("fsdp_budget_all", 2, False, float("inf"))]
+    fsdp_runs += [("fsdp_each_budget2", 2, True, 2 * f)]
+    for name, chunk, each, budget in fsdp_runs:
         m = Tower()
         fully_shard(m.block, mesh=mesh)
         fully_shard(m, mesh=mesh)
-        gc = GradCache(chunk_size=chunk, sync_each_chunk=each)
-        _gathered_info_nce(gc.encode(m, **local(q_all)), gc.encode(m, **local(d_all))).backward()
+        gc = GradCache(chunk_size=chunk, sync_each_chunk=each, memory_budget=budget)
+        q = gc.encode(m, **local(q_all))
+        kept[name] = [gc.last_plan.kept]
+        p = gc.encode(m, **local(d_all))
+        kept[name].append(gc.last_plan.kept)
+        _gathered_info_nce(q, p).backward()
         out[name] = _max_err([p.grad.full_tensor() for p in m.parameters()], want)
+    out["kept"] = kept
     return out
 
 
 def test_ddp_and_fsdp2_two_ranks() -> None:
-    """2 gloo ranks: gradients equal single-process full batch; DDP all-reduces exactly once per step."""
+    """2 gloo ranks: gradients equal single-process full batch; DDP all-reduces exactly once per step,
+    with keep_graphs and with memory budgets of 0, 2 chunks and all chunks (no replay but the DDP-synced one)."""
     for res in run_ranks(_dist_body, 2, timeout=180):
+        kept = res.pop("kept")  # 3 chunks of 2 rows per call; a budget of 2 chunks goes to the query call
+        assert kept["budget0"] == [0, 0] and kept["budget2"] == [2, 0] and kept["budget_all"] == [3, 3]
+        assert kept["fsdp_budget2"] == kept["fsdp_each_budget2"] == [2, 0] and kept["fsdp_budget_all"] == [3, 3]
         plain_count, err = res.pop("plain")
         assert plain_count == 1 and err < 1e-5  # one bucket: one all-reduce per plain step
         for name, value in res.items():
@@ -337,3 +630,97 @@ def test_ddp_and_fsdp2_two_ranks() -> None:
             else:
                 count, err = value
                 assert count == 1 and err < 1e-5, (name, count, err)
+
+
+# ---------------------------------------------------------------------------- CUDA only
+# Skipped without a CUDA device: these carry no claim on a CPU-only run. The CPU tests above cover the
+# same logic through a fake lazily-initialised device (LazyDevice) and CPU autocast/GradScaler.
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no claim on CPU)")
+
+_LAZY_CUDA = """
+import sys, torch
+sys.path.insert(0, "tests")
+from vembed_blocks.gradcache import GradCache
+torch.manual_seed(0)
+w = torch.randn(6, 8, requires_grad=True)  # on CPU: nothing has touched CUDA yet
+x = torch.randn(7, 6)
+seen = []
+def fn(x):
+    out = torch.nn.functional.dropout((x @ w).cuda(), 0.5, training=True).cpu()  # dropout on the CUDA generator
+    seen.append(out.detach().clone())
+    return out
+assert not torch.cuda.is_initialized()
+gc = GradCache(chunk_size=3, keep_graphs=0)
+gc.encode(fn, x).square().sum().backward()  # chunk 0 initialises CUDA; every chunk is replayed
+assert all(torch.equal(a, b) for a, b in zip(seen[3:], seen[:3])), "replay drew other dropout masks"
+got = w.grad.clone()
+w.grad = None
+torch.manual_seed(0)  # the same fresh CUDA stream: the same chunks with grad
+torch.cat([fn(x[s : s + 3]) for s in (0, 3, 6)]).square().sum().backward()
+torch.testing.assert_close(got, w.grad)
+print("LAZY-CUDA-OK")
+"""
+
+
+@cuda_only
+def test_cuda_rng_initialised_inside_the_first_chunk() -> None:
+    """Fresh process, CUDA not initialised at encode: chunk 0's dropout on CUDA is replayed exactly."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _LAZY_CUDA], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "LAZY-CUDA-OK" in out.stdout, out.stderr[-3000:]
+
+
+@cuda_only
+def test_cuda_fp16_grad_scaler_and_memory_budget() -> None:
+    """CUDA fp16 autocast + GradScaler: scaled gradients equal the reference; an overflow is skipped.
+    memory_budget on CUDA: the footprint comes from torch.cuda.memory_allocated; all kept = no replay,
+    and a budget of 0 peaks lower than keeping every graph."""
+    dev = torch.device("cuda")
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 512), nn.GELU(), nn.Dropout(0.1), nn.Linear(512, 32)).float().to(dev)
+
+    x, y = torch.randn(64, 64, device=dev, dtype=torch.float32), torch.randn(64, 64, device=dev)
+
+    def step(model, gc, scaler):
+        with torch.autocast("cuda", dtype=torch.float16):
+            if gc is None:
+                q = torch.cat([model(x[s : s + 8]) for s in range(0, 64, 8)])
+                p = torch.cat([model(y[s : s + 8]) for s in range(0, 64, 8)])
+            else:
+                q, p = gc.encode(model, x), gc.encode(model, y)
+        scaler.scale(info_nce(q.float(), p.float())).backward()
+
+    torch.manual_seed(0)
+    model = make()
+    ref = copy.deepcopy(model)
+    torch.manual_seed(1)
+    step(model, GradCache(chunk_size=8), torch.amp.GradScaler("cuda", init_scale=2.0**12))
+    torch.manual_seed(1)
+    step(ref, None, torch.amp.GradScaler("cuda", init_scale=2.0**12))
+    for g, r in zip(grads(model), grads(ref)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-2 * float(r.abs().max()))
+    model.zero_grad()
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)
+    before = [p.detach().clone() for p in model.parameters()]
+    step(model, GradCache(chunk_size=8), scaler)
+    scaler.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and scaler.get_scale() == 2.0**39
+
+    peaks, plans = {}, {}
+    for budget in (0, float("inf")):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        gc = GradCache(chunk_size=8, memory_budget=budget)
+        step(model, gc, torch.amp.GradScaler("cuda", init_scale=1.0))
+        peaks[budget], plans[budget] = torch.cuda.max_memory_allocated() - base, gc.last_plan
+    assert plans[float("inf")].kept == 8 and plans[float("inf")].chunk_bytes > 0 and plans[0].kept == 0
+    assert peaks[0] < peaks[float("inf")], peaks

@@ -299,3 +299,25 @@ def _report_deviations():
     yield
     for name, dev in sorted(DEVIATIONS.items()):
         print(f"max deviation {name}: {dev:.2e}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_losses_return_the_same_dtype_dense_and_tiled(dtype):
+    """bf16/fp16 embeddings: InfoNCE, SigLIP and ColBERT return the inputs' dtype on both paths, with close values."""
+    q, p, n = (randn(*shape, seed=40 + i, dtype=dtype) for i, shape in enumerate([(B, D), (B, D), (B, K, D)]))
+    tq, td = randn(B, 4, D, seed=43, dtype=dtype), randn(B, 5, D, seed=44, dtype=dtype)
+    tm, dm = torch.ones(B, 4, dtype=torch.bool), torch.ones(B, 5, dtype=torch.bool)
+    cases = []
+    for learn, sym in itertools.product([False, True], [False, True]):
+        cases.append(
+            (
+                f"InfoNCE[{learn},{sym}]",
+                lambda t, a=learn, b=sym: InfoNCE(learn_temperature=a, symmetric=b, tile_size=t)(q, p, n),
+            )
+        )
+        cases.append((f"SigLIP[{learn}]", lambda t, a=learn: SigLIP(learn=a, tile_size=t)(q, p)))
+    cases.append(("ColBERT", lambda t: ColBERT(tile_size=t)(tq, tm, td, dm)))
+    for name, loss in cases:
+        dense, tiled_out = loss(0), loss(4)
+        assert dense.dtype == tiled_out.dtype == dtype, (name, dense.dtype, tiled_out.dtype)
+        torch.testing.assert_close(dense.float(), tiled_out.float(), rtol=2e-2, atol=2e-2)

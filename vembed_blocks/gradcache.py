@@ -8,11 +8,12 @@ with grad (same RNG, same autocast state) and backpropagated with its slice of t
 gradient. By the chain rule this gives exactly the full-batch parameter gradients while
 holding one chunk of activations.
 
-Beyond the classic algorithm, the graphs of the ``keep_graphs`` largest chunks (default: one,
-the last) of every ``encode`` call are kept from the first pass and backpropagated directly (no
-no-grad pass, no replay for them); chunks whose cached gradient is all zero are not replayed.
+Beyond the classic algorithm, some chunks keep their graph from the first pass and are
+backpropagated directly (no no-grad pass, no replay for them): as many as ``memory_budget`` bytes
+hold (measured from the first chunk's footprint), or else the ``keep_graphs`` largest chunks
+(default: one) of every ``encode`` call. Chunks whose cached gradient is all zero are not replayed.
 
-    gc = GradCache(chunk_size=32)               # or GradCache(max_tokens=8192)
+    gc = GradCache(chunk_size=32)               # or GradCache(max_tokens=8192), memory_budget=8 << 30
     q = gc.encode(model, **query_inputs)        # fn(**chunk) -> Tensor[b, ...]
     p = gc.encode(model, **doc_inputs)
     loss = criterion(q, p)
@@ -25,9 +26,10 @@ inputs laid out otherwise bring their own, e.g. ``GradCache(chunk_size=8, splitt
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -42,29 +44,76 @@ try:  # FSDP2
 except ImportError:  # pragma: no cover - very old torch
     FSDPModule = ()  # type: ignore[assignment,misc]
 
-__all__ = ["GradCache", "RandState", "RowSplit"]
+__all__ = ["GradCache", "RandState", "RowSplit", "CudaRNG", "EncodePlan"]
+
+
+class CudaRNG:
+    """The CUDA generators of all visible devices, as `RandState` snapshots and restores them.
+
+    A device-RNG provider (an entry of `RandState.devices`; another accelerator would bring its own)
+    has four methods: ``initialized()``; ``get_states()``, one state per device; ``set_states(states)``;
+    ``fresh_states()``, the states the generators held right after their lazy initialisation (their
+    seed, offset 0), which is what they held at every moment before it.
+    """
+
+    def initialized(self) -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+    def get_states(self) -> list[torch.Tensor]:
+        return [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+
+    def set_states(self, states: list[torch.Tensor]) -> None:
+        for i, state in enumerate(states):
+            torch.cuda.set_rng_state(state, i)
+
+    def fresh_states(self) -> list[torch.Tensor]:
+        states = []
+        for i in range(torch.cuda.device_count()):
+            gen = torch.Generator(device=f"cuda:{i}")  # a new generator: the default one is left alone
+            gen.manual_seed(torch.cuda.default_generators[i].initial_seed())
+            states.append(gen.get_state())
+        return states
 
 
 class RandState:
-    """Snapshot of the CPU generator and of every initialised CUDA device's generator.
+    """Snapshot of the CPU generator and of every device generator (`devices`: CUDA, all devices).
 
-    Taken at construction. ``with state.replay():`` runs the block with these states and
-    puts the states that were current back afterwards, so a replay draws exactly the
-    random numbers (dropout masks) of the first pass without disturbing the training
-    stream. All CUDA devices are captured (cheap, host-side seed/offset pairs) because a
-    chunk may touch devices that none of its inputs live on.
+    Taken at construction. ``with state.replay():`` runs the block with these states and puts the
+    states that were current back afterwards, so a replay draws exactly the random numbers (dropout
+    masks) of the first pass without disturbing the training stream. All CUDA devices are captured
+    (cheap, host-side seed/offset pairs) because a chunk may touch devices that none of its inputs
+    live on.
+
+    CUDA initialises lazily, and reading its generators would initialise it (a context on every
+    device, even in a CPU-only run), so a device that is not initialised at construction is not
+    read. If the block initialises it, the generators it drew from were fresh ones (their seed,
+    offset 0): call `complete` right after the first run of the block to record those (`GradCache`
+    does); ``replay`` completes the snapshot itself otherwise (exact unless the seed was changed
+    in between). A replay then restores them like any other state and cannot miss a device.
     """
+
+    #: Device-RNG providers captured besides the CPU generator (see `CudaRNG`).
+    devices: tuple = (CudaRNG(),)
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda: list[torch.Tensor] = []
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        self._devices = tuple(self.devices)
+        self.device_states: list[list[torch.Tensor] | None] = [
+            d.get_states() if d.initialized() else None for d in self._devices
+        ]
+
+    def complete(self) -> None:
+        """Record the fresh states of device generators that were initialised after the snapshot."""
+        for k, dev in enumerate(self._devices):
+            if self.device_states[k] is None and dev.initialized():
+                self.device_states[k] = dev.fresh_states()
 
     def _apply(self) -> None:
         torch.set_rng_state(self.cpu)
-        for i, state in enumerate(self.cuda):
-            torch.cuda.set_rng_state(state, i)
+        self.complete()
+        for dev, states in zip(self._devices, self.device_states):
+            if states is not None:
+                dev.set_states(states)
 
     @contextmanager
     def replay(self) -> Iterator[None]:
@@ -173,6 +222,111 @@ def _find_mask(tree: Any) -> torch.Tensor | None:
     return next((m for m in map(_find_mask, values) if m is not None), None)
 
 
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
+
+
+def _modules_of(fn: Any, extra: list[nn.Module]) -> list[nn.Module]:
+    """The modules ``fn`` evidently runs: itself, its ``__self__``, a partial's arguments, closure cells, defaults."""
+    cands = [*extra, fn, getattr(fn, "__self__", None)]
+    if isinstance(fn, functools.partial):
+        cands += [fn.func, *fn.args, *fn.keywords.values()]
+    cands += [c.cell_contents for c in getattr(fn, "__closure__", None) or () if c.cell_contents is not None]
+    cands += [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
+    return [m for m in cands if isinstance(m, nn.Module)]
+
+
+def _storage(t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
+    """``(data_ptr, storage)`` of ``t``'s storage; None for tensor subclasses without one of their own (DTensor)."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _cuda_allocated() -> int:
+    """Bytes allocated by tensors on all CUDA devices (0 before CUDA is initialised: nothing can be)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return 0
+    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class _Footprint:
+    """Bytes one forward leaves held until its backward: what a kept graph costs.
+
+    CUDA (the output, or anything the forward left allocated there): the growth of
+    ``torch.cuda.memory_allocated`` over the forward (every tensor the graph holds, the output
+    included). Otherwise an estimate: the unique storages saved for backward (``saved_tensors_hooks``),
+    without those of the inputs and of the parameters and buffers of the modules ``fn`` evidently
+    runs (`_modules_of`; a parameter reached otherwise counts: the estimate errs high, so fewer graphs
+    are kept, never more). Storage sizes are read after the forward, so FSDP2's resharded (freed)
+    parameters count 0. Activation checkpointing: its blocks' inputs count, which is what they hold.
+    """
+
+    def __init__(self, chunk: Any, modules: list[nn.Module]) -> None:
+        self.chunk, self.modules = chunk, modules
+        self.saved: dict[int, torch.UntypedStorage] = {}
+
+    def __enter__(self) -> "_Footprint":
+        self.cuda = -_cuda_allocated()
+        # Inputs on CUDA: the allocator's count says it all, no hooks (compiled regions may not like them).
+        self.hooks = None
+        if not any(t.is_cuda for t in _tensors(self.chunk)):
+            self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+            self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.hooks is not None:
+            self.hooks.__exit__(*exc)
+        self.cuda += _cuda_allocated()
+        owned = [*_tensors(self.chunk)]
+        for m in self.modules:
+            owned += [*m.parameters(), *m.buffers()]
+        known = {found[0] for found in map(_storage, owned) if found is not None}
+        self.estimate = sum(st.nbytes() for ptr, st in self.saved.items() if ptr not in known)
+        # Drop the storages and the hooks (whose bound methods point back here: a cycle that only the
+        # cyclic GC would free), so that a graph the caller drops is freed at once.
+        self.saved, self.hooks, self.chunk, self.modules = {}, None, None, []
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        found = _storage(t)
+        if found is not None:
+            self.saved.setdefault(*found)
+        # Not ``t`` itself: a saved output would then own its own graph (a cycle that is never freed).
+        return t.detach()
+
+    def bytes(self, out: torch.Tensor) -> int:
+        return max(0, self.cuda) if out.is_cuda or self.cuda > 0 else self.estimate
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """What one ``encode`` call did (`GradCache.last_plan`): handy to log while tuning ``memory_budget``.
+
+    ``chunks``: chunks of the call; ``kept``: how many kept their graph (never run without grad, never
+    replayed); ``chunk_bytes``: the measured footprint of the first chunk (None without a budget);
+    ``held_bytes``: the estimated bytes the kept graphs hold until backward.
+    """
+
+    chunks: int
+    kept: int
+    chunk_bytes: int | None = None
+    held_bytes: float = 0
+
+
 @dataclass(eq=False)
 class _Record:
     """One ``encode`` call: what is needed to replay its chunks, dropped after replay."""
@@ -185,6 +339,7 @@ class _Record:
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk -> output with its graph
     sync: list[nn.Module] = field(default_factory=list)
     grad: torch.Tensor | None = None
+    held: float = 0  # estimated bytes of the kept graphs (memory_budget), until backward
 
 
 class _CachedEmbedding(torch.autograd.Function):
@@ -220,7 +375,16 @@ class GradCache:
             a row longer than the budget gets a chunk of its own. May be combined with ``chunk_size``.
         keep_graphs: how many chunks of each ``encode`` call (the largest; ties: the last) keep their graph
             from the first pass instead of being re-run (0 = classic GradCache; each kept graph holds
-            that chunk's activations until backward).
+            that chunk's activations until backward). Default 1. The fixed-count alternative to
+            ``memory_budget``: give one or the other.
+        memory_budget: bytes that kept graphs may hold at once (``float("inf")``: keep every graph, i.e.
+            a plain chunked forward/backward without replay; 0: classic GradCache). The first chunk of
+            each ``encode`` call runs with grad and its footprint is measured (CUDA:
+            ``torch.cuda.memory_allocated`` growth; CPU: the storages saved for backward); later chunks
+            are estimated from it pro rata of their rows and keep their graphs while the budget lasts;
+            the rest run without grad and are replayed. The budget is shared by all ``encode`` calls
+            until their backward (their graphs are alive together), first come first served. What each
+            call did is in `last_plan`.
         sync_module: the DDP or FSDP2 module (or a list) whose gradient sync GradCache must
             control. ``fn`` itself (or the module a bound method ``fn`` belongs to) is detected.
             DDP: every chunk but the very last replayed one runs under ``no_sync``, so one
@@ -237,19 +401,27 @@ class GradCache:
         self,
         chunk_size: int | None = None,
         max_tokens: int | None = None,
-        keep_graphs: int = 1,
+        keep_graphs: int | None = None,
         sync_module: nn.Module | list[nn.Module] | None = None,
         sync_each_chunk: bool = False,
         splitter: Callable[[Any], RowSplit] | None = None,
+        memory_budget: float | None = None,
     ) -> None:
         if chunk_size is None and max_tokens is None:
             raise ValueError("GradCache needs chunk_size=<rows> or max_tokens=<real tokens per chunk>.")
+        if memory_budget is not None and keep_graphs is not None:
+            raise ValueError(
+                "GradCache: give memory_budget (bytes: as many graphs as fit are kept) or keep_graphs "
+                "(a fixed count per encode call), not both."
+            )
+        keep_graphs = 1 if keep_graphs is None else keep_graphs
         if (
             (chunk_size is not None and chunk_size < 1)
             or (max_tokens is not None and max_tokens < 1)
             or keep_graphs < 0
+            or (memory_budget is not None and not memory_budget >= 0)
         ):
-            raise ValueError("chunk_size and max_tokens must be positive, keep_graphs >= 0.")
+            raise ValueError("chunk_size and max_tokens must be positive, keep_graphs and memory_budget >= 0.")
         mods = (
             []
             if sync_module is None
@@ -260,8 +432,10 @@ class GradCache:
         if sync_each_chunk and any(isinstance(m, DistributedDataParallel) for m in mods):
             raise ValueError("sync_each_chunk is for FSDP2; DDP must reduce once per step.")
         self.chunk_size, self.max_tokens, self.keep_graphs = chunk_size, max_tokens, keep_graphs
+        self.memory_budget = memory_budget
         self.sync_modules, self.sync_each_chunk = mods, sync_each_chunk
         self.splitter = splitter or RowSplit
+        self.last_plan: EncodePlan | None = None
         self._anchor = torch.zeros((), requires_grad=True)
         self._pending: list[weakref.ref[_Record]] = []
 
@@ -309,29 +483,51 @@ class GradCache:
                 )
             return torch.cat([fn(*chunk[0], **chunk[1]) for chunk in (split[s:e] for s, e in bounds)])
         rec = _Record(fn, [], [], bounds, _autocast_state(), sync=self._sync_modules(fn))
-        # Keep the graphs of the costliest chunks (ties: the last ones): they save the most.
+        budget = self.memory_budget
+        # keep_graphs: the costliest chunks (ties: the last ones), they save the most.
         order = sorted(range(len(bounds)), key=lambda i: (costs[i], i), reverse=True)
-        outs, keep = [], set(order[: self.keep_graphs])
+        keep = set(order[: self.keep_graphs]) if budget is None else set()
+        left = per_row = chunk_bytes = None  # memory_budget: bytes left and per row, once chunk 0 is measured
+        outs, ran_with_grad, trainable = [], False, False
         for i, (s, e) in enumerate(bounds):
             chunk = split[s:e]
             rec.chunks.append(chunk)
             rec.states.append(RandState())
-            if i in keep:
-                with self._no_sync(rec.sync):  # the final all-reduce belongs to the last replayed unit
+            if budget is None:
+                with_grad = i in keep
+            else:  # chunk 0 is measured; the others run with grad only if their estimate fits
+                with_grad = budget > 0 if i == 0 else left is not None and per_row * (e - s) <= left
+            if with_grad:
+                measure = _Footprint(chunk, _modules_of(fn, rec.sync)) if budget is not None and i == 0 else None
+                # The final all-reduce belongs to the last replayed unit.
+                with self._no_sync(rec.sync), measure or nullcontext():
                     out = fn(*chunk[0], **chunk[1])
                 self._check(out, e - s, outs, i)
-                if out.requires_grad:
+                ran_with_grad, trainable = True, trainable or out.requires_grad
+                if measure is not None and out.requires_grad:
+                    chunk_bytes = measure.bytes(out)
+                    per_row, left = chunk_bytes / (e - s), budget - self._held()
+                size = per_row * (e - s) if budget is not None and out.requires_grad else 0
+                if out.requires_grad and (budget is None or size <= left):
                     rec.kept[i] = out
-                    out = out.detach()
+                    if budget is not None:
+                        left, rec.held = left - size, rec.held + size
+                out = out.detach()  # not kept (the measured chunk over the budget): replayed like the rest
             else:
                 with torch.no_grad():
                     out = fn(*chunk[0], **chunk[1])
                 self._check(out, e - s, outs, i)
+            rec.states[i].complete()  # a device (CUDA) initialised by this chunk: record its fresh RNG
             outs.append(out)
-        if keep and not rec.kept:  # frozen tower: its output carries no gradient, nothing to replay
+        self.last_plan = EncodePlan(len(bounds), len(rec.kept), chunk_bytes, rec.held)
+        if ran_with_grad and not trainable:  # frozen tower: its output carries no gradient, nothing to replay
             return torch.cat(outs)
         self._pending.append(weakref.ref(rec))
         return _CachedEmbedding.apply(self, rec, self._anchor, *outs)
+
+    def _held(self) -> float:
+        """Estimated bytes held by the kept graphs of pending ``encode`` outputs (``memory_budget``)."""
+        return sum(r.held for r in (ref() for ref in self._pending) if r is not None and r.fn is not None)
 
     @staticmethod
     def _check(out: Any, rows: int, prev: list[torch.Tensor], i: int) -> None:
@@ -428,7 +624,7 @@ def _backprop_chunk(r: _Record, i: int) -> None:
 
 def _release(r: _Record) -> None:
     """Drop everything a record holds (inputs, RNG states, graphs, cached gradient)."""
-    r.fn, r.chunks, r.states, r.grad, r.sync = None, [], [], None, []
+    r.fn, r.chunks, r.states, r.grad, r.sync, r.held = None, [], [], None, [], 0
     r.kept.clear()
 
 

@@ -174,7 +174,8 @@ class SigLIP(nn.Module):
         if tile is None:  # dense: every pair at once
             signed, _, keep = signed_logits(rows, cols, bias)
             terms = -F.logsigmoid(signed)
-            return (terms if keep is None else terms * keep).sum() / a.shape[0]
+            # Summed in float32 (signed_logits), returned in the inputs' dtype like the tiled path.
+            return ((terms if keep is None else terms * keep).sum() / a.shape[0]).to(rows.x.dtype)
         return tiled_sigmoid_loss(rows, cols, bias, tile, ring=ring) / a.shape[0]
 
 
