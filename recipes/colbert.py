@@ -48,7 +48,7 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.run_log import RunLog, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import HelpFormatter, add_common_args, check_common_args
+from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
@@ -93,6 +93,8 @@ class Parts:
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
     """(train file, val file), checked before any model is loaded."""
+    if args.fp16:  # each rank would see the inf/NaN of its own gradient shard only, and skip alone
+        raise SystemExit("--fp16 loss scaling over FSDP2-sharded gradients is not supported; use --bf16")
     missing = [p for p in (args.data, args.val_data) if p and not os.path.exists(p)]
     if missing:
         raise SystemExit(f"no such file: {missing[0]}")
@@ -162,7 +164,7 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     def encode(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v.to(device) for k, v in inputs.items()}
         fn = lambda **x: token_embeddings(args, parts, x)
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+        with autocast(args, device):
             tokens = fn(**inputs) if gc is None else gc.encode(fn, **inputs)
         return tokens.float(), inputs["attention_mask"].bool()
 
@@ -182,7 +184,7 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
 
     def encode(items: list, is_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v.to(device) for k, v in parts.collator.encode(items, is_query).items()}
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+        with autocast(args, device):
             tokens = token_embeddings(args, parts, inputs)
         return F.normalize(tokens.float(), dim=-1), inputs["attention_mask"].bool()
 
@@ -250,16 +252,18 @@ def main(argv: list[str] | None = None) -> dict:
     end = min(total, args.stop_at or total)
     log.info("steps %d -> %d of %d, %d rows/step on %d rank(s)", start, end, total, args.batch_size * world, world)
     gc = None if not args.chunk_size else GradCache(args.chunk_size, sync_module=parts.model, splitter=parts.splitter)
-    losses = []
+    scaler, losses = torch.amp.GradScaler(device.type, enabled=args.fp16), []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, _ in loader.steps(end):
             loss = 0.0
             for batch in accumulate_gradients(parts.state, batches):
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
-                micro.backward()
+                scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
                 loss += micro.detach()
+            scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's

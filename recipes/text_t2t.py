@@ -43,7 +43,7 @@ from vembed_blocks.text_encoder import (
     load_text_encoder,
     text_features,
 )
-from vembed_blocks.train_args import HelpFormatter, add_common_args, check_common_args
+from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
 
 log = logging.getLogger("text_t2t")
 
@@ -178,7 +178,7 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     def encode(inputs: dict) -> torch.Tensor:
         inputs = {k: v.to(device) for k, v in inputs.items()}
         fn = lambda **x: text_features(parts.model, x, parts.cfg.pooling, normalize=False)  # the losses normalise
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+        with autocast(args, device):
             return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
 
     q, p = encode(batch["query"]), encode(batch["positive"])
@@ -252,16 +252,18 @@ def main(argv: list[str] | None = None) -> dict:
     end = min(total, args.stop_at or total)
     log.info("steps %d -> %d of %d, %d rows/step on %d rank(s)", start, end, total, args.batch_size * world, world)
     gc = None if not args.chunk_size else GradCache(args.chunk_size, sync_module=parts.model, splitter=parts.splitter)
-    losses = []
+    scaler, losses = torch.amp.GradScaler(device.type, enabled=args.fp16), []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, _ in loader.steps(end):
             loss = 0.0
             for batch in accumulate_gradients(parts.state, batches):
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
-                micro.backward()
+                scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
                 loss += micro.detach()
+            scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's

@@ -115,3 +115,17 @@ def test_torchrun_siglip_saves_resumes_and_exports(demo, tmp_path):
     got = evaluate.main(["--model", str(out / "final"), "--data", demo["val"], "--output", str(tmp_path / "eval")])
     for name, value in recipe_after.items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_fp16_loss_scaling_trains_and_fsdp_recipes_refuse_it(demo, tmp_path):
+    """--fp16: fp16 autocast + GradScaler through GradCache; finite losses, weights move. The FSDP2
+    recipes refuse it with a message (each rank would see the inf/NaN of its own shard only)."""
+    run = common(demo, tmp_path / "fp16", demo["clip"], "--fp16", "--max-steps", "3", "--lr", "1e-3")
+    result = clip_t2i.main([a for a in run if a not in ("--val-data", demo["val"])])
+    assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    before = load_file(str(Path(demo["clip"]) / "model.safetensors"))
+    after = load_file(str(tmp_path / "fp16" / "final" / "model.safetensors"))
+    assert max((after[k] - v).abs().max().item() for k, v in before.items() if k in after) > 1e-4
+    qwen3 = load_script("qwen3_fsdp")
+    with pytest.raises(SystemExit, match="--fp16 loss scaling over FSDP2-sharded gradients is not supported"):
+        qwen3.main(["--model", "unused", "--data", demo["train"], "--fp16", "--output", str(tmp_path / "q")])

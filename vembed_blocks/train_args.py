@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from .run_log import TRACKERS
 from .schedule import SCHEDULES
 
-__all__ = ["HelpFormatter", "add_common_args", "check_common_args"]
+__all__ = ["HelpFormatter", "add_common_args", "check_common_args", "autocast"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -50,6 +52,7 @@ def add_common_args(
     a("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of the steps (instead of --warmup-steps)")
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     a("--bf16", action="store_true", help="bf16 autocast (FSDP2 recipes: bf16 parameters, fp32 reduce)")
+    a("--fp16", action="store_true", help="fp16 autocast with loss scaling (GradScaler; not with FSDP2)")
     a("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
     a("--compile", action="store_true", help="torch.compile every block in place")
     a("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
@@ -76,9 +79,17 @@ def check_common_args(args: argparse.Namespace) -> None:
     for name in non_negative:
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, name)}")
+    if args.bf16 and args.fp16:
+        raise SystemExit("give --bf16 or --fp16, not both")
     if not 0 <= args.warmup_ratio <= 1 or (args.warmup_ratio and args.warmup_steps):
         raise SystemExit("give --warmup-steps or --warmup-ratio (in [0, 1]), not both")
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.lr <= 0 or args.epochs <= 0:
         raise SystemExit(f"--lr and --epochs must be > 0, got {args.lr} and {args.epochs}")
+
+
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    """The autocast context the flags ask for: bf16 (``--bf16``), fp16 (``--fp16``) or off."""
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
