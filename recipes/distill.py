@@ -261,12 +261,15 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(parts.param_groups, lr=args.lr, weight_decay=args.weight_decay)
     warmup = warmup_steps(args.warmup_steps, args.warmup_ratio, total)
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir = os.path.join(args.output, "checkpoints")
     start = 0
     if args.resume and latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(ckpt_dir, model=parts.state, optimizer=optimizer, sampler=loader, scheduler=scheduler)
+        start = load_checkpoint(
+            ckpt_dir, model=parts.state, optimizer=optimizer, sampler=loader, scheduler=scheduler, scaler=scaler
+        )
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
     before, before_file = None, os.path.join(args.output, "metrics_before.json")
     if val and start == 0:  # every rank embeds a share
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     end = min(total, args.stop_at or total)
     log.info("steps %d -> %d of %d, %d rows/step on %d rank(s)", start, end, total, args.batch_size * world, world)
     gc = None if not args.chunk_size else GradCache(args.chunk_size, sync_module=parts.model, splitter=parts.splitter)
-    scaler, losses = torch.amp.GradScaler(device.type, enabled=args.fp16), []
+    losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, _ in loader.steps(end):
             loss = 0.0
@@ -301,7 +304,13 @@ def main(argv: list[str] | None = None) -> dict:
             run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(
-                    ckpt_dir, model=parts.state, optimizer=optimizer, step=step, sampler=loader, scheduler=scheduler
+                    ckpt_dir,
+                    model=parts.state,
+                    optimizer=optimizer,
+                    step=step,
+                    sampler=loader,
+                    scheduler=scheduler,
+                    scaler=scaler,
                 )
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
                 run_log.eval(step, evaluate(args, parts, val, device))

@@ -120,9 +120,17 @@ def test_torchrun_siglip_saves_resumes_and_exports(demo, tmp_path):
 def test_fp16_loss_scaling_trains_and_fsdp_recipes_refuse_it(demo, tmp_path):
     """--fp16: fp16 autocast + GradScaler through GradCache; finite losses, weights move. The FSDP2
     recipes refuse it with a message (each rank would see the inf/NaN of its own shard only)."""
-    run = common(demo, tmp_path / "fp16", demo["clip"], "--fp16", "--max-steps", "3", "--lr", "1e-3")
-    result = clip_t2i.main([a for a in run if a not in ("--val-data", demo["val"])])
-    assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    run = common(demo, tmp_path / "fp16", demo["clip"], "--fp16", "--max-steps", "4", "--lr", "1e-3")
+    run = [a for a in run if a not in ("--val-data", demo["val"])]
+    result = clip_t2i.main(run)
+    assert len(result["losses"]) == 4 and all(torch.isfinite(torch.tensor(result["losses"])))
+    split = [a if a != str(tmp_path / "fp16") else str(tmp_path / "split") for a in run]
+    clip_t2i.main([*split, "--stop-at", "2"])
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "step-000002" / "rank-00000.pt", weights_only=False)
+    assert saved["scaler"]["scale"] == 65536.0  # the loss scale is checkpointed (resume goes on with it)
+    clip_t2i.main([*split, "--resume"])
+    a, b = train_log(tmp_path / "fp16"), train_log(tmp_path / "split")
+    assert [b[s] for s in (3, 4)] == pytest.approx([a[s] for s in (3, 4)], abs=1e-6)
     before = load_file(str(Path(demo["clip"]) / "model.safetensors"))
     after = load_file(str(tmp_path / "fp16" / "final" / "model.safetensors"))
     assert max((after[k] - v).abs().max().item() for k, v in before.items() if k in after) > 1e-4

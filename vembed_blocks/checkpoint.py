@@ -229,13 +229,15 @@ def save_checkpoint(
     sampler: Any = None,
     scheduler: Any = None,
     keep_last: int | None = 3,
+    scaler: Any = None,
 ) -> Path:
     """Write a resumable checkpoint of everything a training step depends on; returns its folder.
 
     ``dir`` is the run's checkpoint root (layout in the module docstring). Saved: model and
     optimizer (sharded, DCP), ``scheduler.state_dict()``, ``sampler.state_dict()`` (any object
-    with it), every RNG (torch CPU/CUDA, python, numpy) per rank, and ``step``. A collective:
-    every rank calls it. ``keep_last``: complete checkpoints kept (None keeps all).
+    with it), a loss scaler's state (``scaler``, e.g. ``torch.amp.GradScaler``), every RNG (torch
+    CPU/CUDA, python, numpy) per rank, and ``step``. A collective: every rank calls it.
+    ``keep_last``: complete checkpoints kept (None keeps all).
     """
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -251,6 +253,7 @@ def save_checkpoint(
         "rng": _rng_state(),
         "sampler": sampler.state_dict() if sampler is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
     }
     torch.save(extras, tmp / f"rank-{get_rank():05d}.pt")
     _barrier()  # every rank's files are on disk before the folder becomes visible
@@ -269,6 +272,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     sampler: Any = None,
     scheduler: Any = None,
+    scaler: Any = None,
 ) -> int:
     """Restore what `save_checkpoint` wrote into live objects; returns the saved step.
 
@@ -306,6 +310,8 @@ def load_checkpoint(
         sampler.load_state_dict(extras["sampler"])
     if scheduler is not None and extras["scheduler"] is not None:
         scheduler.load_state_dict(extras["scheduler"])
+    if scaler is not None and extras.get("scaler") is not None:  # the loss scale goes on where it was
+        scaler.load_state_dict(extras["scaler"])
     if same_world:  # another rank's streams would correlate ranks; keep fresh ones instead
         _set_rng_state(extras["rng"])
     _barrier()
