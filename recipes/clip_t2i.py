@@ -57,7 +57,9 @@ DATA_HELP = "training file (JSONL/CSV/Parquet); default: the rendered demo set (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_common_args(p, output="runs/clip_t2i", lr=1e-5, batch_size=64, weight_decay=0.1, data_help=DATA_HELP)
+    add_common_args(
+        p, output="runs/clip_t2i", lr=1e-5, batch_size=64, weight_decay=0.1, data_help=DATA_HELP, require_data=False
+    )
     p.add_argument("--model", help="HF id or local folder (CLIP/SigLIP); default: a tiny random CLIP (demo)")
     p.add_argument("--vision-model", help="compose a dual encoder: any HF vision backbone (e.g. facebook/dinov2-small)")
     p.add_argument("--text-model", help="... plus any HF text backbone (e.g. bert-base-uncased), with projections")

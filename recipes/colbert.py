@@ -71,8 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--temperature", type=float, default=0.05)
     args = p.parse_args(argv)
-    if args.data is None:
-        p.error("--data is required")
     return args
 
 
@@ -95,9 +93,6 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
     """(train file, val file), checked before any model is loaded."""
     if args.fp16:  # each rank would see the inf/NaN of its own gradient shard only, and skip alone
         raise SystemExit("--fp16 loss scaling over FSDP2-sharded gradients is not supported; use --bf16")
-    missing = [p for p in (args.data, args.val_data) if p and not os.path.exists(p)]
-    if missing:
-        raise SystemExit(f"no such file: {missing[0]}")
     if min(args.num_negatives, args.dim) < 0:
         raise SystemExit("--num-negatives and --dim must be >= 0")
     return args.data, args.val_data

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vembed_blocks import Distill, Matryoshka, init_distributed
@@ -41,10 +40,10 @@ from vembed_blocks.run_log import RunLog, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.text_encoder import (
     TextEncoderConfig,
-    encode_text_items,
     export_text_encoder,
     load_text_encoder,
     text_features,
+    unit_text_encoder,
 )
 from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
 
@@ -68,8 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.teacher is None) == (args.teacher_embeddings is None):
         p.error("give exactly one of --teacher and --teacher-embeddings")
-    if args.data is None:
-        p.error("--data is required (T2T rows)")
     return args
 
 
@@ -148,10 +145,7 @@ def collate(student: TextCollator, teacher: TextCollator | TeacherStore, records
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
-    """(train file, val file) as given."""
-    for path in (args.data, args.val_data):
-        if path and not os.path.exists(path):
-            raise SystemExit(f"no such file: {path}")
+    """(train file, val file) as given (check_common_args checked that they exist)."""
     return args.data, args.val_data
 
 
@@ -229,9 +223,8 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
 @torch.no_grad()
 def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
     """Cosine retrieval of ``path``'s unique positives (+ negatives) for its unique queries, by the student."""
-    encoder = (parts.model, parts.collator, parts.cfg)
     parts.model.eval()
-    encode = lambda items, is_query: F.normalize(encode_text_items(*encoder, items, is_query, args.bf16), dim=-1)
+    encode = unit_text_encoder(parts.model, parts.collator, parts.cfg, args.bf16)
     metrics = evaluate_retrieval(load_records(path, format="t2t"), encode, args.eval_batch_size)
     parts.model.train()
     return metrics

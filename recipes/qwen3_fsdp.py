@@ -63,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tracing only)")
     args = p.parse_args(argv)
-    if args.data is None:
-        p.error("--data is required")
     return args
 
 
@@ -86,9 +84,6 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
     """(train file, val file), checked before any model is loaded."""
     if args.fp16:  # each rank would see the inf/NaN of its own gradient shard only, and skip alone
         raise SystemExit("--fp16 loss scaling over FSDP2-sharded gradients is not supported; use --bf16")
-    for path in (args.data, args.val_data):
-        if path and not os.path.exists(path):
-            raise SystemExit(f"no such file: {path}")
     if args.num_negatives < 0:
         raise SystemExit("--num-negatives must be >= 0")
     return args.data, args.val_data

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from vembed_blocks import CoSENT, InfoNCE, Matryoshka, Triplet, init_distributed
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -38,10 +37,10 @@ from vembed_blocks.run_log import RunLog, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.text_encoder import (
     TextEncoderConfig,
-    encode_text_items,
     export_text_encoder,
     load_text_encoder,
     text_features,
+    unit_text_encoder,
 )
 from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
 
@@ -64,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mine-margin", type=float, help="skip candidates scoring above (positive - margin)")
     p.add_argument("--mine-ratio", type=float, help="skip candidates scoring above ratio * positive")
     args = p.parse_args(argv)
-    if args.data is None:
-        p.error("--data is required (T2T rows)")
     return args
 
 
@@ -81,18 +78,11 @@ class Parts:
     collator: TextCollator
     cfg: TextEncoderConfig  # pooling, normalisation, max length of the folder (or the flags)
 
-    @property
-    def encoder(self) -> tuple[nn.Module, TextCollator, TextEncoderConfig]:
-        return self.model, self.collator, self.cfg
-
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
-    """(train file, val file): the files as given (mining happens in load_data, with the model)."""
-    for path in (args.data, args.val_data):
-        if path and not os.path.exists(path):
-            raise SystemExit(f"no such file: {path}")
+    """(train file, val file) as given (check_common_args checked them; mining happens in load_data)."""
     return args.data, args.val_data
 
 
@@ -140,7 +130,7 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
             parts.model.eval()
             write_mined_file(
                 load_records(path, format="t2t"),
-                lambda items, q: F.normalize(encode_text_items(*parts.encoder, items, q, args.bf16), dim=-1),
+                unit_text_encoder(parts.model, parts.collator, parts.cfg, args.bf16),
                 mined,
                 args.mine_negatives,
                 args.mine_margin,
@@ -201,7 +191,7 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
 def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
     """Cosine retrieval of ``path``'s unique positives (+ negatives) for its unique queries; all ranks embed."""
     parts.model.eval()
-    encode = lambda items, is_query: F.normalize(encode_text_items(*parts.encoder, items, is_query, args.bf16), dim=-1)
+    encode = unit_text_encoder(parts.model, parts.collator, parts.cfg, args.bf16)
     metrics = evaluate_retrieval(load_records(path, format="t2t"), encode, args.eval_batch_size)
     parts.model.train()
     return metrics

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from .pooling import pool
 
 __all__ = [
     "encode_text_items",
+    "unit_text_encoder",
     "export_text_encoder",
     "TextEncoderConfig",
     "read_text_encoder_config",
@@ -268,6 +269,14 @@ def encode_text_items(
     inputs = {k: v.to(device) for k, v in collator.encode(list(items), is_query).items()}
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         return text_features(model, inputs, cfg.pooling, cfg.normalize).float()
+
+
+def unit_text_encoder(
+    model: torch.nn.Module, collator: TextCollator, cfg: TextEncoderConfig, bf16: bool = False
+) -> Callable[[Sequence[Item], bool], torch.Tensor]:
+    """``encode(items, is_query)`` -> unit vectors of `encode_text_items`: what cosine retrieval and
+    mining take (e.g. `embed.evaluate_retrieval`, `mining.write_mined_file`)."""
+    return lambda items, is_query: F.normalize(encode_text_items(model, collator, cfg, items, is_query, bf16), dim=-1)
 
 
 def export_text_encoder(model: torch.nn.Module, out: str, collator: TextCollator, cfg: TextEncoderConfig) -> None:

@@ -10,6 +10,7 @@ values with one clear message before anything is loaded. Conventions: 0 means of
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -33,10 +34,13 @@ def add_common_args(
     eval_batch_size: int = 128,
     lora_alpha: float = 16.0,
     data_help: str = "training file (JSONL/CSV/Parquet)",
+    require_data: bool = True,
 ) -> argparse.ArgumentParser:
-    """Add the shared data, optimisation, loop, checkpoint and logging flags to ``p``."""
+    """Add the shared data, optimisation, loop, checkpoint and logging flags to ``p``.
+
+    ``require_data=False`` for a recipe whose bare run is a demo (no ``--data``)."""
     a = p.add_argument
-    a("--data", help=data_help)
+    a("--data", required=require_data, help=data_help)
     a("--val-data", help="validation file: retrieval metrics before/after (and every --eval-every steps)")
     a("--output", default=output, help="run folder: args.json, logs, checkpoints/, final/")
     a("--seed", type=int, default=0, help="seeds the model init, the sampler and the data order")
@@ -70,7 +74,10 @@ def add_common_args(
 
 
 def check_common_args(args: argparse.Namespace) -> None:
-    """``SystemExit`` naming the first shared flag with a value that cannot work."""
+    """``SystemExit`` naming the first shared flag with a value that cannot work (or a file that is not there)."""
+    for path in (args.data, args.val_data):
+        if path and not os.path.exists(path):
+            raise SystemExit(f"no such file: {path}")
     positive = ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every")
     non_negative = ("chunk_size", "lora", "num_workers", "eval_every", "save_every", "warmup_steps", "max_grad_norm")
     for name in positive:
