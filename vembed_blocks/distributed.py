@@ -228,11 +228,13 @@ def average_gradients(params, bucket_bytes: int = 32 << 20) -> None:
         if some_rank_has_it:
             grads.append(p.grad)
     bucket: list[torch.Tensor] = []
+    size = 0  # bytes in the bucket
     for g in grads:
-        if bucket and (g.dtype != bucket[0].dtype or sum(b.numel() for b in bucket) * g.element_size() >= bucket_bytes):
+        if bucket and (g.dtype != bucket[0].dtype or size >= bucket_bytes):
             _all_reduce_mean(bucket)
-            bucket = []
+            bucket, size = [], 0
         bucket.append(g)
+        size += g.numel() * g.element_size()
     if bucket:
         _all_reduce_mean(bucket)
 
