@@ -199,8 +199,9 @@ def format_table(
     before: dict[str, float],
     after: dict[str, float] | None = None,
     names: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"),
+    label: str = "before",
 ) -> str:
-    """A plain-text table of ``names`` from ``before`` (and ``after``, as a second column)."""
-    rows = [f"{'metric':<10} {'before':>8}" + (f" {'after':>8}" if after else "")]
+    """A plain-text table of ``names`` from ``before`` (headed ``label``; and ``after``, as a second column)."""
+    rows = [f"{'metric':<10} {label:>8}" + (f" {'after':>8}" if after else "")]
     rows += [f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else "") for n in names]
     return "\n".join(rows)

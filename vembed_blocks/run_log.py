@@ -172,5 +172,5 @@ def write_metrics(output: str, before: dict[str, float] | None, after: dict[str,
     if rank == 0:
         with open(os.path.join(output, "metrics.json"), "w") as f:
             json.dump(result, f, indent=1)
-        print(format_table(before, after) if before is not None else format_table(after), flush=True)
+        print(format_table(before, after) if before is not None else format_table(after, label="after"), flush=True)
     return result
