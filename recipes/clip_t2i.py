@@ -21,9 +21,7 @@ checkpoints under <output>/checkpoints (resume with --resume) and the model to <
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -31,34 +29,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vembed_blocks import InfoNCE, Matryoshka, SigLIP, get_rank, init_distributed
+from vembed_blocks import get_rank, init_distributed, towers
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import DualEncoderCollator, TaskLoader, WeightedTaskSampler, load_records
+from vembed_blocks.data import DualEncoderCollator, TaskLoader, load_records
 from vembed_blocks.demo import build_tiny_clip, render_demo
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
-from vembed_blocks.run_log import RunLog, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.towers import (
-    ComposedDualEncoder,
-    compose_dual_encoder,
-    dual_encoder_features,
-    load_dual_encoder,
-    text_padding,
-)
-from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
+from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 
 log = logging.getLogger("clip_t2i")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the rendered demo set (and a tiny CLIP)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_common_args(
-        p, output="runs/clip_t2i", lr=1e-5, batch_size=64, weight_decay=0.1, data_help=DATA_HELP, require_data=False
+    p = common_parser(
+        __doc__,
+        output="runs/clip_t2i",
+        lr=1e-5,
+        batch_size=64,
+        weight_decay=0.1,
+        data_help=DATA_HELP,
+        require_data=False,
     )
     p.add_argument("--model", help="HF id or local folder (CLIP/SigLIP); default: a tiny random CLIP (demo)")
     p.add_argument("--vision-model", help="compose a dual encoder: any HF vision backbone (e.g. facebook/dinov2-small)")
@@ -115,55 +110,30 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     if not args.vision_model and args.model is None:
         raise SystemExit("--model is required with --data (an HF id or a local folder)")
     if args.vision_model:
-        model, processor = compose_dual_encoder(args.vision_model, args.text_model, args.proj_dim, args.text_pooling)
+        model, processor = towers.compose_dual_encoder(
+            args.vision_model, args.text_model, args.proj_dim, args.text_pooling
+        )
     else:
-        model, processor = load_dual_encoder(args.model)
-    criterion = make_loss(args, model.to(device)).to(device)
-    if args.grad_checkpointing:
-        checkpoint_layers(model)
-    if args.lora:
-        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
-    if args.compile:
-        compile_layers(model)
-    model.train()
+        model, processor = towers.load_dual_encoder(args.model)
+    criterion = towers.contrastive_loss_for(model.to(device), args.loss, args.temperature, args.symmetric)
+    criterion = apply_loss_flags(criterion, args).to(device)
+    model = apply_model_flags(model, args)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0})
-    collator = DualEncoderCollator(processor, **text_padding(model))
+    collator = DualEncoderCollator(processor, **towers.text_padding(model))
     return Parts(model, nn.ModuleDict({"model": model, "loss": criterion}), groups, criterion, collator, processor)
-
-
-def make_loss(args: argparse.Namespace, model: nn.Module) -> nn.Module:
-    """InfoNCE or SigLIP whose learnable temperature (and bias) start from the model's own."""
-    logit_scale = getattr(model, "logit_scale", None)
-    if args.loss == "siglip":
-        t = args.temperature or (math.exp(logit_scale.item()) if logit_scale is not None else 10.0)
-        bias = getattr(model, "logit_bias", None)
-        loss = SigLIP(temperature=t, bias=bias.item() if bias is not None else -10.0, learn=True)
-    else:
-        t = args.temperature or (math.exp(-logit_scale.item()) if logit_scale is not None else 0.05)
-        loss = InfoNCE(temperature=t, learn_temperature=True, symmetric=args.symmetric)
-    for name in ("logit_scale", "logit_bias"):  # the loss owns them now; written back by export()
-        if isinstance(getattr(model, name, None), nn.Parameter):
-            getattr(model, name).requires_grad_(False)
-    return Matryoshka(loss, [int(d) for d in args.mrl_dims.split(",")]) if args.mrl_dims else loss
 
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch): one task, the file's records."""
-    train = load_records(path, format=args.format)
-    sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
-    loader = TaskLoader({"train": train}, sampler, parts.collator, args.num_workers, args.seed, args.grad_accum_steps)
-    return loader, len(train)
+    return make_loader(args, {"train": load_records(path, format=args.format)}, parts.collator, rank, world)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """Encode queries, positives and (where the batch has them) hard negatives; the loss over all ranks."""
 
-    def encode(inputs: dict) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        fn = lambda **x: dual_encoder_features(parts.model, x)
-        with autocast(args, device):
-            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
+    fn = lambda **x: towers.dual_encoder_features(parts.model, x)
+    encode = lambda inputs: forward_batch(args, fn, inputs, gc, device)
 
     extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
     if "negatives" in batch:  # the flat real negatives: a candidate pool (SigLIP: negative-only columns)
@@ -175,10 +145,10 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
 def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
     """Retrieval metrics of ``path``'s unique queries against its corpus; every rank embeds a share."""
 
-    def encode(items: list, is_query: bool) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in parts.collator.encode(items, is_query).items()}
-        with autocast(args, device):
-            return F.normalize(dual_encoder_features(parts.model, inputs).float(), dim=-1)
+    fn = lambda **x: towers.dual_encoder_features(parts.model, x)
+    encode = lambda items, is_query: F.normalize(
+        forward_batch(args, fn, parts.collator.encode(items, is_query), None, device), dim=-1
+    )
 
     parts.model.eval()
     metrics = evaluate_retrieval(load_records(path, format=args.format), encode, args.eval_batch_size)
@@ -188,14 +158,9 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
 
 def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
     """The model with the learned temperature (and SigLIP bias) written back into it; every rank calls it."""
-    inner = parts.criterion.loss if isinstance(parts.criterion, Matryoshka) else parts.criterion
     model = parts.model
-    with torch.no_grad():
-        if isinstance(getattr(model, "logit_scale", None), torch.Tensor):
-            model.logit_scale.copy_(inner.log_scale.reshape(model.logit_scale.shape))
-        if isinstance(inner, SigLIP) and isinstance(getattr(model, "logit_bias", None), torch.Tensor):
-            model.logit_bias.copy_(inner.bias.reshape(model.logit_bias.shape))
-    if not isinstance(model, ComposedDualEncoder):
+    towers.write_temperature_back(model, parts.criterion)
+    if not isinstance(model, towers.ComposedDualEncoder):
         export_pretrained(model, final, processor=parts.processor)
     elif get_rank() == 0:
         model.save_pretrained(final)  # not one HF architecture: two HF folders + projections
@@ -207,8 +172,7 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
-    args = parse_args(argv)
-    check_common_args(args)
+    args = parse_args(argv)  # the shared flags checked too
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -224,22 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     # </shared>
     # <shared: resume, evaluate before>
-    ckpt_dir = os.path.join(args.output, "checkpoints")
-    start = 0
-    if args.resume and latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(
-            ckpt_dir, model=parts.state, optimizer=optimizer, sampler=loader, scheduler=scheduler, scaler=scaler
-        )
+    ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before, before_file = None, os.path.join(args.output, "metrics_before.json")
-    if val and start == 0:  # every rank embeds a share
-        before = evaluate(args, parts, val, device)
-        if rank == 0:
-            with open(before_file, "w") as f:
-                json.dump(before, f)
-    elif val and os.path.exists(before_file):  # resumed: the first launch's
-        with open(before_file) as f:
-            before = json.load(f)
+    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -263,15 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             samples = args.batch_size * world * len(batches)
             run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
             if (args.save_every and step % args.save_every == 0) or step == end:
-                save_checkpoint(
-                    ckpt_dir,
-                    model=parts.state,
-                    optimizer=optimizer,
-                    step=step,
-                    sampler=loader,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                )
+                save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
                 run_log.eval(step, evaluate(args, parts, val, device))
     # </shared>

@@ -17,17 +17,14 @@ vlm = a Qwen-VL model + processor (T2I/M2I/I2I data, document images: ColQwen).
         recipes/colbert.py --model Qwen/Qwen3-VL-2B-Instruct --data pages.jsonl --batch-size 32 --chunk-size 4 \
         --bf16 --output /shared/runs/colqwen
 
-GradCache with token outputs: chunks are row slices of a collated side, already padded to the
-side's longest row, so every chunk returns [b, L, dim] with the same L (padded to L explicitly
-too, should an encoder drop padding); the token mask is the side's attention_mask. Writes
-<output>/args.json, train_log.jsonl, metrics.json, checkpoints/ (--resume) and final/: the encoder as an HF
-folder + colbert_projection.safetensors + colbert.json (how to rebuild the token vectors).
+GradCache: chunks of a side share its padded length L (docs/recipes/colbert.md). Writes <output>/args.json,
+train_log.jsonl, metrics.json, checkpoints/ (--resume) and final/: the encoder as an HF folder +
+colbert_projection.safetensors + colbert.json (how to rebuild the token vectors).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,28 +32,27 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from vembed_blocks import ColBERT, Matryoshka, get_rank, init_distributed
+from vembed_blocks import ColBERT, get_rank, init_distributed
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.colbert import maxsim
-from vembed_blocks.data import FixedNegatives, TaskLoader, TextCollator, VLMCollator, WeightedTaskSampler, load_records
+from vembed_blocks.colbert import maxsim_in_blocks, save_colbert_head
+from vembed_blocks.data import FixedNegatives, TaskLoader, TextCollator, VLMCollator, load_records
 from vembed_blocks.distributed import mean_over_ranks, pad_dim, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
-from vembed_blocks.run_log import RunLog, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
+from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_common_args(p, output="runs/colbert", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0)
+    p = common_parser(
+        __doc__, output="runs/colbert", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0, fsdp=True
+    )
     p.add_argument("--model", required=True, help="HF id or local folder: a BERT-like text encoder or a Qwen-VL model")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format")
     p.add_argument("--encoder", choices=["auto", "text", "vlm"], default="auto", help="auto: vlm if a vision_config")
@@ -66,12 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc-instruction", help="text: document prefix; vlm: system prompt of documents")
     p.add_argument("--max-length", type=int, default=256, help="text: tokens per query/document")
     p.add_argument("--max-image-side", type=int, default=1024, help="vlm: downscale larger images before the processor")
-    p.add_argument(
-        "--num-negatives", type=int, default=0, help="hard negatives per row (fixed: FSDP2 needs equal forwards)"
-    )
+    p.add_argument("--num-negatives", type=int, default=0, help="hard negatives per row (fixed: equal forwards)")
     p.add_argument("--temperature", type=float, default=0.05)
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- model, data, loss, evaluation
@@ -91,8 +84,6 @@ class Parts:
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
     """(train file, val file), checked before any model is loaded."""
-    if args.fp16:  # each rank would see the inf/NaN of its own gradient shard only, and skip alone
-        raise SystemExit("--fp16 loss scaling over FSDP2-sharded gradients is not supported; use --bf16")
     if min(args.num_negatives, args.dim) < 0:
         raise SystemExit("--num-negatives and --dim must be >= 0")
     return args.data, args.val_data
@@ -115,17 +106,10 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         model.pooler.requires_grad_(False)
     width = model.config.get_text_config().hidden_size
     proj = nn.Linear(width, args.dim, bias=False).to(device) if args.dim else None  # same init on every rank (seeded)
-    if args.grad_checkpointing:
-        checkpoint_layers(model)
-    if args.lora:
-        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
-    if args.compile:
-        compile_layers(model)
-    model.train()
+    model = apply_model_flags(model, args)
     model = shard_vlm(model, mixed_precision="bf16" if args.bf16 else None)  # a VLM's vision tower in the root unit
     criterion = ColBERT(temperature=args.temperature)
-    if args.mrl_dims:
-        criterion = Matryoshka(criterion, [int(d) for d in args.mrl_dims.split(",")])
+    criterion = apply_loss_flags(criterion, args)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if proj is not None:  # a fresh layer: a larger step than the pretrained encoder
         groups.append({"params": list(proj.parameters()), "lr": args.proj_lr or 10 * args.lr})
@@ -136,11 +120,8 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch): one task; exactly --num-negatives negatives a row (FSDP2: same forwards)."""
-    train = load_records(path, format=args.format)
-    sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     collate = FixedNegatives(parts.collator, args.num_negatives)
-    loader = TaskLoader({"train": train}, sampler, collate, args.num_workers, args.seed, args.grad_accum_steps)
-    return loader, len(train)
+    return make_loader(args, {"train": load_records(path, format=args.format)}, collate, rank, world)
 
 
 def token_embeddings(args: argparse.Namespace, parts: Parts, inputs: dict) -> torch.Tensor:
@@ -157,11 +138,8 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     """Token vectors of queries, documents and the fixed-count negatives; InfoNCE over MaxSim, all ranks."""
 
     def encode(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        fn = lambda **x: token_embeddings(args, parts, x)
-        with autocast(args, device):
-            tokens = fn(**inputs) if gc is None else gc.encode(fn, **inputs)
-        return tokens.float(), inputs["attention_mask"].bool()
+        tokens = forward_batch(args, lambda **x: token_embeddings(args, parts, x), inputs, gc, device)
+        return tokens, inputs["attention_mask"].to(device).bool()
 
     (q, qm), (d, dm) = encode(batch["query"]), encode(batch["positive"])
     extra = {}
@@ -178,18 +156,14 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     """MaxSim of every query against the whole corpus (in blocks of documents); every rank embeds a share."""
 
     def encode(items: list, is_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {k: v.to(device) for k, v in parts.collator.encode(items, is_query).items()}
-        with autocast(args, device):
-            tokens = token_embeddings(args, parts, inputs)
-        return F.normalize(tokens.float(), dim=-1), inputs["attention_mask"].bool()
-
-    def score(queries, docs) -> torch.Tensor:
-        (q, qm), (d, dm) = queries, docs
-        block = max(1, 2**24 // max(1, len(q) * q.shape[1] * d.shape[1]))  # bound the [Q, n, Lq, Ld] similarities
-        return torch.cat([maxsim(q, qm, d[i : i + block], dm[i : i + block]) for i in range(0, len(d), block)], 1)
+        inputs = parts.collator.encode(items, is_query)
+        tokens = forward_batch(args, lambda **x: token_embeddings(args, parts, x), inputs, None, device)
+        return F.normalize(tokens, dim=-1), inputs["attention_mask"].to(device).bool()
 
     parts.model.eval()
-    metrics = evaluate_retrieval(load_records(path, format=args.format), encode, args.eval_batch_size, score)
+    metrics = evaluate_retrieval(
+        load_records(path, format=args.format), encode, args.eval_batch_size, lambda q, d: maxsim_in_blocks(*q, *d)
+    )
     parts.model.train()
     return metrics
 
@@ -198,13 +172,8 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
     """The encoder as an HF folder (LoRA merged) + the projection + colbert.json; every rank calls it."""
     export_pretrained(parts.model, final, processor=parts.processor)
     if get_rank() == 0:
-        if parts.proj is not None:
-            weight = parts.proj.weight.detach().float().cpu().contiguous()
-            save_file({"weight": weight}, os.path.join(final, "colbert_projection.safetensors"))
-        spec = {"encoder": args.encoder, "dim": args.dim, "tokens": "last_hidden_state", "normalize": True}
-        spec.update(query_instruction=args.query_instruction, doc_instruction=args.doc_instruction)
-        with open(os.path.join(final, "colbert.json"), "w") as f:
-            json.dump(spec, f, indent=1)
+        instructions = dict(query_instruction=args.query_instruction, doc_instruction=args.doc_instruction)
+        save_colbert_head(final, parts.proj, encoder=args.encoder, dim=args.dim, **instructions)
 
 
 # ----------------------------------------------------------------------------- the run (shared by every recipe)
@@ -212,8 +181,7 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
-    args = parse_args(argv)
-    check_common_args(args)
+    args = parse_args(argv)  # the shared flags checked too
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -229,22 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     # </shared>
     # <shared: resume, evaluate before>
-    ckpt_dir = os.path.join(args.output, "checkpoints")
-    start = 0
-    if args.resume and latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(
-            ckpt_dir, model=parts.state, optimizer=optimizer, sampler=loader, scheduler=scheduler, scaler=scaler
-        )
+    ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before, before_file = None, os.path.join(args.output, "metrics_before.json")
-    if val and start == 0:  # every rank embeds a share
-        before = evaluate(args, parts, val, device)
-        if rank == 0:
-            with open(before_file, "w") as f:
-                json.dump(before, f)
-    elif val and os.path.exists(before_file):  # resumed: the first launch's
-        with open(before_file) as f:
-            before = json.load(f)
+    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -268,15 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             samples = args.batch_size * world * len(batches)
             run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
             if (args.save_every and step % args.save_every == 0) or step == end:
-                save_checkpoint(
-                    ckpt_dir,
-                    model=parts.state,
-                    optimizer=optimizer,
-                    step=step,
-                    sampler=loader,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                )
+                save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
                 run_log.eval(step, evaluate(args, parts, val, device))
     # </shared>

@@ -18,26 +18,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
-from vembed_blocks import Distill, Matryoshka, init_distributed
+from vembed_blocks import Distill, init_distributed
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import TaskLoader, TextCollator, WeightedTaskSampler, load_records
+from vembed_blocks.data import TaskLoader, TextCollator, load_records
 from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.run_log import RunLog, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
+from vembed_blocks.teacher_store import NumberedRecords, TeacherStore
 from vembed_blocks.text_encoder import (
     TextEncoderConfig,
     export_text_encoder,
@@ -45,14 +43,13 @@ from vembed_blocks.text_encoder import (
     text_features,
     unit_text_encoder,
 )
-from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
+from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 
 log = logging.getLogger("distill")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_common_args(p, output="runs/distill", lr=2e-5, batch_size=64)
+    p = common_parser(__doc__, output="runs/distill", lr=2e-5, batch_size=64)
     p.add_argument(
         "--model", required=True, help="the student: HF id or local folder (plain HF or sentence-transformers)"
     )
@@ -84,54 +81,6 @@ class Parts:
     teacher: tuple[nn.Module, TextEncoderConfig] | None  # live teacher, or None with precomputed embeddings
     teacher_input: object  # the teacher's collator, or a TeacherStore
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
-
-
-class Numbered:
-    """``records[i]`` with ``extra["row"] = i``: row-aligned teacher embeddings are found by it."""
-
-    def __init__(self, records) -> None:
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        rec = self.records[i]
-        return dataclasses.replace(rec, extra={**rec.extra, "row": int(i)})
-
-
-class TeacherStore:
-    """Precomputed teacher embeddings: ``store(records) -> (query[B, Dt], doc[B + M, Dt])``.
-
-    Docs are the B positives, then the M hard negatives in the collator's (row-major) order.
-    """
-
-    def __init__(self, folder: str) -> None:
-        self.aligned = os.path.exists(os.path.join(folder, "teacher.safetensors"))
-        if self.aligned:
-            t = load_file(os.path.join(folder, "teacher.safetensors"))
-            self.query, self.doc = t["query"], t["doc"]
-            return
-        self.query = load_file(os.path.join(folder, "queries.safetensors"))["embeddings"]
-        self.doc = load_file(os.path.join(folder, "corpus.safetensors"))["embeddings"]
-        with open(os.path.join(folder, "items.json")) as f:
-            items = json.load(f)
-        self.row_of = {side: {it["text"]: i for i, it in enumerate(items[side])} for side in ("queries", "corpus")}
-
-    def _rows(self, side: str, pairs: list) -> list[int]:
-        missing = [(r.source, it.text) for r, it in pairs if it.text not in self.row_of[side]]
-        if missing:
-            raise KeyError(
-                f"{missing[0][0]}: {missing[0][1]!r} is not in the teacher embeddings ({len(missing)} missing)"
-            )
-        return [self.row_of[side][it.text] for _, it in pairs]
-
-    def __call__(self, records: list) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.aligned:
-            rows = [r.extra["row"] for r in records]
-            return self.query[rows], self.doc[rows]
-        docs = [(r, r.positive) for r in records] + [(r, n) for r in records for n in r.negatives]
-        return self.query[self._rows("queries", [(r, r.query) for r in records])], self.doc[self._rows("corpus", docs)]
 
 
 def collate(student: TextCollator, teacher: TextCollator | TeacherStore, records: list) -> dict:
@@ -168,16 +117,9 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         t_model, teacher_input, t_cfg = load_text_encoder(args.teacher)
         t_model.to(device).eval().requires_grad_(False)  # frozen: no dropout, no gradient, never in the optimizer
         teacher = (t_model, t_cfg)
-    if args.grad_checkpointing:
-        checkpoint_layers(student)
-    if args.lora:
-        student = apply_lora(student, r=args.lora, alpha=args.lora_alpha)
-    if args.compile:
-        compile_layers(student)
-    student.train()
+    student = apply_model_flags(student, args)
     criterion = Distill(temperature=args.temperature, kind=args.kind)
-    if args.mrl_dims:
-        criterion = Matryoshka(criterion, [int(d) for d in args.mrl_dims.split(",")])
+    criterion = apply_loss_flags(criterion, args)
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
     state = nn.ModuleDict({"model": student})
     return Parts(student, state, groups, criterion, collator, cfg, teacher, teacher_input)
@@ -185,28 +127,22 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch): numbered records (row-aligned teacher embeddings are found by number)."""
-    train = Numbered(load_records(path, format="t2t"))
-    sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     collate_fn = functools.partial(collate, parts.collator, parts.teacher_input)
-    loader = TaskLoader({"train": train}, sampler, collate_fn, args.num_workers, args.seed, args.grad_accum_steps)
-    return loader, len(train)
+    return make_loader(args, {"train": NumberedRecords(load_records(path, format="t2t"))}, collate_fn, rank, world)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """Student (GradCache if --chunk-size) and teacher embed queries and docs; Distill over every rank's docs."""
 
-    def encode(inputs: dict) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        fn = lambda **x: text_features(parts.model, x, parts.cfg.pooling, normalize=False)  # Distill normalises
-        with autocast(args, device):
-            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
+    fn = lambda **x: text_features(parts.model, x, parts.cfg.pooling, normalize=False)  # Distill normalises
+    encode = lambda inputs: forward_batch(args, fn, inputs, gc, device)
 
     @torch.no_grad()
     def encode_teacher(inputs: dict) -> torch.Tensor:
         t_model, t_cfg = parts.teacher
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        with autocast(args, device):
-            return text_features(t_model, inputs, t_cfg.pooling, t_cfg.normalize).float()
+        return forward_batch(
+            args, lambda **x: text_features(t_model, x, t_cfg.pooling, t_cfg.normalize), inputs, None, device
+        )
 
     def docs(side: dict, enc) -> torch.Tensor:  # positives, then the flat hard negatives (the store's order too)
         return torch.cat([enc(side["positive"])] + ([enc(side["negatives"])] if "negatives" in side else []))
@@ -240,8 +176,7 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
-    args = parse_args(argv)
-    check_common_args(args)
+    args = parse_args(argv)  # the shared flags checked too
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -257,22 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     # </shared>
     # <shared: resume, evaluate before>
-    ckpt_dir = os.path.join(args.output, "checkpoints")
-    start = 0
-    if args.resume and latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(
-            ckpt_dir, model=parts.state, optimizer=optimizer, sampler=loader, scheduler=scheduler, scaler=scaler
-        )
+    ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before, before_file = None, os.path.join(args.output, "metrics_before.json")
-    if val and start == 0:  # every rank embeds a share
-        before = evaluate(args, parts, val, device)
-        if rank == 0:
-            with open(before_file, "w") as f:
-                json.dump(before, f)
-    elif val and os.path.exists(before_file):  # resumed: the first launch's
-        with open(before_file) as f:
-            before = json.load(f)
+    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -296,15 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
             samples = args.batch_size * world * len(batches)
             run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
             if (args.save_every and step % args.save_every == 0) or step == end:
-                save_checkpoint(
-                    ckpt_dir,
-                    model=parts.state,
-                    optimizer=optimizer,
-                    step=step,
-                    sampler=loader,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                )
+                save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
                 run_log.eval(step, evaluate(args, parts, val, device))
     # </shared>

@@ -26,7 +26,6 @@ checkpoints under <output>/checkpoints (--resume; shared storage across nodes) a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,25 +34,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vembed_blocks import InfoNCE, Matryoshka, init_distributed
+from vembed_blocks import InfoNCE, init_distributed
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import FixedNegatives, TaskLoader, VLMCollator, WeightedTaskSampler, load_records
+from vembed_blocks.data import FixedNegatives, TaskLoader, VLMCollator, load_records
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
-from vembed_blocks.run_log import RunLog, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
+from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_embed
 
 log = logging.getLogger("qwen3_fsdp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_common_args(p, output="runs/qwen3_fsdp", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0)
+    p = common_parser(
+        __doc__, output="runs/qwen3_fsdp", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0, fsdp=True
+    )
     p.add_argument("--model", required=True, help="HF id or local folder of a Qwen3-VL (or Qwen2-VL) model")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format")
     p.add_argument("--query-instruction", default="Represent the user's input.", help="system prompt of queries")
@@ -82,8 +81,6 @@ class Parts:
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
     """(train file, val file), checked before any model is loaded."""
-    if args.fp16:  # each rank would see the inf/NaN of its own gradient shard only, and skip alone
-        raise SystemExit("--fp16 loss scaling over FSDP2-sharded gradients is not supported; use --bf16")
     if args.num_negatives < 0:
         raise SystemExit("--num-negatives must be >= 0")
     return args.data, args.val_data
@@ -95,19 +92,14 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
     processor = load_vlm_processor(args.model)
     model = AutoModel.from_pretrained(args.model, dtype=torch.float32).to(device)
-    if args.grad_checkpointing:
-        checkpoint_layers(model)
-    if args.lora:
-        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
-    if args.compile:
-        compile_layers(model, backend=args.compile_backend, fallback_to_eager=True)  # failing blocks run eagerly
-    model.train()
+    model = apply_model_flags(
+        model, args, backend=args.compile_backend, fallback_to_eager=True
+    )  # failing blocks run eagerly
     # Text decoder layers as FSDP units, the vision tower in the root unit: a rank whose chunk has
     # no image skips it, and a per-block vision unit would wait for an all-gather nobody joins.
     model = shard_vlm(model, mixed_precision="bf16" if args.bf16 else None)
     criterion = InfoNCE(temperature=args.temperature)
-    if args.mrl_dims:
-        criterion = Matryoshka(criterion, [int(d) for d in args.mrl_dims.split(",")])
+    criterion = apply_loss_flags(criterion, args)
     collator = VLMCollator(processor, args.query_instruction, args.doc_instruction, args.max_image_side)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     state = nn.ModuleDict({"model": model, "loss": criterion})
@@ -116,21 +108,14 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch): one task; exactly --num-negatives negatives a row (FSDP2: same forwards)."""
-    train = load_records(path, format=args.format)
-    sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
     collate = FixedNegatives(parts.collator, args.num_negatives)
-    loader = TaskLoader({"train": train}, sampler, collate, args.num_workers, args.seed, args.grad_accum_steps)
-    return loader, len(train)
+    return make_loader(args, {"train": load_records(path, format=args.format)}, collate, rank, world)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """Last-token embeddings of queries, positives and the fixed-count negatives; InfoNCE over all ranks."""
 
-    def encode(inputs: dict) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        fn = lambda **x: vlm_embed(parts.model, x)
-        with autocast(args, device):
-            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
+    encode = lambda inputs: forward_batch(args, lambda **x: vlm_embed(parts.model, x), inputs, gc, device)
 
     q, p = encode(batch["query"]), encode(batch["positive"])
     extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
@@ -144,10 +129,10 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
 def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
     """Retrieval metrics of ``path``; every rank embeds an equal share (FSDP2 forwards are collectives)."""
 
-    def encode(items: list, is_query: bool) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in parts.collator.encode(items, is_query).items()}
-        with autocast(args, device):
-            return F.normalize(vlm_embed(parts.model, inputs).float(), dim=-1)
+    fn = lambda **x: vlm_embed(parts.model, x)
+    encode = lambda items, is_query: F.normalize(
+        forward_batch(args, fn, parts.collator.encode(items, is_query), None, device), dim=-1
+    )
 
     parts.model.eval()
     metrics = evaluate_retrieval(load_records(path, format=args.format), encode, args.eval_batch_size)
@@ -165,8 +150,7 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
-    args = parse_args(argv)
-    check_common_args(args)
+    args = parse_args(argv)  # the shared flags checked too
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -182,22 +166,12 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     # </shared>
     # <shared: resume, evaluate before>
-    ckpt_dir = os.path.join(args.output, "checkpoints")
-    start = 0
-    if args.resume and latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(
-            ckpt_dir, model=parts.state, optimizer=optimizer, sampler=loader, scheduler=scheduler, scaler=scaler
-        )
+    ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before, before_file = None, os.path.join(args.output, "metrics_before.json")
-    if val and start == 0:  # every rank embeds a share
-        before = evaluate(args, parts, val, device)
-        if rank == 0:
-            with open(before_file, "w") as f:
-                json.dump(before, f)
-    elif val and os.path.exists(before_file):  # resumed: the first launch's
-        with open(before_file) as f:
-            before = json.load(f)
+    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -221,15 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             samples = args.batch_size * world * len(batches)
             run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
             if (args.save_every and step % args.save_every == 0) or step == end:
-                save_checkpoint(
-                    ckpt_dir,
-                    model=parts.state,
-                    optimizer=optimizer,
-                    step=step,
-                    sampler=loader,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                )
+                save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
                 run_log.eval(step, evaluate(args, parts, val, device))
     # </shared>

@@ -15,7 +15,6 @@ checkpoints (--resume) and final/ (an HF folder that is also a sentence-transfor
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,17 +22,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vembed_blocks import CoSENT, InfoNCE, Matryoshka, Triplet, init_distributed
+from vembed_blocks import CoSENT, InfoNCE, Triplet, init_distributed
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import TaskLoader, TextCollator, WeightedTaskSampler, load_records, scatter_negatives
+from vembed_blocks.data import (
+    TaskLoader,
+    TextCollator,
+    WithScores,
+    load_records,
+    scatter_negatives,
+)
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.mining import write_mined_file
-from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.run_log import RunLog, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.text_encoder import (
     TextEncoderConfig,
@@ -42,14 +46,13 @@ from vembed_blocks.text_encoder import (
     text_features,
     unit_text_encoder,
 )
-from vembed_blocks.train_args import HelpFormatter, add_common_args, autocast, check_common_args
+from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 
 log = logging.getLogger("text_t2t")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_common_args(p, output="runs/text_t2t", lr=2e-5, batch_size=64)
+    p = common_parser(__doc__, output="runs/text_t2t", lr=2e-5, batch_size=64)
     p.add_argument("--model", required=True, help="HF id or local folder (plain HF or sentence-transformers)")
     p.add_argument("--loss", choices=["infonce", "cosent", "triplet"], default="infonce")
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
@@ -62,8 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mine-negatives", type=int, default=0, help="mine K hard negatives per row before training")
     p.add_argument("--mine-margin", type=float, help="skip candidates scoring above (positive - margin)")
     p.add_argument("--mine-ratio", type=float, help="skip candidates scoring above ratio * positive")
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- model, data, loss, evaluation
@@ -77,7 +79,6 @@ class Parts:
     criterion: nn.Module
     collator: TextCollator
     cfg: TextEncoderConfig  # pooling, normalisation, max length of the folder (or the flags)
-
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
 
 
@@ -103,21 +104,14 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     model.to(device)
     for p in getattr(model, "pooler", nn.Identity()).parameters():  # BERT's pooler head: pooling never uses it
         p.requires_grad_(False)
-    if args.grad_checkpointing:
-        checkpoint_layers(model)
-    if args.lora:
-        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
-    if args.compile:
-        compile_layers(model)
-    model.train()
+    model = apply_model_flags(model, args)
     if args.loss == "cosent":
         criterion = CoSENT()
     elif args.loss == "triplet":
         criterion = Triplet(margin=args.margin)
     else:
         criterion = InfoNCE(temperature=args.temperature, symmetric=args.symmetric)
-    if args.mrl_dims:
-        criterion = Matryoshka(criterion, [int(d) for d in args.mrl_dims.split(",")])
+    criterion = apply_loss_flags(criterion, args)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     return Parts(model, nn.ModuleDict({"model": model, "loss": criterion}), groups, criterion, collator, cfg)
 
@@ -140,36 +134,14 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
             parts.model.train()
             log.info("mined %d negatives per row -> %s", args.mine_negatives, mined)
         path = mined
-    train = load_records(path, format="t2t")
-    sampler = WeightedTaskSampler({"train": len(train)}, args.batch_size, seed=args.seed, rank=rank, world_size=world)
-    loader = TaskLoader(
-        {"train": train}, sampler, Collate(parts.collator), args.num_workers, args.seed, args.grad_accum_steps
-    )
-    return loader, len(train)
-
-
-class Collate:
-    """The collator's batch plus ``scores[B]`` when every row has a numeric "score" (or "label"): CoSENT's gold."""
-
-    def __init__(self, collator: TextCollator) -> None:
-        self.collator = collator
-
-    def __call__(self, records: list) -> dict:
-        batch = self.collator(records)
-        scores = [r.extra.get("score", r.label) for r in records]
-        if all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-            batch["scores"] = torch.tensor(scores, dtype=torch.float)
-        return batch
+    return make_loader(args, {"train": load_records(path, format="t2t")}, WithScores(parts.collator), rank, world)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """Encode queries, documents and (where the batch has them) hard negatives; the chosen loss."""
 
-    def encode(inputs: dict) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        fn = lambda **x: text_features(parts.model, x, parts.cfg.pooling, normalize=False)  # the losses normalise
-        with autocast(args, device):
-            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
+    fn = lambda **x: text_features(parts.model, x, parts.cfg.pooling, normalize=False)  # the losses normalise
+    encode = lambda inputs: forward_batch(args, fn, inputs, gc, device)
 
     q, p = encode(batch["query"]), encode(batch["positive"])
     neg = encode(batch["negatives"]) if "negatives" in batch else None
@@ -207,8 +179,7 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
-    args = parse_args(argv)
-    check_common_args(args)
+    args = parse_args(argv)  # the shared flags checked too
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -224,22 +195,12 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     # </shared>
     # <shared: resume, evaluate before>
-    ckpt_dir = os.path.join(args.output, "checkpoints")
-    start = 0
-    if args.resume and latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(
-            ckpt_dir, model=parts.state, optimizer=optimizer, sampler=loader, scheduler=scheduler, scaler=scaler
-        )
+    ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before, before_file = None, os.path.join(args.output, "metrics_before.json")
-    if val and start == 0:  # every rank embeds a share
-        before = evaluate(args, parts, val, device)
-        if rank == 0:
-            with open(before_file, "w") as f:
-                json.dump(before, f)
-    elif val and os.path.exists(before_file):  # resumed: the first launch's
-        with open(before_file) as f:
-            before = json.load(f)
+    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -263,15 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
             samples = args.batch_size * world * len(batches)
             run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
             if (args.save_every and step % args.save_every == 0) or step == end:
-                save_checkpoint(
-                    ckpt_dir,
-                    model=parts.state,
-                    optimizer=optimizer,
-                    step=step,
-                    sampler=loader,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                )
+                save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
                 run_log.eval(step, evaluate(args, parts, val, device))
     # </shared>

@@ -117,7 +117,7 @@ def test_torchrun_siglip_saves_resumes_and_exports(demo, tmp_path):
         assert got[name] == pytest.approx(value, abs=1e-6), name
 
 
-def test_fp16_loss_scaling_trains_and_fsdp_recipes_refuse_it(demo, tmp_path):
+def test_fp16_loss_scaling_trains_and_fsdp_recipes_refuse_it(demo, tmp_path, capsys):
     """--fp16: fp16 autocast + GradScaler through GradCache; finite losses, weights move. The FSDP2
     recipes refuse it with a message (each rank would see the inf/NaN of its own shard only)."""
     run = common(demo, tmp_path / "fp16", demo["clip"], "--fp16", "--max-steps", "4", "--lr", "1e-3")
@@ -134,6 +134,10 @@ def test_fp16_loss_scaling_trains_and_fsdp_recipes_refuse_it(demo, tmp_path):
     before = load_file(str(Path(demo["clip"]) / "model.safetensors"))
     after = load_file(str(tmp_path / "fp16" / "final" / "model.safetensors"))
     assert max((after[k] - v).abs().max().item() for k, v in before.items() if k in after) > 1e-4
-    qwen3 = load_script("qwen3_fsdp")
-    with pytest.raises(SystemExit, match="--fp16 loss scaling over FSDP2-sharded gradients is not supported"):
-        qwen3.main(["--model", "unused", "--data", demo["train"], "--fp16", "--output", str(tmp_path / "q")])
+    for name in ("qwen3_fsdp", "colbert"):  # refused at parse time, before any model is loaded
+        with pytest.raises(SystemExit):
+            load_script(name).main(["--model", "unused", "--data", demo["train"], "--fp16", "--output", str(tmp_path)])
+        assert (
+            "--fp16: not supported: fp16 loss scaling over FSDP2-sharded gradients; use --bf16"
+            in capsys.readouterr().err
+        )

@@ -215,7 +215,7 @@ def test_evaluate_py_layout_uses_negatives_and_names_missing_texts(toy, tmp_path
     result = distill.main(common(toy, tmp_path / "by_text", "--teacher-embeddings", toy["by_text"], "--max-steps", "4"))
     assert len(result["losses"]) == 4 and all(torch.isfinite(torch.tensor(result["losses"])))
     store = distill.TeacherStore(toy["by_text"])
-    records = [distill.Numbered(distill.load_records(toy["train"]))[i] for i in (0, 1)]
+    records = [distill.NumberedRecords(distill.load_records(toy["train"]))[i] for i in (0, 1)]
     q, d = store(records)
     assert q.shape == (2, 15) and d.shape == (4, 15)  # 2 positives, then their 2 hard negatives
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "red cat", "positive": "there is a red cat"}])
@@ -263,7 +263,7 @@ def test_torchrun_ragged_negatives_and_labels(toy, tmp_path):
     negative, label = (lambda i, m: rows[(i + 4 + m) % len(rows)]["positive"]), (lambda i: rows[i]["query"].split()[0])
     ragged, step0 = ragged_rows(rows, 4, negative, label)  # label: the colour
     data = write_jsonl(tmp_path / "ragged.jsonl", ragged)
-    records = distill.Numbered(distill.load_records(data))
+    records = distill.NumberedRecords(distill.load_records(data))
     assert_ragged_step0(records, step0)  # the sampler really gives rank 0 all of them and rank 1 none at step 0
     student = tiny_bert(str(tmp_path / "student"), dropout=0.0)  # no dropout: step 1 is reproducible in one process
     runs = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
 
         texts = ["red circle left", "there is a blue cross at the top"]
         model, collator, cfg = text_t2t.load_encoder(
-            text_t2t.parse_args(["--model", str(split / "final"), "--data", "-"])
+            text_t2t.parse_args(["--model", str(split / "final"), "--data", os.devnull])
         )
         ours = embed_texts(model, collator, cfg, texts, is_query=False)
         theirs = torch.from_numpy(SentenceTransformer(str(split / "final"), device="cpu").encode(texts))
@@ -175,7 +176,7 @@ def test_cosent_and_triplet_learn_in_process(toy, tmp_path):
     losses = []
     for model in (toy["model"], str(out / "final")):
         q, p, rows = embed_rows(model, toy["negs"])
-        model_, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", model, "--data", "-"]))
+        model_, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", model, "--data", os.devnull]))
         n = embed_texts(model_, collator, cfg, [r["negatives"][0] for r in rows], is_query=False)
         losses.append(Triplet()(q, p, n).item())
     print("triplet whole-set loss before/after", losses)
@@ -201,7 +202,7 @@ def test_embeddings_equal_sentence_transformers_on_real_minilm():
         "What is the capital of France?",
         "Paris.",
     ]
-    model, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", path, "--data", "-"]))
+    model, collator, cfg = text_t2t.load_encoder(text_t2t.parse_args(["--model", path, "--data", os.devnull]))
     assert (cfg.pooling, cfg.normalize, cfg.max_length) == ("mean", True, 256)
     ours = embed_texts(model, collator, cfg, texts, is_query=True, batch_size=3)  # other batches, other padding
     theirs = torch.from_numpy(SentenceTransformer(path, device="cpu").encode(texts))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,7 +13,7 @@ from ._loss_utils import check_mask, check_temperature, gather
 from .distributed import all_gather_sizes, any_rank, get_rank, is_dist, pad_dim
 from .tiled import Side, resolve_tile, ring_pad, tiled_logsumexp
 
-__all__ = ["ColBERT", "maxsim"]
+__all__ = ["ColBERT", "maxsim", "maxsim_in_blocks", "save_colbert_head"]
 
 
 def maxsim(query: torch.Tensor, query_mask: torch.Tensor, docs: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
@@ -25,6 +28,36 @@ def maxsim(query: torch.Tensor, query_mask: torch.Tensor, docs: torch.Tensor, do
     sim = sim.masked_fill(~doc_mask.bool()[None, :, None, :], float("-inf")).amax(dim=-1)  # [B, N, Lq]
     qm = query_mask.to(sim.dtype)
     return (sim * qm[:, None, :]).sum(-1) / qm.sum(-1, keepdim=True)
+
+
+def maxsim_in_blocks(
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    docs: torch.Tensor,
+    doc_mask: torch.Tensor,
+    max_elements: int = 2**24,
+) -> torch.Tensor:
+    """`maxsim` ``[B, N]`` computed over blocks of documents, so the ``[B, n, Lq, Ld]`` similarities of one block
+    hold at most about ``max_elements`` numbers (a whole corpus at once would not fit)."""
+    block = max(1, max_elements // max(1, query.shape[0] * query.shape[1] * docs.shape[1]))
+    scores = [
+        maxsim(query, query_mask, docs[i : i + block], doc_mask[i : i + block]) for i in range(0, len(docs), block)
+    ]
+    return torch.cat(scores, 1)
+
+
+def save_colbert_head(out: str, proj: nn.Linear | None, **spec) -> None:
+    """What turns an exported encoder's hidden states into ColBERT token vectors, next to it in ``out``:
+    ``colbert_projection.safetensors`` (``weight[dim, width]`` of the token projection, when there is one) and
+    ``colbert.json`` = ``spec`` (e.g. encoder, dim, instructions) + ``tokens: "last_hidden_state"``, ``normalize``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    if proj is not None:
+        weight = proj.weight.detach().float().cpu().contiguous()
+        save_file({"weight": weight}, os.path.join(out, "colbert_projection.safetensors"))
+    with open(os.path.join(out, "colbert.json"), "w") as f:
+        json.dump({"tokens": "last_hidden_state", "normalize": True, **spec}, f, indent=1)
 
 
 def paired_maxsim(

@@ -19,9 +19,9 @@ import logging
 import os
 import time
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-__all__ = ["write_args", "RunLog", "TRACKERS", "write_metrics"]
+__all__ = ["write_args", "RunLog", "TRACKERS", "metrics_before", "write_metrics"]
 
 TRACKERS = ("tensorboard", "wandb")
 # Arguments that only change how a run reports or splits itself, not what it trains.
@@ -162,6 +162,25 @@ def _wandb_run(output: str, config: dict[str, Any]):
         raise ImportError('--report-to wandb needs wandb: pip install "vembed-blocks[logging]"') from e
     mode = os.environ.get("WANDB_MODE", "offline")  # offline: no account or network; `wandb sync` uploads later
     return wandb.init(dir=output, config=config, mode=mode, project=os.environ.get("WANDB_PROJECT", "vembed-blocks"))
+
+
+def metrics_before(output: str, start: int, evaluate: Callable[[], dict[str, float]], rank: int = 0) -> dict | None:
+    """The metrics before training: ``evaluate()`` on a fresh run (``start == 0``), saved to
+    ``<output>/metrics_before.json`` by rank 0; on a resumed run the first launch's file (``None`` if it has none).
+
+    Every rank calls it (``evaluate`` may be collective: the recipes embed on all ranks).
+    """
+    path = os.path.join(output, "metrics_before.json")
+    if start == 0:
+        before = evaluate()
+        if rank == 0:
+            with open(path, "w") as f:
+                json.dump(before, f)
+        return before
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_metrics(output: str, before: dict[str, float] | None, after: dict[str, float], rank: int = 0) -> dict:

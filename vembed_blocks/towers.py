@@ -1,8 +1,9 @@
-"""Embedding from a Hugging Face dual encoder (CLIP, SigLIP, ...) given collated inputs."""
+"""Hugging Face dual encoders (CLIP, SigLIP, composed towers): loading, embedding, and their loss's temperature."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -19,6 +20,8 @@ __all__ = [
     "compose_dual_encoder",
     "load_dual_encoder",
     "text_padding",
+    "contrastive_loss_for",
+    "write_temperature_back",
 ]
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -183,3 +186,41 @@ def compose_dual_encoder(
     return model, ComposedProcessor(
         AutoImageProcessor.from_pretrained(vision_model), AutoTokenizer.from_pretrained(text_model)
     )
+
+
+def contrastive_loss_for(
+    model: torch.nn.Module, kind: str = "infonce", temperature: float | None = None, symmetric: bool = False
+) -> torch.nn.Module:
+    """InfoNCE (``kind="infonce"``) or SigLIP whose learnable temperature (and bias) start from ``model``'s own.
+
+    CLIP keeps ``logit_scale = log(1 / temperature)``, SigLIP ``logit_scale = log(scale)`` and
+    ``logit_bias``; a model without them starts at InfoNCE 0.05 / SigLIP scale 10, bias -10.
+    ``temperature`` overrides the start. The loss owns the temperature from here on: the model's
+    own parameters are frozen (`write_temperature_back` copies the learned values into them).
+    """
+    from .losses import InfoNCE, SigLIP
+
+    logit_scale, bias = getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)
+    if kind == "siglip":
+        t = temperature or (math.exp(logit_scale.item()) if logit_scale is not None else 10.0)
+        loss: torch.nn.Module = SigLIP(temperature=t, bias=bias.item() if bias is not None else -10.0, learn=True)
+    elif kind == "infonce":
+        t = temperature or (math.exp(-logit_scale.item()) if logit_scale is not None else 0.05)
+        loss = InfoNCE(temperature=t, learn_temperature=True, symmetric=symmetric)
+    else:
+        raise ValueError(f"contrastive_loss_for: kind must be 'infonce' or 'siglip', got {kind!r}")
+    for name in ("logit_scale", "logit_bias"):
+        if isinstance(getattr(model, name, None), torch.nn.Parameter):
+            getattr(model, name).requires_grad_(False)
+    return loss
+
+
+@torch.no_grad()
+def write_temperature_back(model: torch.nn.Module, loss: torch.nn.Module) -> None:
+    """Copy the loss's learned ``log_scale`` (and SigLIP ``bias``) into ``model.logit_scale`` (``logit_bias``), so
+    the exported model scores as trained. ``loss`` may be wrapped (e.g. `Matryoshka`, whose ``.loss`` is the inner)."""
+    loss = getattr(loss, "loss", loss)
+    if isinstance(getattr(model, "logit_scale", None), torch.Tensor) and hasattr(loss, "log_scale"):
+        model.logit_scale.copy_(loss.log_scale.reshape(model.logit_scale.shape))
+    if isinstance(getattr(model, "logit_bias", None), torch.Tensor) and hasattr(loss, "bias"):
+        model.logit_bias.copy_(loss.bias.reshape(model.logit_bias.shape))

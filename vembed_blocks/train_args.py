@@ -11,17 +11,54 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn as nn
 
 from .run_log import TRACKERS
 from .schedule import SCHEDULES
 
-__all__ = ["HelpFormatter", "add_common_args", "check_common_args", "autocast"]
+__all__ = [
+    "HelpFormatter",
+    "common_parser",
+    "add_common_args",
+    "check_common_args",
+    "autocast",
+    "apply_model_flags",
+    "forward_batch",
+    "make_loader",
+    "apply_loss_flags",
+]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` keeps the recipe's docstring as written and shows every flag's default."""
+
+
+class _Refused(argparse.Action):
+    """A flag a recipe cannot honour: giving it is an error that says why (its help)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, help=kwargs.get("help"))
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string}: {self.help}")
+
+
+class _CheckedParser(argparse.ArgumentParser):
+    """``parse_args`` also runs `check_common_args`: a bad shared value fails before anything is loaded."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        check_common_args(parsed)
+        return parsed
+
+
+def common_parser(description: str | None, **defaults) -> argparse.ArgumentParser:
+    """A recipe's parser: its docstring as the description (`HelpFormatter`) and the shared flags, ``defaults`` as
+    in `add_common_args`; its ``parse_args`` checks them (`check_common_args`). The recipe adds its own flags."""
+    return add_common_args(_CheckedParser(description=description, formatter_class=HelpFormatter), **defaults)
 
 
 def add_common_args(
@@ -35,10 +72,13 @@ def add_common_args(
     lora_alpha: float = 16.0,
     data_help: str = "training file (JSONL/CSV/Parquet)",
     require_data: bool = True,
+    fsdp: bool = False,
 ) -> argparse.ArgumentParser:
     """Add the shared data, optimisation, loop, checkpoint and logging flags to ``p``.
 
-    ``require_data=False`` for a recipe whose bare run is a demo (no ``--data``)."""
+    ``require_data=False`` for a recipe whose bare run is a demo (no ``--data``). ``fsdp=True`` for a
+    recipe that shards with FSDP2: ``--fp16`` is then refused with the reason (each rank would see the
+    inf/NaN of its own gradient shard only, and the ranks' GradScalers would skip different steps)."""
     a = p.add_argument
     a("--data", required=require_data, help=data_help)
     a("--val-data", help="validation file: retrieval metrics before/after (and every --eval-every steps)")
@@ -56,7 +96,10 @@ def add_common_args(
     a("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of the steps (instead of --warmup-steps)")
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     a("--bf16", action="store_true", help="bf16 autocast (FSDP2 recipes: bf16 parameters, fp32 reduce)")
-    a("--fp16", action="store_true", help="fp16 autocast with loss scaling (GradScaler; not with FSDP2)")
+    if fsdp:
+        a("--fp16", action=_Refused, help="not supported: fp16 loss scaling over FSDP2-sharded gradients; use --bf16")
+    else:
+        a("--fp16", action="store_true", help="fp16 autocast with loss scaling (GradScaler)")
     a("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
     a("--compile", action="store_true", help="torch.compile every block in place")
     a("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
@@ -100,3 +143,64 @@ def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
     """The autocast context the flags ask for: bf16 (``--bf16``), fp16 (``--fp16``) or off."""
     dtype = torch.float16 if args.fp16 else torch.bfloat16
     return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
+
+
+def apply_model_flags(model: nn.Module, args: argparse.Namespace, **compile_kwargs) -> nn.Module:
+    """``model`` as the shared flags ask, in train mode: activation checkpointing (``--grad-checkpointing``), then
+    LoRA (``--lora``, ``--lora-alpha``), then ``torch.compile`` per block (``--compile``; ``compile_kwargs`` go to
+    `compile_layers`). That order because LoRA wraps the layers checkpointing must still see as blocks, and compiling
+    last captures both. Returns the model to train (LoRA returns a new wrapper)."""
+    from .parallel import apply_lora, checkpoint_layers, compile_layers
+
+    if args.grad_checkpointing:
+        checkpoint_layers(model)
+    if args.lora:
+        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:
+        compile_layers(model, **compile_kwargs)
+    return model.train()
+
+
+def apply_loss_flags(criterion: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``criterion`` wrapped in `Matryoshka` over ``--mrl-dims`` (e.g. ``"512,256,128"``) when given, else as is."""
+    if not args.mrl_dims:
+        return criterion
+    from .losses import Matryoshka
+
+    try:
+        dims = [int(d) for d in args.mrl_dims.split(",")]
+    except ValueError:
+        raise SystemExit(f"--mrl-dims must be comma-separated integers, got {args.mrl_dims!r}") from None
+    return Matryoshka(criterion, dims)
+
+
+def forward_batch(
+    args: argparse.Namespace, fn: Callable[..., torch.Tensor], inputs: Mapping[str, torch.Tensor], gc: Any, device
+) -> torch.Tensor:
+    """``fn(**inputs)`` with ``inputs`` moved to ``device``, under the flags' autocast, through GradCache ``gc`` when
+    given (``--chunk-size``; ``None``: one plain forward); the output in float32 (``[B, ...]`` as ``fn`` returns)."""
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with autocast(args, device):
+        out = fn(**inputs) if gc is None else gc.encode(fn, **inputs)
+    return out.float()
+
+
+def make_loader(
+    args: argparse.Namespace,
+    tasks: Mapping[str, Sequence[Any]],
+    collate: Callable[[list], Any],
+    rank: int,
+    world: int,
+    **sampler_options: Any,
+) -> tuple[Any, int]:
+    """``(TaskLoader, rows per epoch)`` over ``tasks`` with the shared flags: ``--batch-size`` rows per rank,
+    ``--seed``, ``--num-workers``, ``--grad-accum-steps``. ``sampler_options`` go to `WeightedTaskSampler`
+    (``weights``, ``group_of``, ``group_weights``); rows per epoch counts the tasks it can draw."""
+    from .data import TaskLoader, WeightedTaskSampler
+
+    sizes = {name: len(rows) for name, rows in tasks.items()}
+    sampler = WeightedTaskSampler(
+        sizes, args.batch_size, seed=args.seed, rank=rank, world_size=world, **sampler_options
+    )
+    loader = TaskLoader(tasks, sampler, collate, args.num_workers, args.seed, args.grad_accum_steps)
+    return loader, sum(sizes[name] for name in sampler.tasks)

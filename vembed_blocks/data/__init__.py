@@ -1,6 +1,14 @@
 """Data blocks: records, images, collators, the weighted task sampler, embedding stores."""
 
-from .collate import DualEncoderCollator, FixedNegatives, TextCollator, VLMCollator, label_id, scatter_negatives
+from .collate import (
+    DualEncoderCollator,
+    FixedNegatives,
+    TextCollator,
+    VLMCollator,
+    WithScores,
+    label_id,
+    scatter_negatives,
+)
 from .embed_store import EmbedStore, EmbedWriter, StoreError, collate_embeddings, ensure_meta
 from .images import ImageLoadError, load_image, load_images
 from .loader import TaskLoader
@@ -21,6 +29,7 @@ __all__ = [
     "FixedNegatives",
     "TextCollator",
     "VLMCollator",
+    "WithScores",
     "label_id",
     "scatter_negatives",
     "EmbedStore",

@@ -37,7 +37,15 @@ from .records import Item, Record, RecordError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TextCollator", "DualEncoderCollator", "VLMCollator", "FixedNegatives", "scatter_negatives", "label_id"]
+__all__ = [
+    "TextCollator",
+    "DualEncoderCollator",
+    "VLMCollator",
+    "FixedNegatives",
+    "WithScores",
+    "scatter_negatives",
+    "label_id",
+]
 
 
 def scatter_negatives(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -298,4 +306,19 @@ class FixedNegatives:
         )
         if k:
             batch["negatives_mask"] = torch.tensor([[j < len(r.negatives) for j in range(k)] for r in records])
+        return batch
+
+
+class WithScores:
+    """``collate(records)`` plus ``scores[B]`` (float) when every row has a numeric gold score: ``extra["score"]``,
+    else a numeric ``label`` (CoSENT's pairs). Rows without one leave the batch as the collator made it."""
+
+    def __init__(self, collate: Callable[[list[Record]], dict]) -> None:
+        self.collate = collate
+
+    def __call__(self, records: list[Record]) -> dict:
+        batch = self.collate(records)
+        scores = [r.extra.get("score", r.label) for r in records]
+        if all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+            batch["scores"] = torch.tensor(scores, dtype=torch.float)
         return batch
