@@ -34,10 +34,13 @@ def test_same_batches_for_any_worker_count(workers):
     assert loader.step == 12
 
 
-def test_resume_through_a_checkpoint_continues_exactly(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_through_a_checkpoint_continues_exactly(tmp_path, workers):
+    """Resumed at an odd step (7) with 2 workers: worker 0 must build the first batch after the resume (the
+    workers' share counted from step 0 swapped steps 8 and 9)."""
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    first = TaskLoader(TASKS, sampler())
+    first = TaskLoader(TASKS, sampler(), num_workers=workers)
     got = []
     for step, (batch,), (task,) in first.steps(20):
         got.append((step, task, batch))
@@ -45,7 +48,7 @@ def test_resume_through_a_checkpoint_continues_exactly(tmp_path):
             save_checkpoint(str(tmp_path), model=model, optimizer=opt, step=step, sampler=first)
             break
     json.dumps(first.state_dict())  # a plain, JSON-able state
-    second = TaskLoader(TASKS, sampler())
+    second = TaskLoader(TASKS, sampler(), num_workers=workers)
     assert load_checkpoint(str(tmp_path), model=model, optimizer=opt, sampler=second) == 7 and second.step == 7
     got += [(step, tasks[0], batches[0]) for step, batches, tasks in second.steps(20)]
     assert got == plain_draws(20)
@@ -58,3 +61,24 @@ def test_accumulation_groups_consecutive_micro_batches():
     assert [s for s, _, _ in steps] == [1, 2, 3, 4] and loader.step == 4
     assert [b for _, batches, _ in steps for b in batches] == [b for _, _, b in flat]
     assert [t for _, _, tasks in steps for t in tasks] == [t for _, t, _ in flat]
+
+
+def _ranks_with_seeds(rank: int, world_size: int) -> str:
+    """Rank 1 seeds its sampler with seed + rank (a common slip): ``steps`` must refuse before any batch."""
+    from vembed_blocks.data import TaskLoader, WeightedTaskSampler
+
+    same = WeightedTaskSampler({"a": 37, "b": 23}, 4, seed=3, rank=rank, world_size=world_size)
+    assert len(list(TaskLoader(TASKS, same).steps(2))) == 2  # equal samplers: no complaint
+    odd = WeightedTaskSampler({"a": 37, "b": 23}, 4, seed=3 + rank, rank=rank, world_size=world_size)
+    try:
+        next(TaskLoader(TASKS, odd).steps(2))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_whose_samplers_differ_are_refused():
+    from _multiproc import run_ranks
+
+    for message in run_ranks(_ranks_with_seeds, 2, timeout=120):
+        assert message.startswith("ranks [1] would draw other tasks than rank 0"), message

@@ -7,14 +7,17 @@ keeps that bookkeeping::
 
     loader = TaskLoader(tasks, sampler, collator, num_workers=2, seed=args.seed, grad_accum_steps=2)
     start = load_checkpoint(ckpt, model=..., optimizer=..., sampler=loader)   # restores it
-    for step, batches, tasks in loader.steps(end):     # step: 1-based optimizer step
+    for step, batches, streams in loader.steps(end):   # step: 1-based optimizer step
         ...                                            # batches: grad_accum_steps micro-batches
+                                                       # streams: their "task" or "task/group" keys
         save_checkpoint(ckpt, model=..., optimizer=..., step=step, sampler=loader)
 
 ``steps(end)`` yields optimizer steps ``loader.step + 1 .. end``, each with the
 ``grad_accum_steps`` micro-batches of consecutive sampler steps; each DataLoader worker builds
 every ``num_workers``-th micro-batch (`TaskBatches`), so the sequence is the same for any
-worker count and for a resumed run.
+worker count and for a resumed run. Every rank must draw the same task at a step (negatives of one
+kind): the draws are a pure function of the sampler's seed, batch and weights, so ``steps`` checks once,
+with one small all-gather, that every rank's sampler has the same ones.
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ class TaskLoader:
         self._state = self.sampler.state_dict()
 
     def steps(self, end: int) -> Iterator[tuple[int, list[Any], list[str]]]:
-        """``(step, micro_batches, their_tasks)`` for optimizer steps ``self.step + 1 .. end`` (1-based)."""
+        """``(step, micro_batches, their_streams)`` for optimizer steps ``self.step + 1 .. end`` (1-based).
+
+        A stream is the micro-batch's task, or ``task/group`` when the sampler draws groups."""
+        _check_same_draws(self.sampler)
         if int(self._state["step"]) % self.accum:
             raise ValueError(
                 f"sampler state at step {self._state['step']} is not a multiple of {self.accum} micro-steps"
@@ -78,8 +84,24 @@ class TaskLoader:
         batches, tasks = [], []
         for item in loader:
             batches.append(item["batch"])
-            tasks.append(item["task"])
+            tasks.append(item["stream"])
             if len(batches) == self.accum:
                 self._state = item["sampler_state"]
                 yield (item["step"] + 1) // self.accum, batches, tasks
                 batches, tasks = [], []
+
+
+def _check_same_draws(sampler: WeightedTaskSampler) -> None:
+    """``ValueError`` naming the ranks whose samplers would draw other tasks than rank 0's (e.g. a seed + rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sampler.draw_spec())
+    odd = [r for r, other in enumerate(everyone) if other != everyone[0]]
+    if odd:
+        raise ValueError(
+            f"ranks {odd} would draw other tasks than rank 0: their samplers differ (seed, global batch, tasks, "
+            f"weights or groups: {everyone[odd[0]]} vs {everyone[0]}); give every rank the same ones"
+        )

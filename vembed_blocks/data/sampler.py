@@ -315,6 +315,13 @@ class WeightedTaskSampler:
             if orphans:  # e.g. seed 004's "0=1,1=1,2=1,3=0" on data without 2-source rows
                 warnings.warn(f"groups {orphans} have weight but no rows in any sampled task; they are never drawn")
 
+    def draw_spec(self) -> str:
+        """Everything ``draw`` and the row streams depend on (seed, global batch, tasks, weights, groups), as text:
+        two samplers with equal specs draw the same tasks and rows at every step."""
+        groups = {t: (names, [round(float(c), 9) for c in cum]) for t, (names, cum) in sorted(self._groups.items())}
+        weights = [round(float(c), 9) for c in self._task_cum]
+        return repr((self.seed, self.global_batch, self.tasks, weights, groups, sorted(self._streams)))
+
     def draw(self, step: int) -> tuple[str, str]:
         """The (task, stream key) of global step ``step``: a pure function of (seed, step)."""
         u = _uniform(self.seed, step, 0) * self._task_cum[-1]
@@ -404,13 +411,13 @@ class TaskBatches(IterableDataset):
     """The sampler's batches as a ``DataLoader`` dataset; identical for any ``num_workers``.
 
     Use ``DataLoader(TaskBatches(tasks, sampler, collate_fn), batch_size=None, num_workers=N)``.
-    Worker ``w`` of ``N`` builds the batches of steps ``t % N == w`` (each worker replays the
+    Worker ``w`` of ``N`` builds the batches of steps ``(t - first) % N == w`` (each worker replays the
     cheap index draws of the others, never their loading), and the DataLoader's in-order
     round robin puts them back in step order. Each item is a dict
-    ``{"step", "task", "batch", "sampler_state"}``: ``batch`` is ``collate_fn(records)`` (the
-    list of records without one) and ``sampler_state`` is the sampler's state *after* this
-    step: save the one of the last batch you trained on, and pass it as ``state`` (or load it
-    into the sampler) to resume exactly. ``steps`` makes the stream finite.
+    ``{"step", "task", "stream", "batch", "sampler_state"}``: ``stream`` is ``task`` or ``task/group``,
+    ``batch`` is ``collate_fn(records)`` (the list of records without one) and ``sampler_state``
+    is the sampler's state *after* this step: save the one of the last batch you trained on,
+    and pass it as ``state`` (or load it into the sampler) to resume exactly. ``steps`` makes the stream finite.
     """
 
     def __init__(
@@ -433,12 +440,16 @@ class TaskBatches(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         sampler = copy.deepcopy(self.sampler)  # every epoch/iterator restarts from the same state
-        end = None if self.steps is None else sampler.step + self.steps
+        start = sampler.step
+        end = None if self.steps is None else start + self.steps
         while end is None or sampler.step < end:
             step = sampler.step
+            stream = sampler.draw(step)[1]
             task, rows = next(sampler)
-            if step % nw != wid:
+            # Counted from the start, not from step 0: the DataLoader asks worker 0 for the first batch, so after a
+            # resume at an odd step worker 0 must build that one (by step % nw the order came out swapped).
+            if (step - start) % nw != wid:
                 continue
             records = [self.tasks[task][i] for i in rows]
             batch = self.collate_fn(records) if self.collate_fn is not None else records
-            yield {"step": step, "task": task, "batch": batch, "sampler_state": sampler.state_dict()}
+            yield {"step": step, "task": task, "stream": stream, "batch": batch, "sampler_state": sampler.state_dict()}
