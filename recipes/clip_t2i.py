@@ -37,6 +37,7 @@ from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     gc = None if not args.chunk_size else GradCache(args.chunk_size, sync_module=parts.model, splitter=parts.splitter)
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
-        for step, batches, _ in loader.steps(end):
+        for step, batches, streams in loader.steps(end):
             loss = 0.0
             for batch in accumulate_gradients(parts.state, batches):
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
             samples = args.batch_size * world * len(batches)
-            run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            run_log.log(step, total, samples, loss=losses[-1], lr=lr, grad_norm=grad_norm, task=" ".join(streams))
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("exported to %s", os.path.join(args.output, "final"))
         if val:
             result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank))
+    if rank == 0:  # report.md (+ PNG plots with the report extra) from the run folder's files
+        log.info("report: %s", write_report(args.output))
     shutdown_distributed()
     return result
     # </shared>

@@ -1,12 +1,10 @@
 r"""Late-interaction retrieval (ColBERT, ColPali / ColQwen): token embeddings, MaxSim, FSDP2, GradCache.
 
-Every token keeps its own vector (the encoder's last hidden states through an optional linear
-projection to --dim, 128 as in ColBERT); a query scores a document by MaxSim (each query
-token's best match among the document's tokens, averaged over query tokens). Training:
-InfoNCE over MaxSim against every document and hard negative of all ranks (`ColBERT` loss);
-evaluation: `maxsim` of every query against the whole corpus. --encoder (default: from the
-config, a vision_config means vlm): text = a BERT-like model + tokenizer (T2T data, ColBERT);
-vlm = a Qwen-VL model + processor (T2I/M2I/I2I data, document images: ColQwen).
+Every token keeps its own vector (last hidden states, optionally projected to --dim, 128 as in ColBERT); a
+query scores a document by MaxSim (each query token's best match among the document's tokens, averaged).
+Training: InfoNCE over MaxSim against every document and hard negative of all ranks (`ColBERT` loss);
+evaluation: MaxSim of every query against the whole corpus. --encoder (default: vlm if the config has a
+vision_config): text = a BERT-like model (T2T data: ColBERT); vlm = a Qwen-VL model (T2I/M2I/I2I: ColQwen).
 
     python recipes/colbert.py --model bert-base-uncased --data msmarco.jsonl --val-data dev.jsonl \
         --batch-size 128 --chunk-size 32 --dim 128 --output runs/colbert
@@ -41,6 +39,7 @@ from vembed_blocks.distributed import mean_over_ranks, pad_dim, shutdown_distrib
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
@@ -108,8 +107,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     proj = nn.Linear(width, args.dim, bias=False).to(device) if args.dim else None  # same init on every rank (seeded)
     model = apply_model_flags(model, args)
     model = shard_vlm(model, mixed_precision="bf16" if args.bf16 else None)  # a VLM's vision tower in the root unit
-    criterion = ColBERT(temperature=args.temperature)
-    criterion = apply_loss_flags(criterion, args)
+    criterion = apply_loss_flags(ColBERT(temperature=args.temperature), args)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if proj is not None:  # a fresh layer: a larger step than the pretrained encoder
         groups.append({"params": list(proj.parameters()), "lr": args.proj_lr or 10 * args.lr})
@@ -210,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     gc = None if not args.chunk_size else GradCache(args.chunk_size, sync_module=parts.model, splitter=parts.splitter)
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
-        for step, batches, _ in loader.steps(end):
+        for step, batches, streams in loader.steps(end):
             loss = 0.0
             for batch in accumulate_gradients(parts.state, batches):
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
@@ -224,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
             samples = args.batch_size * world * len(batches)
-            run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            run_log.log(step, total, samples, loss=losses[-1], lr=lr, grad_norm=grad_norm, task=" ".join(streams))
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
@@ -239,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("exported to %s", os.path.join(args.output, "final"))
         if val:
             result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank))
+    if rank == 0:  # report.md (+ PNG plots with the report extra) from the run folder's files
+        log.info("report: %s", write_report(args.output))
     shutdown_distributed()
     return result
     # </shared>

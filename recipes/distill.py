@@ -33,6 +33,7 @@ from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.pooling import POOL_METHODS
+from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.teacher_store import NumberedRecords, TeacherStore
@@ -118,8 +119,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         t_model.to(device).eval().requires_grad_(False)  # frozen: no dropout, no gradient, never in the optimizer
         teacher = (t_model, t_cfg)
     student = apply_model_flags(student, args)
-    criterion = Distill(temperature=args.temperature, kind=args.kind)
-    criterion = apply_loss_flags(criterion, args)
+    criterion = apply_loss_flags(Distill(temperature=args.temperature, kind=args.kind), args)
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
     state = nn.ModuleDict({"model": student})
     return Parts(student, state, groups, criterion, collator, cfg, teacher, teacher_input)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     gc = None if not args.chunk_size else GradCache(args.chunk_size, sync_module=parts.model, splitter=parts.splitter)
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
-        for step, batches, _ in loader.steps(end):
+        for step, batches, streams in loader.steps(end):
             loss = 0.0
             for batch in accumulate_gradients(parts.state, batches):
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
             samples = args.batch_size * world * len(batches)
-            run_log.log(step, total, samples, loss=losses[-1], lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            run_log.log(step, total, samples, loss=losses[-1], lr=lr, grad_norm=grad_norm, task=" ".join(streams))
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("exported to %s", os.path.join(args.output, "final"))
         if val:
             result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank))
+    if rank == 0:  # report.md (+ PNG plots with the report extra) from the run folder's files
+        log.info("report: %s", write_report(args.output))
     shutdown_distributed()
     return result
     # </shared>

@@ -1,5 +1,5 @@
 """The training recipes share one skeleton: the regions marked ``# <shared: name>`` ... ``# </shared>``
-are the same text in every recipe that has been moved onto it, so a diff between two recipes shows
+are the same text in every training recipe, so a diff between two recipes shows
 only their model, collator, loss and evaluation. Drift (a fix made in one copy) fails here."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ SKELETON = [
     "distill",
     "qwen3_fsdp",
     "colbert",
-]  # recipes on the shared skeleton (the others follow)
+    "multitask",
+]  # every training recipe
 REGION = re.compile(r"^ *# <shared: (?P<name>[^>]+)>\n(?P<body>.*?)^ *# </shared>", re.S | re.M)
 
 
@@ -42,3 +43,9 @@ def test_shared_regions_are_identical(name):
 
 def test_the_skeleton_covers_the_run():
     assert list(regions(SKELETON[0])) == ["set-up", "resume, evaluate before", "the loop", "finish"]
+
+
+@pytest.mark.parametrize("name", SKELETON)
+def test_training_recipes_stay_within_250_lines(name):
+    lines = len((ROOT / "recipes" / f"{name}.py").read_text().splitlines())
+    assert lines <= 250, f"{name}.py has {lines} lines; move what is not the recipe's own into a block"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import pytest
 
@@ -27,13 +28,17 @@ def test_train_log_and_tensorboard_event_files(tmp_path):
 
     with RunLog(str(tmp_path), ["tensorboard"], log_every=2) as run:
         for step, loss in enumerate([3.0, 2.5, 2.25], start=1):
-            run.log(step, 3, samples=8, loss=loss, lr=0.1 * step)
+            run.log(step, 3, samples=8, loss=loss, lr=0.1 * step, task=f"edit/{step}")
     lines = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert lines == [{"step": s, "loss": v, "lr": 0.1 * s} for s, v in [(1, 3.0), (2, 2.5), (3, 2.25)]]
+    times = [line.pop("time") for line in lines]  # wall clock of each row (the report's wall time)
+    want = [{"step": s, "loss": v, "lr": 0.1 * s, "task": f"edit/{s}"} for s, v in [(1, 3.0), (2, 2.5), (3, 2.25)]]
+    assert lines == want
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 600
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 3.0), (2, 2.5), (3, 2.25)]
     assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3]
+    assert sorted(events.Tags()["scalars"]) == ["train/loss", "train/lr"]  # text goes to the file only
 
 
 def test_other_ranks_write_nothing_and_unknown_tracker(tmp_path):

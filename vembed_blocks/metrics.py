@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["retrieval_metrics", "search", "relevance_from_labels", "format_table"]
+__all__ = ["recall_curve", "retrieval_metrics", "search", "relevance_from_labels", "format_table"]
 
 
 def relevance_from_labels(query_labels: Sequence | torch.Tensor, doc_labels: Sequence | torch.Tensor) -> list[set[int]]:
@@ -198,10 +198,69 @@ def search(
 def format_table(
     before: dict[str, float],
     after: dict[str, float] | None = None,
-    names: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"),
+    names: Sequence[str] | None = None,
     label: str = "before",
 ) -> str:
-    """A plain-text table of ``names`` from ``before`` (headed ``label``; and ``after``, as a second column)."""
-    rows = [f"{'metric':<10} {label:>8}" + (f" {'after':>8}" if after else "")]
-    rows += [f"{n:<10} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else "") for n in names]
+    """A plain-text table of ``names`` from ``before`` (headed ``label``; and ``after``, as a second column).
+
+    ``names`` defaults to the retrieval metrics both have (recall@1/5/10, mrr@10, ndcg@10), else to every
+    numeric metric ``before`` has (e.g. a loss per task), sorted."""
+    if names is None:
+        common = [n for n in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10") if n in before]
+        names = common or sorted(k for k, v in before.items() if isinstance(v, (int, float)))
+    width = max([10, *(len(n) for n in names)])
+    rows = [f"{'metric':<{width}} {label:>8}" + (f" {'after':>8}" if after else "")]
+    rows += [f"{n:<{width}} {before[n]:>8.4f}" + (f" {after[n]:>8.4f}" if after else "") for n in names]
     return "\n".join(rows)
+
+
+def recall_curve(
+    scores: torch.Tensor,
+    relevant: Sequence[Iterable[int]] | tuple,
+    max_k: int = 100,
+    exclude_self: bool = False,
+    chunk_size: int = 1024,
+) -> list[float]:
+    """``[recall@1, recall@2, ..., recall@K]`` with ``K = min(max_k, N)``, as `retrieval_metrics` defines recall@k.
+
+    ``scores[Q, N]``; ``relevant``, ``exclude_self``, the tie-breaking and the queries left out
+    (no relevant document) are those of `retrieval_metrics`, so ``curve[k - 1]`` equals its
+    ``recall@k``. Rows are ranked ``chunk_size`` queries at a time (``chunk_size x N`` at once).
+    """
+    scores = torch.as_tensor(scores)
+    if scores.dim() != 2 or 0 in scores.shape:
+        raise ValueError(f"recall_curve: scores must be a non-empty [Q, N] matrix, got {tuple(scores.shape)}")
+    if max_k <= 0:
+        raise ValueError(f"recall_curve: max_k must be a positive integer, got {max_k}")
+    num_q, num_d = scores.shape
+    relevant = _relevant_sets(relevant, num_q, num_d)
+    if exclude_self:
+        if num_q != num_d:
+            raise ValueError(f"recall_curve: exclude_self needs Q == N, got {num_q} x {num_d}")
+        relevant = [r - {i} for i, r in enumerate(relevant)]
+    depth = min(max_k, num_d)
+    total = torch.zeros(depth, dtype=torch.float64)
+    counted = 0
+    for start in range(0, num_q, chunk_size):
+        block = scores[start : start + chunk_size].float()
+        rows = block.shape[0]
+        is_rel = torch.zeros(rows, num_d, dtype=torch.bool)
+        for i in range(rows):
+            is_rel[i, list(relevant[start + i])] = True
+        order = torch.sort(block, dim=1, descending=True, stable=True).indices
+        if exclude_self:  # drop document i from query i's ranking (not just demote it: ties stay as they were)
+            keep = order != torch.arange(start, start + rows).unsqueeze(1)
+            order = order[keep].view(rows, num_d - 1)
+        hits = is_rel.gather(1, order[:, :depth]).double().cumsum(1)  # [rows, <=depth] relevant found in top k
+        sizes = is_rel.sum(1)
+        has_rel = sizes > 0
+        if not has_rel.any():
+            continue
+        found = hits[has_rel] / sizes[has_rel].unsqueeze(1)
+        if found.shape[1] < depth:  # exclude_self with max_k >= N: recall@N = recall@(N - 1)
+            found = torch.cat([found, found[:, -1:].expand(-1, depth - found.shape[1])], 1)
+        total += found.sum(0)
+        counted += int(has_rel.sum())
+    if counted == 0:
+        raise ValueError("recall_curve: no query has a relevant document")
+    return (total / counted).tolist()

@@ -75,7 +75,8 @@ class RunLog:
     """Per-step scalars to ``train_log.jsonl``, the console, and the trackers in ``report_to``.
 
     ``log(step, total, samples=n, loss=..., lr=..., **more)``: ``samples`` (rows of this step,
-    all ranks) feeds the samples/s figure; everything else is written as given. Call
+    all ranks) feeds the samples/s figure; everything else is written as given (text values, such as
+    the step's task, to the file and the console only), plus ``time`` (Unix seconds) in the file. Call
     ``close()`` at the end (also a context manager). Ranks other than 0 write nothing.
     """
 
@@ -107,16 +108,17 @@ class RunLog:
         self.samples += samples
         if self._file is None:
             return
-        self._file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._file.write(json.dumps({"step": step, **scalars, "time": round(time.time(), 3)}) + "\n")
         self._file.flush()
+        numbers = {k: v for k, v in scalars.items() if _is_number(v)}  # trackers plot numbers; text stays in the file
         if self._tb is not None:
-            for name, value in scalars.items():
+            for name, value in numbers.items():
                 self._tb.add_scalar(f"train/{name}", value, step)
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+            self._wandb.log({f"train/{k}": v for k, v in numbers.items()}, step=step)
         if step % self.log_every == 0 or step == total:
             rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+            shown = "  ".join(f"{k} {v:.4g}" if _is_number(v) else f"{k} {v}" for k, v in scalars.items())
             log.info("step %d/%d  %s  %.1f samples/s", step, total, shown, rate)
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
@@ -125,6 +127,7 @@ class RunLog:
             return
         with open(os.path.join(os.path.dirname(self._file.name), "eval_log.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        metrics = {k: v for k, v in metrics.items() if _is_number(v)}
         for name, value in metrics.items():
             if self._tb is not None:
                 self._tb.add_scalar(f"eval/{name}", value, step)
@@ -145,6 +148,10 @@ class RunLog:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _tensorboard_writer(logdir: str):
