@@ -8,6 +8,15 @@ run once over the data; `recipes/multitask.py` then trains on the stored vectors
         --output meta/dataset_a --batch-size 16 --image-sample-size 512 --bf16
     torchrun --nproc_per_node=8 recipes/extract_embeds.py --data edits.jsonl --model ... --output meta/dataset_a
 
+A Qwen-Image-Edit diffusers folder (model_index.json, text_encoder/, processor/, tokenizer/, ...)
+stores instead, per record, the prompt embeddings its pipeline computes (diffusers' own
+encode_prompt: template, "Picture N:" placeholders, dropped prefix, hidden layer), as one
+per-token side "prompt_embeds"; --t2i-mode stores what QwenImagePipeline computes. The
+diffusion transformer trains on them (recipes/edit_sft.py).
+
+    torchrun --nproc_per_node=8 recipes/extract_embeds.py --data edits.jsonl \
+        --model /path/to/Qwen-Image-Edit-2509 --output meta/dataset_a --batch-size 4 --bf16
+
 Rank r embeds records r, r+W, r+2W, ... (edit rows count twice when they have an inverse
 record) in shards of --shard-size records. Output (see docs/embed_store.md)::
 
@@ -30,11 +39,14 @@ import torch
 from vembed_blocks import dual_encoder_features, init_distributed
 from vembed_blocks.data import DualEncoderCollator, VLMCollator, read_records
 from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, ensure_meta
+from vembed_blocks.data.images import load_images
 from vembed_blocks.distributed import shutdown_distributed
+from vembed_blocks.edit_prompts import check_source_count, is_diffusers_folder, load_prompt_pipeline, prompt_embeds
 from vembed_blocks.towers import COMPOSED_FILE, load_dual_encoder, text_padding
 from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
 
 log = logging.getLogger("extract_embeds")
+QUERY_INSTRUCTION = "Represent the user's input."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data", required=True, help="input file (JSONL/CSV/Parquet) in any seed format, incl. the edit format"
     )
-    p.add_argument("--model", required=True, help="HF id or folder: a VLM (Qwen3-VL) or a dual encoder (CLIP/SigLIP)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF id or folder: a VLM (Qwen3-VL), a dual encoder (CLIP/SigLIP), or a Qwen-Image(-Edit) diffusers folder",
+    )
     p.add_argument("--output", required=True, help="the task directory to write (one per dataset)")
     p.add_argument("--batch-size", type=int, default=4, help="records per forward pass")
     p.add_argument("--shard-size", type=int, default=1024, help="records per shard file (the unit of resumption)")
@@ -61,15 +77,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t", "edit"], help="declare the format (else detected)"
     )
     p.add_argument(
-        "--image-sample-size", type=int, default=512, help="cap on the longest image side before the processor"
+        "--image-sample-size",
+        type=int,
+        default=512,
+        help="cap on the longest image side before the processor (diffusers folder: 0 = no cap)",
     )
     p.add_argument(
         "--per-token", action="store_true", help="store every token's hidden state (VLM), not the last token"
     )
-    p.add_argument("--query-instruction", default="Represent the user's input.", help="VLM system prompt, query side")
+    p.add_argument("--query-instruction", default=QUERY_INSTRUCTION, help="VLM system prompt, query side")
     p.add_argument("--doc-instruction", default=None, help="VLM system prompt, document side (default: the query one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model")
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast for the model (diffusers folder: text encoder in bf16)"
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad rows instead of stopping")
     p.add_argument(
         "--stop-after-shards", type=int, help="each rank stops after writing N new shards (rerun to continue)"
@@ -83,11 +104,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_encoder(args: argparse.Namespace, device: torch.device):
-    """(kind, embed(inputs) -> list of per-record tensors, collator).
+    """(kind, encode(records) -> {side: list of per-record tensors}, extra meta).
 
-    A model whose config has an ``image_token_id`` reads images through placeholder tokens
-    in its text: a VLM. Anything else goes through the dual-encoder towers.
+    A diffusers folder (``model_index.json``) is a Qwen-Image(-Edit) pipeline: see
+    `load_prompt_encoder`. A model whose config has an ``image_token_id`` reads images through
+    placeholder tokens in its text: a VLM. Anything else goes through the dual-encoder towers.
     """
+    if is_diffusers_folder(args.model):
+        return load_prompt_encoder(args, device)
+    kind, embed, collator = load_pair_encoder(args, device)
+
+    def encode(recs) -> dict[str, list[torch.Tensor]]:
+        sources = [rec.source for rec in recs]
+        return {
+            "query": embed_side([r.query for r in recs], sources, True, embed, collator, args, device),
+            "positive": embed_side([r.positive for r in recs], sources, False, embed, collator, args, device),
+        }
+
+    return kind, encode, {}
+
+
+def load_prompt_encoder(args: argparse.Namespace, device: torch.device):
+    """A Qwen-Image(-Edit) folder: one side, ``prompt_embeds`` (``[L_i, D]`` per record), what the
+    pipeline's own ``encode_prompt`` gives for the record's instruction and source image(s).
+    The target image is not embedded: its path goes into the index line (``target_images``)."""
+    if args.doc_instruction is not None or args.query_instruction != QUERY_INSTRUCTION:
+        raise SystemExit("--query-instruction/--doc-instruction: a diffusers folder uses its pipeline's own template")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # as from_pretrained(torch_dtype=...) loads it
+    pipe = load_prompt_pipeline(args.model, t2i=args.t2i_mode, dtype=dtype, device=device)
+    max_side = args.image_sample_size or None
+
+    def encode(recs) -> dict[str, list[torch.Tensor]]:
+        for r in recs:
+            try:
+                check_source_count(pipe, len(r.query.images))
+            except ValueError as e:
+                raise SystemExit(f"{r.source}: {e}") from None
+            if not r.positive.images:
+                raise SystemExit(f"{r.source}: a {r.format} record has no target image to generate")
+        images = [load_images(r.query.images, max_side=max_side, source=r.source) for r in recs]
+        embeds = prompt_embeds(pipe, [r.query.text or "" for r in recs], images, device)
+        return {"prompt_embeds": [e.float().to(DTYPES[args.dtype]).cpu() for e in embeds]}
+
+    meta = {
+        "pipeline": type(pipe).__name__,
+        "prompt_template_encode_start_idx": pipe.prompt_template_encode_start_idx,
+        "text_encoder_dtype": str(dtype).removeprefix("torch."),
+    }
+    return "qwen_image", encode, meta
+
+
+def load_pair_encoder(args: argparse.Namespace, device: torch.device):
+    """(kind, embed(inputs) -> list of per-record tensors, collator) for a VLM or a dual encoder."""
     from transformers import AutoConfig, AutoModel
 
     composed = os.path.isfile(os.path.join(args.model, COMPOSED_FILE))  # two backbones + projections: no single config
@@ -141,8 +209,9 @@ def embed_side(items, sources, is_query, embed, collator, args, device) -> list[
 # ----------------------------------------------------------------------------- main
 
 
-def my_shards(args: argparse.Namespace, rank: int, world: int):
-    """Yield (shard number, [(index row, record), ...]) for this rank: records r::W, in shards."""
+def my_shards(args: argparse.Namespace, rank: int, world: int, with_paths: bool = False):
+    """Yield (shard number, [(index row, record), ...]) for this rank: records r::W, in shards.
+    ``with_paths``: index rows also carry the prompt and the image paths (what edit training reads)."""
     bad = [f for f in args.field if "=" not in f]
     if bad:
         raise SystemExit(f"--field takes NAME=COLUMN (e.g. source_image=src), got {bad}")
@@ -167,6 +236,12 @@ def my_shards(args: argparse.Namespace, rank: int, world: int):
         }
         if rec.label is not None:
             row["label"] = rec.label
+        if with_paths:
+            row.update(
+                prompt=rec.query.text or "",
+                source_images=list(rec.query.images),
+                target_images=list(rec.positive.images),
+            )
         shard.append((row, rec))
         if len(shard) == args.shard_size:
             yield (n // world) // args.shard_size, shard
@@ -175,7 +250,7 @@ def my_shards(args: argparse.Namespace, rank: int, world: int):
         yield (shard[-1][0]["n"] // world) // args.shard_size, shard
 
 
-def prepare(args: argparse.Namespace, rank: int, world: int, kind: str) -> EmbedWriter:
+def prepare(args: argparse.Namespace, rank: int, world: int, kind: str, extra_meta: dict) -> EmbedWriter:
     """Check/write meta.json (rank 0; a rerun must use the same settings), then open this rank's writer."""
     meta = {
         "data": os.path.abspath(args.data),
@@ -193,6 +268,7 @@ def prepare(args: argparse.Namespace, rank: int, world: int, kind: str) -> Embed
         "image_sample_size": args.image_sample_size,
         "query_instruction": args.query_instruction,
         "doc_instruction": args.doc_instruction,
+        **extra_meta,
     }
     if rank == 0:
         ensure_meta(args.output, meta)
@@ -206,31 +282,27 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
-    kind, embed, collator = load_encoder(args, device)
-    writer = prepare(args, rank, world, kind)
+    kind, encode, extra_meta = load_encoder(args, device)
+    writer = prepare(args, rank, world, kind, extra_meta)
     if writer.done:
         log.info("resuming: rank 0 already has %d shard(s) (%d records)", len(writer.done), writer.records_done)
-    written = extract_loop(args, writer, embed, collator, rank, world, device)
+    written = extract_loop(args, writer, encode, rank, world, kind == "qwen_image")
     return finish(args, written, rank, world)
 
 
-def extract_loop(args, writer, embed, collator, rank, world, device) -> int:
-    """The explicit loop: for each of this rank's unfinished shards, embed both sides and write it."""
+def extract_loop(args, writer, encode, rank, world, with_paths: bool) -> int:
+    """The explicit loop: for each of this rank's unfinished shards, embed its records and write it."""
     t0, written, records = time.perf_counter(), 0, 0
-    for k, shard in my_shards(args, rank, world):
+    for k, shard in my_shards(args, rank, world, with_paths):
         if writer.is_done(k):
             continue
         if args.stop_after_shards is not None and written >= args.stop_after_shards:
             log.info("stopping after %d new shard(s); rerun the same command to continue", written)
             break
-        rows, embeddings = [r for r, _ in shard], {"query": [], "positive": []}
+        rows, embeddings = [r for r, _ in shard], {}
         for i in range(0, len(shard), args.batch_size):
-            recs = [rec for _, rec in shard[i : i + args.batch_size]]
-            sources = [rec.source for rec in recs]
-            embeddings["query"] += embed_side([r.query for r in recs], sources, True, embed, collator, args, device)
-            embeddings["positive"] += embed_side(
-                [r.positive for r in recs], sources, False, embed, collator, args, device
-            )
+            for side, values in encode([rec for _, rec in shard[i : i + args.batch_size]]).items():
+                embeddings.setdefault(side, []).extend(values)
         writer.write(k, rows, embeddings)
         written, records = written + 1, records + len(rows)
         if written % args.log_every == 0:
