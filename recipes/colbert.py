@@ -170,8 +170,9 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
     """The encoder as an HF folder (LoRA merged) + the projection + colbert.json; every rank calls it."""
     export_pretrained(parts.model, final, processor=parts.processor)
     if get_rank() == 0:
-        instructions = dict(query_instruction=args.query_instruction, doc_instruction=args.doc_instruction)
-        save_colbert_head(final, parts.proj, encoder=args.encoder, dim=args.dim, **instructions)
+        spec = dict(query_instruction=args.query_instruction, doc_instruction=args.doc_instruction)
+        spec.update(max_length=args.max_length, max_image_side=args.max_image_side)  # the encoder block reads all
+        save_colbert_head(final, parts.proj, encoder=args.encoder, dim=args.dim, **spec)
 
 
 # ----------------------------------------------------------------------------- the run (shared by every recipe)

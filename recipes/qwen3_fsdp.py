@@ -26,6 +26,7 @@ checkpoints under <output>/checkpoints (--resume; shared storage across nodes) a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vembed_blocks import InfoNCE, init_distributed
+from vembed_blocks import InfoNCE, get_rank, init_distributed
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import FixedNegatives, TaskLoader, VLMCollator, load_records
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
@@ -141,8 +142,12 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
 
 
 def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
-    """A plain Qwen-VL folder (LoRA merged) + processor; a collective: every rank calls it."""
+    """A plain Qwen-VL folder (LoRA merged) + processor + vlm_embedding.json (how it embeds); every rank calls it."""
     export_pretrained(parts.model, final, processor=parts.processor)
+    if get_rank() == 0:  # what the folder alone does not say: the encoder block (load_encoder) reads it
+        spec = dict(pooling="last", query_instruction=args.query_instruction, doc_instruction=args.doc_instruction)
+        with open(os.path.join(final, "vlm_embedding.json"), "w") as f:
+            json.dump({**spec, "max_image_side": args.max_image_side}, f, indent=1)
 
 
 # ----------------------------------------------------------------------------- the run (shared by every recipe)
