@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from vembed_blocks import get_rank, init_distributed, towers
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import DualEncoderCollator, TaskLoader, load_records
+from vembed_blocks.data import DualEncoderCollator, load_records
 from vembed_blocks.demo import build_tiny_clip, render_demo
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
@@ -40,7 +40,7 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
+from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, training_batches
 
 log = logging.getLogger("clip_t2i")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the rendered demo set (and a tiny CLIP)"
@@ -125,9 +125,9 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     return Parts(model, nn.ModuleDict({"model": model, "loss": criterion}), groups, criterion, collator, processor)
 
 
-def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
-    """(batches, rows per epoch): one task, the file's records."""
-    return make_loader(args, {"train": load_records(path, format=args.format)}, parts.collator, rank, world)
+def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
+    """(batches, rows per epoch): one task, the file's records; or shards, streamed (--max-steps)."""
+    return training_batches(args, path, parts.collator, rank, world)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:

@@ -28,6 +28,7 @@ __all__ = [
     "apply_model_flags",
     "forward_batch",
     "make_loader",
+    "training_batches",
     "apply_loss_flags",
 ]
 
@@ -119,7 +120,7 @@ def add_common_args(
 def check_common_args(args: argparse.Namespace) -> None:
     """``SystemExit`` naming the first shared flag with a value that cannot work (or a file that is not there)."""
     for path in (args.data, args.val_data):
-        if path and not os.path.exists(path):
+        if path and not os.path.exists(path) and not _names_shards(path):
             raise SystemExit(f"no such file: {path}")
     positive = ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every")
     non_negative = ("chunk_size", "lora", "num_workers", "eval_every", "save_every", "warmup_steps", "max_grad_norm")
@@ -204,3 +205,32 @@ def make_loader(
     )
     loader = TaskLoader(tasks, sampler, collate, args.num_workers, args.seed, args.grad_accum_steps)
     return loader, sum(sizes[name] for name in sampler.tasks)
+
+
+def _names_shards(path: str) -> bool:
+    """A brace pattern or glob of shards (checked shard by shard when the stream opens)."""
+    return any(c in path for c in "{*?[")
+
+
+def training_batches(
+    args: argparse.Namespace, path: str, collate: Callable[[list], Any], rank: int, world: int
+) -> tuple[Any, int]:
+    """``(loader, rows per epoch)`` for ``--data``: sharded sets stream, a file is one task.
+
+    Shards (a brace pattern such as ``data/{00000..00099}.tar``, a glob, a folder of shards, see
+    `data.is_stream_spec`) become a `StreamLoader` (nothing read before step 1; its length is
+    unknown, so ``--max-steps`` is required and rows is 0); anything else is read with
+    ``load_records(path, format=args.format)`` into `make_loader`. Both give the same
+    ``steps`` / ``state_dict`` interface, so the loop and checkpoints do not change.
+    """
+    from .data import is_stream_spec, load_records, open_stream
+
+    if not is_stream_spec(path):
+        return make_loader(
+            args, {"train": load_records(path, format=getattr(args, "format", None))}, collate, rank, world
+        )
+    if not args.max_steps:
+        raise SystemExit(f"--data {path} names shards, whose length is not known up front: give --max-steps")
+    options = dict(seed=args.seed, rank=rank, world_size=world, num_workers=args.num_workers)
+    loader = open_stream(path, args.batch_size, collate, grad_accum_steps=args.grad_accum_steps, **options)
+    return loader, 0

@@ -1,4 +1,4 @@
-"""Data blocks: records, images, collators, the weighted task sampler, embedding stores."""
+"""Data blocks: records, images, collators, the weighted task sampler, streamed shards, embedding stores."""
 
 from .collate import (
     DualEncoderCollator,
@@ -10,7 +10,7 @@ from .collate import (
     scatter_negatives,
 )
 from .embed_store import EmbedStore, EmbedWriter, StoreError, collate_embeddings, ensure_meta
-from .images import ImageLoadError, load_image, load_images
+from .images import ImageLoadError, ShardImage, load_image, load_images
 from .loader import TaskLoader
 from .records import (
     IMAGE_EXTENSIONS,
@@ -23,6 +23,9 @@ from .records import (
     read_records,
 )
 from .sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_group_weights, parse_weights
+from .shard_reader import ShardReader
+from .shard_readers import DatasetSource, ShardError, ShardSet
+from .shards import StreamLoader, expand_shards, is_stream_spec, open_stream
 
 __all__ = [
     "DualEncoderCollator",
@@ -54,4 +57,13 @@ __all__ = [
     "load_task_dir",
     "parse_group_weights",
     "parse_weights",
+    "ShardImage",
+    "ShardReader",
+    "DatasetSource",
+    "ShardError",
+    "ShardSet",
+    "StreamLoader",
+    "expand_shards",
+    "is_stream_spec",
+    "open_stream",
 ]

@@ -3,15 +3,20 @@
 Errors name the record (``file:line``) and the image path, so a bad image in a 10M-row
 file can be found and fixed. Truncated files are errors, never silently half-decoded:
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is left at False on purpose.
+
+An image need not be a file of its own: a `ShardImage` (a tar member, Parquet bytes, a
+picture a streaming reader already decoded) goes through the same steps from memory.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from typing import Any
 
 from PIL import Image, ImageOps
 
-__all__ = ["ImageLoadError", "load_image", "load_images"]
+__all__ = ["ImageLoadError", "ShardImage", "load_image", "load_images"]
 
 
 class ImageLoadError(ValueError):
@@ -23,7 +28,31 @@ class ImageLoadError(ValueError):
         self.path, self.source = path, source
 
 
+class ShardImage(str):
+    """An image that is not a file of its own: a tar member, Parquet bytes, a decoded picture.
+
+    The string is its label (``"/data/00003.tar:000123.jpg"``), what error messages show, so
+    a ``ShardImage`` goes wherever an image path goes (``Item.images``). ``data`` holds the
+    encoded bytes (``None`` when the label is a real path or only ``image`` is known);
+    ``image`` is a decoded ``PIL.Image`` taken as upright (`load_image` then only converts it
+    to RGB and caps its size), set once a reader has decoded and checked it.
+    """
+
+    data: bytes | None
+    image: Any
+
+    def __new__(cls, label: str, data: bytes | None = None, image: Any = None) -> "ShardImage":
+        obj = super().__new__(cls, label)
+        obj.data, obj.image = data, image
+        return obj
+
+    def __reduce__(self) -> tuple:
+        # str's default pickling would keep the label and drop the bytes and the picture.
+        return (ShardImage, (str(self), self.data, self.image))
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB; transparent pixels composited onto white (``img`` itself when already RGB)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
@@ -36,25 +65,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str, *, max_side: int | None = None, source: str | None = None) -> Image.Image:
-    """Decode ``path`` fully and return an upright RGB image.
-
-    ``max_side``: if set, downscale (aspect kept, bicubic) so the longest side is at most
-    this many pixels; images already smaller are untouched. ``source`` (``file:line`` of the
-    record) goes into error messages.
-    """
-    if not os.path.isfile(path):
+def _decode(path: str, source: str | None) -> Image.Image:
+    """Fully decode a file or a ``ShardImage``'s bytes into an upright RGB image."""
+    data = getattr(path, "data", None)
+    if data is None and not os.path.isfile(path):
         raise ImageLoadError(path, "file not found", source)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img.load()  # force the full decode here, so truncation is caught here
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-    except ImageLoadError:
-        raise
+            return _to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # PIL reports unknown formats as UnidentifiedImageError (an OSError) and truncation as OSError.
         raise ImageLoadError(path, f"{type(e).__name__}: {e}", source) from e
+
+
+def load_image(path: str, *, max_side: int | None = None, source: str | None = None) -> Image.Image:
+    """Decode ``path`` fully and return an upright RGB image.
+
+    ``path``: a file path or a `ShardImage` (its decoded ``image`` if set, else its ``data``
+    bytes, else the file its label names). ``max_side``: if set, downscale (aspect kept,
+    bicubic) so the longest side is at most this many pixels; images already smaller are
+    untouched. ``source`` (``file:line`` of the record) goes into error messages.
+    """
+    decoded = getattr(path, "image", None)
+    img = _to_rgb(decoded) if decoded is not None else _decode(path, source)
     if max_side is not None and max(img.size) > max_side:
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))

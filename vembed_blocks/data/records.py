@@ -44,6 +44,7 @@ from .images import ImageLoadError, load_image
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FORMATS",
+    "FIELDS",
     "Item",
     "Record",
     "RecordError",
@@ -62,7 +63,7 @@ _IMAGE_DOC_FORMATS = {"t2i": True, "i2i": True, "m2i": True, "i2t": False, "t2t"
 _LANG_SUFFIX = {"en": "", "cn": "_cn"}
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
 # Canonical field names a column mapping may rename.
-_FIELDS = (
+FIELDS = (
     "query",
     "query_image",
     "positive",
@@ -286,7 +287,7 @@ def parse_row(
     row = _Row(raw, source, base_dir, check_images, verify_images)
     fmt = _detect(row, format)
     records = _edit(row, t2i_mode, inverse, language) if fmt == "edit" else [_pair(row, fmt)]
-    used = set(_FIELDS)
+    used = set(FIELDS)
     extra = {k: v for k, v in raw.items() if k not in used}
     for rec in records:
         rec.label = raw.get("label")
@@ -368,9 +369,9 @@ class RecordReader:
             raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
         if options.get("language", "en") not in _LANG_SUFFIX:
             raise ValueError(f"language must be one of {sorted(_LANG_SUFFIX)}, got {options['language']!r}")
-        unknown = set(columns or {}) - set(_FIELDS)
+        unknown = set(columns or {}) - set(FIELDS)
         if unknown:
-            raise ValueError(f"columns maps unknown fields {sorted(unknown)}; known: {_FIELDS}")
+            raise ValueError(f"columns maps unknown fields {sorted(unknown)}; known: {FIELDS}")
         self.path, self.skip_bad, self.format, self.options = path, skip_bad, format, options
         # canonical name -> name in the file; reversed once so each row is renamed cheaply
         self._rename = {file_name: canon for canon, file_name in (columns or {}).items()}
