@@ -16,6 +16,7 @@ SKELETON = [
     "qwen3_fsdp",
     "colbert",
     "multitask",
+    "edit_sft",
 ]  # every training recipe
 REGION = re.compile(r"^ *# <shared: (?P<name>[^>]+)>\n(?P<body>.*?)^ *# </shared>", re.S | re.M)
 

@@ -1,0 +1,250 @@
+r"""Fine-tune the Qwen-Image(-Edit) diffusion transformer on stored prompt embeddings (seed 004, step 2).
+
+--data: a task per subdirectory, each an embedding store from `recipes/extract_embeds.py` on a Qwen-Image-Edit
+folder. Each step draws a task (--train-data-weights) and a source-image count (--train-src-img-num-weights) for all
+ranks; the VAE encodes the images; the transformer (FSDP2 per QwenImageTransformerBlock) learns flow matching:
+
+    torchrun --nproc_per_node=8 recipes/edit_sft.py --model /path/to/Qwen-Image-Edit-2509 --data meta/ \
+        --train-data-weights "dataset_a=0.5,dataset_b=1.2,dataset_c=1.0" --train-src-img-num-weights "0=1,1=1,2=1,3=0" \
+        --batch-size 1 --image-sample-size 512 --max-steps 512 --lr 2e-5 --lr-schedule constant --warmup-steps 100 \
+        --checkpointing-steps 100 --grad-checkpointing --bf16 --adam-weight-decay 3e-2 --max-grad-norm 0.05 \
+        --uniform-sampling --trainable-modules . --vae-mini-batch 1 --output runs/edit
+
+Writes <output>/args.json, train_log.jsonl, metrics.json (--val-data flow-matching loss, before/after),
+checkpoints (--resume) and <output>/final: the base folder with the trained transformer (docs/recipes/edit_sft.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from argparse import SUPPRESS
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from vembed_blocks import flow_matching as fm
+from vembed_blocks import init_distributed
+from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vembed_blocks.data import TaskLoader
+from vembed_blocks.data.edit_rows import PROMPT_SIDE, edit_sampler_options, load_edit_tasks, vae_latents
+from vembed_blocks.distributed import get_rank, get_world_size, mean_over_ranks, shutdown_distributed
+from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
+from vembed_blocks.gradcache import GradCache
+from vembed_blocks.parallel import shard_model
+from vembed_blocks.report import write_report
+from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
+from vembed_blocks.schedule import make_scheduler, warmup_steps
+from vembed_blocks.train_args import apply_model_flags, autocast, common_parser, make_loader
+
+log = logging.getLogger("edit_sft")
+DATA_HELP = "directory of task subdirectories, each an embedding store (the seed's --train_data_meta_dir)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = common_parser(__doc__, output="runs/edit_sft", lr=2e-5, batch_size=1, weight_decay=3e-2, data_help=DATA_HELP,
+                      fsdp=True)  # fmt: skip
+    # The seed's names for two shared flags: same dest, so either spelling works.
+    p.add_argument("--adam-weight-decay", dest="weight_decay", type=float, default=SUPPRESS, help="= --weight-decay")
+    p.add_argument("--checkpointing-steps", dest="save_every", type=int, default=SUPPRESS, help="= --save-every")
+    p.add_argument("--model", required=True, help="a Qwen-Image(-Edit) diffusers folder (transformer/, vae/, ...)")
+    p.add_argument("--train-data-weights", help='task weights, e.g. "dataset_a=0.5,dataset_b=1.2" (default: by size)')
+    p.add_argument("--train-src-img-num-weights", help='weights per number of source images, e.g. "0=1,1=1,2=1,3=0"')
+    p.add_argument("--image-sample-size", type=int, default=512, help="images resized (aspect kept) to ~N*N pixels")
+    p.add_argument("--vae-mini-batch", type=int, default=1, help="images per VAE encode call")
+    p.add_argument("--uniform-sampling", action="store_true", help="uniform timesteps, stratified over ranks")
+    p.add_argument("--weighting-scheme", choices=fm.WEIGHTINGS, default="none", help="timestep density / loss weight")
+    p.add_argument("--trainable-modules", nargs="+", default=["."], help="regexes over parameter names; rest frozen")
+    p.add_argument("--prompt-side", default=PROMPT_SIDE, help="the stores' side holding the prompt embeddings")
+    p.add_argument("--val-timesteps", default="250,500,750", help="evaluate: sigma-table indices of the noise levels")
+    p.add_argument("--export-components", choices=["link", "none"], default="link", help="final/: link the rest")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- model, data, loss, evaluation
+
+
+@dataclass
+class Parts:
+    model: nn.Module  # the FSDP2-sharded QwenImageTransformer2DModel: what the loop runs forward
+    state: nn.ModuleDict  # everything a checkpoint restores (the transformer; the VAE is frozen)
+    param_groups: list[dict]
+    vae: nn.Module
+    sigmas: torch.Tensor  # [T] training sigma table, descending
+
+
+def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
+    """(task root, val task root), checked before any model is loaded."""
+    if args.chunk_size or args.lora:
+        raise SystemExit("edit_sft trains without --chunk-size (one forward per row) and without --lora")
+    return args.data, args.val_data
+
+
+def build(args: argparse.Namespace, device: torch.device) -> Parts:
+    """Transformer (frozen outside --trainable-modules) -> checkpointing -> compile -> FSDP2; frozen VAE; sigmas."""
+    try:
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    except ImportError as e:
+        raise ImportError('edit_sft needs diffusers: pip install "vembed-blocks[edit]"') from e
+    model = QwenImageTransformer2DModel.from_pretrained(args.model, subfolder="transformer", torch_dtype=torch.float32)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(re.search(r, name) for r in args.trainable_modules))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SystemExit(f"--trainable-modules {args.trainable_modules} match no parameter of the transformer")
+    model = shard_model(apply_model_flags(model.to(device), args), mixed_precision="bf16" if args.bf16 else None)
+    vae = AutoencoderKLQwenImage.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
+    sigmas = fm.scheduler_sigma_table(FlowMatchEulerDiscreteScheduler.load_config(args.model, subfolder="scheduler"))
+    torch.manual_seed(args.seed * 1000 + get_rank())  # each rank its own noise; checkpoints keep every rank's RNG
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return Parts(model, nn.ModuleDict({"model": model}), groups, vae, sigmas)
+
+
+def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
+    """(batches, rows per epoch): the weighted, source-count-grouped draw over the task stores."""
+    tasks = load_edit_tasks(path, args.image_sample_size, args.prompt_side, parts.model.config.joint_attention_dim)
+    options = edit_sampler_options(tasks, args.train_data_weights, args.train_src_img_num_weights)
+    return make_loader(args, tasks, list, rank, world, **options)
+
+
+def row_loss(args, parts: Parts, row: dict, latents: list, index: torch.Tensor, device, generator=None) -> torch.Tensor:
+    """Flow-matching loss of one row at sigma-table ``index`` ``[1]``: target latents ``latents[0]`` noised,
+    source latents ``latents[1:]`` clean (each ``[C, 1, h, w]``), the prompt ``[L, D]`` as the text."""
+    target, sources = latents[0][None], [z[None] for z in latents[1:]]
+    noise = torch.randn(fm.pack_latents(target).shape, generator=generator).to(device)
+    prompt, sigma = row["prompt"].to(device)[None], parts.sigmas[index].to(device)
+    with autocast(args, device):
+        return fm.edit_flow_loss(parts.model, target, sources, prompt, None, sigma, noise, args.weighting_scheme)
+
+
+def step_loss(args: argparse.Namespace, parts: Parts, batch: list, gc: GradCache | None, device) -> torch.Tensor:
+    """Mean flow-matching loss of this rank's rows, one forward each; a timestep per row (--uniform-sampling:
+    stratified over ranks, else the --weighting-scheme density)."""
+    images = [im for row in batch for im in [row["target"], *row["sources"]]]
+    latents = vae_latents(parts.vae, images, args.vae_mini_batch, autocast(args, device))
+    n, uniform, density = len(batch), args.uniform_sampling, args.weighting_scheme
+    index = fm.training_timestep_indices(n, len(parts.sigmas), uniform, density, get_rank(), get_world_size())
+    loss, k = 0.0, 0
+    for i, row in enumerate(batch):
+        m = 1 + len(row["sources"])
+        loss, k = loss + row_loss(args, parts, row, latents[k : k + m], index[i : i + 1], device), k + m
+    return loss / n
+
+
+@torch.no_grad()
+def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
+    """Mean flow-matching loss over every record of ``path``'s tasks at each --val-timesteps index, noise seeded by
+    the record's position: the same inputs for any model state. Every rank runs an equal number of forwards."""
+    tasks = load_edit_tasks(path, args.image_sample_size, args.prompt_side, parts.model.config.joint_attention_dim)
+    items = [(name, i) for name in sorted(tasks) for i in range(len(tasks[name]))]
+    total, world = torch.zeros(2, dtype=torch.float64), get_world_size()
+    parts.model.eval()
+    for k in range(get_rank(), -(-len(items) // world) * world, world):  # FSDP2 forwards are collectives
+        name, i = items[k % len(items)]
+        row = tasks[name][i]
+        latents = vae_latents(parts.vae, [row["target"], *row["sources"]], args.vae_mini_batch, autocast(args, device))
+        for level in map(int, args.val_timesteps.split(",")):
+            noise = torch.Generator().manual_seed(args.seed + 7919 * k + level)
+            loss = row_loss(args, parts, row, latents, torch.tensor([level]), device, noise)
+            total += torch.tensor([float(loss), 1.0]) * (k < len(items))
+    parts.model.train()
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return {"flow_loss": float(total[0] / total[1])}
+
+
+def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
+    """``final/transformer`` (diffusers format: ``from_pretrained`` loads it) and the base folder's other entries
+    linked or copied (--export-components), so ``final`` is a pipeline folder. A collective."""
+    from diffusers import QwenImageTransformer2DModel
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(parts.model, options=options)  # a collective: rank 0 gets every tensor, others {}
+    if get_rank() == 0:
+        with torch.device("meta"):  # the gathered tensors are assigned, not copied
+            fresh = QwenImageTransformer2DModel.from_config(parts.model.config)
+        fresh.load_state_dict({k: v.to(torch.bfloat16) if args.bf16 else v for k, v in full.items()}, assign=True)
+        fresh.save_pretrained(os.path.join(final, "transformer"), safe_serialization=True)
+        for name in sorted(set(os.listdir(args.model)) - {"transformer"}) if args.export_components == "link" else []:
+            if not os.path.lexists(dst := os.path.join(final, name)):
+                os.symlink(os.path.abspath(os.path.join(args.model, name)), dst)
+    if get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- the run (shared by every recipe)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # <shared: set-up>
+    args = parse_args(argv)  # the shared flags checked too
+    rank, world, device = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.output, exist_ok=True)
+    data, val = prepare_data(args, rank, world)
+    write_args(args, args.output, args.resume, rank)
+    parts = build(args, device)
+    loader, rows = load_data(args, parts, data, rank, world)
+    total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
+    optimizer = torch.optim.AdamW(parts.param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = warmup_steps(args.warmup_steps, args.warmup_ratio, total)
+    scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
+    # </shared>
+    # <shared: resume, evaluate before>
+    ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    if start:
+        log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
+    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
+    # </shared>
+    # <shared: the loop>
+    end = min(total, args.stop_at or total)
+    log.info("steps %d -> %d of %d, %d rows/step on %d rank(s)", start, end, total, args.batch_size * world, world)
+    gc = None if not args.chunk_size else GradCache(args.chunk_size, sync_module=parts.model, splitter=parts.splitter)
+    losses = []
+    with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
+        for step, batches, streams in loader.steps(end):
+            loss = 0.0
+            for batch in accumulate_gradients(parts.state, batches):
+                micro = step_loss(args, parts, batch, gc, device) / len(batches)
+                scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
+                loss += micro.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
+            scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
+            samples = args.batch_size * world * len(batches)
+            lr = scheduler.get_last_lr()[0]
+            run_log.log(step, total, samples, loss=losses[-1], lr=lr, grad_norm=grad_norm, task=" ".join(streams))
+            if (args.save_every and step % args.save_every == 0) or step == end:
+                save_checkpoint(ckpt_dir, step=step, **ckpt)
+            if val and args.eval_every and step % args.eval_every == 0 and step < total:
+                run_log.eval(step, evaluate(args, parts, val, device))
+    # </shared>
+    # <shared: finish>
+    result = {"losses": losses}
+    if end < total:
+        log.info("stopped at step %d of %d; continue with --resume", end, total)
+    else:
+        export(args, parts, os.path.join(args.output, "final"))
+        log.info("exported to %s", os.path.join(args.output, "final"))
+        if val:
+            result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank))
+    if rank == 0:  # report.md (+ PNG plots with the report extra) from the run folder's files
+        log.info("report: %s", write_report(args.output))
+    shutdown_distributed()
+    return result
+    # </shared>
+
+
+if __name__ == "__main__":
+    main()
