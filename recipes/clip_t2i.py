@@ -6,12 +6,14 @@ Demo (no --data): renders a toy image-caption set with Pillow, builds a tiny ran
     python recipes/clip_t2i.py
     torchrun --nproc_per_node=2 recipes/clip_t2i.py
 
-Your data (JSONL in any seed format, see docs/data.md), one GPU and eight:
+Your data (JSONL/CSV/Parquet in a seed format, or shards: docs/data.md): one GPU, eight, two nodes; image-only:
 
-    python recipes/clip_t2i.py --model openai/clip-vit-base-patch32 --data train.jsonl \
-        --val-data val.jsonl --batch-size 256 --chunk-size 64 --bf16 --output runs/clip
-    torchrun --nproc_per_node=8 recipes/clip_t2i.py --model openai/clip-vit-base-patch32 \
-        --data train.jsonl --val-data val.jsonl --batch-size 256 --chunk-size 64 --bf16 --output runs/clip
+    python recipes/clip_t2i.py --model openai/clip-vit-base-patch32 --data train.jsonl --val-data val.jsonl \
+        --batch-size 256 --chunk-size 64 --bf16 --output runs/clip
+    torchrun --nproc_per_node=8 recipes/clip_t2i.py ...same flags...
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD --master_port 29500 \
+        recipes/clip_t2i.py ...same flags... --output /shared/runs/clip
+    python recipes/clip_t2i.py --vision-model facebook/dinov2-small --format i2i --data pairs.jsonl --output runs/sku
 
 --batch-size is per rank; every query sees the positives (and hard negatives) of all ranks.
 Writes <output>/args.json, train_log.jsonl, metrics.json ({"before": ..., "after": ...}),
@@ -34,7 +36,7 @@ from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_
 from vembed_blocks.data import DualEncoderCollator, load_records
 from vembed_blocks.demo import build_tiny_clip, render_demo
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval
+from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.report import write_report
@@ -57,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         require_data=False,
     )
     p.add_argument("--model", help="HF id or local folder (CLIP/SigLIP); default: a tiny random CLIP (demo)")
-    p.add_argument("--vision-model", help="compose a dual encoder: any HF vision backbone (e.g. facebook/dinov2-small)")
-    p.add_argument("--text-model", help="... plus any HF text backbone (e.g. bert-base-uncased), with projections")
+    p.add_argument("--vision-model", help="a HF vision backbone (e.g. facebook/dinov2-small); alone: image-only (i2i)")
+    p.add_argument("--text-model", help="with --vision-model: a HF text backbone (e.g. bert-base-uncased): towers")
     p.add_argument("--proj-dim", type=int, default=256, help="composed towers: shared embedding width")
     p.add_argument("--text-pooling", default="mean", help="composed towers: text pooling (mean, cls, last, max, ...)")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "t2t"], help="declare the data format (else detected)")
@@ -104,8 +106,10 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
 
 def build(args: argparse.Namespace, device: torch.device) -> Parts:
     """The dual encoder (composed towers or a CLIP/SigLIP folder), its collator and the loss."""
-    if bool(args.vision_model) != bool(args.text_model):
-        raise SystemExit("--vision-model and --text-model go together")
+    if args.text_model and not args.vision_model:
+        raise SystemExit("--text-model needs --vision-model (composed towers)")
+    if args.vision_model and not args.text_model and args.format != "i2i":
+        raise SystemExit("--vision-model without --text-model trains an image-only encoder: pass --format i2i")
     if args.vision_model and args.lora:
         raise SystemExit("--lora is not supported for composed towers yet; fine-tune them fully")
     if not args.vision_model and args.model is None:
@@ -152,7 +156,9 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     )
 
     parts.model.eval()
-    metrics = evaluate_retrieval(load_records(path, format=args.format), encode, args.eval_batch_size)
+    metrics = evaluate_retrieval_by(
+        load_records(path, format=args.format), encode, args.relevance, args.eval_batch_size
+    )
     parts.model.train()
     return metrics
 

@@ -1,6 +1,7 @@
-"""towers.py: CLIP feature routing, composed DINOv2 + BERT towers, and the recipe training them.
+"""towers.py: CLIP feature routing, composed DINOv2 + BERT towers, image-only towers, and the recipe training them.
 
 Also covers clip_t2i's --eval-every and --grad-checkpointing, and evaluate.py on a composed export.
+Image-only towers trained by clip_t2i and evaluated by evaluate.py: tests/test_recipe_evaluate.py.
 """
 
 from __future__ import annotations
@@ -60,6 +61,50 @@ def test_composed_features_equal_backbones_plus_projections_and_round_trip(backb
             loaded.eval().get_image_features(pixel_values=pixels), model.eval().get_image_features(pixel_values=pixels)
         )
     assert loaded_proc.tokenizer("a red cat")["input_ids"] == processor.tokenizer("a red cat")["input_ids"]
+
+
+def test_image_only_towers_round_trip_and_refuse_text(backbones, tmp_path):
+    from safetensors.torch import load_file
+
+    from vembed_blocks.data import DualEncoderCollator, Item
+
+    model, processor = compose_dual_encoder(backbones[0], None, dim=8)
+    assert not model.has_text and model.text_proj is None and not processor.has_text
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.vision(pixel_values=pixels).pooler_output @ model.vision_proj.weight.T
+        assert torch.allclose(dual_encoder_features(model, {"pixel_values": pixels}), want, atol=1e-6)
+    with pytest.raises(ValueError, match="image-only encoder"):
+        model.get_text_features(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="image-only composed encoder.*--format i2i"):  # text reaching the collator
+        DualEncoderCollator(processor).encode([Item(text="a red cat")], is_query=True)
+
+    out = tmp_path / "c"
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    assert not (out / "text").exists() and (out / "vision" / "preprocessor_config.json").exists()
+    assert set(load_file(str(out / "projections.safetensors"))) == {"vision_proj.weight"}
+    assert json.loads((out / "composed_dual_encoder.json").read_text())["has_text"] is False
+    loaded, loaded_proc = load_dual_encoder(str(out))
+    assert isinstance(loaded, ComposedDualEncoder) and not loaded.has_text and not loaded_proc.has_text
+    with torch.no_grad():
+        want = model.eval().get_image_features(pixel_values=pixels)
+        assert torch.equal(loaded.eval().get_image_features(pixel_values=pixels), want)
+    collated = DualEncoderCollator(loaded_proc).encode([Item(images=(_png(tmp_path),))], is_query=True)
+    assert collated["pixel_values"].shape == (1, 3, 32, 32)
+
+    # A folder whose marker and contents disagree is named, not half-loaded.
+    (out / "text").mkdir()
+    with pytest.raises(ValueError, match="has_text=False but the text/ folder is present"):
+        load_dual_encoder(str(out))
+
+
+def _png(folder) -> str:
+    from PIL import Image
+
+    path = str(folder / "x.png")
+    Image.new("RGB", (40, 36), (200, 30, 30)).save(path)
+    return path
 
 
 def test_dual_encoder_features_on_clip(tmp_path):

@@ -39,6 +39,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .embed import RetrievalSet, embed_items, retrieval_set
+from .encoder import Encoder, load_encoder
 from .grad_sync import accumulate_gradients, clip_gradients
 from .gradcache import GradCache, RandState, RowSplit
 from .losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 import torch
@@ -17,7 +17,19 @@ import torch.distributed as dist
 
 from .distributed import get_rank, get_world_size
 
-__all__ = ["RetrievalSet", "retrieval_set", "embed_items", "embed_on_all_ranks", "evaluate_retrieval"]
+__all__ = [
+    "RetrievalSet",
+    "retrieval_set",
+    "embed_items",
+    "embed_on_all_ranks",
+    "evaluate_retrieval",
+    "RELEVANCE",
+    "LabelRetrievalSet",
+    "retrieval_set_by_label",
+    "retrieval_set_for",
+    "self_excluded_scores",
+    "evaluate_retrieval_by",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=Hashable)
@@ -163,3 +175,124 @@ def evaluate_retrieval(
     d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "embed corpus")
     scores = q @ d.T if score is None else score(q, d)
     return retrieval_metrics(scores, rs.relevant, ks=ks)
+
+
+# ----------------------------------------------------------------------------- label relevance (--relevance labels)
+
+RELEVANCE = ("positives", "labels")
+
+
+@dataclass
+class LabelRetrievalSet(RetrievalSet):
+    """A `RetrievalSet` whose relevance is "same label", with each query's own corpus row excluded.
+
+    ``query_labels[Q]``, ``doc_labels[N]`` (None: a distractor, relevant to nobody) and
+    ``self_doc[q]``: the corpus row holding query q's own item, or None. ``relevant`` already
+    leaves that row out; score with `self_excluded_scores` so it is left out of the ranking too.
+    """
+
+    query_labels: list = field(default_factory=list)
+    doc_labels: list = field(default_factory=list)
+    self_doc: list = field(default_factory=list)
+
+
+def _label_of(labels: dict, item, label, source: str, side: str) -> None:
+    """Record ``item``'s label; an item met with two different labels is an error naming the row."""
+    seen = labels.setdefault(item, (label, source))
+    if seen[0] != label:
+        raise ValueError(
+            f"{source}: this {side} has label {label!r}, but {seen[1]} gave the same item label {seen[0]!r}; "
+            "with --relevance labels every item needs one label"
+        )
+
+
+def retrieval_set_by_label(
+    records: Iterable, include_negatives: bool = True, queries_in_corpus: bool = False
+) -> LabelRetrievalSet:
+    """Unique queries and corpus items of ``records``; relevant = every corpus item with the query's label.
+
+    The corpus is every record's positive (with that record's label), its hard negatives when
+    ``include_negatives`` (unlabelled distractors unless also a labelled positive) and, with
+    ``queries_in_corpus``, the queries themselves (a set searched against itself: product or class
+    retrieval, e.g. Stanford Online Products, CUB). A query whose own item (same text and images) is
+    in the corpus never retrieves itself: that row is excluded from its relevance and ranking.
+    Every record needs a ``label``; a missing one, or an item with two labels, raises ``ValueError``
+    naming ``file:line``.
+    """
+    labels: dict = {}  # item -> (label, first source): one label per item, as a query or a document
+    queries: dict = {}
+    labelled_docs: dict = {}
+    distractors: dict = {}
+    for rec in records:
+        if rec.label is None:
+            raise ValueError(f"{rec.source}: no 'label' (--relevance labels needs one on every record)")
+        _label_of(labels, rec.query, rec.label, rec.source, "query")
+        _label_of(labels, rec.positive, rec.label, rec.source, "positive")
+        queries.setdefault(rec.query, None)
+        labelled_docs.setdefault(rec.positive, None)
+        if queries_in_corpus:
+            labelled_docs.setdefault(rec.query, None)
+        for neg in rec.negatives if include_negatives else ():
+            distractors.setdefault(neg, None)
+    if not queries:
+        raise ValueError("retrieval_set_by_label: no records")
+    docs = list(labelled_docs) + [d for d in distractors if d not in labelled_docs]
+    doc_labels = [labels[d][0] if d in labelled_docs else None for d in docs]
+    row = {d: j for j, d in enumerate(docs)}
+    by_label: dict = {}
+    for j, lab in enumerate(doc_labels):
+        if lab is not None:
+            by_label.setdefault(lab, set()).add(j)
+    query_labels = [labels[q][0] for q in queries]
+    self_doc = [row.get(q) for q in queries]
+    relevant = [by_label.get(lab, set()) - {s} for lab, s in zip(query_labels, self_doc)]
+    return LabelRetrievalSet(list(queries), docs, relevant, query_labels, doc_labels, self_doc)
+
+
+def retrieval_set_for(
+    records: Iterable, relevance: str = "positives", include_negatives: bool = True, queries_in_corpus: bool = False
+) -> RetrievalSet:
+    """`retrieval_set` (``relevance="positives"``) or `retrieval_set_by_label` (``"labels"``): what a
+    ``--relevance`` flag selects. ``queries_in_corpus`` is for labels only."""
+    if relevance not in RELEVANCE:
+        raise ValueError(f"relevance must be one of {RELEVANCE}, got {relevance!r}")
+    if relevance == "labels":
+        return retrieval_set_by_label(records, include_negatives, queries_in_corpus)
+    if queries_in_corpus:
+        raise ValueError("queries_in_corpus needs relevance='labels' (a positive-pair file has no label to match)")
+    return retrieval_set(records, include_negatives)
+
+
+def self_excluded_scores(rs: RetrievalSet, scores: torch.Tensor) -> torch.Tensor:
+    """``scores[Q, N]`` with each query's own corpus row (`LabelRetrievalSet.self_doc`) set to ``-inf``.
+
+    Ranked last and irrelevant, that row changes no metric at any cut-off: the same as removing it.
+    A plain `RetrievalSet` has no such rows: ``scores`` is returned as is.
+    """
+    pairs = [(q, d) for q, d in enumerate(getattr(rs, "self_doc", [])) if d is not None]
+    if not pairs:
+        return scores
+    scores = scores.clone()
+    rows, cols = zip(*pairs)
+    scores[list(rows), list(cols)] = float("-inf")
+    return scores
+
+
+@torch.no_grad()
+def evaluate_retrieval_by(
+    records: Iterable,
+    encode: Callable[[list, bool], torch.Tensor],
+    relevance: str = "positives",
+    batch_size: int = 64,
+    score: Callable[..., torch.Tensor] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """`evaluate_retrieval` with relevance by ``"positives"`` or ``"labels"`` (`retrieval_set_for`; the
+    query's own item excluded): what a training recipe's evaluation calls for a ``--relevance`` flag."""
+    from .metrics import retrieval_metrics
+
+    rs = retrieval_set_for(records, relevance)
+    q = embed_on_all_ranks(rs.queries, lambda items: encode(items, True), batch_size, "embed queries")
+    d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "embed corpus")
+    scores = q @ d.T if score is None else score(q, d)
+    return retrieval_metrics(self_excluded_scores(rs, scores), rs.relevant, ks=ks)

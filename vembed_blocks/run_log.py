@@ -34,6 +34,7 @@ _HARMLESS = {
     "num_workers",
     "eval_batch_size",
     "report_to",
+    "relevance",
 }
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ __all__ = [
     "dual_encoder_features",
     "ComposedDualEncoder",
     "ComposedProcessor",
+    "MissingTokenizer",
     "compose_dual_encoder",
     "load_dual_encoder",
     "text_padding",
@@ -64,57 +65,66 @@ def _pooled_image(out: Any) -> torch.Tensor:
 
 
 class ComposedDualEncoder(torch.nn.Module):
-    """Any HF vision backbone + any HF text backbone, each followed by a linear map to ``dim``.
+    """Any HF vision backbone + any HF text backbone (or none), each followed by a linear map to ``dim``.
 
     ``get_image_features(pixel_values[B,3,H,W]) -> [B, dim]`` (pooler output or CLS) and
     ``get_text_features(input_ids[B,L], attention_mask[B,L]) -> [B, dim]`` (``text_pooling``
     over real tokens), so it trains and evaluates exactly like CLIP in the recipes.
-    ``save_pretrained(dir)`` writes ``vision/`` and ``text/`` (plain HF folders), the
-    projections and ``composed_dual_encoder.json``; ``from_pretrained(dir)`` reads them back.
+    ``text=None`` makes an image-only encoder (DINOv2-style product / instance search, trained on
+    image-to-image pairs): it has no ``text_proj`` and ``get_text_features`` raises ``ValueError``.
+    ``save_pretrained(dir)`` writes ``vision/`` and ``text/`` (plain HF folders; no ``text/`` when
+    image-only), the projections and ``composed_dual_encoder.json``; ``from_pretrained(dir)`` reads them back.
     """
 
-    def __init__(self, vision: torch.nn.Module, text: torch.nn.Module, dim: int, text_pooling: str = "mean") -> None:
+    def __init__(
+        self, vision: torch.nn.Module, text: torch.nn.Module | None, dim: int, text_pooling: str = "mean"
+    ) -> None:
         super().__init__()
         if text_pooling not in POOL_METHODS:
             raise ValueError(f"ComposedDualEncoder: text_pooling must be one of {POOL_METHODS}, got {text_pooling!r}")
         self.vision, self.text, self.dim, self.text_pooling = vision, text, dim, text_pooling
         self.vision_proj = torch.nn.Linear(_hidden_size(vision.config), dim, bias=False)
-        self.text_proj = torch.nn.Linear(_hidden_size(text.config), dim, bias=False)
+        self.text_proj = None if text is None else torch.nn.Linear(_hidden_size(text.config), dim, bias=False)
         # Blocks of both backbones, for activation checkpointing and FSDP wrapping by class.
         self._no_split_modules = sorted(
             set(getattr(vision, "_no_split_modules", None) or []) | set(getattr(text, "_no_split_modules", None) or [])
         )
 
+    @property
+    def has_text(self) -> bool:
+        """False for an image-only encoder (built or saved without a text backbone)."""
+        return self.text is not None
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_proj(_pooled_image(self.vision(pixel_values=pixel_values)))
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.text is None:
+            raise ValueError(
+                "ComposedDualEncoder: this is an image-only encoder (no text backbone); it embeds images only"
+            )
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         return self.text_proj(pool(hidden, attention_mask, self.text_pooling))
 
     def save_pretrained(self, out: str, **kwargs: Any) -> None:
         os.makedirs(out, exist_ok=True)
         self.vision.save_pretrained(os.path.join(out, "vision"), **kwargs)
-        self.text.save_pretrained(os.path.join(out, "text"), **kwargs)
-        projections = {
-            f"{k}.weight": getattr(self, k).weight.detach().contiguous().cpu() for k in ("vision_proj", "text_proj")
-        }
+        names = ["vision_proj"]
+        if self.text is not None:
+            self.text.save_pretrained(os.path.join(out, "text"), **kwargs)
+            names.append("text_proj")
+        projections = {f"{k}.weight": getattr(self, k).weight.detach().contiguous().cpu() for k in names}
         save_file(projections, os.path.join(out, "projections.safetensors"))
         with open(os.path.join(out, COMPOSED_FILE), "w") as f:
-            json.dump({"dim": self.dim, "text_pooling": self.text_pooling}, f)
+            json.dump({"dim": self.dim, "text_pooling": self.text_pooling, "has_text": self.has_text}, f)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ComposedDualEncoder":
         from transformers import AutoModel
 
-        with open(os.path.join(path, COMPOSED_FILE)) as f:
-            meta = json.load(f)
-        model = cls(
-            AutoModel.from_pretrained(os.path.join(path, "vision")),
-            AutoModel.from_pretrained(os.path.join(path, "text")),
-            meta["dim"],
-            meta["text_pooling"],
-        )
+        meta = _composed_meta(path)
+        text = AutoModel.from_pretrained(os.path.join(path, "text")) if meta["has_text"] else None
+        model = cls(AutoModel.from_pretrained(os.path.join(path, "vision")), text, meta["dim"], meta["text_pooling"])
         missing, unexpected = model.load_state_dict(
             load_file(os.path.join(path, "projections.safetensors")), strict=False
         )
@@ -125,6 +135,24 @@ class ComposedDualEncoder(torch.nn.Module):
         return model
 
 
+def _composed_meta(path: str) -> dict[str, Any]:
+    """``composed_dual_encoder.json`` with ``has_text`` filled in (folders written before image-only towers lack it)."""
+    file = os.path.join(path, COMPOSED_FILE)
+    with open(file) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+    missing = [k for k in ("dim", "text_pooling") if k not in meta]
+    if missing:
+        raise ValueError(f"{file}: missing {missing}")
+    meta.setdefault("has_text", True)
+    if meta["has_text"] != os.path.isdir(os.path.join(path, "text")):
+        where = "missing" if meta["has_text"] else "present"
+        raise ValueError(f"{file} says has_text={meta['has_text']} but the text/ folder is {where} in {path}")
+    return meta
+
+
 def _hidden_size(config: Any) -> int:
     for name in ("hidden_size", "projection_dim", "embed_dim"):
         if isinstance(getattr(config, name, None), int):
@@ -132,24 +160,48 @@ def _hidden_size(config: Any) -> int:
     raise ValueError(f"cannot find the output width of {type(config).__name__}")
 
 
-class ComposedProcessor:
-    """The vision backbone's image processor and the text backbone's tokenizer, as one processor."""
+class MissingTokenizer:
+    """The tokenizer slot of an image-only `ComposedProcessor`: calling it raises a clear ``ValueError``.
 
-    def __init__(self, image_processor: Any, tokenizer: Any) -> None:
-        self.image_processor, self.tokenizer = image_processor, tokenizer
+    Why not ``None``: collators call ``processor.tokenizer(texts, ...)``; this names the cause
+    (a text item reached an image-only encoder) instead of "'NoneType' object is not callable".
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError(
+            "image-only composed encoder: it has no text backbone or tokenizer, so it embeds images only "
+            "(train it on image-to-image records, e.g. --format i2i)"
+        )
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class ComposedProcessor:
+    """The vision backbone's image processor and the text backbone's tokenizer (image-only: a `MissingTokenizer`)."""
+
+    def __init__(self, image_processor: Any, tokenizer: Any = None) -> None:
+        self.image_processor = image_processor
+        self.tokenizer = MissingTokenizer() if tokenizer is None else tokenizer
+
+    @property
+    def has_text(self) -> bool:
+        return not isinstance(self.tokenizer, MissingTokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ComposedProcessor":
         from transformers import AutoImageProcessor, AutoTokenizer
 
+        text = os.path.join(path, "text")
         return cls(
             AutoImageProcessor.from_pretrained(os.path.join(path, "vision")),
-            AutoTokenizer.from_pretrained(os.path.join(path, "text")),
+            AutoTokenizer.from_pretrained(text) if os.path.isdir(text) else None,
         )
 
     def save_pretrained(self, out: str) -> None:
         self.image_processor.save_pretrained(os.path.join(out, "vision"))
-        self.tokenizer.save_pretrained(os.path.join(out, "text"))
+        if self.has_text:
+            self.tokenizer.save_pretrained(os.path.join(out, "text"))
 
 
 def text_padding(model: Any) -> dict[str, Any]:
@@ -175,17 +227,18 @@ def load_dual_encoder(path: str) -> tuple[torch.nn.Module, Any]:
 
 
 def compose_dual_encoder(
-    vision_model: str, text_model: str, dim: int, text_pooling: str = "mean"
+    vision_model: str, text_model: str | None, dim: int, text_pooling: str = "mean"
 ) -> tuple[ComposedDualEncoder, ComposedProcessor]:
-    """A new `ComposedDualEncoder` from two pretrained backbones (ids or folders), projections random."""
+    """A new `ComposedDualEncoder` from pretrained backbones (ids or folders), projections random.
+
+    ``text_model=None``: an image-only encoder (no text backbone, a processor without a tokenizer).
+    """
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    model = ComposedDualEncoder(
-        AutoModel.from_pretrained(vision_model), AutoModel.from_pretrained(text_model), dim, text_pooling
-    )
-    return model, ComposedProcessor(
-        AutoImageProcessor.from_pretrained(vision_model), AutoTokenizer.from_pretrained(text_model)
-    )
+    text = AutoModel.from_pretrained(text_model) if text_model else None
+    model = ComposedDualEncoder(AutoModel.from_pretrained(vision_model), text, dim, text_pooling)
+    tokenizer = AutoTokenizer.from_pretrained(text_model) if text_model else None
+    return model, ComposedProcessor(AutoImageProcessor.from_pretrained(vision_model), tokenizer)
 
 
 def contrastive_loss_for(

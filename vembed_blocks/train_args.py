@@ -109,6 +109,8 @@ def add_common_args(
     a("--num-workers", type=int, default=2, help="DataLoader workers (decode + processor)")
     a("--log-every", type=int, default=10, help="console log line every N steps (train_log.jsonl gets every step)")
     a("--eval-every", type=int, default=0, help="retrieval metrics on --val-data every N steps (0 = off)")
+    relevance = "validation relevance: each record's positive, or every item of the query's label (itself excluded)"
+    a("--relevance", choices=["positives", "labels"], default="positives", help=relevance)
     a("--eval-batch-size", type=int, default=eval_batch_size, help="rows per forward when embedding for evaluation")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
     a("--resume", action="store_true", help="continue from <output>/checkpoints")

@@ -1,0 +1,249 @@
+"""How each exported folder kind is detected, loaded and run: the per-family half of `encoder`.
+
+A family is loaded into a `Backend`: the model, the text / image abilities and one function
+``embed(items, is_query)`` that collates a batch of `Item`s with the collator the training recipe
+used and runs the same forward its evaluation runs (before any normalisation, which `Encoder` adds).
+
+    family   detected by                                   recipe                  embed returns
+    dual     composed_dual_encoder.json, or a config.json  clip_t2i                [B, D]
+             with text_config + vision_config (CLIP, SigLIP);
+             composed towers may be image-only (no text/)
+    colbert  colbert.json (+ colbert_projection.safetensors) colbert               ([B, L, D], mask[B, L])
+    text     modules.json, or a config.json without a      text_t2t, distill       [B, D]
+             vision_config (plain HF text model)
+    vlm      config.json whose model_type ends in "_vl"    qwen3_fsdp              [B, D] (last token)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .data.records import Item
+
+__all__ = ["Backend", "FAMILIES", "VLM_EMBEDDING_FILE", "detect_family", "load_backend"]
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("dual", "colbert", "text", "vlm")
+COLBERT_FILE = "colbert.json"
+COLBERT_PROJECTION = "colbert_projection.safetensors"
+# What a Qwen3-VL embedding export could carry next to its weights (pooling, instructions, image cap);
+# read when present, else the run's args.json one folder up, else the recipe's defaults.
+VLM_EMBEDDING_FILE = "vlm_embedding.json"
+# The recipes' defaults, used when neither the folder nor its run's args.json says otherwise.
+VLM_DEFAULTS = {"query_instruction": "Represent the user's input.", "doc_instruction": None, "max_image_side": 1024}
+COLBERT_DEFAULTS = {"max_length": 256, "max_image_side": 1024}
+
+Embed = Callable[[Sequence[Item], bool], Any]
+
+
+@dataclass
+class Backend:
+    """One loaded family. ``embed(items, is_query)`` -> ``[b, D]`` or ``(tokens[b, L, D], mask[b, L])``,
+    unnormalised, on the model's device; ``settings`` records what was read from the folder (for logs/docs)."""
+
+    family: str
+    model: torch.nn.Module
+    embed: Embed
+    has_text: bool
+    has_image: bool
+    multi_vector: bool
+    settings: dict[str, Any]
+
+
+def _read_json(path: str) -> Any | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def detect_family(path: str | os.PathLike) -> str:
+    """The family (one of `FAMILIES`) of an exported folder, from its marker files and ``config.json``.
+
+    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` naming the folder and the
+    files looked for when none of them identifies a family.
+    """
+    from .towers import COMPOSED_FILE
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_encoder: {path} is not a folder (export a model with a recipe first)")
+    if os.path.isfile(os.path.join(path, COMPOSED_FILE)):
+        return "dual"
+    if os.path.isfile(os.path.join(path, COLBERT_FILE)):
+        return "colbert"
+    if os.path.isfile(os.path.join(path, "modules.json")):
+        return "text"
+    config = _read_json(os.path.join(path, "config.json"))
+    if isinstance(config, dict) and isinstance(config.get("model_type"), str):
+        model_type = config["model_type"]
+        if model_type.endswith("_vl"):  # qwen2_vl, qwen2_5_vl, qwen3_vl: a chat VLM pooled at its last token
+            return "vlm"
+        if "vision_config" in config and "text_config" in config:
+            return "dual"
+        if "vision_config" not in config and "text_config" not in config:
+            return "text"
+    raise ValueError(
+        f"load_encoder: cannot tell what {path} holds: looked for {COMPOSED_FILE} (composed towers), "
+        f"{COLBERT_FILE} (ColBERT / ColQwen), modules.json (sentence-transformers) and config.json with a "
+        f"model_type (CLIP / SigLIP, Qwen-VL, a text model); found {sorted(os.listdir(path))[:20]}"
+    )
+
+
+def _run_settings(path: str, names: dict[str, Any], sidecar: str) -> dict[str, Any]:
+    """``names`` (defaults) overridden by the run's ``args.json`` one folder up, then by ``sidecar`` in ``path``.
+
+    Why the run's args: the recipes write ``<output>/args.json`` beside ``<output>/final``, and an export
+    does not (yet) record every collation setting (instructions, length caps) itself.
+    """
+    out, found = dict(names), []
+    for file in (os.path.join(os.path.dirname(os.path.abspath(path)), "args.json"), os.path.join(path, sidecar)):
+        saved = _read_json(file)
+        if isinstance(saved, dict):
+            out.update({k: saved[k] for k in names if k in saved})
+            found.append(file)
+    out["read_from"] = found or ["the recipe defaults"]
+    return out
+
+
+def _dual(path: str, device: torch.device, dtype: torch.dtype | None) -> Backend:
+    from .data.collate import DualEncoderCollator
+    from .towers import dual_encoder_features, load_dual_encoder, text_padding
+
+    model, processor = load_dual_encoder(path)
+    model = model.to(device=device, dtype=dtype).eval()
+    collator = DualEncoderCollator(processor, **text_padding(model))  # SigLIP: max_length=64 padding, as trained
+
+    def embed(items: Sequence[Item], is_query: bool) -> torch.Tensor:
+        inputs = {k: v.to(device) for k, v in collator.encode(items, is_query).items()}
+        return dual_encoder_features(model, inputs)
+
+    has_text = getattr(model, "has_text", True)  # False: image-only composed towers (clip_t2i without --text-model)
+    settings = {"padding": text_padding(model), "image_only": not has_text}
+    return Backend("dual", model, embed, has_text, True, False, settings)
+
+
+def _text(path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any]) -> Backend:
+    from .text_encoder import encode_text_items, load_text_encoder
+
+    model, collator, cfg = load_text_encoder(
+        path,
+        max_length=overrides.get("max_length"),
+        query_prefix=overrides.get("query_instruction"),
+        doc_prefix=overrides.get("doc_instruction"),
+    )
+    model = model.to(device=device, dtype=dtype).eval()
+    embed = lambda items, is_query: encode_text_items(model, collator, cfg, items, is_query)
+    settings = {"pooling": cfg.pooling, "max_length": cfg.max_length, "prompts": cfg.prompts}
+    return Backend("text", model, embed, True, False, False, settings)
+
+
+def _vlm(path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any]) -> Backend:
+    from transformers import AutoModel
+
+    from .data.collate import VLMCollator
+    from .vlm import load_vlm_processor, vlm_embed
+
+    settings = _run_settings(path, {**VLM_DEFAULTS, "pooling": "last"}, VLM_EMBEDDING_FILE)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    processor = load_vlm_processor(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device=device, dtype=dtype).eval()
+    collator = VLMCollator(
+        processor, settings["query_instruction"], settings["doc_instruction"], settings["max_image_side"]
+    )
+
+    def embed(items: Sequence[Item], is_query: bool) -> torch.Tensor:
+        inputs = {k: v.to(device) for k, v in collator.encode(items, is_query).items()}
+        return vlm_embed(model, inputs, settings["pooling"])
+
+    return Backend("vlm", model, embed, True, True, False, settings)
+
+
+def _colbert(path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any]) -> Backend:
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from .distributed import pad_dim
+    from .vlm import vlm_token_embeddings
+
+    spec = _read_json(os.path.join(path, COLBERT_FILE))
+    if not isinstance(spec, dict) or spec.get("encoder") not in ("text", "vlm"):
+        raise ValueError(f"{path}/{COLBERT_FILE}: needs 'encoder': 'text' or 'vlm', got {spec!r}")
+    settings = _run_settings(path, COLBERT_DEFAULTS, COLBERT_FILE)
+    settings.update({k: spec.get(k) for k in ("encoder", "dim", "query_instruction", "doc_instruction")})
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device=device, dtype=dtype).eval()
+    proj = None
+    if spec.get("dim"):
+        file = os.path.join(path, COLBERT_PROJECTION)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}/{COLBERT_FILE} says dim={spec['dim']} but {COLBERT_PROJECTION} is missing")
+        weight = load_file(file)["weight"]
+        proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        proj.weight.data.copy_(weight)
+        proj = proj.to(device=device, dtype=dtype)
+    collator = _colbert_collator(path, settings)
+    is_vlm = settings["encoder"] == "vlm"
+
+    def embed(items: Sequence[Item], is_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: v.to(device) for k, v in collator.encode(items, is_query).items()}
+        if is_vlm:
+            tokens, _ = vlm_token_embeddings(model, inputs, proj)
+        else:
+            tokens = model(**inputs).last_hidden_state
+            tokens = proj(tokens) if proj is not None else tokens
+        mask = inputs["attention_mask"].bool()
+        return pad_dim(tokens, 1, mask.shape[1]), mask
+
+    return Backend("colbert", model, embed, True, is_vlm, True, settings)
+
+
+def _colbert_collator(path: str, settings: dict[str, Any]) -> Any:
+    """The collator the colbert recipe built for this encoder kind, with its instructions / prefixes."""
+    from .data.collate import TextCollator, VLMCollator
+
+    if settings["encoder"] == "vlm":
+        from .vlm import load_vlm_processor
+
+        # As the recipe: its --query-instruction as is (None: no system turn), documents default to it.
+        processor = load_vlm_processor(path)
+        return VLMCollator(
+            processor, settings["query_instruction"], settings["doc_instruction"], settings["max_image_side"]
+        )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return TextCollator(tokenizer, settings["max_length"], settings["query_instruction"], settings["doc_instruction"])
+
+
+def load_backend(
+    path: str | os.PathLike,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    family: str | None = None,
+    **overrides: Any,
+) -> Backend:
+    """Load ``path`` as ``family`` (default: `detect_family`). ``overrides`` (None = the folder's):
+    ``query_instruction`` / ``doc_instruction`` (text: prefixes; vlm, colbert: instructions or prefixes),
+    ``max_length`` (text, colbert text), ``max_image_side`` (vlm, colbert vlm); dual folders take none."""
+    path = os.fspath(path)
+    family = family or detect_family(path)
+    if family not in FAMILIES:
+        raise ValueError(f"load_encoder: family must be one of {FAMILIES}, got {family!r}")
+    allowed = {"dual": (), "text": ("query_instruction", "doc_instruction", "max_length")}.get(family, tuple(overrides))
+    unused = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
+    if unused:
+        raise ValueError(f"load_encoder: {unused} do not apply to {path} (a {family} folder)")
+    if family == "dual":
+        return _dual(path, device, dtype)
+    return {"text": _text, "vlm": _vlm, "colbert": _colbert}[family](path, device, dtype, overrides)
