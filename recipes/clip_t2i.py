@@ -156,9 +156,8 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     )
 
     parts.model.eval()
-    metrics = evaluate_retrieval_by(
-        load_records(path, format=args.format), encode, args.relevance, args.eval_batch_size
-    )
+    records = load_records(path, format=args.format)
+    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
     parts.model.train()
     return metrics
 

@@ -286,13 +286,20 @@ def evaluate_retrieval_by(
     batch_size: int = 64,
     score: Callable[..., torch.Tensor] | None = None,
     ks: Sequence[int] = (1, 5, 10),
-) -> dict[str, float]:
+    curve_k: int = 0,
+) -> dict:
     """`evaluate_retrieval` with relevance by ``"positives"`` or ``"labels"`` (`retrieval_set_for`; the
-    query's own item excluded): what a training recipe's evaluation calls for a ``--relevance`` flag."""
-    from .metrics import retrieval_metrics
+    query's own item excluded): what a training recipe's evaluation calls for a ``--relevance`` flag.
+
+    ``curve_k > 0`` adds ``"recall_curve"``: ``[recall@1, ..., recall@curve_k]`` (`metrics.recall_curve`), a list
+    beside the numbers (`run_log.write_metrics` moves it to ``metrics.json``'s top level for the report)."""
+    from .metrics import recall_curve, retrieval_metrics
 
     rs = retrieval_set_for(records, relevance)
     q = embed_on_all_ranks(rs.queries, lambda items: encode(items, True), batch_size, "embed queries")
     d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "embed corpus")
-    scores = q @ d.T if score is None else score(q, d)
-    return retrieval_metrics(self_excluded_scores(rs, scores), rs.relevant, ks=ks)
+    scores = self_excluded_scores(rs, q @ d.T if score is None else score(q, d))
+    metrics: dict = retrieval_metrics(scores, rs.relevant, ks=ks)
+    if curve_k > 0:
+        metrics["recall_curve"] = recall_curve(scores, rs.relevant, max_k=curve_k)
+    return metrics

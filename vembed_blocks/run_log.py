@@ -127,7 +127,7 @@ class RunLog:
         if self._file is None:
             return
         with open(os.path.join(os.path.dirname(self._file.name), "eval_log.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if not isinstance(v, list)}}) + "\n")
         metrics = {k: v for k, v in metrics.items() if _is_number(v)}
         for name, value in metrics.items():
             if self._tb is not None:
@@ -191,11 +191,17 @@ def metrics_before(output: str, start: int, evaluate: Callable[[], dict[str, flo
         return json.load(f)
 
 
-def write_metrics(output: str, before: dict[str, float] | None, after: dict[str, float], rank: int = 0) -> dict:
-    """``<output>/metrics.json`` = ``{"before": ..., "after": ...}`` and a table on stdout (rank 0)."""
+def write_metrics(output: str, before: dict | None, after: dict, rank: int = 0) -> dict:
+    """``<output>/metrics.json`` = ``{"before": ..., "after": ...}`` and a table on stdout (rank 0); a
+    ``"recall_curve"`` list in either moves to ``{"recall_curve": {"before": [...], "after": [...]}}``."""
     from .metrics import format_table
 
-    result = {"before": before, "after": after} if before is not None else {"after": after}
+    curves = {k: m["recall_curve"] for k, m in (("before", before), ("after", after)) if m and "recall_curve" in m}
+    before = None if before is None else {k: v for k, v in before.items() if k != "recall_curve"}
+    after = {k: v for k, v in after.items() if k != "recall_curve"}
+    result: dict = {"before": before, "after": after} if before is not None else {"after": after}
+    if curves:  # recall@1..K lists (evaluate_retrieval_by(curve_k=)): the report's before/after curve
+        result["recall_curve"] = curves
     if rank == 0:
         with open(os.path.join(output, "metrics.json"), "w") as f:
             json.dump(result, f, indent=1)
