@@ -199,12 +199,22 @@ def _summary(run_dir: str, args: dict[str, Any], train: list[dict[str, Any]]) ->
     return lines
 
 
+def _evaluation_summary(args: dict[str, Any], metrics: dict[str, Any] | None) -> list[str]:
+    """The summary of a ``recipes/evaluate.py`` folder: no training, one model scored on one file."""
+    counts = (metrics or {}).get("counts") or {}
+    return [
+        f"- evaluation of `{args.get('model', 'not recorded')}` ({args.get('family', 'family not recorded')})",
+        f"- data: {_data_name(args, 'data')}, relevance: {args.get('relevance', 'positives')}",
+        "- counts: " + (", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "not recorded"),
+    ]
+
+
 def _data_name(args: dict[str, Any], key: str) -> str:
     """The file of ``--data``/``--val-data``; a recipe without one (null) ran on its demo set."""
     return "not recorded" if key not in args else f"`{args[key]}`" if args[key] else "the demo set"
 
 
-def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+def _metrics_table(metrics: dict[str, Any], trained: bool = True) -> list[str]:
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     names = list(dict.fromkeys([*after, *before]))
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
@@ -212,7 +222,7 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
         b, a = before.get(n), after.get(n)
         diff = f"{a - b:+.4f}" if _number(a) and _number(b) else "-"
         lines.append(f"| {n} | {_fmt(b) if b is not None else '-'} | {_fmt(a) if a is not None else '-'} | {diff} |")
-    if not before:
+    if not before and trained:
         lines += ["", "No metrics before training were recorded (a resumed run without metrics_before.json)."]
     return lines
 
@@ -251,11 +261,14 @@ def write_report(run_dir: str) -> str:
         metrics["before"] = _read_json(path("metrics_before.json"))
     curve = (metrics or {}).get("recall_curve")
     out = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", "", "## Summary", ""]
-    out += _summary(run_dir, args, train) if args or train else ["No args.json or train_log.jsonl in this folder."]
+    evaluation = not train and "family" in args  # a recipes/evaluate.py folder: nothing trained
+    if evaluation:
+        out += _evaluation_summary(args, metrics)
+    else:
+        out += _summary(run_dir, args, train) if args or train else ["No args.json or train_log.jsonl in this folder."]
     out += ["", "## Metrics", ""]
-    out += (
-        _metrics_table(metrics) if metrics else ["No metrics.json: the run has not finished or had no validation set."]
-    )
+    no_metrics = ["No metrics.json: the run has not finished or had no validation set."]
+    out += _metrics_table(metrics, not evaluation) if metrics else no_metrics
     out += [""]
     plots = [
         ("Training loss and learning rate", "loss_lr.png", train, lambda f: plot_loss_lr(train, f),
