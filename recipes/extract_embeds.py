@@ -4,6 +4,15 @@ A VLM (Qwen3-VL: the query is the source image(s) + instruction in one chat, the
 the target image; last-token or per-token hidden states) or a dual encoder (CLIP/SigLIP) is
 run once over the data; `recipes/multitask.py` then trains on the stored vectors.
 
+Demo (no --data): renders edit rows with 0, 1 and 2 source images (<output>/demo/edits.jsonl),
+saves a tiny random Qwen3-VL to <output>/demo/model (loaded with from_pretrained), extracts them
+into <output> (a few seconds on 2 CPU cores) and prints the store's summary:
+
+    python recipes/extract_embeds.py
+    torchrun --nproc_per_node=2 recipes/extract_embeds.py
+
+Your data and weights, one GPU and eight:
+
     python recipes/extract_embeds.py --data edits.jsonl --model Qwen/Qwen3-VL-2B-Instruct \
         --output meta/dataset_a --batch-size 16 --image-sample-size 512 --bf16
     torchrun --nproc_per_node=8 recipes/extract_embeds.py --data edits.jsonl --model ... --output meta/dataset_a
@@ -34,12 +43,15 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 
 from vembed_blocks import dual_encoder_features, init_distributed
 from vembed_blocks.data import DualEncoderCollator, VLMCollator, read_records
 from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, ensure_meta
 from vembed_blocks.data.images import load_images
+from vembed_blocks.demo import render_edit_demo
+from vembed_blocks.demo_vlm import build_demo_extractor
 from vembed_blocks.distributed import shutdown_distributed
 from vembed_blocks.edit_prompts import check_source_count, is_diffusers_folder, load_prompt_pipeline, prompt_embeds
 from vembed_blocks.towers import COMPOSED_FILE, load_dual_encoder, text_padding
@@ -53,14 +65,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--data", required=True, help="input file (JSONL/CSV/Parquet) in any seed format, incl. the edit format"
+        "--data", help="input file (JSONL/CSV/Parquet) in any seed format, incl. the edit format; default: demo rows"
     )
     p.add_argument(
         "--model",
-        required=True,
-        help="HF id or folder: a VLM (Qwen3-VL), a dual encoder (CLIP/SigLIP), or a Qwen-Image(-Edit) diffusers folder",
+        help="HF id or folder: a VLM (Qwen3-VL), a dual encoder (CLIP/SigLIP), or a Qwen-Image(-Edit) diffusers folder"
+        "; default: a tiny random Qwen3-VL (demo)",
     )
-    p.add_argument("--output", required=True, help="the task directory to write (one per dataset)")
+    p.add_argument("--output", default="runs/extract_embeds", help="the task directory to write (one per dataset)")
+    p.add_argument("--demo-quick", action="store_true", help="demo: fewer rows and a smaller model (tests)")
     p.add_argument("--batch-size", type=int, default=4, help="records per forward pass")
     p.add_argument("--shard-size", type=int, default=1024, help="records per shard file (the unit of resumption)")
     p.add_argument("--t2i-mode", action="store_true", help="edit rows: text -> image (drop source images, no inverse)")
@@ -97,7 +110,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--log-every", type=int, default=10, help="log progress every N shards")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args, _ = p.parse_known_args(argv)
+    if args.data is None:  # the demo's rows are tiny: bigger batches, explicit flags win
+        p.set_defaults(batch_size=32)
+    args = p.parse_args(argv)
+    if args.data is not None and args.model is None:
+        p.error("--model is required with --data (an HF id or a local folder)")
+    return args
+
+
+def prepare_demo(args: argparse.Namespace, rank: int, world: int) -> None:
+    """Without --data: rank 0 renders the demo edit rows (and, without --model, saves a tiny random Qwen3-VL) under
+    <output>/demo; --data and --model then point there."""
+    if args.data is not None:
+        return
+    demo = os.path.join(args.output, "demo")
+    if rank == 0:
+        render_edit_demo(demo, per_combo=1 if args.demo_quick else 3, seed=args.seed)
+        if args.model is None:
+            build_demo_extractor(os.path.join(demo, "model"))
+    if world > 1:
+        torch.distributed.barrier()
+    args.data, args.model = os.path.join(demo, "edits.jsonl"), args.model or os.path.join(demo, "model")
 
 
 # ----------------------------------------------------------------------------- model
@@ -278,16 +312,20 @@ def prepare(args: argparse.Namespace, rank: int, world: int, kind: str, extra_me
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Extract; returns ``{"shards_written": n}`` (+ ``"records"`` and ``"summary"`` on rank 0). A caller that
+    set up the process group itself (``recipes/multitask.py``'s demo) keeps it: it is only shut down if made here."""
     args = parse_args(argv)
+    own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
+    prepare_demo(args, rank, world)
     kind, encode, extra_meta = load_encoder(args, device)
     writer = prepare(args, rank, world, kind, extra_meta)
     if writer.done:
         log.info("resuming: rank 0 already has %d shard(s) (%d records)", len(writer.done), writer.records_done)
     written = extract_loop(args, writer, encode, rank, world, kind == "qwen_image")
-    return finish(args, written, rank, world)
+    return finish(args, written, rank, world, own_group)
 
 
 def extract_loop(args, writer, encode, rank, world, with_paths: bool) -> int:
@@ -315,23 +353,36 @@ def extract_loop(args, writer, encode, rank, world, with_paths: bool) -> int:
     return written
 
 
-def finish(args: argparse.Namespace, written: int, rank: int, world: int) -> dict:
-    """Wait for every rank, then check the whole store opens (rank 0) and report its size."""
+def finish(args: argparse.Namespace, written: int, rank: int, world: int, own_group: bool = True) -> dict:
+    """Wait for every rank, then check the whole store opens (rank 0) and print its summary."""
     if world > 1:
         torch.distributed.barrier()  # every rank's shards are on disk before rank 0 opens the store
-    shutdown_distributed()
+    if own_group:
+        shutdown_distributed()
     result = {"shards_written": written}
     if rank == 0:
         store = EmbedStore(args.output)  # every check of a reader, once, while the run is fresh
-        result["records"] = len(store)
-        log.info(
-            "%s: %d records in %d-record shards (sides: %s)",
-            args.output,
-            len(store),
-            args.shard_size,
-            ", ".join(store.sides),
-        )
+        result.update(records=len(store), summary=store_summary(store))
+        print(result["summary"], flush=True)
     return result
+
+
+def store_summary(store: EmbedStore) -> str:
+    """What a store holds: rows, each side's shape and dtype (of row 0; ``L`` = per-token, ragged), the rows
+    per number of source images (edit rows; ``-1``: a format without source images) and the inverse rows."""
+    shards = sum(name.startswith("shard-") for name in os.listdir(store.root))
+    lines = [f"{store.root}: {len(store)} rows in {shards} shard(s)"]
+    if not len(store):
+        return lines[0]
+    first, per_token = store[0], bool(store.meta.get("per_token"))
+    for side, value in first.items():
+        shape = ["L", *value.shape[1:]] if per_token or value.dim() > 1 else list(value.shape)
+        lines.append(f"  side {side}: [{', '.join(map(str, shape))}] {str(value.dtype).removeprefix('torch.')}")
+    groups, counts = np.unique(store.groups, return_counts=True)
+    lines.append("  rows by source images: " + ", ".join(f"{g}: {c}" for g, c in zip(groups.tolist(), counts.tolist())))
+    inverse = sum(record_id.endswith(".1") for record_id in store.ids)  # "<line>.1": a row's second record
+    lines.append(f"  inverse rows (target -> source): {inverse}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,14 @@ the frozen embeddings into one space, trained with InfoNCE against every rank's 
 composed-retrieval adapter for a frozen embedder (say an 8B VLM) at the price of an MLP. Every global batch is one
 task (and number of source images). Seed 004's step 2 (the edit model itself) is `recipes/edit_sft.py`.
 
+Demo (no --data): extract_embeds.py's demo in-process (edit rows with 0-2 source images, a tiny random Qwen3-VL)
+into <output>/demo/meta/edit, image pairs into .../pairs; trains on both, prints per-task retrieval before/after:
+
+    python recipes/multitask.py
+    torchrun --nproc_per_node=2 recipes/multitask.py
+
+Your stores, one GPU and eight:
+
     python recipes/multitask.py --data meta/ --train-data-weights "dataset_a=0.5,dataset_b=1.2" \
         --train-src-img-num-weights "0=1,1=1,2=1,3=0" --batch-size 256 --max-steps 2000 --output runs/head
     torchrun --nproc_per_node=8 recipes/multitask.py --data meta/ ... (same flags)
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import runpy
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +39,7 @@ from vembed_blocks import InfoNCE, get_rank, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import parse_group_weights, parse_weights
 from vembed_blocks.data.embed_store import EmbedStore, collate_embeddings
+from vembed_blocks.demo import render_image_pairs
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.fusion_head import FusionHead, pooled
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
@@ -40,21 +50,26 @@ from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.train_args import apply_model_flags, autocast, common_parser, make_loader
 
 log = logging.getLogger("multitask")
-DATA_HELP = "directory whose subdirectories are tasks (extract_embeds.py outputs)"
+DATA_HELP = "directory whose subdirectories are tasks (extract_embeds.py outputs); default: the demo's tasks"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common_parser(__doc__, output="runs/multitask", lr=1e-3, batch_size=256, weight_decay=0.03, data_help=DATA_HELP)
+    defaults = dict(output="runs/multitask", lr=1e-3, batch_size=256, weight_decay=0.03, data_help=DATA_HELP)
+    p = common_parser(__doc__, **defaults, require_data=False)
     p.set_defaults(lr_schedule="constant")  # the seed's constant_with_warmup
-    p.add_argument(
-        "--train-data-weights", help='task weights, e.g. "a=0.5,b=1.2"; tasks not named are left out (default: by size)'
-    )
+    p.add_argument("--train-data-weights", help='task weights, e.g. "a=0.5,b=1.2"; others left out (default: by size)')
     p.add_argument("--train-src-img-num-weights", help='weights per number of source images, e.g. "0=1,1=1,2=1,3=0"')
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of each side's MLP")
     p.add_argument("--dim", type=int, default=512, help="output embedding width")
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--symmetric", action="store_true", help="InfoNCE: also doc->query")
     p.add_argument("--eval-rows", type=int, default=512, help="rows per task for the retrieval check")
+    p.add_argument("--demo-quick", action="store_true", help="demo: fewer rows and a smaller model (tests)")
+    args, _ = p.parse_known_args(argv)
+    if args.data is None:  # the demo's tasks are small: small batches (no row twice in one), explicit flags win
+        p.set_defaults(
+            batch_size=16, max_steps=60 if args.demo_quick else 1000, train_src_img_num_weights="0=1,1=1,2=1"
+        )
     return p.parse_args(argv)
 
 
@@ -87,7 +102,21 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
     """(task root, evaluation root: --val-data, else the training tasks' first --eval-rows rows)."""
     if args.chunk_size:
         raise SystemExit("--chunk-size: the head is small; GradCache buys nothing here")
+    args.data = args.data or demo_tasks(args, rank, world)  # no --data: the demo's tasks
     return args.data, args.val_data or args.data
+
+
+def demo_tasks(args: argparse.Namespace, rank: int, world: int) -> str:
+    """``<output>/demo/meta``: task ``edit`` (extract_embeds.py's demo) and ``pairs`` (image pairs, same model)."""
+    extract = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "extract_embeds.py"))
+    demo, meta = os.path.join(args.output, "demo"), os.path.join(args.output, "demo", "meta")
+    if rank == 0:  # before the edit extraction: its barrier (after its own rendering) publishes these files too
+        render_image_pairs(demo, per_combo=1 if args.demo_quick else 2, seed=args.seed)
+    extract["main"](["--output", f"{meta}/edit", "--seed", str(args.seed), *["--demo-quick"] * args.demo_quick])
+    pairs = ["--data", f"{demo}/pairs.jsonl", "--output", f"{meta}/pairs"]
+    extract["main"]([*pairs, "--model", f"{meta}/edit/demo/model"])  # the same model: one embedding space
+    torch.manual_seed(args.seed)  # the head starts equal on every rank, whatever the extraction drew
+    return meta
 
 
 def build(args: argparse.Namespace, device: torch.device) -> Parts:

@@ -43,8 +43,12 @@ def test_demo_quick_run_improves_retrieval(tmp_path):
     assert after["recall@10"] >= before["recall@10"] + 0.1, (before, after)
     assert after["mrr@10"] >= 2 * before["mrr@10"], (before, after)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved == {"before": before, "after": after}
-    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert saved == {"before": before, "after": after, "recall_curve": result["recall_curve"]}
+    curve = saved["recall_curve"]  # recall@1..100 (the report's plot) agrees with the table's recall@k
+    assert len(curve["after"]) == 100 and [curve["after"][k - 1] for k in (1, 5, 10)] == [
+        after[f"recall@{k}"] for k in (1, 5, 10)
+    ]
+    assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "report.md").exists()
 
 
 def common(demo: dict[str, str], out: Path, model: str, *extra: str) -> list[str]:

@@ -1,9 +1,11 @@
-"""A toy image-caption dataset rendered with Pillow and a tiny random CLIP, for demos and tests.
+"""Toy image data sets rendered with Pillow and a tiny random CLIP, for demos and tests.
 
 ``render_demo`` draws shapes x colours x positions on grey backgrounds with template
-captions (a held-out validation render of every combination); ``build_tiny_clip`` saves a
-small randomly initialised CLIP with a word-level tokenizer over the demo vocabulary. Both
-write plain files (JSONL + PNG, an HF folder), read back through the same paths as user data.
+captions (a held-out validation render of every combination); ``render_image_pairs`` two
+renders of each combination (I2I); ``render_edit_demo`` edit rows (seed-004 format) with 0, 1
+or 2 source images; ``build_tiny_clip`` saves a small randomly initialised CLIP with a
+word-level tokenizer over the demo vocabulary (``demo_words``). All write plain files (JSONL +
+PNG, an HF folder), read back through the same paths as user data.
 """
 
 from __future__ import annotations
@@ -14,7 +16,18 @@ import random
 
 import torch
 
-__all__ = ["SHAPES", "COLOURS", "POSITIONS", "TEMPLATES", "render_demo", "build_tiny_clip"]
+__all__ = [
+    "SHAPES",
+    "COLOURS",
+    "POSITIONS",
+    "TEMPLATES",
+    "EDIT_TEMPLATES",
+    "demo_words",
+    "render_demo",
+    "render_image_pairs",
+    "render_edit_demo",
+    "build_tiny_clip",
+]
 
 SHAPES = ["circle", "square", "triangle", "cross"]
 COLOURS = {
@@ -27,12 +40,64 @@ COLOURS = {
 }
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
 TEMPLATES = ["a {c} {s} on the {p}", "a photo of a {c} {s} at the {p}", "{c} {s}, {p}", "there is a {c} {s} to the {p}"]
+# Edit instructions by number of source images: draw from text; recolour one image; recolour the
+# first image's shape with the second image's colour. {c} is the target colour.
+EDIT_TEMPLATES = {
+    0: "draw a {c} {s} on the {p}",
+    1: "make it {c}",
+    2: "paint the first shape in the colour of the second",
+}
+
+
+def demo_words() -> list[str]:
+    """Every word of the demo captions and edit instructions (a word-level tokenizer's vocabulary), sorted."""
+    texts = [*TEMPLATES, *EDIT_TEMPLATES.values()]
+    fixed = {w for t in texts for w in t.replace(",", " ").split() if "{" not in w}
+    return sorted(fixed | set(SHAPES) | set(COLOURS) | set(POSITIONS))
+
+
+def _draw_shape(rng: random.Random, shape: str, rgb: tuple[int, int, int], cx: float, cy: float) -> object:
+    """A 48 px PIL image: ``shape`` in ``rgb`` centred near (``cx``, ``cy``) (fractions of the side), jittered
+    position and radius on a random grey background (4 draws from ``rng``, always in this order)."""
+    from PIL import Image, ImageDraw
+
+    size, grey = 48, rng.randint(60, 120)
+    img = Image.new("RGB", (size, size), (grey, grey, grey))
+    x, y, r = cx * size + rng.uniform(-3, 3), cy * size + rng.uniform(-3, 3), rng.uniform(6, 9)
+    draw, box = ImageDraw.Draw(img), [x - r, y - r, x + r, y + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=rgb)
+    else:
+        draw.rectangle([x - r, y - r / 3, x + r, y + r / 3], fill=rgb)
+        draw.rectangle([x - r / 3, y - r, x + r / 3, y + r], fill=rgb)
+    return img
+
+
+def _combos() -> list[tuple[str, str, str]]:
+    """Every (shape, colour, position), in a fixed order."""
+    return [(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
+
+
+def _save(out_dir: str, rng: random.Random, name: str, combo: tuple[str, str, str]) -> str:
+    """Render ``combo`` to ``out_dir/img/name.png``; returns the path relative to ``out_dir``."""
+    s, c, p = combo
+    rel = f"img/{name}.png"
+    _draw_shape(rng, s, COLOURS[c], *POSITIONS[p]).save(os.path.join(out_dir, rel))
+    return rel
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
 
 
 def render_demo(out_dir: str, per_combo: int, seed: int) -> tuple[str, str]:
     """Render shapes x colours x positions; train: ``per_combo`` images each, val: one new one each."""
-    from PIL import Image, ImageDraw
-
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
     files = {}
@@ -42,21 +107,8 @@ def render_demo(out_dir: str, per_combo: int, seed: int) -> tuple[str, str]:
             for c, rgb in COLOURS.items():
                 for pos, (cx, cy) in POSITIONS.items():
                     for k in range(n):
-                        size, grey = 48, rng.randint(60, 120)
-                        img = Image.new("RGB", (size, size), (grey, grey, grey))
-                        x, y, r = cx * size + rng.uniform(-3, 3), cy * size + rng.uniform(-3, 3), rng.uniform(6, 9)
-                        draw, box = ImageDraw.Draw(img), [x - r, y - r, x + r, y + r]
-                        if s == "circle":
-                            draw.ellipse(box, fill=rgb)
-                        elif s == "square":
-                            draw.rectangle(box, fill=rgb)
-                        elif s == "triangle":
-                            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=rgb)
-                        else:
-                            draw.rectangle([x - r, y - r / 3, x + r, y + r / 3], fill=rgb)
-                            draw.rectangle([x - r / 3, y - r, x + r / 3, y + r], fill=rgb)
                         name = f"img/{split}_{s}_{c}_{pos}_{k}.png"
-                        img.save(os.path.join(out_dir, name))
+                        _draw_shape(rng, s, rgb, cx, cy).save(os.path.join(out_dir, name))
                         caption = rng.choice(TEMPLATES).format(c=c, s=s, p=pos)
                         rows.append({"query": caption, "positive": name})
         rng.shuffle(rows)
@@ -64,6 +116,51 @@ def render_demo(out_dir: str, per_combo: int, seed: int) -> tuple[str, str]:
         with open(files[split], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return files["train"], files["val"]
+
+
+def render_image_pairs(out_dir: str, per_combo: int, seed: int) -> str:
+    """I2I pairs: ``per_combo`` rows per shape x colour x position, each two independent renders of it
+    (``{"query_image", "positive"}``, a label per combination). Returns ``out_dir/pairs.jsonl``."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
+    rows = []
+    for combo in _combos():
+        for k in range(per_combo):
+            stem = "pair_" + "_".join(combo) + f"_{k}"
+            query, positive = _save(out_dir, rng, stem + "_a", combo), _save(out_dir, rng, stem + "_b", combo)
+            rows.append({"query_image": query, "positive": positive, "label": " ".join(combo)})
+    rng.shuffle(rows)
+    return _write_jsonl(os.path.join(out_dir, "pairs.jsonl"), rows)
+
+
+def _edit_row(out_dir: str, rng: random.Random, i: int, sources: int, combo: tuple[str, str, str]) -> dict:
+    """One edit row whose target is ``combo``, with ``sources`` (0, 1 or 2) source images."""
+    s, c, p = combo
+    other = rng.choice([k for k in COLOURS if k != c])  # the source's colour, before the edit
+    row = {"source_image": None, "instruction": EDIT_TEMPLATES[sources].format(c=c, s=s, p=p)}
+    if sources == 1:
+        row["source_image"] = _save(out_dir, rng, f"edit_{i}_src", (s, other, p))
+        row["inverse_instruction"] = EDIT_TEMPLATES[1].format(c=other)  # target -> source: a second record
+    elif sources == 2:
+        donor = (rng.choice(SHAPES), c, rng.choice(list(POSITIONS)))  # only its colour matters
+        row["source_image"] = [
+            _save(out_dir, rng, f"edit_{i}_src0", (s, other, p)),
+            _save(out_dir, rng, f"edit_{i}_src1", donor),
+        ]
+    row["target_image"] = _save(out_dir, rng, f"edit_{i}_tgt", combo)
+    return row
+
+
+def render_edit_demo(out_dir: str, per_combo: int, seed: int) -> str:
+    """Edit rows (seed-004 format): for each shape x colour x position target, ``per_combo`` rows with
+    0, 1 and 2 source images in turn (`EDIT_TEMPLATES`); 1-source rows carry an inverse instruction.
+    Returns ``out_dir/edits.jsonl``."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
+    jobs = [(combo, (j + k) % 3) for j, combo in enumerate(_combos()) for k in range(per_combo)]
+    rng.shuffle(jobs)
+    rows = [_edit_row(out_dir, rng, i, sources, combo) for i, (combo, sources) in enumerate(jobs)]
+    return _write_jsonl(os.path.join(out_dir, "edits.jsonl"), rows)
 
 
 def build_tiny_clip(out_dir: str, quick: bool) -> str:
