@@ -1,23 +1,22 @@
 r"""Late-interaction retrieval (ColBERT, ColPali / ColQwen): token embeddings, MaxSim, FSDP2, GradCache.
 
-Every token keeps its own vector (last hidden states, optionally projected to --dim, 128 as in ColBERT); a
-query scores a document by MaxSim (each query token's best match among the document's tokens, averaged).
-Training: InfoNCE over MaxSim against every document and hard negative of all ranks (`ColBERT` loss);
-evaluation: MaxSim of every query against the whole corpus. --encoder (default: vlm if the config has a
-vision_config): text = a BERT-like model (T2T data: ColBERT); vlm = a Qwen-VL model (T2I/M2I/I2I: ColQwen).
+Demo (no --data): text ColBERT on procedural text pairs (a hard negative per row) and a tiny random BERT:
+
+    python recipes/colbert.py
+    torchrun --nproc_per_node=2 recipes/colbert.py
+
+Your data and model, one GPU, eight, two nodes:
 
     python recipes/colbert.py --model bert-base-uncased --data msmarco.jsonl --val-data dev.jsonl \
         --batch-size 128 --chunk-size 32 --dim 128 --output runs/colbert
     torchrun --nproc_per_node=8 recipes/colbert.py --model Qwen/Qwen3-VL-2B-Instruct --data pages.jsonl \
-        --val-data pages_val.jsonl --batch-size 32 --chunk-size 4 --lora 32 --bf16 --grad-checkpointing \
-        --output runs/colqwen
+        --val-data pages_val.jsonl --batch-size 32 --chunk-size 4 --lora 32 --bf16 --grad-checkpointing
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD_NODE_IP --master_port 29500 \
-        recipes/colbert.py --model Qwen/Qwen3-VL-2B-Instruct --data pages.jsonl --batch-size 32 --chunk-size 4 \
-        --bf16 --output /shared/runs/colqwen
+        recipes/colbert.py --model Qwen/Qwen3-VL-2B-Instruct --data pages.jsonl --batch-size 32 --chunk-size 4 --bf16
 
-GradCache: chunks of a side share its padded length L (docs/recipes/colbert.md). Writes <output>/args.json,
-train_log.jsonl, metrics.json, checkpoints/ (--resume) and final/: the encoder as an HF folder +
-colbert_projection.safetensors + colbert.json (how to rebuild the token vectors).
+Token vectors (last hidden states, projected to --dim) score by MaxSim, trained by InfoNCE over MaxSim against
+every document and hard negative of all ranks. --encoder text (BERT-like, T2T data) or vlm (Qwen-VL, T2I/M2I/I2I);
+auto: vlm if the config has a vision_config. Outputs (final/: HF folder + colbert.json): docs/recipes/colbert.md.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from vembed_blocks import ColBERT, get_rank, init_distributed
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.colbert import maxsim_in_blocks, save_colbert_head
 from vembed_blocks.data import FixedNegatives, TaskLoader, TextCollator, VLMCollator, load_records
+from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import mean_over_ranks, pad_dim, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
@@ -46,13 +46,13 @@ from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
+DATA_HELP = "training file (JSONL/CSV/Parquet); default: the demo text pairs (and a tiny BERT)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common_parser(
-        __doc__, output="runs/colbert", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0, fsdp=True
-    )
-    p.add_argument("--model", required=True, help="HF id or local folder: a BERT-like text encoder or a Qwen-VL model")
+    shared = dict(output="runs/colbert", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0, fsdp=True)
+    p = common_parser(__doc__, **shared, data_help=DATA_HELP, require_data=False)
+    p.add_argument("--model", help="HF id or local folder: a BERT-like model or a Qwen-VL model; default: demo BERT")
     p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format")
     p.add_argument("--encoder", choices=["auto", "text", "vlm"], default="auto", help="auto: vlm if a vision_config")
     p.add_argument("--dim", type=int, default=128, help="linear projection of every token to this width (0 = none)")
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-image-side", type=int, default=1024, help="vlm: downscale larger images before the processor")
     p.add_argument("--num-negatives", type=int, default=0, help="hard negatives per row (fixed: equal forwards)")
     p.add_argument("--temperature", type=float, default=0.05)
-    return p.parse_args(argv)
+    return parse_with_demo(p, argv, "colbert")
 
 
 # ----------------------------------------------------------------------------- model, data, loss, evaluation
@@ -85,7 +85,7 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
     """(train file, val file), checked before any model is loaded."""
     if min(args.num_negatives, args.dim) < 0:
         raise SystemExit("--num-negatives and --dim must be >= 0")
-    return args.data, args.val_data
+    return (args.data, args.val_data) if args.data else prepare_text_demo(args, rank, world, "colbert")
 
 
 def build(args: argparse.Namespace, device: torch.device) -> Parts:

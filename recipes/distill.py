@@ -1,15 +1,24 @@
 r"""Distil a teacher's query-document similarity structure into a text student (Distill: KL or MSE).
 
+Demo (no --data): procedural text pairs, a tiny random BERT student and an ideal teacher (embeddings of
+which colour, animal and place a text names, as --teacher-embeddings); retrieval before/after:
+
+    python recipes/distill.py
+    torchrun --nproc_per_node=2 recipes/distill.py
+
+Your data and models, one GPU, eight, two nodes:
+
     python recipes/distill.py --model sentence-transformers/all-MiniLM-L6-v2 --teacher BAAI/bge-large-en-v1.5 \
         --data train.jsonl --val-data val.jsonl --output runs/distill
     torchrun --nproc_per_node=8 recipes/distill.py --model small-model --teacher-embeddings runs/teacher \
         --data train.jsonl --batch-size 128 --chunk-size 32 --bf16
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD_NODE_IP --master_port 29500 \
+        recipes/distill.py --model small-model --teacher-embeddings runs/teacher --data train.jsonl --bf16
 
-Each query of a rank is scored against the positives (and hard negatives) of every rank by student
-and teacher (widths, tokenizers, pooling may differ). Teacher: live (--teacher MODEL: frozen, eval
-mode, no gradient, same batch) or precomputed (--teacher-embeddings DIR): DIR/teacher.safetensors
-with "query" and "doc" [R, Dt], row i = record i of --data (hard negatives then unused), or the
-files recipes/evaluate.py writes (looked up by text). Writes args.json, train_log.jsonl, metrics.json,
+Each query is scored against the positives (and hard negatives) of every rank by student and teacher.
+Teacher: live (--teacher MODEL: frozen, no gradient, same batch) or precomputed (--teacher-embeddings DIR):
+DIR/teacher.safetensors with "query" and "doc" [R, Dt], row i = record i of --data (hard negatives unused),
+or the files recipes/evaluate.py writes (looked up by text). Writes args.json, train_log.jsonl, metrics.json,
 checkpoints (--resume) and final/ (HF + sentence-transformers folder). Details: docs/recipes/distill.md.
 """
 
@@ -28,6 +37,7 @@ import torch.nn as nn
 from vembed_blocks import Distill, init_distributed
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskLoader, TextCollator, load_records
+from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
@@ -47,13 +57,12 @@ from vembed_blocks.text_encoder import (
 from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 
 log = logging.getLogger("distill")
+DATA_HELP = "training file (JSONL/CSV/Parquet); default: the demo text pairs (a tiny BERT, an ideal teacher)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common_parser(__doc__, output="runs/distill", lr=2e-5, batch_size=64)
-    p.add_argument(
-        "--model", required=True, help="the student: HF id or local folder (plain HF or sentence-transformers)"
-    )
+    p = common_parser(__doc__, output="runs/distill", lr=2e-5, batch_size=64, data_help=DATA_HELP, require_data=False)
+    p.add_argument("--model", help="the student: HF id or local folder (HF or sentence-transformers); default: demo")
     p.add_argument("--teacher", help="live teacher: HF id or local folder (its own tokenizer and pooling)")
     p.add_argument("--teacher-embeddings", help="precomputed teacher embeddings folder (see above)")
     p.add_argument("--kind", choices=["kl", "mse"], default="kl")
@@ -62,9 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, help="student token cap; default: the folder's max_seq_length, else 512")
     p.add_argument("--query-prefix", help="student query prefix; default: the folder's 'query' prompt")
     p.add_argument("--doc-prefix", help="student document prefix; default: the folder's 'document' prompt")
-    args = p.parse_args(argv)
-    if (args.teacher is None) == (args.teacher_embeddings is None):
-        p.error("give exactly one of --teacher and --teacher-embeddings")
+    args = parse_with_demo(p, argv, "distill")
+    if (args.teacher and args.teacher_embeddings) or (args.data and not (args.teacher or args.teacher_embeddings)):
+        p.error("give exactly one of --teacher and --teacher-embeddings (the demo's default: its ideal teacher)")
     return args
 
 
@@ -95,19 +104,14 @@ def collate(student: TextCollator, teacher: TextCollator | TeacherStore, records
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
-    """(train file, val file) as given (check_common_args checked that they exist)."""
-    return args.data, args.val_data
+    """(train file, val file) as given; without --data the demo's (rank 0 writes them, and the teacher)."""
+    return (args.data, args.val_data) if args.data else prepare_text_demo(args, rank, world, "distill")
 
 
 def build(args: argparse.Namespace, device: torch.device) -> Parts:
     """The student (its folder's pooling / length / prompts, flags override), the teacher, and the loss."""
-    student, collator, cfg = load_text_encoder(
-        args.model,
-        pooling=args.pooling,
-        max_length=args.max_length,
-        query_prefix=args.query_prefix,
-        doc_prefix=args.doc_prefix,
-    )
+    overrides = {k: getattr(args, k) for k in ("pooling", "max_length", "query_prefix", "doc_prefix")}
+    student, collator, cfg = load_text_encoder(args.model, **overrides)
     student.to(device)
     for p in getattr(student, "pooler", nn.Identity()).parameters():  # BERT's pooler head: pooling never uses it
         p.requires_grad_(False)
