@@ -36,13 +36,13 @@ from vembed_blocks.colbert import maxsim_in_blocks, save_colbert_head
 from vembed_blocks.data import FixedNegatives, TaskLoader, TextCollator, VLMCollator, load_records
 from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import mean_over_ranks, pad_dim, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval
+from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
+from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, training_batches
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
@@ -119,7 +119,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch): one task; exactly --num-negatives negatives a row (FSDP2: same forwards)."""
     collate = FixedNegatives(parts.collator, args.num_negatives)
-    return make_loader(args, {"train": load_records(path, format=args.format)}, collate, rank, world)
+    return training_batches(args, path, collate, rank, world)
 
 
 def token_embeddings(args: argparse.Namespace, parts: Parts, inputs: dict) -> torch.Tensor:
@@ -159,9 +159,8 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
         return F.normalize(tokens, dim=-1), inputs["attention_mask"].to(device).bool()
 
     parts.model.eval()
-    metrics = evaluate_retrieval(
-        load_records(path, format=args.format), encode, args.eval_batch_size, lambda q, d: maxsim_in_blocks(*q, *d)
-    )
+    records, score = load_records(path, format=args.format), lambda q, d: maxsim_in_blocks(*q, *d)
+    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, score, curve_k=100)
     parts.model.train()
     return metrics
 

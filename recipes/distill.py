@@ -15,11 +15,10 @@ Your data and models, one GPU, eight, two nodes:
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD_NODE_IP --master_port 29500 \
         recipes/distill.py --model small-model --teacher-embeddings runs/teacher --data train.jsonl --bf16
 
-Each query is scored against the positives (and hard negatives) of every rank by student and teacher.
-Teacher: live (--teacher MODEL: frozen, no gradient, same batch) or precomputed (--teacher-embeddings DIR):
-DIR/teacher.safetensors with "query" and "doc" [R, Dt], row i = record i of --data (hard negatives unused),
-or the files recipes/evaluate.py writes (looked up by text). Writes args.json, train_log.jsonl, metrics.json,
-checkpoints (--resume) and final/ (HF + sentence-transformers folder). Details: docs/recipes/distill.md.
+Each query is scored against every rank's positives (and hard negatives) by student and teacher. Teacher: live
+(--teacher MODEL: frozen, same batch) or precomputed (--teacher-embeddings DIR): DIR/teacher.safetensors with
+"query" and "doc" [R, Dt], row i = record i of --data (hard negatives unused), or evaluate.py's files (by text).
+Writes args.json, logs, metrics.json, report.md, checkpoints/ and final/ (HF + sentence-transformers folder).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from vembed_blocks.data import TaskLoader, TextCollator, load_records
 from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval
+from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.pooling import POOL_METHODS
@@ -165,7 +164,8 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     """Cosine retrieval of ``path``'s unique positives (+ negatives) for its unique queries, by the student."""
     parts.model.eval()
     encode = unit_text_encoder(parts.model, parts.collator, parts.cfg, args.bf16)
-    metrics = evaluate_retrieval(load_records(path, format="t2t"), encode, args.eval_batch_size)
+    records = load_records(path, format="t2t")
+    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
     parts.model.train()
     return metrics
 

@@ -47,13 +47,13 @@ from vembed_blocks.data import FixedNegatives, TaskLoader, VLMCollator, load_rec
 from vembed_blocks.demo import render_demo
 from vembed_blocks.demo_vlm import build_demo_qwen3vl
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval
+from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
+from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, training_batches
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_embed
 
 log = logging.getLogger("qwen3_fsdp")
@@ -134,7 +134,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch): one task; exactly --num-negatives negatives a row (FSDP2: same forwards)."""
     collate = FixedNegatives(parts.collator, args.num_negatives)
-    return make_loader(args, {"train": load_records(path, format=args.format)}, collate, rank, world)
+    return training_batches(args, path, collate, rank, world)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
@@ -160,7 +160,8 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     )
 
     parts.model.eval()
-    metrics = evaluate_retrieval(load_records(path, format=args.format), encode, args.eval_batch_size)
+    records = load_records(path, format=args.format)
+    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
     parts.model.train()
     return metrics
 

@@ -35,7 +35,7 @@ from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from vembed_blocks.data import TaskLoader, TextCollator, WithScores, load_records, scatter_negatives
 from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval
+from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.mining import write_mined_file
@@ -164,7 +164,8 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     """Cosine retrieval of ``path``'s unique positives (+ negatives) for its unique queries; all ranks embed."""
     parts.model.eval()
     encode = unit_text_encoder(parts.model, parts.collator, parts.cfg, args.bf16)
-    metrics = evaluate_retrieval(load_records(path, format="t2t"), encode, args.eval_batch_size)
+    records = load_records(path, format="t2t")
+    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
     parts.model.train()
     return metrics
 

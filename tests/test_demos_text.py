@@ -87,7 +87,8 @@ def test_quick_demo_in_process_improves_retrieval(name, tmp_path):
     recipe = load_script(name)
     result = recipe.main([*QUICK, "--output", str(tmp_path)])
     assert_improved(result, name)
-    assert json.loads((tmp_path / "metrics.json").read_text()) == {"before": result["before"], "after": result["after"]}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == {"before": result["before"], "after": result["after"], "recall_curve": result["recall_curve"]}
     assert len(result["losses"]) == 20 and (tmp_path / "final" / "model.safetensors").exists()
     demo_model = tmp_path / "demo" / "model"
     assert json.loads((demo_model / "config.json").read_text())["model_type"] == "bert"

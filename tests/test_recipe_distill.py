@@ -179,7 +179,7 @@ def test_torchrun_precomputed_teacher_learns_resumes_and_exports(toy, tmp_path):
     for step in range(7, 13):
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
     assert json.loads((straight / "eval_log.jsonl").read_text().splitlines()[0])["step"] == 6
-    assert set(json.loads((split / "metrics.json").read_text())) == {"before", "after"}
+    assert set(json.loads((split / "metrics.json").read_text())) == {"before", "after", "recall_curve"}
 
     from safetensors.torch import load_file
     from transformers import BertModel

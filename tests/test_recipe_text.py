@@ -123,7 +123,7 @@ def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
     assert (split / "mined.jsonl").read_text() == (straight / "mined.jsonl").read_text()
     assert [json.loads(line)["step"] for line in (straight / "eval_log.jsonl").read_text().splitlines()] == [6]
     metrics = json.loads((split / "metrics.json").read_text())
-    assert set(metrics) == {"before", "after"} and "recall@10" in metrics["after"]
+    assert set(metrics) == {"before", "after", "recall_curve"} and "recall@10" in metrics["after"]
 
     from transformers import BertModel
 
