@@ -1,17 +1,24 @@
 r"""Fine-tune the Qwen-Image(-Edit) diffusion transformer on stored prompt embeddings (seed 004, step 2).
 
---data: a task per subdirectory, each an embedding store from `recipes/extract_embeds.py` on a Qwen-Image-Edit
-folder. Each step draws a task (--train-data-weights) and a source-image count (--train-src-img-num-weights) for all
-ranks; the VAE encodes the images; the transformer (FSDP2 per QwenImageTransformerBlock) learns flow matching:
+Demo (no --data): a tiny random Qwen-Image-Edit folder, rendered edit rows (0-2 source images) stored in-process by
+extract_embeds.py under <output>/demo; 300 steps, 18 s (2 ranks: 45 s) on 2 CPU cores; prints the loss curve:
 
+    python recipes/edit_sft.py
+    torchrun --nproc_per_node=2 recipes/edit_sft.py
+
+Your stores (--data: a task per subdirectory, each extract_embeds.py's output for the same Qwen-Image-Edit folder;
+a step draws a task and a source-image count for all ranks; FSDP2 per QwenImageTransformerBlock), 1 GPU, 8, 2 nodes:
+
+    python recipes/edit_sft.py --model /path/to/Qwen-Image-Edit-2509 --data meta/ --bf16 --grad-checkpointing
     torchrun --nproc_per_node=8 recipes/edit_sft.py --model /path/to/Qwen-Image-Edit-2509 --data meta/ \
         --train-data-weights "dataset_a=0.5,dataset_b=1.2,dataset_c=1.0" --train-src-img-num-weights "0=1,1=1,2=1,3=0" \
         --batch-size 1 --image-sample-size 512 --max-steps 512 --lr 2e-5 --lr-schedule constant --warmup-steps 100 \
         --checkpointing-steps 100 --grad-checkpointing --bf16 --adam-weight-decay 3e-2 --max-grad-norm 0.05 \
         --uniform-sampling --trainable-modules . --vae-mini-batch 1 --output runs/edit
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD --master_port 29500 \
+        recipes/edit_sft.py ...same flags... --output /shared/runs/edit
 
-Writes <output>/args.json, train_log.jsonl, metrics.json (--val-data flow-matching loss, before/after),
-checkpoints (--resume) and <output>/final: the base folder with the trained transformer (docs/recipes/edit_sft.md).
+Writes args.json, train_log.jsonl, metrics.json (--val-data flow loss), checkpoints/, final/ (docs/recipes/edit_sft.md).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import logging
 import os
 import re
+import runpy
 from argparse import SUPPRESS
 from dataclasses import dataclass
 
@@ -27,11 +35,10 @@ import torch
 import torch.nn as nn
 
 from vembed_blocks import flow_matching as fm
-from vembed_blocks import init_distributed
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import TaskLoader
-from vembed_blocks.data.edit_rows import PROMPT_SIDE, edit_sampler_options, load_edit_tasks, vae_latents
-from vembed_blocks.distributed import get_rank, get_world_size, mean_over_ranks, shutdown_distributed
+from vembed_blocks.data.edit_rows import PROMPT_SIDE, edit_sampler_options, load_edit_tasks, rank_share, row_latents
+from vembed_blocks.demo_edit import parse_with_edit_demo, prepare_edit_demo
+from vembed_blocks.distributed import get_rank, get_world_size, init_distributed, mean_over_ranks, shutdown_distributed
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import shard_model
@@ -41,16 +48,17 @@ from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.train_args import apply_model_flags, autocast, common_parser, make_loader
 
 log = logging.getLogger("edit_sft")
-DATA_HELP = "directory of task subdirectories, each an embedding store (the seed's --train_data_meta_dir)"
+DATA_HELP = "directory of task subdirectories, each an embedding store (seed's --train_data_meta_dir); default: demo"
+EXTRACT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extract_embeds.py")  # the demo's step 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__, output="runs/edit_sft", lr=2e-5, batch_size=1, weight_decay=3e-2, data_help=DATA_HELP,
-                      fsdp=True)  # fmt: skip
+                      fsdp=True, require_data=False)  # fmt: skip
     # The seed's names for two shared flags: same dest, so either spelling works.
     p.add_argument("--adam-weight-decay", dest="weight_decay", type=float, default=SUPPRESS, help="= --weight-decay")
     p.add_argument("--checkpointing-steps", dest="save_every", type=int, default=SUPPRESS, help="= --save-every")
-    p.add_argument("--model", required=True, help="a Qwen-Image(-Edit) diffusers folder (transformer/, vae/, ...)")
+    p.add_argument("--model", help="a Qwen-Image(-Edit) diffusers folder (transformer/, vae/, ...); default: demo")
     p.add_argument("--train-data-weights", help='task weights, e.g. "dataset_a=0.5,dataset_b=1.2" (default: by size)')
     p.add_argument("--train-src-img-num-weights", help='weights per number of source images, e.g. "0=1,1=1,2=1,3=0"')
     p.add_argument("--image-sample-size", type=int, default=512, help="images resized (aspect kept) to ~N*N pixels")
@@ -61,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-side", default=PROMPT_SIDE, help="the stores' side holding the prompt embeddings")
     p.add_argument("--val-timesteps", default="250,500,750", help="evaluate: sigma-table indices of the noise levels")
     p.add_argument("--export-components", choices=["link", "none"], default="link", help="final/: link the rest")
-    return p.parse_args(argv)
+    return parse_with_edit_demo(p, argv)  # no --data: the demo's defaults (--demo-quick: its test form)
 
 
 # ----------------------------------------------------------------------------- model, data, loss, evaluation
@@ -80,6 +88,8 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
     """(task root, val task root), checked before any model is loaded."""
     if args.chunk_size or args.lora:
         raise SystemExit("edit_sft trains without --chunk-size (one forward per row) and without --lora")
+    if args.data is None:  # the demo: a tiny folder, rendered rows, extract_embeds.py in-process (step 1)
+        args.data, args.val_data = prepare_edit_demo(args, rank, world, runpy.run_path(EXTRACT)["main"])
     return args.data, args.val_data
 
 
@@ -102,35 +112,28 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     return Parts(model, nn.ModuleDict({"model": model}), groups, vae, sigmas)
 
 
-def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
+def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
     """(batches, rows per epoch): the weighted, source-count-grouped draw over the task stores."""
     tasks = load_edit_tasks(path, args.image_sample_size, args.prompt_side, parts.model.config.joint_attention_dim)
     options = edit_sampler_options(tasks, args.train_data_weights, args.train_src_img_num_weights)
     return make_loader(args, tasks, list, rank, world, **options)
 
 
-def row_loss(args, parts: Parts, row: dict, latents: list, index: torch.Tensor, device, generator=None) -> torch.Tensor:
+def row_loss(args, parts: Parts, row: dict, latents: list, index: torch.Tensor, device, rng=None) -> torch.Tensor:
     """Flow-matching loss of one row at sigma-table ``index`` ``[1]``: target latents ``latents[0]`` noised,
     source latents ``latents[1:]`` clean (each ``[C, 1, h, w]``), the prompt ``[L, D]`` as the text."""
-    target, sources = latents[0][None], [z[None] for z in latents[1:]]
-    noise = torch.randn(fm.pack_latents(target).shape, generator=generator).to(device)
-    prompt, sigma = row["prompt"].to(device)[None], parts.sigmas[index].to(device)
     with autocast(args, device):
-        return fm.edit_flow_loss(parts.model, target, sources, prompt, None, sigma, noise, args.weighting_scheme)
+        return fm.edit_row_loss(parts.model, latents, row["prompt"], parts.sigmas[index], args.weighting_scheme, rng)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: list, gc: GradCache | None, device) -> torch.Tensor:
     """Mean flow-matching loss of this rank's rows, one forward each; a timestep per row (--uniform-sampling:
     stratified over ranks, else the --weighting-scheme density)."""
-    images = [im for row in batch for im in [row["target"], *row["sources"]]]
-    latents = vae_latents(parts.vae, images, args.vae_mini_batch, autocast(args, device))
+    latents = row_latents(parts.vae, batch, args.vae_mini_batch, autocast(args, device))
     n, uniform, density = len(batch), args.uniform_sampling, args.weighting_scheme
     index = fm.training_timestep_indices(n, len(parts.sigmas), uniform, density, get_rank(), get_world_size())
-    loss, k = 0.0, 0
-    for i, row in enumerate(batch):
-        m = 1 + len(row["sources"])
-        loss, k = loss + row_loss(args, parts, row, latents[k : k + m], index[i : i + 1], device), k + m
-    return loss / n
+    rows = enumerate(zip(batch, latents))
+    return sum(row_loss(args, parts, row, z, index[i : i + 1], device) for i, (row, z) in rows) / n
 
 
 @torch.no_grad()
@@ -138,17 +141,14 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     """Mean flow-matching loss over every record of ``path``'s tasks at each --val-timesteps index, noise seeded by
     the record's position: the same inputs for any model state. Every rank runs an equal number of forwards."""
     tasks = load_edit_tasks(path, args.image_sample_size, args.prompt_side, parts.model.config.joint_attention_dim)
-    items = [(name, i) for name in sorted(tasks) for i in range(len(tasks[name]))]
     total, world = torch.zeros(2, dtype=torch.float64), get_world_size()
     parts.model.eval()
-    for k in range(get_rank(), -(-len(items) // world) * world, world):  # FSDP2 forwards are collectives
-        name, i = items[k % len(items)]
-        row = tasks[name][i]
-        latents = vae_latents(parts.vae, [row["target"], *row["sources"]], args.vae_mini_batch, autocast(args, device))
+    for k, row, counted in rank_share(tasks, get_rank(), world):  # as many forwards on every rank (FSDP2)
+        latents = row_latents(parts.vae, [row], args.vae_mini_batch, autocast(args, device))[0]
         for level in map(int, args.val_timesteps.split(",")):
             noise = torch.Generator().manual_seed(args.seed + 7919 * k + level)
             loss = row_loss(args, parts, row, latents, torch.tensor([level]), device, noise)
-            total += torch.tensor([float(loss), 1.0]) * (k < len(items))
+            total += torch.tensor([float(loss), 1.0]) * counted
     parts.model.train()
     if world > 1:
         torch.distributed.all_reduce(total)

@@ -144,6 +144,37 @@ def test_edit_inputs_and_edit_flow_loss_lay_out_the_pipelines_sequence():
     assert float(loss) == pytest.approx(ref / (2 * 6 * 16), rel=1e-5)
 
 
+def test_edit_row_loss_draws_the_noise_and_scores_one_row():
+    g = torch.Generator().manual_seed(4)
+    target, src0, src1 = (
+        torch.randn(4, 1, 2, 4, generator=g),
+        torch.randn(4, 1, 2, 2, generator=g),
+        torch.randn(4, 1, 4, 2, generator=g),
+    )
+    prompt, sigma = torch.randn(3, 8, generator=g), torch.tensor([0.4])
+    seen = {}
+
+    def model(**kw):  # a stand-in transformer: its output is its input tokens minus 1
+        seen.update(kw)
+        return (kw["hidden_states"] - 1,)
+
+    loss = fm.edit_row_loss(model, [target, src0, src1], prompt, sigma, "none", torch.Generator().manual_seed(9))
+    # the noise: N(0, 1) of the target's 2 packed tokens x 16 channels, drawn from that generator
+    noise = torch.randn(1, 2, 16, generator=torch.Generator().manual_seed(9)).double()
+    x0 = torch.stack([torch.stack([target[c, 0, di, 2 * j + dj] for c in range(4) for di in (0, 1) for dj in (0, 1)])
+                      for j in range(2)])[None].double()  # fmt: skip
+    pred = 0.6 * x0 + 0.4 * noise - 1
+    assert float(loss) == pytest.approx(float(((pred - (noise - x0)) ** 2).mean()), rel=1e-5)
+    assert seen["hidden_states"].shape == (1, 2 + 1 + 2, 16) and seen["img_shapes"] == [
+        [(1, 1, 2), (1, 1, 1), (1, 2, 1)]
+    ]
+    assert torch.equal(seen["encoder_hidden_states"], prompt[None]) and seen["encoder_hidden_states_mask"] is None
+    with pytest.raises(ValueError, match=r"prompt must be \[L, D\]"):
+        fm.edit_row_loss(model, [target], prompt[None], sigma)
+    with pytest.raises(ValueError, match="at least the target"):
+        fm.edit_row_loss(model, [], prompt, sigma)
+
+
 # ----------------------------------------------------------------------------- vembed_blocks/data/edit_rows.py
 
 
@@ -190,6 +221,42 @@ def test_vae_latents_are_the_pipelines_normalised_mode_in_mini_batches():
             torch.testing.assert_close(z.double(), ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="mini_batch"):
         vae_latents(vae, images, 0)
+
+
+def test_row_latents_split_one_encode_pass_per_row_and_rank_share_covers_every_record_once():
+    from diffusers import AutoencoderKLQwenImage
+
+    from vembed_blocks.data.edit_rows import rank_share, row_latents, vae_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    image = lambda h, w: torch.rand(3, h, w, generator=g) * 2 - 1
+    rows = [
+        {"target": image(16, 16), "sources": []},
+        {"target": image(16, 32), "sources": [image(16, 32), image(32, 16)]},
+        {"target": image(16, 16), "sources": [image(16, 16)]},
+    ]
+    out = row_latents(vae, rows, mini_batch=2)
+    assert [len(z) for z in out] == [1, 3, 2]
+    for row, latents in zip(rows, out):  # each image alone, in the row's order: target, then sources
+        for im, z in zip([row["target"], *row["sources"]], latents):
+            torch.testing.assert_close(z, vae_latents(vae, [im])[0], rtol=0, atol=1e-5)
+
+    tasks = {"b": ["b0", "b1"], "a": ["a0", "a1", "a2"]}  # read in task-name order: a0 a1 a2 b0 b1
+    for world in (1, 2, 3, 4):
+        shares = [list(rank_share(tasks, r, world)) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1  # as many forwards on every rank
+        counted = sorted((k, row) for s in shares for k, row, c in s if c)
+        assert counted == list(enumerate(["a0", "a1", "a2", "b0", "b1"]))
+        assert all(row == ["a0", "a1", "a2", "b0", "b1"][k % 5] for s in shares for k, row, _ in s)
+    with pytest.raises(ValueError, match="rank < world"):
+        next(rank_share(tasks, 2, 2))
+    with pytest.raises(ValueError, match="no records"):
+        next(rank_share({"a": []}, 0, 1))
 
 
 # ----------------------------------------------------------------------------- seed 004 chained: extract -> train

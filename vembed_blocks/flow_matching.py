@@ -41,6 +41,7 @@ __all__ = [
     "normalize_latents",
     "edit_inputs",
     "edit_flow_loss",
+    "edit_row_loss",
 ]
 
 DENSITIES = ("none", "logit_normal", "mode")  # how timesteps are drawn (others draw uniformly)
@@ -247,3 +248,27 @@ def edit_flow_loss(
     )[0]
     x0 = pack_latents(target)
     return flow_matching_loss(pred[:, : x0.shape[1]], flow_target(x0, noise), loss_weighting(weighting, sigma))
+
+
+def edit_row_loss(
+    model: Callable[..., Any],
+    latents: list[torch.Tensor],
+    prompt: torch.Tensor,
+    sigma: torch.Tensor,
+    weighting: str = "none",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`edit_flow_loss` of one edit row: ``latents`` = ``[target, *sources]`` (each ``[C, 1, h, w]``, the target
+    noised, the sources clean), ``prompt`` ``[L, D]`` (every token real), ``sigma`` ``[1]``; ``prompt`` and
+    ``sigma`` are moved to the latents' device. The noise ``[1, N, 4C]`` is drawn on the CPU (from ``generator``,
+    else the global RNG), then moved there too, so a seeded generator gives the same noise on any device."""
+    if not latents:
+        raise ValueError("edit_row_loss: latents must hold at least the target's")
+    if prompt.dim() != 2 or sigma.shape != (1,):
+        raise ValueError(
+            f"edit_row_loss: prompt must be [L, D] and sigma [1], got {tuple(prompt.shape)}, {tuple(sigma.shape)}"
+        )
+    target, sources = latents[0][None], [z[None] for z in latents[1:]]
+    device = target.device
+    noise = torch.randn(pack_latents(target).shape, generator=generator).to(device)
+    return edit_flow_loss(model, target, sources, prompt[None].to(device), None, sigma.to(device), noise, weighting)

@@ -9,6 +9,7 @@ the pipeline's prompt embeddings (side ``prompt_embeds``, ``[L_i, D]``, no paddi
     options = edit_sampler_options(tasks, "dataset_a=0.5,dataset_b=1", "0=1,1=1,2=1,3=0")
     row = tasks["dataset_a"][0]       # {"prompt": [L, D], "target": [3, H, W], "sources": [[3, h, w], ...], ...}
     latents = vae_latents(vae, [row["target"], *row["sources"]], mini_batch=1)   # [C, 1, H/8, W/8] each
+    per_row = row_latents(vae, batch_of_rows, mini_batch=1)   # [[target, *sources] latents] per row
 
 Only torch, numpy and Pillow are needed here; the VAE is whatever module is passed in.
 """
@@ -20,7 +21,7 @@ import math
 import os
 import re
 from contextlib import nullcontext
-from typing import Any, ContextManager, Mapping, Sequence
+from typing import Any, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,16 @@ from .embed_store import EmbedStore
 from .images import load_image
 from .sampler import parse_group_weights, parse_weights
 
-__all__ = ["PROMPT_SIDE", "image_tensor", "EditRows", "load_edit_tasks", "edit_sampler_options", "vae_latents"]
+__all__ = [
+    "PROMPT_SIDE",
+    "image_tensor",
+    "EditRows",
+    "load_edit_tasks",
+    "edit_sampler_options",
+    "vae_latents",
+    "row_latents",
+    "rank_share",
+]
 
 PROMPT_SIDE = "prompt_embeds"  # the side extract_embeds.py writes for a Qwen-Image(-Edit) folder
 SIDE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 latent patches
@@ -175,3 +185,32 @@ def vae_latents(
         for i, zi in zip(run, normalize_latents(z, vae.config.latents_mean, vae.config.latents_std)):
             out[i] = zi
     return out
+
+
+def row_latents(
+    vae: torch.nn.Module, rows: Sequence[Mapping[str, Any]], mini_batch: int = 1, autocast: ContextManager | None = None
+) -> list[list[torch.Tensor]]:
+    """Per row ``[target, *sources]`` latents (each ``[C, 1, H/8, W/8]``): `vae_latents` of every row's images in
+    one pass (target first, then its sources, row after row), split back per row."""
+    images = [im for row in rows for im in [row["target"], *row["sources"]]]
+    latents, out = vae_latents(vae, images, mini_batch, autocast), []
+    for row in rows:
+        m = 1 + len(row["sources"])
+        out.append(latents[:m])
+        latents = latents[m:]
+    return out
+
+
+def rank_share(tasks: Mapping[str, EditRows], rank: int, world: int) -> Iterator[tuple[int, dict[str, Any], bool]]:
+    """This rank's share of every record of ``tasks`` (sorted by task name, then record), as ``(position, row,
+    counted)``: positions ``rank, rank + world, ...`` up to the record count rounded up to a multiple of ``world``,
+    so every rank yields as many rows (FSDP2 forwards are collectives); positions past the end wrap around and
+    are not ``counted``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got {rank}, {world}")
+    items = [(name, i) for name in sorted(tasks) for i in range(len(tasks[name]))]
+    if not items:
+        raise ValueError("rank_share: the tasks hold no records")
+    for k in range(rank, -(-len(items) // world) * world, world):
+        name, i = items[k % len(items)]
+        yield k, tasks[name][i], k < len(items)
