@@ -1,14 +1,25 @@
 r"""Evaluate any exported model on a records file: metrics, top-k results, embeddings and a report.
 
+Demo (no --model/--data): trains recipes/clip_t2i.py's demo in-process (a rendered image-caption set, a tiny
+random CLIP) into <output>/demo/run, then evaluates its export on the demo's validation set and prints the
+metrics, the best matches of a few queries and where the files are; a later bare run with the same --output
+reuses that export. --relevance labels labels each caption by the colour and shape it names:
+
+    python recipes/evaluate.py
+    python recipes/evaluate.py --relevance labels
+    torchrun --nproc_per_node=2 recipes/evaluate.py
+
 The model folder may come from any recipe (clip_t2i: CLIP / SigLIP / composed or image-only towers;
 text_t2t, distill: text encoders; qwen3_fsdp: Qwen3-VL embedding; colbert: ColBERT / ColQwen);
-its family is detected from its files (`vembed_blocks.encoder.load_encoder`). Examples:
+its family is detected from its files (`vembed_blocks.encoder.load_encoder`). One GPU, eight, two nodes:
 
     python recipes/evaluate.py --model runs/clip_t2i/final --data val.jsonl --output runs/eval
     python recipes/evaluate.py --model runs/products/final --data products.jsonl --format i2i \
         --relevance labels --queries-in-corpus --output runs/eval_products
     torchrun --nproc_per_node=8 recipes/evaluate.py --model runs/qwen3/final --data val.parquet \
         --format t2i --bf16 --output runs/eval_qwen3
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD --master_port 29500 \
+        recipes/evaluate.py --model runs/qwen3/final --data val.parquet --format t2i --bf16 --output /shared/eval
 
 --relevance positives (default): queries are the unique queries of --data, the corpus its unique
 positives and hard negatives (distractors), and a query is relevant to the positives of every row
@@ -31,12 +42,14 @@ import argparse
 import json
 import logging
 import os
+import runpy
 
 import torch
 from safetensors.torch import save_file
 
 from vembed_blocks.data import load_records
 from vembed_blocks.data.records import FORMATS
+from vembed_blocks.demo import COLOURS, SHAPES
 from vembed_blocks.distributed import init_distributed, shutdown_distributed
 from vembed_blocks.embed import RELEVANCE, embed_on_all_ranks, retrieval_set_for, self_excluded_scores
 from vembed_blocks.encoder import Encoder, load_encoder
@@ -48,8 +61,8 @@ log = logging.getLogger("evaluate")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a folder a recipe exported (its family is detected)")
-    p.add_argument("--data", required=True, help="records file (JSONL/CSV/Parquet) with queries and positives")
+    p.add_argument("--model", help="a folder a recipe exported (its family is detected); default: the demo's")
+    p.add_argument("--data", help="records file (JSONL/CSV/Parquet) with queries and positives; default: the demo's")
     p.add_argument("--format", choices=FORMATS, help="declare the data format (else detected per row)")
     p.add_argument("--relevance", choices=RELEVANCE, default="positives", help="what makes a corpus item relevant")
     p.add_argument("--queries-in-corpus", action="store_true", help="labels: add every query to the corpus")
@@ -64,17 +77,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc-instruction", help="override the folder's document instruction / prefix")
     p.add_argument("--max-length", type=int, help="override the folder's text length cap (text, colbert)")
     p.add_argument("--max-image-side", type=int, help="override the folder's image size cap (vlm, colbert)")
+    p.add_argument("--show", type=int, default=3, help="print the best --show-k matches of the first N queries")
+    p.add_argument("--show-k", type=int, default=3, help="matches printed per query (--show)")
+    p.add_argument("--demo-quick", action="store_true", help="demo: clip_t2i's quick demo (a smaller set and model)")
     p.add_argument("--output", default="runs/eval")
     args = p.parse_args(argv)
+    if (args.model is None) != (args.data is None):  # neither: the demo
+        p.error("--model is required with --data" if args.model is None else "--data is required with --model")
+    if args.demo_quick and args.model is not None:
+        p.error("--demo-quick is for the demo (neither --model nor --data)")
     try:
         args.ks_list = sorted({int(k) for k in args.ks.split(",")})
     except ValueError:
         p.error(f"--ks must be comma-separated integers, got {args.ks!r}")
     if args.queries_in_corpus and args.relevance != "labels":
         p.error("--queries-in-corpus needs --relevance labels")
-    if min(args.ks_list) <= 0 or args.batch_size <= 0 or args.top_k < 0 or args.curve_k < 0:
-        p.error("--ks, --batch-size must be positive; --top-k, --curve-k not negative")
+    if min(args.ks_list) <= 0 or args.batch_size <= 0 or min(args.top_k, args.curve_k, args.show, args.show_k) < 0:
+        p.error("--ks, --batch-size must be positive; --top-k, --curve-k, --show, --show-k not negative")
     return args
+
+
+# ----------------------------------------------------------------------------- the demo (no --model/--data)
+
+
+def demo_export(args: argparse.Namespace, rank: int, world: int) -> None:
+    """Point --model / --data at clip_t2i's demo: its export and validation set, training it first (in-process,
+    into ``<output>/demo/run``) unless a finished run of the same size is there. --relevance labels: a copy of
+    the validation set labelled by `label_by_object`."""
+    run = os.path.join(args.output, "demo", "run")
+    if finished_demo(run, args.demo_quick):
+        log.info("reusing the demo model trained earlier in %s (delete that folder to train it again)", run)
+    else:
+        clip = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_t2i.py"))
+        # Its main ends by destroying the process group; init_distributed creates a fresh one for ours.
+        clip["main"](["--output", run, "--num-workers", "0", *["--demo-quick"] * args.demo_quick])
+        init_distributed()
+    args.model, args.data = os.path.join(run, "final"), os.path.join(run, "demo", "val.jsonl")
+    if args.relevance == "labels":
+        labelled = os.path.join(run, "demo", "val_labels.jsonl")  # next to val.jsonl: its image paths are relative
+        if rank == 0:
+            label_by_object(args.data, labelled)
+        if world > 1:
+            torch.distributed.barrier()
+        args.data = labelled
+
+
+def finished_demo(run: str, quick: bool) -> bool:
+    """Whether ``run`` holds a finished clip_t2i demo (its export and final metrics) of this size."""
+    try:
+        with open(os.path.join(run, "args.json")) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return False
+    done = all(os.path.exists(os.path.join(run, f)) for f in ("final/config.json", "metrics.json"))
+    return done and saved.get("data") is None and saved.get("demo_quick") == quick
+
+
+def label_by_object(src: str, dst: str) -> str:
+    """Write ``src`` (demo rows) to ``dst`` with a ``label`` per row: the colour and shape its caption names
+    ("red circle"), so every render of that object, at any position, is relevant to the caption."""
+    rows = []
+    with open(src) as f:
+        for n, line in enumerate(f, 1):
+            row = json.loads(line)
+            words = set(row["query"].replace(",", " ").split())
+            colours, shapes = [c for c in COLOURS if c in words], [s for s in SHAPES if s in words]
+            if len(colours) != 1 or len(shapes) != 1:
+                raise ValueError(f"{src}:{n}: expected one colour and one shape word in {row['query']!r}")
+            rows.append(row | {"label": f"{colours[0]} {shapes[0]}"})
+    with open(dst + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(dst + ".tmp", dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- embed, score, write
 
 
 def embed_sides(args: argparse.Namespace, enc: Encoder, rs, device: torch.device):
@@ -106,26 +183,47 @@ def save_embeddings(out: str, rs, q, d) -> None:
         json.dump(items, f)
 
 
-def write_topk(path: str, rs, scores: torch.Tensor, k: int, chunk: int = 1024) -> None:
-    """One JSON line per query: its ``k`` best corpus items (ties to the lower index, as the metrics rank),
-    with score and relevance; the query's own item (``--relevance labels``) is never listed."""
+def topk_rows(rs, scores: torch.Tensor, k: int, chunk: int = 1024):
+    """Yield, for each row of ``scores[Q', N]`` (the first Q' queries), its ``k`` best corpus items (ties to the
+    lower index, as the metrics rank) with score and relevance; the query's own item (labels) is never listed."""
     self_doc = getattr(rs, "self_doc", [None] * len(rs.queries))
+    for start in range(0, scores.shape[0], chunk):
+        block = scores[start : start + chunk].float()
+        order = torch.sort(block, dim=1, descending=True, stable=True).indices[:, : k + 1].tolist()
+        for i, ranked in enumerate(order):
+            qi = start + i
+            ranked = [j for j in ranked if j != self_doc[qi]][:k]
+            row = {"query_index": qi, "query": vars(rs.queries[qi]), "num_relevant": len(rs.relevant[qi])}
+            if hasattr(rs, "query_labels"):
+                row["label"] = rs.query_labels[qi]
+            row["results"] = [
+                {"rank": r + 1, "corpus_index": j, "score": block[i, j].item(), "relevant": j in rs.relevant[qi]}
+                | vars(rs.docs[j])
+                for r, j in enumerate(ranked)
+            ]
+            yield row
+
+
+def write_topk(path: str, rs, scores: torch.Tensor, k: int) -> None:
+    """``topk.jsonl``: one JSON line per query (`topk_rows`)."""
     with open(path, "w") as f:
-        for start in range(0, len(rs.queries), chunk):
-            block = scores[start : start + chunk].float()
-            order = torch.sort(block, dim=1, descending=True, stable=True).indices[:, : k + 1].tolist()
-            for i, ranked in enumerate(order):
-                qi = start + i
-                ranked = [j for j in ranked if j != self_doc[qi]][:k]
-                row = {"query_index": qi, "query": vars(rs.queries[qi]), "num_relevant": len(rs.relevant[qi])}
-                if hasattr(rs, "query_labels"):
-                    row["label"] = rs.query_labels[qi]
-                row["results"] = [
-                    {"rank": r + 1, "corpus_index": j, "score": block[i, j].item(), "relevant": j in rs.relevant[qi]}
-                    | vars(rs.docs[j])
-                    for r, j in enumerate(ranked)
-                ]
-                f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in topk_rows(rs, scores, k))
+
+
+def describe(item: dict) -> str:
+    """An item as one short string: its image paths (relative to the working directory when under it), then its
+    text quoted."""
+    images = [p if os.path.relpath(p).startswith("..") else os.path.relpath(p) for p in item["images"]]
+    return " + ".join([*images, *([repr(item["text"])] if item["text"] else [])])
+
+
+def print_examples(rs, scores: torch.Tensor, n: int, k: int) -> None:
+    """The first ``n`` queries and their ``k`` best corpus items (``*`` marks a relevant one)."""
+    for row in topk_rows(rs, scores[:n], min(k, len(rs.docs))):
+        label = f", label {row['label']!r}" if "label" in row else ""
+        print(f"query {row['query_index']}: {describe(row['query'])} ({row['num_relevant']} relevant{label})")
+        for hit in row["results"]:
+            print(f"  {hit['rank']:>2}. {hit['score']:7.4f} {'*' if hit['relevant'] else ' '} {describe(hit)}")
 
 
 def score_and_write(args: argparse.Namespace, enc: Encoder, rs, q, d) -> dict[str, float]:
@@ -151,7 +249,10 @@ def score_and_write(args: argparse.Namespace, enc: Encoder, rs, q, d) -> dict[st
         json.dump(result, f, indent=1)
     names = [n for n in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10") if n in metrics] or list(metrics)
     print(format_table(metrics, names=names, label=enc.family), flush=True)
+    print_examples(rs, scores, args.show, args.show_k)
     log.info("wrote %s", write_report(args.output))
+    files = sorted(f for f in os.listdir(args.output) if os.path.isfile(os.path.join(args.output, f)))
+    print(f"wrote to {args.output}: {', '.join(files)}", flush=True)
     return metrics
 
 
@@ -160,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
+    demo = args.model is None
+    if demo:  # no --model/--data: clip_t2i's demo export
+        demo_export(args, rank, world)
     overrides = dict(query_instruction=args.query_instruction, doc_instruction=args.doc_instruction)
     overrides.update(max_length=args.max_length, max_image_side=args.max_image_side)
     records = load_records(args.data, format=args.format)  # bad data fails before a large model loads
@@ -171,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     log.info("%s model; %d queries, %d corpus items from %s", enc.family, len(rs.queries), len(rs.docs), args.data)
     q, d = embed_sides(args, enc, rs, device)
     metrics = score_and_write(args, enc, rs, q, d) if rank == 0 else {}
+    if demo and rank == 0:
+        print(f"model: {args.model} (trained by recipes/clip_t2i.py: {os.path.dirname(args.model)})", flush=True)
     shutdown_distributed()
     return metrics
 

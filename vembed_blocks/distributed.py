@@ -54,13 +54,17 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+_groups_created = 0  # process groups this process created (each after the first gets its own store prefix)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Initialise the default process group from torchrun's environment.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Without them
     (plain ``python script.py``) nothing is initialised and ``(0, 1, device)`` is
     returned. Backend: nccl when CUDA is available, else gloo. On CUDA the local
-    device is selected. Calling it twice is harmless.
+    device is selected. Calling it twice is harmless, and so is calling it again after
+    `shutdown_distributed` in the same processes (a recipe's ``main`` run in-process by another).
 
     Returns ``(rank, world_size, device)``.
     """
@@ -71,10 +75,17 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
         torch.cuda.set_device(device)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return get_rank(), get_world_size(), device
+    global _groups_created
     if not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs: dict = {"device_id": device} if backend == "nccl" else {}
+        if _groups_created:  # torchrun's store outlives a destroyed group: a fresh key prefix, or the new group
+            # reads the old one's keys (dead peer addresses) and fails or hangs
+            store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+            store = dist.PrefixStore(f"vembed-group-{_groups_created}", store)
+            kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        _groups_created += 1
     return dist.get_rank(), dist.get_world_size(), device
 
 
