@@ -36,7 +36,7 @@ from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_
 from vembed_blocks.data import DualEncoderCollator, load_records
 from vembed_blocks.demo import build_tiny_clip, render_demo
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.report import write_report
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                run_log.eval(step, evaluate(args, parts, val, device))
+                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
     result = {"losses": losses}

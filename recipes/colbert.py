@@ -36,7 +36,7 @@ from vembed_blocks.colbert import maxsim_in_blocks, save_colbert_head
 from vembed_blocks.data import FixedNegatives, TaskLoader, TextCollator, VLMCollator, load_records
 from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import mean_over_ranks, pad_dim, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.report import write_report
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                run_log.eval(step, evaluate(args, parts, val, device))
+                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
     result = {"losses": losses}

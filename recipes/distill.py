@@ -1,15 +1,12 @@
 r"""Distil a teacher's query-document similarity structure into a text student (Distill: KL or MSE).
 
-Demo (no --data): procedural text pairs, a tiny random BERT student and an ideal teacher (embeddings of
-which colour, animal and place a text names, as --teacher-embeddings); retrieval before/after:
+Demo (no --data): text pairs, a tiny random BERT student, an ideal teacher (--teacher-embeddings); retrieval:
 
     python recipes/distill.py
     torchrun --nproc_per_node=2 recipes/distill.py
 
 Your data and models, one GPU, eight, two nodes:
-
-    python recipes/distill.py --model sentence-transformers/all-MiniLM-L6-v2 --teacher BAAI/bge-large-en-v1.5 \
-        --data train.jsonl --val-data val.jsonl --output runs/distill
+    python recipes/distill.py --model BAAI/bge-small-en-v1.5 --teacher BAAI/bge-large-en-v1.5 --data train.jsonl
     torchrun --nproc_per_node=8 recipes/distill.py --model small-model --teacher-embeddings runs/teacher \
         --data train.jsonl --batch-size 128 --chunk-size 32 --bf16
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD_NODE_IP --master_port 29500 \
@@ -18,7 +15,7 @@ Your data and models, one GPU, eight, two nodes:
 Each query is scored against every rank's positives (and hard negatives) by student and teacher. Teacher: live
 (--teacher MODEL: frozen, same batch) or precomputed (--teacher-embeddings DIR): DIR/teacher.safetensors with
 "query" and "doc" [R, Dt], row i = record i of --data (hard negatives unused), or evaluate.py's files (by text).
-Writes args.json, logs, metrics.json, report.md, checkpoints/ and final/ (HF + sentence-transformers folder).
+Writes args.json, logs, metrics.json, report.md, checkpoints/, final/ (HF + sentence-transformers folder).
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from vembed_blocks.data import TaskLoader, TextCollator, load_records
 from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.pooling import POOL_METHODS
@@ -130,6 +127,8 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch): numbered records (row-aligned teacher embeddings are found by number)."""
+    if path != args.data and parts.teacher is None:  # precomputed teacher embeddings cover --data only
+        return None
     collate_fn = functools.partial(collate, parts.collator, parts.teacher_input)
     return make_loader(args, {"train": NumberedRecords(load_records(path, format="t2t"))}, collate_fn, rank, world)
 
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                run_log.eval(step, evaluate(args, parts, val, device))
+                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
     result = {"losses": losses}

@@ -6,8 +6,7 @@ extract_embeds.py under <output>/demo; 300 steps, 18 s (2 ranks: 45 s) on 2 CPU 
     python recipes/edit_sft.py
     torchrun --nproc_per_node=2 recipes/edit_sft.py
 
-Your stores (--data: a task per subdirectory, each extract_embeds.py's output for the same Qwen-Image-Edit folder;
-a step draws a task and a source-image count for all ranks; FSDP2 per QwenImageTransformerBlock), 1 GPU, 8, 2 nodes:
+Your stores (--data: a task per subdirectory, extract_embeds.py's output for the folder), 1 GPU, 8, 2 nodes:
 
     python recipes/edit_sft.py --model /path/to/Qwen-Image-Edit-2509 --data meta/ --bf16 --grad-checkpointing
     torchrun --nproc_per_node=8 recipes/edit_sft.py --model /path/to/Qwen-Image-Edit-2509 --data meta/ \
@@ -17,7 +16,6 @@ a step draws a task and a source-image count for all ranks; FSDP2 per QwenImageT
         --uniform-sampling --trainable-modules . --vae-mini-batch 1 --output runs/edit
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD --master_port 29500 \
         recipes/edit_sft.py ...same flags... --output /shared/runs/edit
-
 Writes args.json, train_log.jsonl, metrics.json (--val-data flow loss), checkpoints/, final/ (docs/recipes/edit_sft.md).
 """
 
@@ -39,6 +37,7 @@ from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from vembed_blocks.data.edit_rows import PROMPT_SIDE, edit_sampler_options, load_edit_tasks, rank_share, row_latents
 from vembed_blocks.demo_edit import parse_with_edit_demo, prepare_edit_demo
 from vembed_blocks.distributed import get_rank, get_world_size, init_distributed, mean_over_ranks, shutdown_distributed
+from vembed_blocks.embed import validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import shard_model
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                run_log.eval(step, evaluate(args, parts, val, device))
+                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
     result = {"losses": losses}

@@ -1,8 +1,7 @@
 r"""Train a retrieval head on stored embeddings, mixing tasks by weight: an adapter over a frozen embedding model.
 
-Each subdirectory of --data is a task written by `recipes/extract_embeds.py` (query = e.g. source image(s) +
-instruction, document = the target). The big model ran once, offline; a small MLP per side (`FusionHead`) maps
-the frozen embeddings into one space, trained with InfoNCE against every rank's targets: a domain or
+Each subdirectory of --data is a task written by `recipes/extract_embeds.py`; a small MLP per side (`FusionHead`)
+maps the frozen embeddings into one space, trained with InfoNCE against every rank's targets: a domain or
 composed-retrieval adapter for a frozen embedder (say an 8B VLM) at the price of an MLP. Every global batch is one
 task (and number of source images). Seed 004's step 2 (the edit model itself) is `recipes/edit_sft.py`.
 
@@ -19,8 +18,7 @@ Your stores, one GPU and eight:
     torchrun --nproc_per_node=8 recipes/multitask.py --data meta/ ... (same flags)
 
 Evaluation (--val-data, default --data): per task, its first --eval-rows queries each retrieve their own target
-among those rows' targets. Writes args.json, train_log.jsonl (each step's task, "task/<sources>" when grouped),
-metrics.json, report.md, checkpoints/ (--resume) and final/ (`vembed_blocks.fusion_head.FusionHead.from_pretrained`).
+among those rows' targets. Writes args.json, logs, metrics.json, report.md, checkpoints/ and final/ (FusionHead).
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from vembed_blocks.data import parse_group_weights, parse_weights
 from vembed_blocks.data.embed_store import EmbedStore, collate_embeddings
 from vembed_blocks.demo import render_image_pairs
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
+from vembed_blocks.embed import validation_loss
 from vembed_blocks.fusion_head import FusionHead, pooled
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
@@ -132,16 +131,16 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
     """(batches, rows per epoch): tasks drawn by --train-data-weights, then by --train-src-img-num-weights."""
-    options: dict = {}
+    options, tasks = {}, parts.tasks if path == args.data else load_tasks(path)
     if args.train_data_weights:
         options["weights"] = parse_weights(args.train_data_weights, "train data weights")
     if args.train_src_img_num_weights:
         options["group_weights"] = parse_group_weights(args.train_src_img_num_weights)
-        edit = {name: s.groups.tolist() for name, s in parts.tasks.items() if len(s.groups) and s.groups.min() >= 0}
+        edit = {name: s.groups.tolist() for name, s in tasks.items() if len(s.groups) and s.groups.min() >= 0}
         if not edit:
             raise SystemExit("--train-src-img-num-weights: no task records a number of source images (edit format)")
         options["group_of"] = edit
-    return make_loader(args, parts.tasks, collate_embeddings, rank, world, **options)
+    return make_loader(args, tasks, collate_embeddings, rank, world, **options)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                run_log.eval(step, evaluate(args, parts, val, device))
+                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
     result = {"losses": losses}

@@ -1,9 +1,8 @@
 r"""Train a Qwen3-VL-Embedding style model: Qwen3-VL backbone, last-token pooling, FSDP2, GradCache.
 
-Each item becomes a chat ([system: instruction] [user: images + text] + assistant prefix) via
-the processor's chat template; its embedding is the hidden state of the last token. Queries
-are scored against every positive and hard negative of all ranks (gathered InfoNCE), optionally
-at several Matryoshka widths. Data: JSONL in the T2I / I2T / M2I / T2T / I2I formats (docs/data.md).
+Each item becomes a chat ([system: instruction] [user: images + text] + assistant prefix) via the processor's
+chat template; its embedding is the hidden state of the last token. Queries are scored against every positive and
+hard negative of all ranks (gathered InfoNCE), optionally at Matryoshka widths. Data: T2I/I2T/M2I/T2T/I2I.
 
 Demo (no --data): renders a toy image-caption set, saves a tiny random Qwen3-VL to <output>/demo/model
 (loaded with from_pretrained), trains 300 steps (about 20 s on 2 CPU cores), prints retrieval before/after:
@@ -47,7 +46,7 @@ from vembed_blocks.data import FixedNegatives, TaskLoader, VLMCollator, load_rec
 from vembed_blocks.demo import render_demo
 from vembed_blocks.demo_vlm import build_demo_qwen3vl
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.report import write_report
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                run_log.eval(step, evaluate(args, parts, val, device))
+                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
     result = {"losses": losses}

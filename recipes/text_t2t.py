@@ -1,7 +1,6 @@
 r"""Fine-tune a text bi-encoder (BERT, MiniLM, BGE, Qwen3-Embedding) with InfoNCE, CoSENT or Triplet.
 
-Demo (no --data): procedural text pairs with hard negatives and labels and a tiny random BERT (saved as a
-sentence-transformers folder), 60 steps (under 30 s on 2 CPU cores), retrieval before/after:
+Demo (no --data): text pairs with hard negatives and labels, a tiny random BERT (a sentence-transformers folder):
 
     python recipes/text_t2t.py
     torchrun --nproc_per_node=2 recipes/text_t2t.py
@@ -16,8 +15,8 @@ Your data (rows {"query", "positive", "negatives"?, "label"?, "score"?}), one GP
 
 --model: a plain HF folder/id (mean pooling, L2-normalised) or a sentence-transformers folder (its pooling,
 normalisation, length, prompts). CoSENT reads each pair's gold score from "score", else a numeric "label".
---mine-negatives K: mine K negatives per row with the model as loaded, train on <output>/mined.jsonl.
-Writes args.json, train_log.jsonl, metrics.json, checkpoints (--resume), final/ (HF + sentence-transformers).
+--mine-negatives K: mine K negatives per row with the model as loaded, train on <output>/mined.jsonl. Writes
+args.json, logs, metrics.json, report.md, checkpoints/, final/ (HF + sentence-transformers).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from vembed_blocks.data import TaskLoader, TextCollator, WithScores, load_records, scatter_negatives
 from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.mining import write_mined_file
@@ -118,7 +117,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch); with --mine-negatives, first a copy of --data with mined negatives."""
-    if args.mine_negatives:
+    if args.mine_negatives and path == args.data:  # not for the validation batches
         mined = os.path.join(args.output, "mined.jsonl")
         if not (args.resume and os.path.exists(mined)):  # resume: the negatives of the first launch
             parts.model.eval()
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                run_log.eval(step, evaluate(args, parts, val, device))
+                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
     result = {"losses": losses}

@@ -138,6 +138,7 @@ def test_two_ranks_weighted_homogeneous_learns_resumes_exports(data_dir, tmp_pat
     assert saved["after"]["edit_a/recall@5"] > saved["before"]["edit_a/recall@5"]
     evals = [json.loads(x) for x in (split / "eval_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [12]  # the last step's figures are metrics.json's "after"
+    assert 0 < evals[0]["loss"] < losses[1]  # validation loss (here the training tasks), below the first step's
 
 
 @pytest.mark.filterwarnings("ignore:streams smaller than the global batch")  # 9-12 records per task, on purpose

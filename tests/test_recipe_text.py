@@ -121,7 +121,9 @@ def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
     assert len(mined) == 96
     assert all(len(r["negatives"]) == 2 and r["positive"] not in r["negatives"] for r in mined)
     assert (split / "mined.jsonl").read_text() == (straight / "mined.jsonl").read_text()
-    assert [json.loads(line)["step"] for line in (straight / "eval_log.jsonl").read_text().splitlines()] == [6]
+    evals = [json.loads(line) for line in (straight / "eval_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [6] and 0 < evals[0]["loss"] < 20  # validation loss beside the metrics
+    assert (split / "mined.jsonl").read_text() == (straight / "mined.jsonl").read_text()  # validation never mines
     metrics = json.loads((split / "metrics.json").read_text())
     assert set(metrics) == {"before", "after", "recall_curve"} and "recall@10" in metrics["after"]
 
