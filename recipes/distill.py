@@ -12,10 +12,9 @@ Your data and models, one GPU, eight, two nodes:
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD_NODE_IP --master_port 29500 \
         recipes/distill.py --model small-model --teacher-embeddings runs/teacher --data train.jsonl --bf16
 
-Each query is scored against every rank's positives (and hard negatives) by student and teacher. Teacher: live
-(--teacher MODEL: frozen, same batch) or precomputed (--teacher-embeddings DIR): DIR/teacher.safetensors with
-"query" and "doc" [R, Dt], row i = record i of --data (hard negatives unused), or evaluate.py's files (by text).
-Writes args.json, logs, metrics.json, report.md, checkpoints/, final/ (HF + sentence-transformers folder).
+Queries are scored against every rank's positives (and negatives) by student and teacher: live (--teacher, frozen)
+or precomputed (--teacher-embeddings DIR: teacher.safetensors "query", "doc" [R, Dt], row i = record i of --data,
+or evaluate.py's files, by text). Writes args.json, logs, metrics.json, report.md, checkpoints/, final/.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vembed_blocks import Distill, init_distributed
+from vembed_blocks import Distill, init_distributed, text_encoder
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskLoader, TextCollator, load_records
 from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
@@ -43,13 +42,7 @@ from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.teacher_store import NumberedRecords, TeacherStore
-from vembed_blocks.text_encoder import (
-    TextEncoderConfig,
-    export_text_encoder,
-    load_text_encoder,
-    text_features,
-    unit_text_encoder,
-)
+from vembed_blocks.text_encoder import export_text_encoder, load_text_encoder, text_features, unit_text_encoder
 from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 
 log = logging.getLogger("distill")
@@ -83,8 +76,8 @@ class Parts:
     param_groups: list[dict]
     criterion: nn.Module  # Distill, or Matryoshka over the student's widths (the teacher is never cut)
     collator: TextCollator
-    cfg: TextEncoderConfig
-    teacher: tuple[nn.Module, TextEncoderConfig] | None  # live teacher, or None with precomputed embeddings
+    cfg: text_encoder.TextEncoderConfig
+    teacher: tuple[nn.Module, text_encoder.TextEncoderConfig] | None  # live teacher; None: precomputed embeddings
     teacher_input: object  # the teacher's collator, or a TeacherStore
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
 
@@ -100,8 +93,10 @@ def collate(student: TextCollator, teacher: TextCollator | TeacherStore, records
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
-    """(train file, val file) as given; without --data the demo's (rank 0 writes them, and the teacher)."""
-    return (args.data, args.val_data) if args.data else prepare_text_demo(args, rank, world, "distill")
+    """(train file, val file) as given, else the demo's (rank 0 writes them and the teacher) as --data/--val-data."""
+    if not args.data:  # so load_data tells the training file from the validation one
+        args.data, args.val_data = prepare_text_demo(args, rank, world, "distill")
+    return args.data, args.val_data
 
 
 def build(args: argparse.Namespace, device: torch.device) -> Parts:

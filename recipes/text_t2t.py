@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vembed_blocks import CoSENT, InfoNCE, Triplet, init_distributed
+from vembed_blocks import CoSENT, InfoNCE, Triplet, init_distributed, text_encoder
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskLoader, TextCollator, WithScores, load_records, scatter_negatives
 from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
@@ -42,13 +42,7 @@ from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.text_encoder import (
-    TextEncoderConfig,
-    export_text_encoder,
-    load_text_encoder,
-    text_features,
-    unit_text_encoder,
-)
+from vembed_blocks.text_encoder import export_text_encoder, load_text_encoder, text_features, unit_text_encoder
 from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 
 log = logging.getLogger("text_t2t")
@@ -82,16 +76,18 @@ class Parts:
     param_groups: list[dict]
     criterion: nn.Module
     collator: TextCollator
-    cfg: TextEncoderConfig  # pooling, normalisation, max length of the folder (or the flags)
+    cfg: text_encoder.TextEncoderConfig  # pooling, normalisation, max length of the folder (or the flags)
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
-    """(train file, val file) as given (mining happens in load_data); without --data the demo's (rank 0 writes)."""
-    return (args.data, args.val_data) if args.data else prepare_text_demo(args, rank, world, "text_t2t")
+    """(train file, val file) as given (mining happens in load_data), else the demo's (rank 0 writes) as --data."""
+    if not args.data:  # so load_data tells the training file (mined) from the validation one
+        args.data, args.val_data = prepare_text_demo(args, rank, world, "text_t2t")
+    return args.data, args.val_data
 
 
-def load_encoder(args: argparse.Namespace) -> tuple[nn.Module, TextCollator, TextEncoderConfig]:
+def load_encoder(args: argparse.Namespace) -> tuple[nn.Module, TextCollator, text_encoder.TextEncoderConfig]:
     """(model, collator, cfg): the folder's pooling / normalisation / length / prompts, overridden by the flags."""
     overrides = {k: getattr(args, k) for k in ("pooling", "max_length", "query_prefix", "doc_prefix")}
     return load_text_encoder(args.model, **overrides)
