@@ -168,14 +168,9 @@ def evaluate_retrieval(
     embeds an equal share (`embed_on_all_ranks`) and every rank returns the same metrics.
     ``score(queries, docs) -> [Q, N]`` defaults to dot products; for multi-vector outputs
     (``encode`` returning ``(tokens, mask)``) pass e.g. a MaxSim scorer taking both tuples.
+    `evaluate_retrieval_by` with ``relevance="positives"``.
     """
-    from .metrics import retrieval_metrics
-
-    rs = retrieval_set(records)
-    q = embed_on_all_ranks(rs.queries, lambda items: encode(items, True), batch_size, "embed queries")
-    d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "embed corpus")
-    scores = q @ d.T if score is None else score(q, d)
-    return retrieval_metrics(scores, rs.relevant, ks=ks)
+    return evaluate_retrieval_by(records, encode, "positives", batch_size, score, ks)
 
 
 # ----------------------------------------------------------------------------- label relevance (--relevance labels)

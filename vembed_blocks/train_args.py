@@ -121,8 +121,10 @@ def add_common_args(
 
 def check_common_args(args: argparse.Namespace) -> None:
     """``SystemExit`` naming the first shared flag with a value that cannot work (or a file that is not there)."""
-    for path in (args.data, args.val_data):
-        if path and not os.path.exists(path) and not _names_shards(path):
+    from .data import is_stream_spec
+
+    for path in (args.data, args.val_data):  # shard patterns are checked shard by shard when the stream opens
+        if path and not os.path.exists(path) and not is_stream_spec(path):
             raise SystemExit(f"no such file: {path}")
     positive = ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every")
     non_negative = ("chunk_size", "lora", "num_workers", "eval_every", "save_every", "warmup_steps", "max_grad_norm")
@@ -207,11 +209,6 @@ def make_loader(
     )
     loader = TaskLoader(tasks, sampler, collate, args.num_workers, args.seed, args.grad_accum_steps)
     return loader, sum(sizes[name] for name in sampler.tasks)
-
-
-def _names_shards(path: str) -> bool:
-    """A brace pattern or glob of shards (checked shard by shard when the stream opens)."""
-    return any(c in path for c in "{*?[")
 
 
 def training_batches(
