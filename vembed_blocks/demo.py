@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import Iterable, Sequence
 
 import torch
 
@@ -27,6 +28,7 @@ __all__ = [
     "render_image_pairs",
     "render_edit_demo",
     "build_tiny_clip",
+    "word_level_tokenizer",
 ]
 
 SHAPES = ["circle", "square", "triangle", "cross"]
@@ -163,10 +165,33 @@ def render_edit_demo(out_dir: str, per_combo: int, seed: int) -> str:
     return _write_jsonl(os.path.join(out_dir, "edits.jsonl"), rows)
 
 
+def word_level_tokenizer(
+    words: Iterable[str], specials: Sequence[str], template: str | None = None, punctuation: bool = True, **kwargs
+) -> object:
+    """A fast word-level tokenizer: ids ``specials``, then ``words`` (first occurrence), then (``punctuation``)
+    ``","`` and ``"."``. The demos' and tests' tiny models all tokenize with it.
+
+    ``template`` (e.g. ``"[BOS] $A [EOS]"``) adds special tokens around each text; ``kwargs`` go to
+    ``PreTrainedTokenizerFast`` (``eos_token``, ``model_max_length``, ...). ``[PAD]``/``[UNK]`` must be in
+    ``specials``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    missing = {"[PAD]", "[UNK]"} - set(specials)
+    if missing:
+        raise ValueError(f"word_level_tokenizer: specials must include {sorted(missing)}")
+    vocab = {t: i for i, t in enumerate([*specials, *dict.fromkeys(words), *([",", "."] if punctuation else [])])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        used = [t for t in specials if t in template]
+        tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", **kwargs)
+
+
 def build_tiny_clip(out_dir: str, quick: bool) -> str:
     """A random CLIP with a word-level tokenizer over the demo vocabulary, saved as an HF folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.models.clip import CLIPImageProcessorPil
 
     words = sorted(
@@ -176,26 +201,16 @@ def build_tiny_clip(out_dir: str, quick: bool) -> str:
         | set(POSITIONS)
         | {","}
     )
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        model_max_length=16,
+    specials = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+    tokenizer = word_level_tokenizer(
+        words, specials, "[BOS] $A [EOS]", punctuation=False, bos_token="[BOS]", eos_token="[EOS]", model_max_length=16
     )
     images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     width, layers = (32, 1) if quick else (64, 2)
     tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4)
     config = CLIPConfig(
         text_config=dict(
-            tower, vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0
+            tower, vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0
         ),
         vision_config=dict(tower, image_size=32, patch_size=8),
         projection_dim=width,

@@ -22,6 +22,8 @@ import random
 
 import torch
 
+from .demo import word_level_tokenizer
+
 __all__ = [
     "COLOURS",
     "ANIMALS",
@@ -115,27 +117,16 @@ def build_tiny_bert(
     """A random ``BertModel`` (width 64, 2 layers; 32 and 1 when ``quick``) + a word-level tokenizer with
     [CLS]/[SEP] over ``words`` (default: `demo_vocabulary`), saved as an HF folder; with
     ``sentence_transformers`` also the sentence-transformers files (mean pooling, L2-normalised)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {t: i for i, t in enumerate([*specials, *dict.fromkeys(words or demo_vocabulary())])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        model_max_length=32,
+    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+    words = words or demo_vocabulary()
+    tokenizer = word_level_tokenizer(
+        words, specials, "[CLS] $A [SEP]", punctuation=False, cls_token="[CLS]", sep_token="[SEP]", model_max_length=32
     )
     width, layers = (32, 1) if quick else (64, 2)
     config = BertConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer),
         hidden_size=width,
         num_hidden_layers=layers,
         num_attention_heads=4,

@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from .demo import word_level_tokenizer
+
 __all__ = [
     "QWEN_SPECIALS",
     "QWEN_CHAT",
@@ -35,29 +37,6 @@ QWEN_CHAT = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHAT_WORDS = ("system", "user", "assistant", "represent", "input")  # the chat roles and the default instruction
-
-
-def word_level_tokenizer(
-    words: Iterable[str], specials: tuple[str, ...], template: str | None = None, **kwargs
-) -> object:
-    """A fast word-level tokenizer: ids ``specials``, then ``words`` (first occurrence), then ``","`` and ``"."``.
-
-    ``template`` (e.g. ``"[BOS] $A [EOS]"``) adds special tokens around each text; ``kwargs`` go to
-    ``PreTrainedTokenizerFast`` (``eos_token``, ``model_max_length``, ...). ``[PAD]``/``[UNK]`` must be in
-    ``specials``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    missing = {"[PAD]", "[UNK]"} - set(specials)
-    if missing:
-        raise ValueError(f"word_level_tokenizer: specials must include {sorted(missing)}")
-    vocab = {t: i for i, t in enumerate([*specials, *dict.fromkeys(words), ",", "."])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    if template:
-        used = [t for t in specials if t in template]
-        tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", **kwargs)
 
 
 def _qwen3vl_config(vocab_size: int, ids: dict[str, int], width: int, layers: int, init_std: float) -> object:
