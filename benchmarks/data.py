@@ -6,7 +6,7 @@ Measures: JSONL parsing into Records (text rows; image rows with a stat per path
 JPEG decode + CLIP image processor at 224 px on one core, and sampler draws.
 Everything runs in one process with one torch thread, so "per core" is literal.
 
-Streaming section (vembed_blocks/data/shards.py, shard_reader.py): time to first batch and peak RSS of a fresh
+Streaming section (vembed_blocks/data/shards.py, shard_stream.py): time to first batch and peak RSS of a fresh
 process that opens N samples of JSONL shards (metadata-only t2t rows; one 10k-row shard written
 once and hard-linked N / 10k times, so 10M samples cost one shard of disk), and samples/s of one
 worker streaming tar shards of 224 px JPEGs through decode + CLIP image processor.

@@ -39,10 +39,16 @@ from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.recipe_flags import (
+    apply_loss_flags,
+    apply_model_flags,
+    common_parser,
+    forward_batch,
+    training_batches,
+)
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, training_batches
 
 log = logging.getLogger("clip_t2i")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the rendered demo set (and a tiny CLIP)"

@@ -34,15 +34,21 @@ from vembed_blocks import ColBERT, get_rank, init_distributed
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.colbert import maxsim_in_blocks, save_colbert_head
 from vembed_blocks.data import FixedNegatives, TaskLoader, TextCollator, VLMCollator, load_records
-from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
+from vembed_blocks.demo.text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import mean_over_ranks, pad_dim, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.recipe_flags import (
+    apply_loss_flags,
+    apply_model_flags,
+    common_parser,
+    forward_batch,
+    training_batches,
+)
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, training_batches
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")

@@ -32,19 +32,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vembed_blocks import flow_matching as fm
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data.edit_rows import PROMPT_SIDE, edit_sampler_options, load_edit_tasks, rank_share, row_latents
-from vembed_blocks.demo_edit import parse_with_edit_demo, prepare_edit_demo
+from vembed_blocks.demo.edit import parse_with_edit_demo, prepare_edit_demo
 from vembed_blocks.distributed import get_rank, get_world_size, init_distributed, mean_over_ranks, shutdown_distributed
+from vembed_blocks.edit import flow_matching as fm
+from vembed_blocks.edit.rows import PROMPT_SIDE, edit_sampler_options, load_edit_tasks, rank_share, row_latents
 from vembed_blocks.embed import validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.parallel import shard_model
+from vembed_blocks.recipe_flags import apply_model_flags, autocast, common_parser, make_loader
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import apply_model_flags, autocast, common_parser, make_loader
 
 log = logging.getLogger("edit_sft")
 DATA_HELP = "directory of task subdirectories, each an embedding store (seed's --train_data_meta_dir); default: demo"

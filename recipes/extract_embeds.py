@@ -51,9 +51,9 @@ from vembed_blocks.data import DualEncoderCollator, VLMCollator, read_records
 from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, ensure_meta
 from vembed_blocks.data.images import load_images
 from vembed_blocks.demo import render_edit_demo
-from vembed_blocks.demo_vlm import build_demo_extractor
+from vembed_blocks.demo.vlm import build_demo_extractor
 from vembed_blocks.distributed import shutdown_distributed
-from vembed_blocks.edit_prompts import check_source_count, is_diffusers_folder, load_prompt_pipeline, prompt_embeds
+from vembed_blocks.edit.prompts import check_source_count, is_diffusers_folder, load_prompt_pipeline, prompt_embeds
 from vembed_blocks.towers import COMPOSED_FILE, load_dual_encoder, text_padding
 from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
 

@@ -43,10 +43,10 @@ from vembed_blocks.embed import validation_loss
 from vembed_blocks.fusion_head import FusionHead, pooled
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.recipe_flags import apply_model_flags, autocast, common_parser, make_loader
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.train_args import apply_model_flags, autocast, common_parser, make_loader
 
 log = logging.getLogger("multitask")
 DATA_HELP = "directory whose subdirectories are tasks (extract_embeds.py outputs); default: the demo's tasks"

@@ -32,18 +32,18 @@ import torch.nn as nn
 from vembed_blocks import CoSENT, InfoNCE, Triplet, init_distributed, text_encoder
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data import TaskLoader, TextCollator, WithScores, load_records, scatter_negatives
-from vembed_blocks.demo_text import parse_with_demo, prepare_text_demo
+from vembed_blocks.demo.text import parse_with_demo, prepare_text_demo
 from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
 from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
 from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.mining import write_mined_file
 from vembed_blocks.pooling import POOL_METHODS
+from vembed_blocks.recipe_flags import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.text_encoder import export_text_encoder, load_text_encoder, text_features, unit_text_encoder
-from vembed_blocks.train_args import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
 
 log = logging.getLogger("text_t2t")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the demo text pairs (and a tiny BERT)"

@@ -1,6 +1,6 @@
 """The tiny random Qwen-Image-Edit diffusers folder the tests build (no hub), re-exported from its block.
 
-The builder lives in `vembed_blocks.demo_edit` (``recipes/edit_sft.py``'s bare run uses it too; a block
+The builder lives in `vembed_blocks.demo.edit` (``recipes/edit_sft.py``'s bare run uses it too; a block
 cannot import from tests/); see that module's docstring for the folder's layout. Tests import from here::
 
     from _tiny_edit import SCHEDULER_CONFIG, load_edit_processor, tiny_qwen_image_edit
@@ -14,7 +14,7 @@ in ~4 s, nearly all of it the VAE encoding each source image at the pipeline's f
 
 from __future__ import annotations
 
-from vembed_blocks.demo_edit import (  # noqa: F401
+from vembed_blocks.demo.edit import (  # noqa: F401
     PROMPT_WORDS,
     SCHEDULER_CONFIG,
     SPECIALS,

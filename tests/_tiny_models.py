@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from vembed_blocks.demo import word_level_tokenizer
-from vembed_blocks.demo_vlm import build_tiny_qwen3vl
+from vembed_blocks.demo.vlm import build_tiny_qwen3vl
 
 WORDS = (
     "a an the of on in at to is there photo red green blue yellow purple white cat dog bird "

@@ -42,7 +42,7 @@ def reference_val_loss(model: Path, transformer_dir: Path, val_root: Path, side:
     transformer's target tokens against ``noise - x0``, in float64, averaged over records and levels."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
-    from vembed_blocks.data.edit_rows import load_edit_tasks
+    from vembed_blocks.edit.rows import load_edit_tasks
 
     vae = AutoencoderKLQwenImage.from_pretrained(model, subfolder="vae").eval()
     net = QwenImageTransformer2DModel.from_pretrained(transformer_dir, subfolder="transformer").eval()

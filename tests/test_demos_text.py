@@ -20,7 +20,7 @@ import torch
 from _recipes import load_script, torchrun, train_log
 from safetensors.torch import load_file
 
-from vembed_blocks import demo_text
+from vembed_blocks.demo import text as demo_text
 from vembed_blocks.text_encoder import read_text_encoder_config
 
 RECIPES = ("text_t2t", "distill", "colbert")

@@ -1,4 +1,4 @@
-"""Seed 004, step 2: vembed_blocks/flow_matching.py and vembed_blocks/data/edit_rows.py against plain formulas,
+"""Seed 004, step 2: vembed_blocks/edit/flow_matching.py and vembed_blocks/edit/rows.py against plain formulas,
 then recipes/extract_embeds.py -> recipes/edit_sft.py chained on a tiny random Qwen-Image-Edit folder
 (tests/_tiny_edit.py): training lowers the loss, freezes what it should, exports a folder the pipeline runs;
 2 gloo ranks resumed equal the straight run and log the sampler's draws."""
@@ -21,9 +21,9 @@ pytest.importorskip("diffusers")
 
 from _recipes import load_script, torchrun, train_log  # noqa: E402
 
-from vembed_blocks import flow_matching as fm  # noqa: E402
+from vembed_blocks.edit import flow_matching as fm  # noqa: E402
 
-# ----------------------------------------------------------------------------- vembed_blocks/flow_matching.py
+# ----------------------------------------------------------------------------- vembed_blocks/edit/flow_matching.py
 
 
 def test_sigma_table_matches_the_schedulers_and_the_formula():
@@ -175,13 +175,13 @@ def test_edit_row_loss_draws_the_noise_and_scores_one_row():
         fm.edit_row_loss(model, [], prompt, sigma)
 
 
-# ----------------------------------------------------------------------------- vembed_blocks/data/edit_rows.py
+# ----------------------------------------------------------------------------- vembed_blocks/edit/rows.py
 
 
 def test_image_tensor_resizes_to_the_area_in_multiples_of_16(tmp_path):
     from PIL import Image
 
-    from vembed_blocks.data.edit_rows import image_tensor
+    from vembed_blocks.edit.rows import image_tensor
 
     pixels = np.random.default_rng(0).integers(0, 255, (48, 96, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
@@ -197,7 +197,7 @@ def test_image_tensor_resizes_to_the_area_in_multiples_of_16(tmp_path):
 def test_vae_latents_are_the_pipelines_normalised_mode_in_mini_batches():
     from diffusers import AutoencoderKLQwenImage
 
-    from vembed_blocks.data.edit_rows import vae_latents
+    from vembed_blocks.edit.rows import vae_latents
 
     mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 2.0, 1.0]
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_vae_latents_are_the_pipelines_normalised_mode_in_mini_batches():
 def test_row_latents_split_one_encode_pass_per_row_and_rank_share_covers_every_record_once():
     from diffusers import AutoencoderKLQwenImage
 
-    from vembed_blocks.data.edit_rows import rank_share, row_latents, vae_latents
+    from vembed_blocks.edit.rows import rank_share, row_latents, vae_latents
 
     torch.manual_seed(0)
     vae = AutoencoderKLQwenImage(
@@ -306,8 +306,8 @@ def chain(tmp_path_factory):
 
 
 def test_edit_rows_read_the_extracted_stores(chain):
-    from vembed_blocks.data.edit_rows import EditRows, image_tensor, load_edit_tasks
     from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter
+    from vembed_blocks.edit.rows import EditRows, image_tensor, load_edit_tasks
 
     model, meta = chain
     tasks = load_edit_tasks(meta, 32, prompt_width=32)
@@ -346,7 +346,7 @@ def test_edit_rows_read_the_extracted_stores(chain):
 
 def test_sampler_options_follow_the_seed_weights(chain):
     from vembed_blocks.data import WeightedTaskSampler
-    from vembed_blocks.data.edit_rows import edit_sampler_options, load_edit_tasks
+    from vembed_blocks.edit.rows import edit_sampler_options, load_edit_tasks
 
     tasks = load_edit_tasks(chain[1], 32)
     options = edit_sampler_options(tasks, WEIGHTS, "0=1,1=2,2=1")
@@ -411,7 +411,7 @@ def test_extract_then_train_one_process_learns_freezes_and_exports(chain, tmp_pa
 
 def test_two_ranks_resumed_run_equals_the_straight_one_and_logs_the_draws(chain, tmp_path):
     from vembed_blocks.data import WeightedTaskSampler
-    from vembed_blocks.data.edit_rows import edit_sampler_options, load_edit_tasks
+    from vembed_blocks.edit.rows import edit_sampler_options, load_edit_tasks
 
     model, meta = chain
     flags = ["--max-steps", "4", "--save-every", "2", "--uniform-sampling", "--grad-checkpointing", "--bf16"]

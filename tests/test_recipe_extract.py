@@ -346,7 +346,7 @@ def test_single_image_edit_pipeline_and_what_a_pipeline_cannot_encode(edit_setup
     from _tiny_edit import load_edit_processor
     from diffusers import QwenImageEditPipeline
 
-    from vembed_blocks.edit_prompts import load_prompt_pipeline, prompt_embeds
+    from vembed_blocks.edit.prompts import load_prompt_pipeline, prompt_embeds
 
     one_image = tmp_path / "edit_v1"
     shutil.copytree(edit_setup["folder"], one_image)

@@ -1,4 +1,4 @@
-"""Streaming sharded data (vembed_blocks/data/shards.py, shard_reader.py, shard_readers.py):
+"""Streaming sharded data (vembed_blocks/data/shards.py, shard_stream.py, shard_formats.py):
 split, order, resume, mixing, bad samples, formats, in-memory images."""
 
 from __future__ import annotations

@@ -1,69 +1,53 @@
-"""Data blocks: records, images, collators, the weighted task sampler, streamed shards, embedding stores."""
+"""Data blocks: records, images, collators, the weighted task sampler and its loader, streamed shards,
+embedding stores. Each module imports alone; the names below load lazily (PEP 562), so importing one
+data block does not load the others (``vembed_blocks.data.sampler`` does not load PIL).
+"""
 
-from .collate import (
-    DualEncoderCollator,
-    FixedNegatives,
-    TextCollator,
-    VLMCollator,
-    WithScores,
-    label_id,
-    scatter_negatives,
-)
-from .embed_store import EmbedStore, EmbedWriter, StoreError, collate_embeddings, ensure_meta
-from .images import ImageLoadError, ShardImage, load_image, load_images
-from .loader import TaskLoader
-from .records import (
-    IMAGE_EXTENSIONS,
-    IndexedRecords,
-    Item,
-    Record,
-    RecordError,
-    RecordReader,
-    load_records,
-    read_records,
-)
-from .sampler import TaskBatches, WeightedTaskSampler, load_task_dir, parse_group_weights, parse_weights
-from .shard_reader import ShardReader
-from .shard_readers import DatasetSource, ShardError, ShardSet
-from .shards import StreamLoader, expand_shards, is_stream_spec, open_stream
+from __future__ import annotations
 
-__all__ = [
-    "DualEncoderCollator",
-    "FixedNegatives",
-    "TextCollator",
-    "VLMCollator",
-    "WithScores",
-    "label_id",
-    "scatter_negatives",
-    "EmbedStore",
-    "EmbedWriter",
-    "StoreError",
-    "collate_embeddings",
-    "ensure_meta",
-    "ImageLoadError",
-    "load_image",
-    "load_images",
-    "IMAGE_EXTENSIONS",
-    "IndexedRecords",
-    "Item",
-    "Record",
-    "RecordError",
-    "RecordReader",
-    "load_records",
-    "read_records",
-    "TaskBatches",
-    "TaskLoader",
-    "WeightedTaskSampler",
-    "load_task_dir",
-    "parse_group_weights",
-    "parse_weights",
-    "ShardImage",
-    "ShardReader",
-    "DatasetSource",
-    "ShardError",
-    "ShardSet",
-    "StreamLoader",
-    "expand_shards",
-    "is_stream_spec",
-    "open_stream",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        ["DualEncoderCollator", "FixedNegatives", "TextCollator", "VLMCollator", "WithScores", "label_id"], "collate"
+    ),
+    "scatter_negatives": "collate",
+    **dict.fromkeys(["EmbedStore", "EmbedWriter", "StoreError", "collate_embeddings", "ensure_meta"], "embed_store"),
+    **dict.fromkeys(["ImageLoadError", "ShardImage", "load_image", "load_images"], "images"),
+    "TaskLoader": "loader",
+    **dict.fromkeys(
+        [
+            "IMAGE_EXTENSIONS",
+            "IndexedRecords",
+            "Item",
+            "Record",
+            "RecordError",
+            "RecordReader",
+            "load_records",
+            "read_records",
+        ],
+        "records",
+    ),
+    **dict.fromkeys(
+        ["TaskBatches", "WeightedTaskSampler", "load_task_dir", "parse_group_weights", "parse_weights"], "sampler"
+    ),
+    "ShardReader": "shard_stream",
+    **dict.fromkeys(["DatasetSource", "ShardError", "ShardSet"], "shard_formats"),
+    **dict.fromkeys(["StreamLoader", "expand_shards", "is_stream_spec", "open_stream"], "shards"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vembed_blocks.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -11,7 +11,7 @@
 Everything is a pure function of ``seed``:
 
 - Split and shuffle: each DataLoader worker of each rank is one `ShardReader` per source
-  (data/shard_reader.py: disjoint shares of the shards, a bounded block shuffle).
+  (data/shard_stream.py: disjoint shares of the shards, a bounded block shuffle).
 - Mixing: the source of micro-step ``t`` is ``WeightedTaskSampler.draw(t)`` over the source
   weights: the same on every rank; step ``t`` is built by worker ``t % W`` from its own readers.
 - Resume: the loader's state is the micro-step plus each worker's reader states: O(workers x
@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .records import Record
 from .sampler import WeightedTaskSampler, parse_weights
-from .shard_reader import ShardReader
-from .shard_readers import SHARD_KINDS, DatasetSource, ShardSet
+from .shard_formats import SHARD_KINDS, DatasetSource, ShardSet
+from .shard_stream import ShardReader
 
 __all__ = ["StreamLoader", "open_stream", "is_stream_spec", "expand_shards"]
 

@@ -81,7 +81,7 @@ def pipeline_class_name(folder: str) -> str:
 
 def _load_processor(folder: str) -> Any:
     """``processor/`` through transformers, or rebuilt without torchvision (see `vembed_blocks.vlm`)."""
-    from .vlm import load_vlm_processor
+    from ..vlm import load_vlm_processor
 
     return load_vlm_processor(os.path.join(folder, "processor"))
 

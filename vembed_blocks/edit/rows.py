@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..flow_matching import normalize_latents
-from .embed_store import EmbedStore
-from .images import load_image
-from .sampler import parse_group_weights, parse_weights
+from ..data.embed_store import EmbedStore
+from ..data.images import load_image
+from ..data.sampler import parse_group_weights, parse_weights
+from .flow_matching import normalize_latents
 
 __all__ = [
     "PROMPT_SIDE",

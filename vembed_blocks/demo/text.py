@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from .demo import word_level_tokenizer
+from .shapes import word_level_tokenizer
 
 __all__ = [
     "COLOURS",
@@ -143,7 +143,7 @@ def build_tiny_bert(
         BertModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if sentence_transformers:
-        from .text_encoder import write_st_files
+        from ..text_encoder import write_st_files
 
         write_st_files(out_dir, width, "mean", normalize=True, max_length=32)
     return out_dir

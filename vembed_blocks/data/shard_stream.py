@@ -22,7 +22,7 @@ import numpy as np
 
 from .images import ImageLoadError, ShardImage, load_image
 from .records import Item, Record, RecordError
-from .shard_readers import DatasetSource, ShardError, ShardSet
+from .shard_formats import DatasetSource, ShardError, ShardSet
 
 __all__ = ["ShardReader", "decode_image", "source_key"]
 

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .demo import render_edit_demo
+from .shapes import render_edit_demo
 
 __all__ = [
     "SCHEDULER_CONFIG",
@@ -184,7 +184,7 @@ def _image_processor():
 
 def load_edit_processor(folder: str):
     """``<folder>/processor`` as a Qwen2VLProcessor, without torchvision (see ``vembed_blocks.vlm``)."""
-    from .vlm import load_vlm_processor
+    from ..vlm import load_vlm_processor
 
     return load_vlm_processor(os.path.join(folder, "processor"))
 
@@ -197,7 +197,7 @@ def tiny_qwen_image_edit(out: str) -> str:
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from .vlm import qwen_vl_processor
+    from ..vlm import qwen_vl_processor
 
     os.makedirs(out, exist_ok=True)
     tok = tiny_qwen_tokenizer()

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from .demo import word_level_tokenizer
+from .shapes import word_level_tokenizer
 
 __all__ = [
     "QWEN_SPECIALS",
@@ -107,7 +107,7 @@ def build_tiny_qwen3vl(
     from transformers import Qwen3VLModel
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .vlm import load_vlm_processor, qwen_vl_processor
+    from ..vlm import load_vlm_processor, qwen_vl_processor
 
     tok = word_level_tokenizer(
         (*words, *CHAT_WORDS),
@@ -135,7 +135,7 @@ def build_tiny_qwen3vl(
 def build_demo_qwen3vl(out_dir: str, quick: bool = False) -> str:
     """The demos' Qwen3-VL over the demo vocabulary (`vembed_blocks.demo.demo_words`): width 64, 2 text
     layers (``quick``: 32 and 1); images at 32 px, one image token each (the demo shapes are 48 px)."""
-    from .demo import demo_words
+    from .shapes import demo_words
 
     width, layers = (32, 1) if quick else (64, 2)
     return build_tiny_qwen3vl(out_dir, demo_words(), layers=layers, width=width, max_side=32)
@@ -146,6 +146,6 @@ def build_demo_extractor(out_dir: str) -> str:
     std 0.5 instead of 0.02. Why: at 0.02 the last token (always the assistant prefix) barely sees its context,
     and any two items' embeddings have cosine 0.999, too close for a head to separate; at 0.5 they spread out
     (mean cosine about 0.75) while still a function of the input, as a trained embedder's are."""
-    from .demo import demo_words
+    from .shapes import demo_words
 
     return build_tiny_qwen3vl(out_dir, demo_words(), layers=2, width=64, max_side=32, init_std=0.5)

@@ -1,4 +1,4 @@
-"""train_args: the shared flags' checks name the flag (or the missing file) before anything is loaded."""
+"""recipe_flags: the shared flags' checks name the flag (or the missing file) before anything is loaded."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from vembed_blocks.train_args import add_common_args, check_common_args
+from vembed_blocks.recipe_flags import add_common_args, check_common_args
 
 
 def parse(*argv: str, require_data: bool = True) -> argparse.Namespace:
