@@ -1,4 +1,4 @@
-"""accumulate_gradients on real gloo ranks: plain, FSDP2 and GradCache steps of 2 micro-batches
+"""defer_gradient_sync + one explicit average_gradients on real gloo ranks: plain, FSDP2 and GradCache steps of 2 micro-batches
 give the gradients of one process on the global micro-batches (plain and GradCache ragged:
 hard negatives on rank 0 only; FSDP2, whose forwards are collectives, on every rank), and
 clip_gradients treats 0 as off."""
@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from _multiproc import run_ranks
 
-from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
+from vembed_blocks.distributed import average_gradients
+from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.losses import InfoNCE
 from vembed_blocks.parallel import shard_model
@@ -50,11 +51,12 @@ def _body(rank, world):
         gc = GradCache(chunk_size=2) if how == "gradcache" else None
         enc = (lambda x: gc.encode(tower, x=x)) if gc else tower
         batches = micro_batches(world)
-        for batch in accumulate_gradients(state, batches):
+        for batch in defer_gradient_sync(state, batches):
             q, p = enc(batch["q"][rank * ROWS : (rank + 1) * ROWS]), enc(batch["p"][rank * ROWS : (rank + 1) * ROWS])
             mine = slice(rank * ROWS, (rank + 1) * ROWS)
             neg = enc(batch["neg"][mine]) if rank == 0 or how == "fsdp" else None
             (loss_fn(q, p, negatives=neg) / len(batches)).backward()
+        average_gradients(p for p in state.parameters() if p.requires_grad)  # the step's one sync
         grads = {}
         for name, param in state.named_parameters():
             g = param.grad

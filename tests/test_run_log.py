@@ -13,13 +13,13 @@ from vembed_blocks.run_log import RunLog, write_args
 
 def test_args_json_round_trips_and_resume_names_changes(tmp_path):
     args = argparse.Namespace(model="m", batch_size=8, lr=1e-3, resume=False, stop_at=None, log_every=5)
-    assert write_args(args, str(tmp_path)) == {}
+    assert write_args(vars(args), str(tmp_path)) == {}
     assert json.loads((tmp_path / "args.json").read_text()) == vars(args)
     same = argparse.Namespace(**{**vars(args), "resume": True, "stop_at": 4, "log_every": 1})  # reporting only
-    assert write_args(same, str(tmp_path), resume=True) == {}
+    assert write_args(vars(same), str(tmp_path), resume=True) == {}
     other = argparse.Namespace(**{**vars(args), "resume": True, "batch_size": 16})
     with pytest.warns(UserWarning, match=r"other arguments than it was started with: --batch-size 8 -> 16"):
-        assert write_args(other, str(tmp_path), resume=True) == {"batch_size": (8, 16)}
+        assert write_args(vars(other), str(tmp_path), resume=True) == {"batch_size": (8, 16)}
 
 
 def test_train_log_and_tensorboard_event_files(tmp_path):

@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["mine_hard_negatives", "write_mined_file"], "mining"),
     **dict.fromkeys(["pool", "POOL_METHODS"], "pooling"),
     **dict.fromkeys(["GradCache", "RandState", "RowSplit"], "gradcache"),
-    **dict.fromkeys(["accumulate_gradients", "clip_gradients"], "grad_sync"),
+    **dict.fromkeys(["defer_gradient_sync", "clip_gradients"], "grad_sync"),
     **dict.fromkeys(
         [
             "init_distributed",
@@ -55,7 +55,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["RetrievalSet", "retrieval_set", "embed_items", "embed_on_all_ranks", "evaluate_retrieval_by"], "embed"
     ),
-    **dict.fromkeys(["RunLog", "write_args", "write_metrics", "metrics_before"], "run_log"),
+    **dict.fromkeys(["RunLog", "write_args", "write_metrics", "save_metrics_before", "read_metrics_before"], "run_log"),
     "write_report": "report",
     # data
     **dict.fromkeys(
@@ -70,7 +70,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["WeightedTaskSampler", "TaskBatches", "parse_weights", "parse_group_weights", "load_task_dir"], "data.sampler"
     ),
-    "TaskLoader": "data.loader",
+    **dict.fromkeys(["TaskLoader", "task_loader", "training_batches"], "data.loader"),
     **dict.fromkeys(["open_stream", "StreamLoader", "is_stream_spec"], "data.shards"),
     **dict.fromkeys(["EmbedStore", "EmbedWriter"], "data.embed_store"),
 }

@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Sequence, TypeVar
+from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .distributed import get_rank, get_world_size, mean_over_ranks
+from .distributed import get_rank, get_world_size
 
 __all__ = [
-    "validation_loss",
     "RetrievalSet",
     "retrieval_set",
     "embed_items",
@@ -299,33 +298,3 @@ def evaluate_retrieval_by(
     if curve_k > 0:
         metrics["recall_curve"] = recall_curve(scores, rs.relevant, max_k=curve_k)
     return metrics
-
-
-@torch.no_grad()
-def validation_loss(
-    step_loss: Callable[..., torch.Tensor],
-    load_data: Callable[..., tuple[Any, int] | None],
-    args: Any,
-    parts: Any,
-    path: str,
-    device: torch.device,
-) -> dict[str, float]:
-    """``{"loss": ...}``: the training loss on the validation set, beside the retrieval metrics (``--eval-every``).
-
-    ``load_data(args, parts, path, rank, world)`` is the recipe's own: the validation file's batches in the
-    training format, built afresh so every evaluation sees the same ones, or None where the loss is undefined
-    (then ``{}``). One pass, rows / (batch size x ranks x micro-batches) steps (at least 1), of
-    ``step_loss(args, parts, batch, None, device)`` in eval mode, without GradCache or gradients, averaged over the
-    micro-batches and the ranks. The RNG is restored afterwards, so a run that evaluates draws the same training
-    noise as one resumed from the checkpoint saved just before the evaluation.
-    """
-    made = load_data(args, parts, path, get_rank(), get_world_size())
-    if made is None:
-        return {}
-    loader, rows = made
-    steps = max(1, rows // (args.batch_size * get_world_size() * args.grad_accum_steps))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        parts.model.eval()
-        losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
-        parts.model.train()
-    return {"loss": mean_over_ranks(torch.stack(losses).mean())}

@@ -5,9 +5,12 @@ some ranks only, a batch of hard negatives, possibly over several accumulated mi
 DDP's bookkeeping assumes one forward per backward (a second forward of a tower with
 ``find_unused_parameters`` fails with "Expected to mark a variable ready only once", and
 ranks with different forward counts pair the wrong collectives). So the recipes use no DDP
-wrapper; `accumulate_gradients` averages the gradients of the plain parameters once per
-optimizer step instead (bucketed all-reduce), and lets FSDP2 reduce-scatter its sharded ones
-on the last micro-batch only. `clip_gradients` then clips over both kinds.
+wrapper: `defer_gradient_sync` lets FSDP2 reduce-scatter its sharded gradients on the last
+micro-batch only, and the loop then calls `distributed.average_gradients` once, itself, for
+the plain ones (bucketed all-reduce): the step's one gradient sync is a line of the loop, not
+a side effect of finishing an iterator. `clip_gradients` then clips over both kinds.
+
+Imports: torch; nothing else of the package.
 """
 
 from __future__ import annotations
@@ -19,23 +22,25 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 
-from .distributed import average_gradients
-
-__all__ = ["accumulate_gradients", "clip_gradients"]
+__all__ = ["defer_gradient_sync", "clip_gradients"]
 
 T = TypeVar("T")
 
 
-def accumulate_gradients(module: nn.Module, micro_batches: Sequence[T]) -> Iterator[T]:
-    """Yield each micro-batch of one optimizer step, with gradient sync done once, after the last.
+def defer_gradient_sync(module: nn.Module, micro_batches: Sequence[T]) -> Iterator[T]:
+    """Yield each micro-batch of one optimizer step with the wrappers' gradient sync deferred to the last.
 
-    Use as ``for batch in accumulate_gradients(state, batches): (loss(batch) / len(batches)).backward()``.
-    While iterating: DDP wrappers inside ``module`` run under ``no_sync``, and FSDP2 modules
-    skip their reduce-scatter except on the last micro-batch (``set_requires_gradient_sync``;
-    `GradCache` honours that). After the last: every plain (non-DTensor) gradient of a
-    trainable parameter of ``module`` is averaged over ranks (`average_gradients`), so a loss's
-    temperature or a projection outside the sharded model needs nothing of its own. At world
-    size 1 it only yields. Every rank must run the same number of micro-batches.
+    While iterating: DDP wrappers inside ``module`` run under ``no_sync``, and FSDP2 modules skip
+    their reduce-scatter except on the last micro-batch (``set_requires_gradient_sync``; `GradCache`
+    honours that); both are restored however the loop ends. It does not touch the plain
+    (non-DTensor) gradients: average them after the loop, once, with
+    ``average_gradients(p for p in module.parameters() if p.requires_grad)``::
+
+        for batch in defer_gradient_sync(model, batches):
+            (loss(batch) / len(batches)).backward()
+        average_gradients(p for p in model.parameters() if p.requires_grad)
+
+    Every rank must run the same number of micro-batches.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -52,7 +57,6 @@ def accumulate_gradients(module: nn.Module, micro_batches: Sequence[T]) -> Itera
         finally:
             for m in fsdp:
                 m.set_requires_gradient_sync(True, recurse=False)
-    average_gradients([p for p in module.parameters() if p.requires_grad])
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> float:

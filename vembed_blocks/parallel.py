@@ -11,7 +11,7 @@ The optimizer must be built *after* `shard_model` (FSDP2 replaces parameters by 
 `shard_model` and `wrap_ddp` are no-ops without an initialised process group, so a recipe
 runs unchanged as plain ``python recipe.py``. The recipes do not use `wrap_ddp`: an embedding
 step makes several forwards (and a varying number across ranks), which DDP's bookkeeping does
-not allow; `grad_sync.accumulate_gradients` syncs unsharded models once per step instead.
+not allow; `grad_sync.defer_gradient_sync` + one `distributed.average_gradients` per step sync unsharded models instead.
 """
 
 from __future__ import annotations

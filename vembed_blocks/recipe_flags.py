@@ -1,4 +1,5 @@
-"""The flags every training recipe shares, defined once: same names, help and meaning everywhere.
+"""Recipe support, not a block: the flags every training recipe shares, defined once (same names, help and
+meaning everywhere). Blocks never import it; what the recipes do with the flags is written in each recipe.
 
 ``add_common_args(parser, lr=..., batch_size=..., ...)`` adds them; a recipe passes only the
 defaults that suit its models (a CLIP fine-tune wants another learning rate than a head
@@ -11,26 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable, Mapping, Sequence
-
-import torch
-import torch.nn as nn
 
 from .run_log import TRACKERS
 from .schedule import SCHEDULES
 
-__all__ = [
-    "HelpFormatter",
-    "common_parser",
-    "add_common_args",
-    "check_common_args",
-    "autocast",
-    "apply_model_flags",
-    "forward_batch",
-    "make_loader",
-    "training_batches",
-    "apply_loss_flags",
-]
+__all__ = ["HelpFormatter", "common_parser", "add_common_args", "check_common_args", "mrl_dims"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -121,7 +107,7 @@ def add_common_args(
 
 def check_common_args(args: argparse.Namespace) -> None:
     """``SystemExit`` naming the first shared flag with a value that cannot work (or a file that is not there)."""
-    from .data import is_stream_spec
+    from .data.shards import is_stream_spec
 
     for path in (args.data, args.val_data):  # shard patterns are checked shard by shard when the stream opens
         if path and not os.path.exists(path) and not is_stream_spec(path):
@@ -142,94 +128,14 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.lr <= 0 or args.epochs <= 0:
         raise SystemExit(f"--lr and --epochs must be > 0, got {args.lr} and {args.epochs}")
+    mrl_dims(args.mrl_dims)
 
 
-def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
-    """The autocast context the flags ask for: bf16 (``--bf16``), fp16 (``--fp16``) or off."""
-    dtype = torch.float16 if args.fp16 else torch.bfloat16
-    return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
-
-
-def apply_model_flags(model: nn.Module, args: argparse.Namespace, **compile_kwargs) -> nn.Module:
-    """``model`` as the shared flags ask, in train mode: activation checkpointing (``--grad-checkpointing``), then
-    LoRA (``--lora``, ``--lora-alpha``), then ``torch.compile`` per block (``--compile``; ``compile_kwargs`` go to
-    `compile_layers`). That order because LoRA wraps the layers checkpointing must still see as blocks, and compiling
-    last captures both. Returns the model to train (LoRA returns a new wrapper)."""
-    from .parallel import apply_lora, checkpoint_layers, compile_layers
-
-    if args.grad_checkpointing:
-        checkpoint_layers(model)
-    if args.lora:
-        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
-    if args.compile:
-        compile_layers(model, **compile_kwargs)
-    return model.train()
-
-
-def apply_loss_flags(criterion: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """``criterion`` wrapped in `Matryoshka` over ``--mrl-dims`` (e.g. ``"512,256,128"``) when given, else as is."""
-    if not args.mrl_dims:
-        return criterion
-    from .losses import Matryoshka
-
+def mrl_dims(flag: str | None) -> list[int]:
+    """``--mrl-dims "512,256,128"`` as ``[512, 256, 128]`` (``[]`` when not given); ``SystemExit`` if malformed."""
+    if not flag:
+        return []
     try:
-        dims = [int(d) for d in args.mrl_dims.split(",")]
+        return [int(d) for d in flag.split(",")]
     except ValueError:
-        raise SystemExit(f"--mrl-dims must be comma-separated integers, got {args.mrl_dims!r}") from None
-    return Matryoshka(criterion, dims)
-
-
-def forward_batch(
-    args: argparse.Namespace, fn: Callable[..., torch.Tensor], inputs: Mapping[str, torch.Tensor], gc: Any, device
-) -> torch.Tensor:
-    """``fn(**inputs)`` with ``inputs`` moved to ``device``, under the flags' autocast, through GradCache ``gc`` when
-    given (``--chunk-size``; ``None``: one plain forward); the output in float32 (``[B, ...]`` as ``fn`` returns)."""
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    with autocast(args, device):
-        out = fn(**inputs) if gc is None else gc.encode(fn, **inputs)
-    return out.float()
-
-
-def make_loader(
-    args: argparse.Namespace,
-    tasks: Mapping[str, Sequence[Any]],
-    collate: Callable[[list], Any],
-    rank: int,
-    world: int,
-    **sampler_options: Any,
-) -> tuple[Any, int]:
-    """``(TaskLoader, rows per epoch)`` over ``tasks`` with the shared flags: ``--batch-size`` rows per rank,
-    ``--seed``, ``--num-workers``, ``--grad-accum-steps``. ``sampler_options`` go to `WeightedTaskSampler`
-    (``weights``, ``group_of``, ``group_weights``); rows per epoch counts the tasks it can draw."""
-    from .data import TaskLoader, WeightedTaskSampler
-
-    sizes = {name: len(rows) for name, rows in tasks.items()}
-    sampler = WeightedTaskSampler(
-        sizes, args.batch_size, seed=args.seed, rank=rank, world_size=world, **sampler_options
-    )
-    loader = TaskLoader(tasks, sampler, collate, args.num_workers, args.seed, args.grad_accum_steps)
-    return loader, sum(sizes[name] for name in sampler.tasks)
-
-
-def training_batches(
-    args: argparse.Namespace, path: str, collate: Callable[[list], Any], rank: int, world: int
-) -> tuple[Any, int]:
-    """``(loader, rows per epoch)`` for ``--data``: sharded sets stream, a file is one task.
-
-    Shards (a brace pattern such as ``data/{00000..00099}.tar``, a glob, a folder of shards, see
-    `data.is_stream_spec`) become a `StreamLoader` (nothing read before step 1; its length is
-    unknown, so ``--max-steps`` is required and rows is 0); anything else is read with
-    ``load_records(path, format=args.format)`` into `make_loader`. Both give the same
-    ``steps`` / ``state_dict`` interface, so the loop and checkpoints do not change.
-    """
-    from .data import is_stream_spec, load_records, open_stream
-
-    if not is_stream_spec(path):
-        return make_loader(
-            args, {"train": load_records(path, format=getattr(args, "format", None))}, collate, rank, world
-        )
-    if not args.max_steps:
-        raise SystemExit(f"--data {path} names shards, whose length is not known up front: give --max-steps")
-    options = dict(seed=args.seed, rank=rank, world_size=world, num_workers=args.num_workers)
-    loader = open_stream(path, args.batch_size, collate, grad_accum_steps=args.grad_accum_steps, **options)
-    return loader, 0
+        raise SystemExit(f"--mrl-dims must be comma-separated integers, got {flag!r}") from None

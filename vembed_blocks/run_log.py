@@ -1,8 +1,11 @@
 """What a training run writes about itself: its arguments, a line per step, optional trackers.
 
-- `write_args(args, output, resume)`: ``<output>/args.json``; on ``--resume`` a changed
-  argument that changes what the checkpoint means (model, data, batch size, loss, ...) is
-  named in a warning, since the run then continues something other than what was saved.
+- `write_args(config, output, resume)`: ``<output>/args.json`` (``config``: a dict, e.g.
+  ``vars(args)``); on a resume a changed argument that changes what the checkpoint means (model,
+  data, batch size, loss, ...) is named in a warning, since the run then continues something
+  other than what was saved.
+- `save_metrics_before` / `read_metrics_before`: the "before" metrics of the first launch, kept
+  for the runs that resume it.
 - `RunLog(output, report_to=())`: one call per optimizer step writes a JSON line to
   ``<output>/train_log.jsonl`` (always), a console line every ``log_every`` steps, and the
   same scalars to TensorBoard (``report_to=("tensorboard",)``: event files under
@@ -13,15 +16,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Mapping
 
-__all__ = ["write_args", "RunLog", "TRACKERS", "metrics_before", "write_metrics"]
+__all__ = ["write_args", "RunLog", "TRACKERS", "save_metrics_before", "read_metrics_before", "write_metrics"]
 
 TRACKERS = ("tensorboard", "wandb")
 # Arguments that only change how a run reports or splits itself, not what it trains.
@@ -39,14 +41,15 @@ _HARMLESS = {
 log = logging.getLogger(__name__)
 
 
-def write_args(args: argparse.Namespace, output: str, resume: bool = False, rank: int = 0) -> dict[str, Any]:
-    """Write ``vars(args)`` to ``<output>/args.json`` (rank 0); return the differences from the saved ones on resume.
+def write_args(config: Mapping[str, Any], output: str, resume: bool = False, rank: int = 0) -> dict[str, Any]:
+    """Write ``config`` (e.g. ``vars(args)``) to ``<output>/args.json`` (rank 0); return the differences from the
+    saved ones on resume.
 
     Returns ``{name: (saved, now)}`` for every argument outside the reporting ones that changed
     since the file was written (empty on a fresh run), after warning about them.
     """
     path = os.path.join(output, "args.json")
-    now = {k: v for k, v in sorted(vars(args).items()) if _jsonable(v)}
+    now = {k: v for k, v in sorted(config.items()) if _jsonable(v)}
     changed: dict[str, Any] = {}
     if resume and os.path.exists(path):
         with open(path) as f:
@@ -172,19 +175,19 @@ def _wandb_run(output: str, config: dict[str, Any]):
     return wandb.init(dir=output, config=config, mode=mode, project=os.environ.get("WANDB_PROJECT", "vembed-blocks"))
 
 
-def metrics_before(output: str, start: int, evaluate: Callable[[], dict[str, float]], rank: int = 0) -> dict | None:
-    """The metrics before training: ``evaluate()`` on a fresh run (``start == 0``), saved to
-    ``<output>/metrics_before.json`` by rank 0; on a resumed run the first launch's file (``None`` if it has none).
+def save_metrics_before(output: str, metrics: dict[str, float], rank: int = 0) -> dict[str, float]:
+    """Save the metrics measured before training to ``<output>/metrics_before.json`` (rank 0) and return them,
+    so a resumed run (`read_metrics_before`) reports the same "before" column as the first launch."""
+    if rank == 0:
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, "metrics_before.json"), "w") as f:
+            json.dump(metrics, f)
+    return metrics
 
-    Every rank calls it (``evaluate`` may be collective: the recipes embed on all ranks).
-    """
+
+def read_metrics_before(output: str) -> dict | None:
+    """The first launch's ``<output>/metrics_before.json`` (``None`` if it saved none)."""
     path = os.path.join(output, "metrics_before.json")
-    if start == 0:
-        before = evaluate()
-        if rank == 0:
-            with open(path, "w") as f:
-                json.dump(before, f)
-        return before
     if not os.path.exists(path):
         return None
     with open(path) as f:

@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
     "scatter_negatives": "collate",
     **dict.fromkeys(["EmbedStore", "EmbedWriter", "StoreError", "collate_embeddings", "ensure_meta"], "embed_store"),
     **dict.fromkeys(["ImageLoadError", "ShardImage", "load_image", "load_images"], "images"),
-    "TaskLoader": "loader",
+    **dict.fromkeys(["TaskLoader", "task_loader", "training_batches"], "loader"),
     **dict.fromkeys(
         [
             "IMAGE_EXTENSIONS",

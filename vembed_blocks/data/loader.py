@@ -18,6 +18,11 @@ every ``num_workers``-th micro-batch (`TaskBatches`), so the sequence is the sam
 worker count and for a resumed run. Every rank must draw the same task at a step (negatives of one
 kind): the draws are a pure function of the sampler's seed, batch and weights, so ``steps`` checks once,
 with one small all-gather, that every rank's sampler has the same ones.
+
+`task_loader` builds the sampler and the loader in one call; `training_batches` does the same for
+a file, or streams a sharded set (`shards.open_stream`) behind the same ``steps`` / ``state_dict``.
+
+Imports: torch, `data.sampler` (records and shards load inside `training_batches`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from .sampler import TaskBatches, WeightedTaskSampler
 
-__all__ = ["TaskLoader"]
+__all__ = ["TaskLoader", "task_loader", "training_batches"]
 
 
 class TaskLoader:
@@ -105,3 +110,57 @@ def _check_same_draws(sampler: WeightedTaskSampler) -> None:
             f"ranks {odd} would draw other tasks than rank 0: their samplers differ (seed, global batch, tasks, "
             f"weights or groups: {everyone[odd[0]]} vs {everyone[0]}); give every rank the same ones"
         )
+
+
+def task_loader(
+    tasks: Mapping[str, Sequence[Any]],
+    collate: Callable[[list], Any],
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_workers: int = 2,
+    grad_accum_steps: int = 1,
+    **sampler_options: Any,
+) -> tuple[TaskLoader, int]:
+    """``(TaskLoader, rows per epoch)`` over ``tasks`` (name -> rows): ``batch_size`` rows per rank, the
+    sampler and DataLoader seeded with ``seed``. ``sampler_options`` go to `WeightedTaskSampler`
+    (``weights``, ``group_of``, ``group_weights``); rows per epoch counts the tasks it can draw."""
+    sizes = {name: len(rows) for name, rows in tasks.items()}
+    sampler = WeightedTaskSampler(sizes, batch_size, seed=seed, rank=rank, world_size=world_size, **sampler_options)
+    loader = TaskLoader(tasks, sampler, collate, num_workers, seed, grad_accum_steps)
+    return loader, sum(sizes[name] for name in sampler.tasks)
+
+
+def training_batches(
+    path: str,
+    collate: Callable[[list], Any],
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_workers: int = 2,
+    grad_accum_steps: int = 1,
+    max_steps: int | None = None,
+    format: str | None = None,
+) -> tuple[Any, int]:
+    """``(loader, rows per epoch)`` for a training path: sharded sets stream, a file is one task.
+
+    Shards (a brace pattern such as ``data/{00000..00099}.tar``, a glob, a folder of shards, see
+    `shards.is_stream_spec`) become a `StreamLoader` (nothing read before step 1; its length is
+    unknown, so ``max_steps`` is required and rows is 0); anything else is read with
+    ``load_records(path, format=format)`` into `task_loader`. Both give the same ``steps`` /
+    ``state_dict`` interface, so a loop and its checkpoints do not change.
+    """
+    from .records import load_records
+    from .shards import is_stream_spec, open_stream
+
+    options = dict(seed=seed, rank=rank, world_size=world_size, num_workers=num_workers)
+    if not is_stream_spec(path):
+        tasks = {"train": load_records(path, format=format)}
+        return task_loader(tasks, collate, batch_size=batch_size, grad_accum_steps=grad_accum_steps, **options)
+    if not max_steps:
+        raise ValueError(f"{path} names shards, whose length is not known up front: give max_steps (--max-steps)")
+    return open_stream(path, batch_size, collate, grad_accum_steps=grad_accum_steps, **options), 0
