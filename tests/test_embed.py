@@ -83,38 +83,3 @@ def test_evaluate_retrieval_scores_unique_queries_against_the_corpus():
     # cat: c.png scores 0 (rank 3 of c, d, b = 0, 1, 0.6); dog: d.png ranks 3; bird: b.png ranks 1
     got = evaluate_retrieval(records, encode, batch_size=2)
     assert got["recall@1"] == pytest.approx(1 / 3) and got["mrr@10"] == pytest.approx((1 / 3 + 1 / 3 + 1) / 3)
-
-
-def test_validation_loss_is_one_pass_in_eval_mode_and_leaves_the_rng_alone():
-    """One pass over the validation rows (rows // batch steps), step_loss averaged, the model in eval mode while it
-    runs and back in train mode after, the RNG as before (resumed runs draw the same training noise); {} when the
-    recipe's load_data says the loss is undefined."""
-    import argparse
-    from types import SimpleNamespace
-
-    from vembed_blocks.data import TaskLoader, WeightedTaskSampler
-    from vembed_blocks.embed import validation_loss
-
-    rows = [float(i) for i in range(12)]
-    args = argparse.Namespace(batch_size=4, grad_accum_steps=1)
-    model = torch.nn.Dropout(0.5)
-    parts = SimpleNamespace(model=model)
-    seen = []
-
-    def load_data(args, parts, path, rank, world):
-        sampler = WeightedTaskSampler({"val": len(rows)}, args.batch_size, seed=1, rank=rank, world_size=world)
-        return TaskLoader({"val": rows}, sampler, lambda r: torch.tensor(r)), len(rows)
-
-    def step_loss(args, parts, batch, gc, device):
-        assert gc is None and not parts.model.training and not torch.is_grad_enabled()
-        torch.rand(3)  # a loss that draws noise (edit_sft): must not move the training RNG
-        seen.append(batch)
-        return batch.mean()
-
-    torch.manual_seed(5)
-    want_rng = torch.get_rng_state()
-    got = validation_loss(step_loss, load_data, args, parts, "val.jsonl", torch.device("cpu"))
-    assert torch.equal(torch.get_rng_state(), want_rng) and model.training
-    assert len(seen) == 3 and sorted(torch.cat(seen).tolist()) == rows  # every row once
-    assert got == {"loss": pytest.approx(sum(rows) / len(rows), abs=1e-12)}
-    assert validation_loss(step_loss, lambda *a: None, args, parts, "val.jsonl", torch.device("cpu")) == {}

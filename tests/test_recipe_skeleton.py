@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from _recipes import ROOT
+import torch
+from _recipes import ROOT, load_script
 
 SKELETON = [
     "clip_t2i",
@@ -57,3 +58,44 @@ def test_the_loop_shows_its_steps(name):
     assert "validation_loss(" in loop and "def validation_loss(" in regions(name)["helpers"]
     if "fsdp" in name or name == "edit_sft":
         assert "shard_model(" in text or "fully_shard(" in text, f"{name}.py: the sharding is not in the recipe"
+
+
+@pytest.mark.parametrize("name", ["clip_t2i"])
+def test_validation_loss_is_one_pass_in_eval_mode_and_leaves_the_rng_alone(name, monkeypatch):
+    """The skeleton's validation_loss (the same text in every training recipe; clip_t2i's copy here, with the
+    recipe's load_data and step_loss swapped for plain ones): one pass over the validation rows (rows // batch
+    steps), step_loss averaged, the model in eval mode while it runs and back in train mode after, the RNG as
+    before (resumed runs draw the same training noise); {} when load_data says the loss is undefined."""
+    import argparse
+    from types import SimpleNamespace
+
+    from vembed_blocks.data import TaskLoader, WeightedTaskSampler
+
+    recipe = load_script(name)
+
+    rows = [float(i) for i in range(12)]
+    args = argparse.Namespace(batch_size=4, grad_accum_steps=1)
+    model = torch.nn.Dropout(0.5)
+    parts = SimpleNamespace(model=model)
+    seen = []
+
+    def load_data(args, parts, path, rank, world):
+        sampler = WeightedTaskSampler({"val": len(rows)}, args.batch_size, seed=1, rank=rank, world_size=world)
+        return TaskLoader({"val": rows}, sampler, lambda r: torch.tensor(r)), len(rows)
+
+    def step_loss(args, parts, batch, gc, device):
+        assert gc is None and not parts.model.training and not torch.is_grad_enabled()
+        torch.rand(3)  # a loss that draws noise (edit_sft): must not move the training RNG
+        seen.append(batch)
+        return batch.mean()
+
+    monkeypatch.setattr(recipe, "load_data", load_data)
+    monkeypatch.setattr(recipe, "step_loss", step_loss)
+    torch.manual_seed(5)
+    want_rng = torch.get_rng_state()
+    got = recipe.validation_loss(args, parts, "val.jsonl", 0, 1, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), want_rng) and model.training
+    assert len(seen) == 3 and sorted(torch.cat(seen).tolist()) == rows  # every row once
+    assert got == {"loss": pytest.approx(sum(rows) / len(rows), abs=1e-12)}
+    monkeypatch.setattr(recipe, "load_data", lambda *a: None)
+    assert recipe.validation_loss(args, parts, "val.jsonl", 0, 1, torch.device("cpu")) == {}

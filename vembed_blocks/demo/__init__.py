@@ -11,7 +11,10 @@ The rendered-set names are re-exported here (``from vembed_blocks.demo import re
 
 from .shapes import (
     COLOURS,
+    EDIT_TEMPLATES,
+    POSITIONS,
     SHAPES,
+    TEMPLATES,
     build_tiny_clip,
     demo_words,
     render_demo,
@@ -22,7 +25,10 @@ from .shapes import (
 
 __all__ = [
     "COLOURS",
+    "EDIT_TEMPLATES",
+    "POSITIONS",
     "SHAPES",
+    "TEMPLATES",
     "build_tiny_clip",
     "demo_words",
     "render_demo",
