@@ -8,7 +8,9 @@ import loss_refs as ref
 import pytest
 import torch
 
-from vembed_blocks.losses import ColBERT, CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet, mine_hard_negatives
+from vembed_blocks.colbert import ColBERT
+from vembed_blocks.losses import CoSENT, Distill, InfoNCE, Matryoshka, SigLIP, Triplet
+from vembed_blocks.mining import mine_hard_negatives
 
 DEVIATIONS: dict[str, float] = {}
 B, D, K = 5, 8, 3

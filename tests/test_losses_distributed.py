@@ -20,7 +20,8 @@ import torch.nn as nn
 from _multiproc import run_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from vembed_blocks.losses import ColBERT, InfoNCE, SigLIP
+from vembed_blocks.colbert import ColBERT
+from vembed_blocks.losses import InfoNCE, SigLIP
 
 CASES = ["infonce", "infonce_neg", "infonce_sym", "siglip", "colbert"]
 RAGGED = ["infonce_ragged", "infonce_sym_ragged", "siglip_ragged", "colbert_ragged"]

@@ -17,9 +17,10 @@ import torch
 from _multiproc import run_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vembed_blocks import tiled
+from vembed_blocks import _loss_utils, tiled
+from vembed_blocks.colbert import ColBERT
 from vembed_blocks.distributed import pad_dim
-from vembed_blocks.losses import ColBERT, InfoNCE, SigLIP
+from vembed_blocks.losses import InfoNCE, SigLIP
 
 DEVIATIONS: dict[str, float] = {}
 B, D, K, M = 10, 6, 3, 7
@@ -174,8 +175,8 @@ def test_automatic_tiling_above_threshold(monkeypatch):
     monkeypatch.setattr(tiled._TiledLSE, "apply", lambda *a: calls.append(a[1]) or original(*a))
     grads_of(lambda q, p: InfoNCE()(q, p), torch.nn.Module(), [q, p])
     assert calls == []  # 100 scores: far below the threshold, dense
-    monkeypatch.setattr(tiled, "AUTO_TILE_ELEMENTS", 50)
-    monkeypatch.setattr(tiled, "AUTO_TILE_SIZE", 4)
+    monkeypatch.setattr(_loss_utils, "AUTO_TILE_ELEMENTS", 50)  # where the dense-or-tiled decision reads them
+    monkeypatch.setattr(_loss_utils, "AUTO_TILE_SIZE", 4)
     auto = grads_of(lambda q, p: InfoNCE()(q, p), torch.nn.Module(), [q, p])
     assert calls == [4]
     assert_same("InfoNCE[auto]", dense, auto)

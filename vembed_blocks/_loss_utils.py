@@ -1,14 +1,25 @@
-"""Input checks and small tensor helpers shared by the loss modules (private)."""
+"""What the loss modules share (private): input checks, the dense-or-tiled decision, score-matrix
+sides and their masks, and the one exchange of candidates across ranks.
+
+Kept apart from `vembed_blocks.tiled` so that a loss imports the tiled kernels only when it tiles.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from .distributed import all_gather_sizes, any_rank, gather_with_offset, get_rank, is_dist
-from .tiled import Side, ring_pad
+from .distributed import all_gather_ints, gather_with_grad, get_rank, is_dist, pad_dim
+
+#: With ``tile_size=None`` a loss goes tiled when its dense score tensor would hold more than
+#: this many elements (rows x candidates, times Lq x Ld for ColBERT): 2**26 float32 = 256 MiB.
+AUTO_TILE_ELEMENTS = 1 << 26
+#: Elements per tile chosen automatically (4096 x 4096 scores = 64 MiB in float32).
+AUTO_TILE_SIZE = 4096
 
 
 def check_rows(name: str, **tensors: torch.Tensor) -> None:
@@ -47,16 +58,6 @@ def on_device(value: nn.Parameter | float, like: torch.Tensor) -> torch.Tensor |
     return value.to(like.device) if torch.is_tensor(value) else value
 
 
-def gather(x: torch.Tensor | None, enabled: bool) -> tuple[torch.Tensor | None, int]:
-    """`gather_with_offset` when enabled (bool tensors too); ``(x, 0)`` otherwise."""
-    if x is None or not enabled:
-        return x, 0
-    if x.dtype == torch.bool:  # collectives do not all take bool
-        out, off = gather_with_offset(x.to(torch.uint8))
-        return out.bool(), off
-    return gather_with_offset(x)
-
-
 def flatten_negatives(
     name: str, rows: int, dim: int, negatives: torch.Tensor | None, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -81,29 +82,93 @@ def flatten_negatives(
     return flat, (None if mask is None else mask.bool())
 
 
-def agree_optional(
-    cols: torch.Tensor,
-    labels: torch.Tensor | None,
-    negatives: torch.Tensor | None,
-    negatives_valid: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Make every rank hold the same optional inputs (one tiny all-reduce), filling in empty ones.
+def resolve_tile(tile_size: int | None, rows: int, cols: int, per_pair: int = 1, ring: bool = False) -> int | None:
+    """The tile size to use, or None for the dense path.
 
-    A rank without labels gets ``-1`` (no label) for each row; a rank without negatives gets
-    ``cols[:0]``: no rows, but in the autograd graph like the other ranks' negatives, so the
-    backward of their all-gather (a collective) runs here too; a rank without a validity mask
-    gets all True. So no rank ever runs a collective the others skip, and the result is that
-    of one process on the concatenated batch with those rows masked.
+    ``tile_size``: None = automatic: tiled when the dense scores would hold more than
+    ``AUTO_TILE_ELEMENTS`` (``rows * cols * per_pair``), with tiles of ``AUTO_TILE_SIZE^2``
+    elements (``sqrt(AUTO_TILE_SIZE^2 / per_pair)`` rows and columns); 0 = always dense;
+    a positive int = always tiled with that many rows and columns per tile. A ring is
+    always tiled (None and 0 then mean the automatic tile).
     """
-    present = [labels is not None, negatives is not None, negatives_valid is not None]
-    has_labels, has_neg, has_valid = any_rank(present, cols.device)
-    if has_labels and labels is None:
-        labels = torch.full(cols.shape[:1], -1, dtype=torch.long, device=cols.device)
-    if has_neg and negatives is None:
-        negatives = cols[:0]
-    if has_valid and negatives_valid is None:
-        negatives_valid = torch.ones(negatives.shape[0], dtype=torch.bool, device=cols.device)
-    return labels, negatives, negatives_valid
+    if tile_size is not None and tile_size < 0:
+        raise ValueError(f"tile_size must be None, 0 (dense) or positive, got {tile_size}")
+    if tile_size:
+        return tile_size
+    if not ring and (tile_size == 0 or rows * cols * per_pair <= AUTO_TILE_ELEMENTS):
+        return None
+    return max(1, math.isqrt(AUTO_TILE_SIZE * AUTO_TILE_SIZE // per_pair))
+
+
+@dataclass
+class Side:
+    """Rows (or columns) of a score matrix: features ``x[n, ...]`` plus per-row ``meta`` tensors ``[n, ...]``.
+
+    ``meta``: ``id`` (rows: the global id of the row's target column; columns: their global id,
+    -1 for hard negatives), optional ``label``, optional ``valid`` (columns; False = not a
+    candidate), and anything a scorer needs (ColBERT's ``tokens`` masks).
+    """
+
+    x: torch.Tensor
+    meta: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def slice(self, start: int, stop: int) -> "Side":
+        return Side(self.x[start:stop], {k: v[start:stop] for k, v in self.meta.items()})
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.x, *self.meta.values()]
+
+    def replaced(self, tensors: list[torch.Tensor]) -> "Side":
+        return Side(tensors[0], dict(zip(self.meta, tensors[1:])))
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics and accumulators in at least float32 (bf16/fp16 inputs)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def same_label(rows: Side, cols: Side) -> torch.Tensor | None:
+    """[r, c] True where column j is labelled (id >= 0), shares row i's label, and is not row i's target."""
+    if "label" not in rows.meta or "label" not in cols.meta:
+        return None
+    rid, cid = rows.meta["id"][:, None], cols.meta["id"][None, :]
+    return (rows.meta["label"][:, None] == cols.meta["label"][None, :]) & (cid >= 0) & (cid != rid)
+
+
+def dropped(rows: Side, cols: Side) -> torch.Tensor | None:
+    """[r, c] True where a column is not a candidate of a row (invalid, or a same-label non-target); None: none."""
+    drop = same_label(rows, cols)
+    if "valid" in cols.meta:
+        invalid = ~cols.meta["valid"][None, :]
+        drop = invalid if drop is None else drop | invalid
+    return drop
+
+
+def signed_logits(rows: Side, cols: Side, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``sign * (z + bias)`` (+1 for positives: the own column or a shared label, else -1),
+    the positive mask and the valid-column mask (None: all valid)."""
+    z = (rows.x @ cols.x.T).to(acc_dtype(rows.x)) + bias
+    positive = rows.meta["id"][:, None] == cols.meta["id"][None, :]
+    if "label" in rows.meta and "label" in cols.meta:
+        positive |= (rows.meta["label"][:, None] == cols.meta["label"][None, :]) & (cols.meta["id"] >= 0)[None, :]
+    signed = torch.where(positive, z, -z)
+    keep = cols.meta["valid"][None, :] if "valid" in cols.meta else None
+    return signed, positive, keep
+
+
+def ring_pad(cols: Side, n: int) -> Side:
+    """Pad a column block to ``n`` (the largest block over ranks) so every ring message has one shape.
+
+    Padding columns are invalid (``valid`` False, ``id`` -1); token masks are padded with True
+    so that a scorer never sees an all-padding candidate (its score is finite, then dropped).
+    """
+    meta = dict(cols.meta)
+    meta.setdefault("valid", torch.ones(len(cols), dtype=torch.bool, device=cols.x.device))
+    fill = {"valid": False, "id": -1, "tokens": True}
+    return Side(pad_dim(cols.x, 0, n), {k: pad_dim(v, 0, n, fill.get(k, 0)) for k, v in meta.items()})
 
 
 def unique_unlabelled(labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -111,55 +176,114 @@ def unique_unlabelled(labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(labels < 0, -1 - ids, labels)
 
 
-def contrastive_sides(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
+def gather_parts(parts: list[torch.Tensor], shapes: list[list[tuple[int, ...]]], group=None) -> list[torch.Tensor]:
+    """Several tensors of one dtype from every rank in one all-gather, with gradient.
+
+    ``shapes[r][i]`` is rank r's shape of ``parts[i]`` (known to every rank, e.g. from
+    `all_gather_ints`). Returns, for each part, every rank's rows concatenated in rank order.
+    The backward is one all-reduce (see `distributed.gather_with_grad`).
+    """
+    numels = [[math.prod(s) for s in rank] for rank in shapes]
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    if torch.is_grad_enabled() and not flat.requires_grad:
+        # In the graph on every rank, so a rank whose own inputs need no gradient (say, its only
+        # trainable input is negatives it does not have) still runs the backward's all-reduce.
+        flat.requires_grad_()
+    pieces = gather_with_grad(flat, group, sizes=[sum(n) for n in numels]).split([n for r in numels for n in r])
+    k = len(parts)
+    return [torch.cat([pieces[r * k + i].view(shapes[r][i]) for r in range(len(shapes))]) for i in range(k)]
+
+
+@dataclass
+class Candidates:
+    """The columns a contrastive loss scores its rows against, after the ranks' one exchange.
+
+    ``cols``: per column tensor asked for, every rank's rows in rank order (``[sum_r B_r, D]``),
+    or this rank's own on a ring / without gathering; ``negatives[M, D]`` / ``valid[M]`` likewise;
+    ``labels[B]`` this rank's and ``col_labels`` those of ``cols``; ``offset`` the global id of
+    this rank's first row; ``sizes`` / ``negs`` every rank's row and negative counts.
+    """
+
+    cols: list[torch.Tensor]
+    negatives: torch.Tensor | None
+    valid: torch.Tensor | None
+    labels: torch.Tensor | None
+    col_labels: torch.Tensor | None
+    offset: int
+    sizes: list[int]
+    negs: list[int]
+    ring: bool
+
+    def sides(self, rows: torch.Tensor, cols: torch.Tensor, negatives: bool = True) -> tuple[Side, Side]:
+        """``rows[B, D]`` (this rank's, scaled) and the columns ``cols`` (+ the hard negatives), with masks."""
+        dev = rows.device
+        row_id = self.offset + torch.arange(rows.shape[0], device=dev)
+        # Gathered columns start at global id 0; a ring's (or an ungathered loss's) are this rank's own.
+        col_id = (self.offset if self.ring else 0) + torch.arange(len(cols), device=dev)
+        row_meta, col_meta = {"id": row_id}, {"id": col_id}
+        if self.labels is not None:
+            row_meta["label"] = unique_unlabelled(self.labels, row_id)
+            col_meta["label"] = unique_unlabelled(self.col_labels, col_id)
+        neg = self.negatives if negatives else None
+        if neg is not None:  # extra columns: id -1 (nobody's target), label never compared
+            m = neg.shape[0]
+            cols = torch.cat([cols, neg.to(cols.dtype)])
+            col_meta = {k: torch.cat([v, v.new_full((m,), -1 if k == "id" else 0)]) for k, v in col_meta.items()}
+            if self.valid is not None:
+                col_meta["valid"] = torch.cat([torch.ones(len(cols) - m, dtype=torch.bool, device=dev), self.valid])
+        side = Side(cols, col_meta)
+        if self.ring:
+            side = ring_pad(side, max(s + (n if neg is not None else 0) for s, n in zip(self.sizes, self.negs)))
+        return Side(rows, row_meta), side
+
+
+def exchange(
+    cols: list[torch.Tensor],
     labels: torch.Tensor | None = None,
     negatives: torch.Tensor | None = None,
     negatives_valid: torch.Tensor | None = None,
     *,
     gather_on: bool,
     ring: bool = False,
-) -> tuple[Side, Side]:
-    """Rows and candidate columns of a contrastive score matrix, with the metadata that masks it.
+    group=None,
+) -> Candidates:
+    """Gather a contrastive loss's candidates from every rank of ``group``: 3 collectives, 1 host read.
 
-    ``rows[B,D]`` (this rank's, already scaled) and ``cols[B,D]`` (this rank's positives:
-    column ``offset + i`` is row i's target); ``negatives[M,D]`` with ``negatives_valid[M]``
-    are extra columns with no label and id -1. Without ``ring`` the columns are gathered from
-    every rank (with gradient) when ``gather_on``; with ``ring`` they stay this rank's own
-    (padded to the largest rank's count) for `tiled_logsumexp`'s ring to pass around.
-    ``labels[B]`` are integers >= 0; a negative label (or a rank passing none while another
-    passes some) means "no label": that row shares its label with nobody.
+    ``cols``: this rank's ``[B, D]`` column tensors (the positives; a symmetric loss adds the
+    queries); ``labels[B]`` integer ids (< 0: none); ``negatives[M, D]`` with ``negatives_valid[M]``.
+    First one all-gather of six ints per rank (B, M, D, which optional inputs it has) settles
+    every shape and which inputs exist anywhere: a rank lacking one that another has takes part
+    with an empty / unlabelled / all-valid one, so the result is one process on the
+    concatenated batch with those masked. Then one all-gather (with gradient) of every float
+    tensor packed in one buffer (validity as 0/1) and one of the int64 labels (string labels
+    arrive as `data.label_id` hashes, too wide for a float). A ring needs only the first.
     """
-    n = rows.shape[0]
+    b, dim, dev = cols[0].shape[0], cols[0].shape[-1], cols[0].device
     if labels is not None:
         if labels.is_floating_point():
             raise ValueError(f"labels must be integer ids (>= 0, or < 0 for no label), got dtype {labels.dtype}")
-        labels = labels.long()  # one dtype on every rank: the gathered buffers must match
-    if gather_on and is_dist():
-        labels, negatives, negatives_valid = agree_optional(cols, labels, negatives, negatives_valid)
-    if ring:
-        offset = sum(all_gather_sizes(n, rows.device)[: get_rank()])
-        col_offset = offset
-    else:
-        (cols, offset), (labels_all, _) = gather(cols, gather_on), gather(labels, gather_on)
-        negatives, _ = gather(negatives, gather_on)
-        negatives_valid, _ = gather(negatives_valid, gather_on)
-        col_offset = 0
-    labels_cols = labels if ring else labels_all
-    row_meta = {"id": offset + torch.arange(n, device=rows.device)}
-    col_meta = {"id": col_offset + torch.arange(cols.shape[0], device=rows.device)}
-    if labels is not None:
-        row_meta["label"] = unique_unlabelled(labels, row_meta["id"])
-        col_meta["label"] = unique_unlabelled(labels_cols, col_meta["id"])
-    if negatives is not None:
-        m = negatives.shape[0]
-        cols = torch.cat([cols, negatives.to(cols.dtype)])
-        col_meta["id"] = torch.cat([col_meta["id"], col_meta["id"].new_full((m,), -1)])
-        if labels is not None:  # negatives carry no label: any value, never compared (id -1)
-            col_meta["label"] = torch.cat([col_meta["label"], col_meta["label"].new_zeros(m)])
-        if negatives_valid is not None:
-            valid = torch.ones(cols.shape[0] - m, dtype=torch.bool, device=rows.device)
-            col_meta["valid"] = torch.cat([valid, negatives_valid])
-    col_side = Side(cols, col_meta)
-    return Side(rows, row_meta), (ring_pad(col_side) if ring else col_side)
+        labels = labels.long()
+    m = 0 if negatives is None else negatives.shape[0]
+    header = [b, m, dim, int(labels is not None), int(negatives is not None), int(negatives_valid is not None)]
+    on = gather_on and is_dist(group)
+    table = all_gather_ints(header, dev, group) if on else [header]
+    if len({row[2] for row in table}) > 1:
+        raise ValueError(f"embedding dims differ across ranks: {[row[2] for row in table]}")
+    sizes, negs = [row[0] for row in table], [row[1] for row in table]
+    has_labels, has_neg, has_valid = (any(row[i] for row in table) for i in (3, 4, 5))
+    if has_labels and labels is None:
+        labels = torch.full((b,), -1, dtype=torch.long, device=dev)
+    if has_neg and negatives is None:
+        negatives = cols[0].new_zeros(0, dim)
+    if has_valid and negatives_valid is None:
+        negatives_valid = torch.ones(m, dtype=torch.bool, device=dev)
+    offset = sum(sizes[: get_rank(group)]) if on else 0
+    if ring or not on:
+        return Candidates(cols, negatives, negatives_valid, labels, labels, offset, sizes, negs, ring)
+    parts = [*cols, *[negatives] * has_neg, *[negatives_valid] * has_valid]
+    shapes = [[(n, dim)] * len(cols) + [(k, dim)] * has_neg + [(k,)] * has_valid for n, k in zip(sizes, negs)]
+    got = gather_parts([x.to(cols[0].dtype) for x in parts], shapes, group)
+    negatives = got[len(cols)] if has_neg else None
+    valid = got[-1] > 0.5 if has_valid else None
+    col_labels = gather_with_grad(labels, group, sizes) if has_labels else None
+    return Candidates(got[: len(cols)], negatives, valid, labels, col_labels, offset, sizes, negs, ring)

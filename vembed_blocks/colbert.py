@@ -1,4 +1,8 @@
-"""Late-interaction (ColBERT / ColPali) contrastive loss over MaxSim scores."""
+"""Late-interaction (ColBERT / ColPali) contrastive loss over MaxSim scores.
+
+Imports torch, `vembed_blocks._loss_utils` and `vembed_blocks.distributed`; the tiled kernels
+(`vembed_blocks.tiled`) load the first time a call tiles.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._loss_utils import check_mask, check_temperature, gather
-from .distributed import all_gather_sizes, any_rank, get_rank, is_dist, pad_dim
-from .tiled import Side, resolve_tile, ring_pad, tiled_logsumexp
+from ._loss_utils import Side, check_mask, check_temperature, gather_parts, resolve_tile, ring_pad
+from .distributed import all_gather_ints, get_rank, is_dist, pad_dim
 
 __all__ = ["ColBERT", "maxsim", "maxsim_in_blocks", "save_colbert_head"]
 
@@ -93,15 +96,6 @@ def _check_tokens(key: str, x: torch.Tensor, mask: torch.Tensor, lead: int) -> N
     check_mask("ColBERT", f"{key}_mask", mask, x.shape[:-1])
 
 
-def _gather_tokens(x: torch.Tensor, mask: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Gather [n, L, D] token sets whose L differs across ranks: pad L to the global max first."""
-    if enabled:
-        length = max(all_gather_sizes(x.shape[1], x.device))
-        x, mask = pad_dim(x, 1, length), pad_dim(mask, 1, length)
-    (x, offset), (mask, _) = gather(x, enabled), gather(mask, enabled)
-    return x, mask, offset
-
-
 class ColBERT(nn.Module):
     """InfoNCE over MaxSim scores of token-level embeddings.
 
@@ -115,16 +109,31 @@ class ColBERT(nn.Module):
     ``tile_size``: None = dense unless the ``[B, N, Lq, Ld]`` similarities would exceed
     ``AUTO_TILE_ELEMENTS`` elements, then tiles of ``T`` queries x ``T`` candidates with
     ``T^2 * Lq * Ld <= AUTO_TILE_SIZE^2``; 0 = dense; ``n > 0`` = tiles of n x n. ``ring``:
-    candidates travel rank to rank instead of being gathered (see `InfoNCE`).
+    candidates travel rank to rank instead of being gathered (see `InfoNCE`). ``group``: the
+    process group to gather over (default None: the world). A gathered call runs 2 collectives
+    (sizes, then every rank's documents and negatives in one buffer) and reads the host once.
     """
 
+    matryoshka_args = (0, 2, 4, "negatives")  # token embeddings, not masks
+
     def __init__(
-        self, temperature: float = 0.05, gather: bool = True, tile_size: int | None = None, ring: bool = False
+        self,
+        temperature: float = 0.05,
+        gather: bool = True,
+        tile_size: int | None = None,
+        ring: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         check_temperature("ColBERT", temperature)
         resolve_tile(tile_size, 0, 0)  # validates
-        self.temperature, self.gather, self.tile_size, self.ring = temperature, gather, tile_size, ring
+        self.temperature, self.gather, self.tile_size, self.ring, self.group = (
+            temperature,
+            gather,
+            tile_size,
+            ring,
+            group,
+        )
 
     def forward(
         self,
@@ -142,62 +151,82 @@ class ColBERT(nn.Module):
             raise ValueError(f"ColBERT: query has {rows} rows and doc {doc.shape[0]}; need the same, non-zero")
         if doc.shape[-1] != dim:
             raise ValueError(f"ColBERT: query has dim {dim} but doc has dim {doc.shape[-1]}")
-        for key, m in (("query_mask", query_mask), ("doc_mask", doc_mask)):
-            if not m.bool().any(-1).all():
-                raise ValueError(f"ColBERT: every row of {key} needs at least one real token")
-
         q, qmask = F.normalize(query, dim=-1), query_mask.bool()
         d, dmask = F.normalize(doc, dim=-1), doc_mask.bool()
         neg = nmask = None
         if negatives is not None:
-            neg, nmask = self._flat_negatives(negatives, negatives_mask, rows, dim)
+            neg, nmask = _flat_negatives(negatives, negatives_mask, rows, dim)
             neg = F.normalize(neg, dim=-1)
-        if self.gather and is_dist() and any_rank([neg is not None], q.device)[0] and neg is None:
-            neg, nmask = d[:0], dmask[:0]  # another rank has negatives: take part with none (see agree_optional)
-        ring = self.ring and self.gather and is_dist()
-        cols, offset = _ring_candidates(d, dmask, neg, nmask) if ring else self._gathered(d, dmask, neg, nmask)
+        ring = self.ring and self.gather and is_dist(self.group)
+        cols, offset = self._candidates(qmask, d, dmask, neg, nmask, ring)
         tile = resolve_tile(self.tile_size, rows, len(cols), query.shape[1] * cols.x.shape[1], ring=ring)
         if tile is None:  # dense: all [B, N, Lq, Ld] similarities at once
             scores = maxsim(q, qmask, cols.x, cols.meta["tokens"])
+            if "valid" in cols.meta:
+                scores = scores.masked_fill(~cols.meta["valid"][None, :], float("-inf"))
             return F.cross_entropy(scores / self.temperature, offset + torch.arange(rows, device=q.device))
+        from .tiled import tiled_logsumexp  # the kernels load when a loss first tiles
+
         q = q / self.temperature  # maxsim is positively homogeneous in the query: fold 1/T in
-        lse = tiled_logsumexp(Side(q, {"tokens": qmask}), cols, tile, scorer=MaxSimScorer(), ring=ring)
+        side = Side(q, {"tokens": qmask})
+        lse = tiled_logsumexp(side, cols, tile, scorer=MaxSimScorer(), ring=ring, group=self.group)
         return (lse - paired_maxsim(q, qmask, d, dmask)).mean()
 
-    def _gathered(self, d, dmask, neg, nmask) -> tuple[Side, int]:
-        """Every rank's documents then every rank's negatives, token axes padded to one length."""
-        docs, dmask, offset = _gather_tokens(d, dmask, self.gather)
-        if neg is not None:
-            neg, nmask, _ = _gather_tokens(neg, nmask, self.gather)
-            length = max(docs.shape[1], neg.shape[1])
-            docs = torch.cat([pad_dim(docs, 1, length), pad_dim(neg, 1, length)])
-            dmask = torch.cat([pad_dim(dmask, 1, length), pad_dim(nmask, 1, length)])
-        return Side(docs, {"tokens": dmask}), offset
+    def _candidates(self, qmask, d, dmask, neg, nmask, ring: bool) -> tuple[Side, int]:
+        """Every rank's documents then every rank's negatives (a ring: this rank's), token axes padded to one length.
 
-    @staticmethod
-    def _flat_negatives(negatives: torch.Tensor, mask: torch.Tensor | None, rows: int, dim: int):
-        if mask is None:
-            raise ValueError("ColBERT: negatives need negatives_mask (their token mask)")
-        if negatives.dim() == 4:
-            if negatives.shape[0] != rows:
-                raise ValueError(f"ColBERT: negatives has {negatives.shape[0]} rows but query has {rows}")
-            _check_tokens("negatives", negatives, mask, 2)
-            negatives, mask = negatives.flatten(0, 1), mask.flatten(0, 1)
-        else:
-            _check_tokens("negatives", negatives, mask, 1)
-        if negatives.shape[-1] != dim:
-            raise ValueError(f"ColBERT: query has dim {dim} but negatives have dim {negatives.shape[-1]}")
-        real = mask.bool().any(-1)  # drop absent negatives so they never become candidates
-        return negatives[real], mask.bool()[real]
+        One all-gather of a few ints per rank (sizes, lengths, whether it has negatives, rows
+        without a real token) settles every shape, so the documents and negatives with their
+        masks then travel in one all-gather. Returns the candidates and this rank's row offset.
+        """
+        on = self.gather and is_dist(self.group)
+        b, dim, dev = d.shape[0], d.shape[-1], d.device
+        m, ln = (0, 0) if neg is None else neg.shape[:2]
+        # Counted on the device so the check rides on the header: no read of its own, and every rank raises.
+        empty = (~qmask.any(-1)).sum() + (~dmask.any(-1)).sum()
+        header = torch.cat([torch.tensor([b, d.shape[1], m, ln, dim, int(neg is not None)], device=dev), empty[None]])
+        table = all_gather_ints(header, dev, self.group) if on else [header.tolist()]
+        if any(row[6] for row in table):
+            raise ValueError("ColBERT: every row of query_mask and doc_mask needs at least one real token")
+        if len({row[4] for row in table}) > 1:
+            raise ValueError(f"ColBERT: embedding dims differ across ranks: {[row[4] for row in table]}")
+        sizes, negs, has_neg = [row[0] for row in table], [row[2] for row in table], any(row[5] for row in table)
+        length = max(max(row[1], row[3]) for row in table)
+        if has_neg and neg is None:  # another rank has negatives: take part with none
+            neg, nmask = d.new_zeros(0, length, dim), dmask.new_zeros(0, length)
+        parts = [d, dmask] + ([neg, nmask] if has_neg else [])
+        parts = [pad_dim(x.to(d.dtype), 1, length) for x in parts]
+        if on and not ring:
+            shapes = [
+                [(n, length, dim), (n, length)] + [(k, length, dim), (k, length)] * has_neg for n, k in zip(sizes, negs)
+            ]
+            parts = gather_parts(parts, shapes, self.group)
+        x, tokens = torch.cat(parts[0::2]), torch.cat(parts[1::2]).bool()
+        meta = {"tokens": tokens}
+        if has_neg:  # an absent negative (no real token) is no candidate; True tokens keep its score finite
+            docs = parts[0].shape[0]
+            meta["valid"] = torch.cat([torch.ones(docs, dtype=torch.bool, device=dev), tokens[docs:].any(-1)])
+            meta["tokens"] = tokens | ~meta["valid"][:, None]
+        cols = Side(x, meta)
+        if ring:
+            cols = ring_pad(cols, max(n + k for n, k in zip(sizes, negs)))
+        return cols, (sum(sizes[: get_rank(self.group)]) if on else 0)
 
 
-def _ring_candidates(d, dmask, neg, nmask) -> tuple[Side, int]:
-    """This rank's documents and negatives, padded to the global token length and candidate count."""
-    local = d.shape[1] if neg is None else max(d.shape[1], neg.shape[1])
-    length = max(all_gather_sizes(local, d.device))
-    x, tokens = pad_dim(d, 1, length), pad_dim(dmask, 1, length)
-    if neg is not None:
-        x = torch.cat([x, pad_dim(neg, 1, length)])
-        tokens = torch.cat([tokens, pad_dim(nmask, 1, length)])
-    offset = sum(all_gather_sizes(d.shape[0], d.device)[: get_rank()])
-    return ring_pad(Side(x, {"tokens": tokens})), offset
+def _flat_negatives(negatives: torch.Tensor, mask: torch.Tensor | None, rows: int, dim: int):
+    """``[B,K,Ln,D]`` / ``[M,Ln,D]`` negatives and token masks as ``[M,Ln,D]`` / ``[M,Ln]``; absent ones zeroed."""
+    if mask is None:
+        raise ValueError("ColBERT: negatives need negatives_mask (their token mask)")
+    if negatives.dim() == 4:
+        if negatives.shape[0] != rows:
+            raise ValueError(f"ColBERT: negatives has {negatives.shape[0]} rows but query has {rows}")
+        _check_tokens("negatives", negatives, mask, 2)
+        negatives, mask = negatives.flatten(0, 1), mask.flatten(0, 1)
+    else:
+        _check_tokens("negatives", negatives, mask, 1)
+    if negatives.shape[-1] != dim:
+        raise ValueError(f"ColBERT: query has dim {dim} but negatives have dim {negatives.shape[-1]}")
+    mask = mask.bool()
+    # Absent negatives stay (no data-dependent shapes) but are masked out later; zeroed, so that
+    # whatever an encoder made of an all-padding input (even NaN) reaches no gradient.
+    return torch.where(mask.any(-1)[:, None, None], negatives, negatives.new_zeros(())), mask

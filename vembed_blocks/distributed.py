@@ -29,6 +29,7 @@ __all__ = [
     "init_distributed",
     "gather_with_grad",
     "gather_with_offset",
+    "all_gather_ints",
     "all_gather_sizes",
     "any_rank",
     "pad_dim",
@@ -39,19 +40,19 @@ __all__ = [
 ]
 
 
-def is_dist() -> bool:
-    """True when a process group is initialised with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def is_dist(group: dist.ProcessGroup | None = None) -> bool:
+    """True when a process group is initialised and ``group`` (default: the world) has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def get_rank() -> int:
-    """This process's global rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def get_rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (default: the world; 0 without a process group)."""
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
-def get_world_size() -> int:
-    """Number of ranks (1 without a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def get_world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Number of ranks in ``group`` (default: the world; 1 without a process group)."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 _groups_created = 0  # process groups this process created (each after the first gets its own store prefix)
@@ -109,26 +110,39 @@ def shutdown_distributed() -> None:
     dist.destroy_process_group()
 
 
-def all_gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
-    """Gather one integer from every rank (e.g. a local batch size). ``[n]`` at world size 1."""
-    if not is_dist():
-        return [int(n)]
-    t = torch.tensor([int(n)], device=device, dtype=torch.long)
-    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [int(x.item()) for x in out]
+def all_gather_ints(
+    values: list[int] | torch.Tensor, device: torch.device | str = "cpu", group=None
+) -> list[list[int]]:
+    """Every rank's short list of integers, in rank order: one all-gather and one read back to the host.
+
+    ``values`` (the same length on every rank) may be a 1-D integer tensor, so a count computed
+    on the device (e.g. rows failing a check) travels without a sync of its own. At world size
+    1 (of ``group``): ``[values]``. How the losses agree, in one round, on sizes and on which
+    optional inputs exist.
+    """
+    t = values.to(device, torch.long).reshape(-1) if torch.is_tensor(values) else torch.tensor(values, device=device)
+    if not is_dist(group):
+        return [t.tolist()] if torch.is_tensor(values) else [[int(v) for v in values]]
+    out = torch.empty(get_world_size(group) * t.numel(), dtype=torch.long, device=t.device)
+    _all_gather_flat(out, t, group)
+    return out.view(-1, t.numel()).tolist()
 
 
-def any_rank(flags: list[bool], device: torch.device | str = "cpu") -> list[bool]:
+def all_gather_sizes(n: int, device: torch.device | str = "cpu", group=None) -> list[int]:
+    """Gather one integer from every rank of ``group`` (e.g. a local batch size). ``[n]`` at world size 1."""
+    return [row[0] for row in all_gather_ints([int(n)], device, group)]
+
+
+def any_rank(flags: list[bool], device: torch.device | str = "cpu", group=None) -> list[bool]:
     """For each flag, whether it is True on at least one rank (one all-reduce of ``len(flags)`` ints).
 
-    How ranks agree on which optional inputs exist (hard negatives, labels) before the
-    collectives that depend on it. ``flags`` unchanged at world size 1.
+    How ranks agree on which optional inputs exist before the collectives that depend on it.
+    ``flags`` unchanged at world size 1.
     """
-    if not is_dist():
+    if not is_dist(group):
         return [bool(f) for f in flags]
     t = torch.tensor([int(bool(f)) for f in flags], device=device, dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in t.tolist()]
 
 
@@ -144,53 +158,62 @@ def pad_dim(x: torch.Tensor, dim: int, size: int, value: float = 0.0) -> torch.T
     return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
+def _all_gather_flat(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    """Every rank's ``x`` end to end along dim 0 of ``out`` (one collective, no list of buffers)."""
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        rank = dist.get_rank()
-        ctx.sizes, ctx.rank = sizes, rank
+    def forward(ctx, x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+        ctx.sizes, ctx.rank, ctx.group = sizes, dist.get_rank(group), group
         padded = pad_dim(x.contiguous(), 0, max(sizes))
-        buf = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(buf, padded)
-        return torch.cat([b[:n] for b, n in zip(buf, sizes)], dim=0)
+        buf = torch.empty((len(sizes) * padded.shape[0], *padded.shape[1:]), dtype=padded.dtype, device=padded.device)
+        _all_gather_flat(buf, padded, group)
+        return torch.cat([b[:n] for b, n in zip(buf.split(padded.shape[0]), sizes)], dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # Every rank's loss depends on every rank's rows: sum the gradients over ranks,
         # then keep this rank's slice (a reduce-scatter; all_reduce works on every backend).
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]], None
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x[n_r, ...]`` from all ranks along dim 0, differentiably.
+def gather_with_grad(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x[n_r, ...]`` from all ranks of ``group`` (default: the world) along dim 0, differentiably.
 
     Ranks may hold different numbers of rows (trailing dims must match). Returns
     ``[sum_r n_r, ...]`` in rank order. The backward pass sums gradients over ranks.
-    Identity at world size 1 or without a process group. Every rank must call it (it is
-    a collective).
+    ``sizes``: every rank's ``n_r`` when the caller already knows them (skips one collective).
+    Identity at world size 1 or without a process group. Every rank of the group must call it
+    (it is a collective).
     """
-    return gather_with_offset(x)[0]
+    return gather_with_offset(x, group, sizes)[0]
 
 
-def gather_with_offset(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_with_offset(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """`gather_with_grad`, also returning where this rank's rows start in the result.
 
     Returns ``(gathered[sum_r n_r, ...], offset)``; ``(x, 0)`` at world size 1.
     """
-    if not is_dist():
+    if not is_dist(group):
         return x, 0
-    sizes = all_gather_sizes(x.shape[0], device=x.device)
-    offset = sum(sizes[: dist.get_rank()])
+    sizes = all_gather_sizes(x.shape[0], x.device, group) if sizes is None else sizes
+    offset = sum(sizes[: dist.get_rank(group)])
     if max(sizes) == 0:  # nothing anywhere: skip the collective on empty buffers
         return x, offset
-    return _GatherWithGrad.apply(x, sizes), offset
+    if x.dtype == torch.bool:  # not every backend gathers bool
+        return _GatherWithGrad.apply(x.to(torch.uint8), sizes, group).bool(), offset
+    return _GatherWithGrad.apply(x, sizes, group), offset
 
 
-def ring_shift(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callable[[], None]]:
-    """Post a ring exchange: send each tensor to rank+1, receive same-shaped ones from rank-1.
+def ring_shift(tensors: list[torch.Tensor], group=None) -> tuple[list[torch.Tensor], Callable[[], None]]:
+    """Post a ring exchange: send each tensor to rank+1, receive same-shaped ones from rank-1 (ranks of ``group``).
 
     Every rank must call it with tensors of the same shapes and dtypes (pad first). Returns
     ``(received, wait)``: the receive buffers are valid only after ``wait()``; the sends keep
@@ -198,13 +221,16 @@ def ring_shift(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callabl
     fine, which is what lets the caller overlap the transfer with work). Bool tensors travel
     as uint8 (not every backend sends bool). Without a process group: ``(tensors, no-op)``.
     """
-    if not is_dist():
+    if not is_dist(group):
         return list(tensors), lambda: None
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    after, before = ((rank + 1) % world, (rank - 1) % world)
+    if group is not None:  # P2POp takes global ranks
+        after, before = dist.get_global_rank(group, after), dist.get_global_rank(group, before)
     send = [t.contiguous().view(torch.uint8) if t.dtype == torch.bool else t.contiguous() for t in tensors]
     recv = [torch.empty_like(t) for t in send]
-    ops = [dist.P2POp(dist.isend, t, (rank + 1) % world) for t in send]
-    ops += [dist.P2POp(dist.irecv, t, (rank - 1) % world) for t in recv]
+    ops = [dist.P2POp(dist.isend, t, after, group) for t in send]
+    ops += [dist.P2POp(dist.irecv, t, before, group) for t in recv]
     works = dist.batch_isend_irecv(ops)
     out = [r.view(torch.bool) if t.dtype == torch.bool else r for r, t in zip(recv, tensors)]
 

@@ -1,12 +1,15 @@
-"""Embedding losses: InfoNCE, SigLIP, Triplet, CoSENT, ColBERT, Matryoshka, Distill, mining.
+"""Embedding losses: InfoNCE, SigLIP, Triplet, CoSENT, Matryoshka, Distill.
 
 Inputs are raw embeddings; cosine losses normalise internally. B rows, D dims, K negatives.
+Imports torch, `_loss_utils` and `distributed`; the tiled kernels (`vembed_blocks.tiled`) load
+the first time a loss tiles. ColBERT and mining are blocks of their own.
 
 Distributed (``gather=True``): each rank scores its own B rows against the candidates
-gathered from every rank with gradient (`gather_with_grad`) and averages over its own
-rows. With DDP/FSDP averaging gradients over W ranks, parameter gradients equal those of
-one process on the concatenated global batch. The returned loss is this rank's mean;
-the global loss is the mean of the ranks' losses (for equal local batch sizes).
+gathered from every rank of ``group`` (default: the world) with gradient, and averages over
+its own rows. With DDP/FSDP averaging gradients over W ranks, parameter gradients equal those
+of one process on the concatenated global batch. The returned loss is this rank's mean; the
+global loss is the mean of the ranks' losses (for equal local batch sizes). A gathered call
+runs 3 collectives and reads the host once (`_loss_utils.exchange`), whatever the data.
 """
 
 from __future__ import annotations
@@ -19,20 +22,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._loss_utils import (
+    Side,
     check_mask,
     check_rows,
     check_temperature,
-    contrastive_sides,
+    dropped,
+    exchange,
     flatten_negatives,
     on_device,
+    resolve_tile,
     scale_param,
+    signed_logits,
 )
-from .colbert import ColBERT
 from .distributed import is_dist
-from .mining import mine_hard_negatives
-from .tiled import Side, dropped, resolve_tile, signed_logits, tiled_logsumexp, tiled_sigmoid_loss
 
-__all__ = ["InfoNCE", "SigLIP", "Triplet", "CoSENT", "ColBERT", "Matryoshka", "Distill", "mine_hard_negatives"]
+__all__ = ["InfoNCE", "SigLIP", "Triplet", "CoSENT", "Matryoshka", "Distill"]
 
 
 # ----------------------------------------------------------------------------- InfoNCE
@@ -59,8 +63,11 @@ class InfoNCE(nn.Module):
     ``AUTO_TILE_SIZE`` (4096) rows x candidates; ``0`` forces dense, ``n > 0`` forces tiles of
     n x n. Tiled, extra memory is ``O((B + N) * D + tile^2)`` and the result equals the dense
     loss. ``ring=True`` (with ``gather`` under a process group): candidates are not gathered
-    but passed rank to rank, so no rank holds them all (always tiled).
+    but passed rank to rank, so no rank holds them all (always tiled). ``group``: the process
+    group to gather over (default None: the world); every collective of the call runs on it.
     """
+
+    matryoshka_args = (0, 1, "negatives")  # what `Matryoshka` truncates by default
 
     def __init__(
         self,
@@ -70,13 +77,14 @@ class InfoNCE(nn.Module):
         gather: bool = True,
         tile_size: int | None = None,
         ring: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         check_temperature("InfoNCE", temperature)
         resolve_tile(tile_size, 0, 0)  # validates
         self.log_scale = scale_param(math.log(1.0 / temperature), learn_temperature)
         self.learn, self.symmetric, self.gather = learn_temperature, symmetric, gather
-        self.tile_size, self.ring = tile_size, ring
+        self.tile_size, self.ring, self.group = tile_size, ring, group
 
     @property
     def temperature(self) -> float:
@@ -98,12 +106,14 @@ class InfoNCE(nn.Module):
         q, p = F.normalize(query, dim=-1), F.normalize(positive, dim=-1)
         neg = None if neg is None else F.normalize(neg, dim=-1)
         scale = torch.exp(on_device(self.log_scale, q)) if self.learn else math.exp(self.log_scale)
-        ring = self.ring and self.gather and is_dist()
-        kw = {"gather_on": self.gather, "ring": ring}
-        loss = self._direction(*contrastive_sides(scale * q, p, labels, neg, neg_valid, **kw), p, ring)
+        ring = self.ring and self.gather and is_dist(self.group)
+        # One exchange serves both directions: the queries travel too when symmetric.
+        cols = [p, q] if self.symmetric else [p]
+        cand = exchange(cols, labels, neg, neg_valid, gather_on=self.gather, ring=ring, group=self.group)
+        loss = self._direction(*cand.sides(scale * q, cand.cols[0]), p, ring)
         if not self.symmetric:
             return loss
-        return (loss + self._direction(*contrastive_sides(scale * p, q, labels, **kw), q, ring)) / 2
+        return (loss + self._direction(*cand.sides(scale * p, cand.cols[1], negatives=False), q, ring)) / 2
 
     def _direction(self, rows: Side, cols: Side, own: torch.Tensor, ring: bool) -> torch.Tensor:
         """Mean cross-entropy of each row's own column (``own``, unscaled) among its candidates."""
@@ -113,7 +123,9 @@ class InfoNCE(nn.Module):
             drop = dropped(rows, cols)
             logits = logits if drop is None else logits.masked_fill(drop, float("-inf"))
             return F.cross_entropy(logits, rows.meta["id"])
-        lse = tiled_logsumexp(rows, cols, tile, ring=ring)
+        from .tiled import tiled_logsumexp  # the kernels load when a loss first tiles
+
+        lse = tiled_logsumexp(rows, cols, tile, ring=ring, group=self.group)
         return (lse - (rows.x * own).sum(-1)).mean()
 
 
@@ -131,9 +143,11 @@ class SigLIP(nn.Module):
     ``t`` (init ``temperature``) and ``bias`` are learnable when ``learn`` (t as a log).
     Distributed: this rank's rows of ``a`` against the gathered ``b`` (the local positive
     block plus negative-only blocks from other ranks), divided by the local B, so the
-    mean over ranks is the dense loss of the global batch. ``tile_size`` / ``ring``: as
-    for `InfoNCE` (pairs are independent, so tiles need no running statistics).
+    mean over ranks is the dense loss of the global batch. ``tile_size`` / ``ring`` / ``group``:
+    as for `InfoNCE` (pairs are independent, so tiles need no running statistics).
     """
+
+    matryoshka_args = (0, 1, "negatives")
 
     def __init__(
         self,
@@ -143,13 +157,14 @@ class SigLIP(nn.Module):
         gather: bool = True,
         tile_size: int | None = None,
         ring: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         check_temperature("SigLIP", temperature)
         resolve_tile(tile_size, 0, 0)  # validates
         self.log_scale = scale_param(math.log(temperature), learn)
         self.bias = scale_param(bias, learn)
-        self.learn, self.gather, self.tile_size, self.ring = learn, gather, tile_size, ring
+        self.learn, self.gather, self.tile_size, self.ring, self.group = learn, gather, tile_size, ring, group
 
     def forward(
         self,
@@ -168,15 +183,18 @@ class SigLIP(nn.Module):
         neg = None if neg is None else F.normalize(neg, dim=-1)
         scale = torch.exp(on_device(self.log_scale, a)) if self.learn else math.exp(self.log_scale)
         bias = on_device(self.bias, a) if self.learn else torch.tensor(self.bias, dtype=a.dtype, device=a.device)
-        ring = self.ring and self.gather and is_dist()
-        rows, cols = contrastive_sides(scale * a, b, labels, neg, neg_valid, gather_on=self.gather, ring=ring)
+        ring = self.ring and self.gather and is_dist(self.group)
+        cand = exchange([b], labels, neg, neg_valid, gather_on=self.gather, ring=ring, group=self.group)
+        rows, cols = cand.sides(scale * a, cand.cols[0])
         tile = resolve_tile(self.tile_size, len(rows), len(cols), ring=ring)
         if tile is None:  # dense: every pair at once
             signed, _, keep = signed_logits(rows, cols, bias)
             terms = -F.logsigmoid(signed)
             # Summed in float32 (signed_logits), returned in the inputs' dtype like the tiled path.
             return ((terms if keep is None else terms * keep).sum() / a.shape[0]).to(rows.x.dtype)
-        return tiled_sigmoid_loss(rows, cols, bias, tile, ring=ring) / a.shape[0]
+        from .tiled import tiled_sigmoid_loss
+
+        return tiled_sigmoid_loss(rows, cols, bias, tile, ring=ring, group=self.group) / a.shape[0]
 
 
 # ----------------------------------------------------------------------------- Triplet
@@ -192,6 +210,8 @@ class Triplet(nn.Module):
     over every valid (anchor, negative) triplet. Without any valid negative the loss is a zero
     that is still connected to the inputs (``backward`` works, gradients are zero).
     """
+
+    matryoshka_args = (0, 1, 2, "negatives")
 
     def __init__(self, margin: float = 0.2, distance: str = "cosine", mining: str = "hardest") -> None:
         super().__init__()
@@ -270,11 +290,11 @@ class Matryoshka(nn.Module):
     ``truncate`` cut to their first d features; every other argument (masks, labels, scores,
     a `Distill` teacher's embeddings) passes unchanged, whatever its width. ``truncate`` holds
     positions (int) and keyword names (str); an entry that is absent in a call (e.g. no
-    ``negatives``) is skipped. Default by loss: `InfoNCE` / `SigLIP` ``(0, 1, "negatives")``,
-    `Triplet` ``(0, 1, 2, "negatives")``, `ColBERT` ``(0, 2, 4, "negatives")`` (token
-    embeddings, not masks), `Distill` ``(0, 1)`` (the student only); any other loss needs
-    ``truncate`` given. The full dim is that of the first positional argument; a truncated
-    argument of another width is an error. ``dims`` are sorted largest first with their
+    ``negatives``) is skipped. Default: the loss's ``matryoshka_args``: `InfoNCE` / `SigLIP`
+    ``(0, 1, "negatives")``, `Triplet` ``(0, 1, 2, "negatives")``, `ColBERT` ``(0, 2, 4,
+    "negatives")`` (token embeddings, not masks), `Distill` ``(0, 1)`` (the student only); a
+    loss without that attribute needs ``truncate`` given. The full dim is that of the first
+    positional argument; a truncated argument of another width is an error. ``dims`` are sorted largest first with their
     ``weights`` kept paired (default all 1).
     """
 
@@ -295,7 +315,7 @@ class Matryoshka(nn.Module):
         if min(dims) <= 0 or len(set(dims)) != len(dims):
             raise ValueError(f"Matryoshka: dims must be distinct positive integers, got {dims}")
         if truncate is None:
-            truncate = next((t for cls, t in _MATRYOSHKA_TRUNCATE if isinstance(loss, cls)), None)
+            truncate = getattr(loss, "matryoshka_args", None)  # a class attribute: no import of every loss
             if truncate is None:
                 raise ValueError(
                     f"Matryoshka: pass truncate= (the positions / keyword names of the embedding "
@@ -338,8 +358,11 @@ class Distill(nn.Module):
     ``forward(student_q[B,Ds], student_d[N,Ds], teacher_q[B,Dt], teacher_d[N,Dt])``; cosine
     score matrices ``S[B,N]`` for both (the teacher may have another dim, and may be
     precomputed; it gets no gradient). ``kind="kl"``: ``T^2 * mean_i KL(softmax(S_t,i / T) ||
-    softmax(S_s,i / T))``; ``kind="mse"``: ``mean((S_s - S_t)^2)``.
+    softmax(S_s,i / T))``; ``kind="mse"``: ``mean((S_s - S_t)^2)``. Nothing is gathered: to
+    score against other ranks' documents, pass them gathered (`distributed.gather_with_grad`).
     """
+
+    matryoshka_args = (0, 1)
 
     def __init__(self, temperature: float = 1.0, kind: str = "kl") -> None:
         super().__init__()
@@ -375,13 +398,3 @@ class Distill(nn.Module):
         log_p_s = F.log_softmax(s / tau, dim=-1)
         log_p_t = F.log_softmax(t / tau, dim=-1)
         return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau**2
-
-
-#: Matryoshka's default arguments to truncate, by loss class (see `Matryoshka`).
-_MATRYOSHKA_TRUNCATE: list[tuple[type, tuple[int | str, ...]]] = [
-    (InfoNCE, (0, 1, "negatives")),
-    (SigLIP, (0, 1, "negatives")),
-    (Triplet, (0, 1, 2, "negatives")),
-    (ColBERT, (0, 2, 4, "negatives")),
-    (Distill, (0, 1)),
-]

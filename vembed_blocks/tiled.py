@@ -18,21 +18,24 @@ Rows and columns carry per-row metadata (a `Side`) from which each tile builds i
 - anything else (e.g. ColBERT token masks) is passed to the scorer.
 
 ``ring=True`` (under an initialised process group) keeps only this rank's columns and
-passes them around the ranks (`ring_shift`): no rank ever holds all candidates. In the
+passes them around the ranks of ``group`` (`ring_shift`; default: the world): no rank ever holds all candidates. In the
 backward the column blocks travel with their gradient accumulators and arrive home holding
 the sum over ranks, the same gradient `gather_with_grad`'s backward would give, so the
 distributed gradient contract holds unchanged.
+
+Imports torch, `vembed_blocks._loss_utils` (`Side`, the masks, the dense-or-tiled decision)
+and `vembed_blocks.distributed`. The losses import this module only when they tile.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 import torch
 
-from .distributed import all_gather_sizes, get_world_size, is_dist, pad_dim, ring_shift
+from ._loss_utils import AUTO_TILE_ELEMENTS, AUTO_TILE_SIZE, Side, acc_dtype, dropped, resolve_tile, signed_logits
+from .distributed import get_world_size, is_dist, ring_shift
 
 __all__ = [
     "AUTO_TILE_ELEMENTS",
@@ -40,54 +43,9 @@ __all__ = [
     "Side",
     "DotScorer",
     "resolve_tile",
-    "ring_pad",
     "tiled_logsumexp",
     "tiled_sigmoid_loss",
 ]
-
-#: With ``tile_size=None`` a loss goes tiled when its dense score tensor would hold more than
-#: this many elements (rows x candidates, times Lq x Ld for ColBERT): 2**26 float32 = 256 MiB.
-AUTO_TILE_ELEMENTS = 1 << 26
-#: Elements per tile chosen automatically (4096 x 4096 scores = 64 MiB in float32).
-AUTO_TILE_SIZE = 4096
-
-
-def resolve_tile(tile_size: int | None, rows: int, cols: int, per_pair: int = 1, ring: bool = False) -> int | None:
-    """The tile size to use, or None for the dense path.
-
-    ``tile_size``: None = automatic: tiled when the dense scores would hold more than
-    ``AUTO_TILE_ELEMENTS`` (``rows * cols * per_pair``), with tiles of ``AUTO_TILE_SIZE^2``
-    elements (``sqrt(AUTO_TILE_SIZE^2 / per_pair)`` rows and columns); 0 = always dense;
-    a positive int = always tiled with that many rows and columns per tile. A ring is
-    always tiled (None and 0 then mean the automatic tile).
-    """
-    if tile_size is not None and tile_size < 0:
-        raise ValueError(f"tile_size must be None, 0 (dense) or positive, got {tile_size}")
-    if tile_size:
-        return tile_size
-    if not ring and (tile_size == 0 or rows * cols * per_pair <= AUTO_TILE_ELEMENTS):
-        return None
-    return max(1, math.isqrt(AUTO_TILE_SIZE * AUTO_TILE_SIZE // per_pair))
-
-
-@dataclass
-class Side:
-    """Rows (or columns) of a score matrix: features ``x[n, ...]`` plus per-row ``meta`` tensors ``[n, ...]``."""
-
-    x: torch.Tensor
-    meta: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def slice(self, start: int, stop: int) -> "Side":
-        return Side(self.x[start:stop], {k: v[start:stop] for k, v in self.meta.items()})
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.x, *self.meta.values()]
-
-    def replaced(self, tensors: list[torch.Tensor]) -> "Side":
-        return Side(tensors[0], dict(zip(self.meta, tensors[1:])))
 
 
 class Scorer(Protocol):
@@ -115,73 +73,38 @@ class DotScorer:
             dcols += dz.T @ rows.x
 
 
-def same_label(rows: Side, cols: Side) -> torch.Tensor | None:
-    """[r, c] True where column j is labelled (id >= 0), shares row i's label, and is not row i's target."""
-    if "label" not in rows.meta or "label" not in cols.meta:
-        return None
-    rid, cid = rows.meta["id"][:, None], cols.meta["id"][None, :]
-    return (rows.meta["label"][:, None] == cols.meta["label"][None, :]) & (cid >= 0) & (cid != rid)
-
-
-def dropped(rows: Side, cols: Side) -> torch.Tensor | None:
-    """[r, c] True where a column is not a candidate of a row (invalid, or a same-label non-target); None: none."""
-    drop = same_label(rows, cols)
-    if "valid" in cols.meta:
-        invalid = ~cols.meta["valid"][None, :]
-        drop = invalid if drop is None else drop | invalid
-    return drop
-
-
 def _spans(n: int, tile: int) -> Iterator[tuple[int, int]]:
     return ((s, min(s + tile, n)) for s in range(0, n, tile))
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics and accumulators in at least float32 (bf16/fp16 inputs)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def ring_pad(cols: Side) -> Side:
-    """Pad a column block to the largest block over ranks so every ring message has one shape.
-
-    Padding columns are invalid (``valid`` False, ``id`` -1); token masks are padded with True
-    so that a scorer never sees an all-padding candidate (its score is finite, then dropped).
-    """
-    n = max(all_gather_sizes(len(cols), cols.x.device))
-    meta = dict(cols.meta)
-    meta.setdefault("valid", torch.ones(len(cols), dtype=torch.bool, device=cols.x.device))
-    fill = {"valid": False, "id": -1, "tokens": True}
-    return Side(pad_dim(cols.x, 0, n), {k: pad_dim(v, 0, n, fill.get(k, 0)) for k, v in meta.items()})
-
-
-def _column_blocks(cols: Side, ring: bool) -> Iterator[Side]:
+def _column_blocks(cols: Side, ring: bool, group) -> Iterator[Side]:
     """This rank's columns, then (ring) every other rank's, received while the previous one is scored."""
-    steps = get_world_size() if ring and is_dist() else 1
+    steps = get_world_size(group) if ring and is_dist(group) else 1
     block = cols
     for step in range(steps):
         if step + 1 < steps:
-            received, wait = ring_shift(block.tensors())
+            received, wait = ring_shift(block.tensors(), group)
         yield block
         if step + 1 < steps:
             wait()
             block = cols.replaced(received)
 
 
-def _sweep_backward(cols: Side, ring: bool, visit: Callable[[Side, torch.Tensor], None]) -> torch.Tensor:
+def _sweep_backward(cols: Side, ring: bool, group, visit: Callable[[Side, torch.Tensor], None]) -> torch.Tensor:
     """Call ``visit(block, dblock)`` on every column block; return d(loss)/d(this rank's columns).
 
     In a ring the gradient accumulator travels with its block and is shifted once more at
     the end, so it comes home holding every rank's contribution (summed, like the backward
     of an all-gather).
     """
-    steps = get_world_size() if ring and is_dist() else 1
-    block, dblock = cols, torch.zeros(cols.x.shape, dtype=_acc_dtype(cols.x), device=cols.x.device)
+    steps = get_world_size(group) if ring and is_dist(group) else 1
+    block, dblock = cols, torch.zeros(cols.x.shape, dtype=acc_dtype(cols.x), device=cols.x.device)
     for step in range(steps):
         if step + 1 < steps:  # prefetch the next block's features while this one is scored
-            received, wait_block = ring_shift(block.tensors())
+            received, wait_block = ring_shift(block.tensors(), group)
         visit(block, dblock)
         if steps > 1:
-            (dblock,), wait_grad = ring_shift([dblock])
+            (dblock,), wait_grad = ring_shift([dblock], group)
             wait_grad()
         if step + 1 < steps:
             wait_block()
@@ -193,12 +116,12 @@ class _TiledLSE(torch.autograd.Function):
     """``lse[i] = logsumexp_j z[i, j]`` over the non-dropped columns, tile by tile."""
 
     @staticmethod
-    def forward(ctx, scorer, tile, ring, row_meta, col_meta, row_x, col_x):
+    def forward(ctx, scorer, tile, ring, group, row_meta, col_meta, row_x, col_x):
         rows, cols = Side(row_x, row_meta), Side(col_x, col_meta)
-        acc = _acc_dtype(row_x)
+        acc = acc_dtype(row_x)
         m = torch.full((len(rows),), -math.inf, dtype=acc, device=row_x.device)  # running max
         s = torch.zeros_like(m)  # running sum of exp(z - m)
-        for block in _column_blocks(cols, ring):
+        for block in _column_blocks(cols, ring, group):
             for r0, r1 in _spans(len(rows), tile):
                 rt = rows.slice(r0, r1)
                 for c0, c1 in _spans(len(block), tile):
@@ -209,7 +132,8 @@ class _TiledLSE(torch.autograd.Function):
                     m[r0:r1] = new
         lse = m + torch.log(s)
         ctx.save_for_backward(row_x, col_x, lse)
-        ctx.scorer, ctx.tile, ctx.ring, ctx.row_meta, ctx.col_meta = scorer, tile, ring, row_meta, col_meta
+        ctx.scorer, ctx.tile, ctx.ring, ctx.group = scorer, tile, ring, group
+        ctx.row_meta, ctx.col_meta = row_meta, col_meta
         return lse.to(row_x.dtype)
 
     @staticmethod
@@ -228,48 +152,38 @@ class _TiledLSE(torch.autograd.Function):
                     p = z.sub_(lse[r0:r1, None]).exp_().mul_(grad[r0:r1, None])  # softmax * upstream grad
                     ctx.scorer.accumulate(rt, ct, p, drows[r0:r1], dblock[c0:c1])
 
-        dcols = _sweep_backward(cols, ctx.ring, visit)
-        return None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype)
+        dcols = _sweep_backward(cols, ctx.ring, ctx.group, visit)
+        return None, None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype)
 
 
 def _masked_scores(scorer: Scorer, rows: Side, cols: Side) -> torch.Tensor:
     """One tile of scores in the accumulation dtype, dropped pairs at -inf (weight 0 in the softmax)."""
-    z = scorer.score(rows, cols).to(_acc_dtype(rows.x))
+    z = scorer.score(rows, cols).to(acc_dtype(rows.x))
     drop = dropped(rows, cols)
     return z if drop is None else z.masked_fill_(drop, -math.inf)
 
 
 def tiled_logsumexp(
-    rows: Side, cols: Side, tile: int, scorer: Scorer | None = None, ring: bool = False
+    rows: Side, cols: Side, tile: int, scorer: Scorer | None = None, ring: bool = False, group=None
 ) -> torch.Tensor:
     """``[B]`` logsumexp over columns of ``scorer(rows, cols)`` with masks from the metadata.
 
     Differentiable in ``rows.x`` and ``cols.x``. ``ring``: ``cols`` are this rank's columns
-    only (padded with `ring_pad`); every rank must call it (and its backward) together.
+    only (padded to the largest rank's with `_loss_utils.ring_pad`), passed around the ranks
+    of ``group`` (default: the world); every rank must call it (and its backward) together.
     """
-    return _TiledLSE.apply(scorer or DotScorer(), int(tile), bool(ring), rows.meta, cols.meta, rows.x, cols.x)
-
-
-def signed_logits(rows: Side, cols: Side, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``sign * (z + bias)`` (+1 for positives: the own column or a shared label, else -1),
-    the positive mask and the valid-column mask (None: all valid)."""
-    z = (rows.x @ cols.x.T).to(_acc_dtype(rows.x)) + bias
-    positive = rows.meta["id"][:, None] == cols.meta["id"][None, :]
-    if "label" in rows.meta and "label" in cols.meta:
-        positive |= (rows.meta["label"][:, None] == cols.meta["label"][None, :]) & (cols.meta["id"] >= 0)[None, :]
-    signed = torch.where(positive, z, -z)
-    keep = cols.meta["valid"][None, :] if "valid" in cols.meta else None
-    return signed, positive, keep
+    scorer = scorer or DotScorer()
+    return _TiledLSE.apply(scorer, int(tile), bool(ring), group, rows.meta, cols.meta, rows.x, cols.x)
 
 
 class _TiledSigmoid(torch.autograd.Function):
     """``sum_ij -log sigmoid(sign_ij * (z_ij + bias))`` over valid pairs, tile by tile."""
 
     @staticmethod
-    def forward(ctx, tile, ring, row_meta, col_meta, row_x, col_x, bias):
+    def forward(ctx, tile, ring, group, row_meta, col_meta, row_x, col_x, bias):
         rows, cols = Side(row_x, row_meta), Side(col_x, col_meta)
-        total = torch.zeros((), dtype=_acc_dtype(row_x), device=row_x.device)
-        for block in _column_blocks(cols, ring):
+        total = torch.zeros((), dtype=acc_dtype(row_x), device=row_x.device)
+        for block in _column_blocks(cols, ring, group):
             for r0, r1 in _spans(len(rows), tile):
                 rt = rows.slice(r0, r1)
                 for c0, c1 in _spans(len(block), tile):
@@ -277,14 +191,14 @@ class _TiledSigmoid(torch.autograd.Function):
                     terms = -torch.nn.functional.logsigmoid(signed)
                     total += (terms if keep is None else terms.masked_fill_(~keep, 0.0)).sum()
         ctx.save_for_backward(row_x, col_x, bias)
-        ctx.tile, ctx.ring, ctx.row_meta, ctx.col_meta = tile, ring, row_meta, col_meta
+        ctx.tile, ctx.ring, ctx.group, ctx.row_meta, ctx.col_meta = tile, ring, group, row_meta, col_meta
         return total.to(row_x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         row_x, col_x, bias = ctx.saved_tensors
         rows, cols, tile = Side(row_x, ctx.row_meta), Side(col_x, ctx.col_meta), ctx.tile
-        acc = _acc_dtype(row_x)
+        acc = acc_dtype(row_x)
         drows = torch.zeros(row_x.shape, dtype=acc, device=row_x.device)
         dbias = torch.zeros((), dtype=acc, device=row_x.device)
         grad = grad.to(acc)
@@ -303,15 +217,17 @@ class _TiledSigmoid(torch.autograd.Function):
                     dbias.add_(dz.sum())
                     DotScorer().accumulate(rt, ct, dz, drows[r0:r1], dblock[c0:c1])
 
-        dcols = _sweep_backward(cols, ctx.ring, visit)
-        dbias = dbias.to(bias.dtype) if ctx.needs_input_grad[6] else None
-        return None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype), dbias
+        dcols = _sweep_backward(cols, ctx.ring, ctx.group, visit)
+        dbias = dbias.to(bias.dtype) if ctx.needs_input_grad[7] else None
+        return None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype), dbias
 
 
-def tiled_sigmoid_loss(rows: Side, cols: Side, bias: torch.Tensor, tile: int, ring: bool = False) -> torch.Tensor:
+def tiled_sigmoid_loss(
+    rows: Side, cols: Side, bias: torch.Tensor, tile: int, ring: bool = False, group=None
+) -> torch.Tensor:
     """Sum over valid pairs of ``-log sigmoid(+-(rows.x_i . cols.x_j + bias))`` (+ for positives).
 
     Positives: a column whose ``id`` equals the row's ``id``, or (labels given) a labelled column
     with the row's label. Differentiable in ``rows.x``, ``cols.x`` and ``bias`` (a 0-d tensor).
     """
-    return _TiledSigmoid.apply(int(tile), bool(ring), rows.meta, cols.meta, rows.x, cols.x, bias)
+    return _TiledSigmoid.apply(int(tile), bool(ring), group, rows.meta, cols.meta, rows.x, cols.x, bias)
