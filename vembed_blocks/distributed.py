@@ -93,7 +93,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
 def shutdown_distributed() -> None:
     """End a run: destroy the process group safely.
 
-    The recipes hold no DDP wrapper (`grad_sync.accumulate_gradients` syncs instead), so there
+    The recipes hold no DDP wrapper (`average_gradients` syncs instead), so there
     is nothing to free first. If your own loop keeps a `wrap_ddp` model, ``del`` it before
     calling this. Why: with torch 2.13 and gloo, freeing a DDP wrapper or the group joins gloo's worker thread
     while the main thread holds the GIL; if that thread is still freeing the Python tensors
@@ -246,7 +246,8 @@ def average_gradients(params, bucket_bytes: int = 32 << 20) -> None:
     """Average ``.grad`` over ranks for the plain (not FSDP-sharded) parameters in ``params``.
 
     For parameters no wrapper syncs (a loss's temperature, a projection outside the sharded
-    model), or all of a model trained without DDP (`grad_sync.accumulate_gradients`). Sharded
+    model), or all of a model trained without DDP: call it once after the micro-batches of a step
+    (`grad_sync.defer_gradient_sync`), as the recipes do. Sharded
     (DTensor) parameters are skipped: FSDP2 has reduced their gradients already. A parameter
     with a gradient on some rank but none here gets zeros first (one small all-reduce of
     flags), so every rank all-reduces the same tensors. Gradients travel in flat buckets of at
