@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -198,14 +199,15 @@ def test_qwen3_embedding_export_with_its_instructions(toy, tmp_path):
     final = str(tmp_path / "run" / "final")
     enc = load_encoder(final, batch_size=5)
     assert enc.family == "vlm"
-    assert enc.backend.settings["query_instruction"] == "represent the query"  # from the run's args.json
+    assert enc.backend.settings["query_instruction"] == "represent the query"  # from the export's vlm_embedding.json
     queries, docs, relevant = val_sides(toy["shapes_val"], "t2i")
     reference = vlm_reference(final, "represent the query", "represent")
     check_single_vector(enc, reference, queries, docs, relevant, result["after"])
 
-    # The folder's vlm_embedding.json wins over the run's args.json, an explicit instruction over both;
+    # The folder's vlm_embedding.json is what is read (edited here), an explicit instruction wins over it;
     # an image query is a one-image item.
-    (Path(final) / "vlm_embedding.json").write_text(json.dumps({"query_instruction": "represent the input"}))
+    sidecar = Path(final) / "vlm_embedding.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "query_instruction": "represent the input"}))
     items = [queries[0], docs[0]]
     got = load_encoder(final).encode(items, is_query=True)
     torch.testing.assert_close(got, vlm_reference(final, "represent the input", "represent")(items, True))
@@ -273,6 +275,52 @@ def test_colbert_text_and_colqwen_exports(toy, tmp_path):
         t, m = reference([item], True)
         assert torch.equal(mask[i, : m.shape[1]], m[0]) and not mask[i, m.shape[1] :].any()
         torch.testing.assert_close(tokens[i, : m.shape[1]], t[0], atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- an export describes itself
+
+
+def test_copied_export_loads_with_its_own_settings(toy, tmp_path):
+    """An export copied away from its run folder (no args.json beside it; a stale one one folder up
+    instead) loads with the settings it was trained with (instructions or prefixes, max_length, pooling,
+    max_image_side) and embeds exactly as in place; in place too only the folder's own files are read."""
+    runs = {
+        "vlm": ("qwen3_fsdp", "qwen", "shapes", "t2i", ["--query-instruction", "find this", "--max-image-side", "32"]),
+        "colbert": (
+            "colbert",
+            "bert",
+            "pets",
+            "t2t",
+            ["--dim", "16", "--query-instruction", "q: ", "--max-length", "12"],
+        ),
+        "text": ("text_t2t", "bert", "pets", "t2t", ["--query-prefix", "query ", "--pooling", "cls"]),
+    }
+    expected = {
+        "vlm": {"query_instruction": "find this", "doc_instruction": None, "max_image_side": 32, "pooling": "last"},
+        "colbert": {"query_instruction": "q: ", "max_length": 12, "encoder": "text", "dim": 16},
+        "text": {"pooling": "cls", "prompts": {"query": "query "}},
+    }
+    for family, (recipe, model, data, fmt, extra) in runs.items():
+        run = tmp_path / family
+        flags = ["--model", toy[model], "--data", toy[f"{data}_train"], "--val-data", toy[f"{data}_val"]]
+        run_recipe(recipe, run, *flags, *(["--format", fmt] if recipe != "text_t2t" else []), *extra)
+        assert (run / "args.json").is_file()
+        copy = tmp_path / "elsewhere" / family
+        shutil.copytree(run / "final", copy)
+        stale = {"query_instruction": "stale", "doc_instruction": "stale", "max_length": 3, "max_image_side": 8}
+        (copy.parent / "args.json").write_text(json.dumps(stale))
+        in_place, moved = load_encoder(str(run / "final")), load_encoder(str(copy))
+        assert in_place.family == moved.family == family
+        settings = {k: v for k, v in in_place.backend.settings.items() if k != "read_from"}
+        assert settings == {k: v for k, v in moved.backend.settings.items() if k != "read_from"}
+        assert {k: settings[k] for k in expected[family]} == expected[family], settings
+        for enc in (in_place, moved):  # (a text folder's settings come from its sentence-transformers files)
+            assert all("args.json" not in f for f in enc.backend.settings.get("read_from", [])), enc.backend.settings
+        queries, docs, _ = val_sides(toy[f"{data}_val"], fmt)
+        for items, is_query in ((queries[:4], True), (docs[:4], False)):
+            a, b = in_place.encode(items, is_query), moved.encode(items, is_query)
+            for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                assert torch.equal(x, y)
 
 
 # ----------------------------------------------------------------------------- detection and bad input

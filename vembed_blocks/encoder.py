@@ -1,15 +1,19 @@
-"""Use a trained model: load any folder a recipe exports and embed texts, images or mixed items.
+"""Use a trained model: load an exported model folder and embed texts, images or mixed items.
 
-    enc = load_encoder("runs/clip_t2i/final")                 # family detected from the folder's files
+    enc = load_encoder("runs/clip/final")                     # family detected from the folder's files
     q = enc.encode_text(["a red circle on the left"])         # [1, D], L2-normalised, CPU float32
     d = enc.encode_image(["img/0.png", pil_image], is_query=False)
     scores = enc.similarity(q, d)                             # [1, 2] cosine
 
-The embeddings are the ones the exporting recipe's evaluation computes for the same items (same
-collator, same forward, same normalisation); the per-family half lives in `encoder_families`.
+The embeddings are the ones the training loop's evaluation computes for the same items (same
+collator, same forward, same normalisation), read from the folder alone (its sidecar files); the
+per-family half lives in `encoder_families`.
 Multi-vector folders (ColBERT / ColQwen) return ``(tokens[B, L, D], mask[B, L])``: token vectors
 padded with zeros to the longest item of the call, ``mask`` True on real tokens, and
 `Encoder.similarity` scores them by MaxSim.
+
+Imports: torch, numpy, `vembed_blocks.encoder_families` and `vembed_blocks.data.records`; Pillow,
+transformers and the family's blocks only when a folder is loaded or images are encoded.
 """
 
 from __future__ import annotations
@@ -65,10 +69,10 @@ def load_encoder(
 
     ``device``: default CUDA if available, else CPU. ``dtype``: the weights' dtype (``"bf16"``,
     ``"fp16"``, ``"fp32"`` or a ``torch.dtype``; default as saved in float32); half precision is for
-    GPUs. ``normalize``: L2-normalise every vector (what every recipe's evaluation does; ColBERT:
+    GPUs. ``normalize``: L2-normalise every vector (what retrieval evaluation does; ColBERT:
     every token vector). ``output``: ``"torch"`` (CPU float32 tensors) or ``"numpy"``. ``family``:
     skip detection (``"dual"``, ``"text"``, ``"vlm"``, ``"colbert"``). ``overrides``: collation
-    settings the folder (or its run's ``args.json``) would otherwise give: ``query_instruction``,
+    settings the folder's sidecar files would otherwise give: ``query_instruction``,
     ``doc_instruction`` (text: prefixes), ``max_length``, ``max_image_side``.
     """
     if device is None:
@@ -79,7 +83,7 @@ def load_encoder(
 
 
 class Encoder:
-    """Embeds items the way the exporting recipe's evaluation did. Build it with `load_encoder`.
+    """Embeds items the way the exported model was evaluated in training. Build it with `load_encoder`.
 
     Every ``encode*`` method takes ``is_query`` (default True): queries get the folder's query
     instruction / prefix, documents (``is_query=False``) the document one; families without
@@ -126,7 +130,7 @@ class Encoder:
         ``"text"`` and/or ``"image"`` / ``"images"`` (paths or ``PIL.Image``s).
 
         Items are embedded in groups of the same shape (text only, one image, text + image, ...),
-        as the recipes' collators take them, and returned in input order.
+        as the collators take them, and returned in input order.
         """
         output = output or self.output
         _check_output(output)
@@ -143,7 +147,7 @@ class Encoder:
 
         Single vectors: cosine. Multi-vector ``(tokens, mask)`` pairs: MaxSim over unit token
         vectors (each real token of ``a`` takes its best cosine among ``b``'s real tokens; averaged
-        over ``a``'s real tokens), as the colbert recipe ranks a corpus.
+        over ``a``'s real tokens), as ColBERT ranks a corpus.
         """
         from .colbert import maxsim
 

@@ -1,17 +1,23 @@
 """How each exported folder kind is detected, loaded and run: the per-family half of `encoder`.
 
 A family is loaded into a `Backend`: the model, the text / image abilities and one function
-``embed(items, is_query)`` that collates a batch of `Item`s with the collator the training recipe
-used and runs the same forward its evaluation runs (before any normalisation, which `Encoder` adds).
+``embed(items, is_query)`` that collates a batch of `Item`s with the collator the model was trained
+with and runs the same forward its evaluation ran (before any normalisation, which `Encoder` adds).
 
-    family   detected by                                   recipe                  embed returns
-    dual     composed_dual_encoder.json, or a config.json  clip_t2i                [B, D]
+    family   detected by                                     settings read from          embed returns
+    dual     composed_dual_encoder.json, or a config.json    the model folder            [B, D]
              with text_config + vision_config (CLIP, SigLIP);
              composed towers may be image-only (no text/)
-    colbert  colbert.json (+ colbert_projection.safetensors) colbert               ([B, L, D], mask[B, L])
-    text     modules.json, or a config.json without a      text_t2t, distill       [B, D]
+    colbert  colbert.json (+ colbert_projection.safetensors)  colbert.json                ([B, L, D], mask[B, L])
+    text     modules.json, or a config.json without a        sentence-transformers files [B, D]
              vision_config (plain HF text model)
-    vlm      config.json whose model_type ends in "_vl"    qwen3_fsdp              [B, D] (last token)
+    vlm      config.json whose model_type ends in "_vl"      vlm_embedding.json          [B, D] (last token)
+
+An export describes itself: only files inside the folder are read (never a training run's
+arguments), so a folder copied anywhere loads with the same settings.
+
+Imports: torch and `vembed_blocks.data.records`; transformers, safetensors, the collators and the
+model-specific blocks only inside the loader of the family that needs them.
 """
 
 from __future__ import annotations
@@ -33,10 +39,9 @@ log = logging.getLogger(__name__)
 FAMILIES = ("dual", "colbert", "text", "vlm")
 COLBERT_FILE = "colbert.json"
 COLBERT_PROJECTION = "colbert_projection.safetensors"
-# What a Qwen3-VL embedding export could carry next to its weights (pooling, instructions, image cap);
-# read when present, else the run's args.json one folder up, else the recipe's defaults.
+# What a Qwen3-VL embedding export carries next to its weights (pooling, instructions, image cap).
 VLM_EMBEDDING_FILE = "vlm_embedding.json"
-# The recipes' defaults, used when neither the folder nor its run's args.json says otherwise.
+# Used for what a folder's sidecar does not say (a folder exported without one, or an older one).
 VLM_DEFAULTS = {"query_instruction": "Represent the user's input.", "doc_instruction": None, "max_image_side": 1024}
 COLBERT_DEFAULTS = {"max_length": 256, "max_image_side": 1024}
 
@@ -77,7 +82,7 @@ def detect_family(path: str | os.PathLike) -> str:
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_encoder: {path} is not a folder (export a model with a recipe first)")
+        raise FileNotFoundError(f"load_encoder: {path} is not a folder (expected an exported model folder)")
     if os.path.isfile(os.path.join(path, COMPOSED_FILE)):
         return "dual"
     if os.path.isfile(os.path.join(path, COLBERT_FILE)):
@@ -100,19 +105,17 @@ def detect_family(path: str | os.PathLike) -> str:
     )
 
 
-def _run_settings(path: str, names: dict[str, Any], sidecar: str) -> dict[str, Any]:
-    """``names`` (defaults) overridden by the run's ``args.json`` one folder up, then by ``sidecar`` in ``path``.
+def _export_settings(path: str, names: dict[str, Any], sidecar: str) -> dict[str, Any]:
+    """``names`` (defaults) overridden by the export's own ``sidecar`` file in ``path``.
 
-    Why the run's args: the recipes write ``<output>/args.json`` beside ``<output>/final``, and an export
-    does not (yet) record every collation setting (instructions, length caps) itself.
+    Only the folder itself is read: whatever trained the model wrote its collation settings
+    (instructions, length caps, pooling) there at export, so the folder loads the same anywhere.
     """
-    out, found = dict(names), []
-    for file in (os.path.join(os.path.dirname(os.path.abspath(path)), "args.json"), os.path.join(path, sidecar)):
-        saved = _read_json(file)
-        if isinstance(saved, dict):
-            out.update({k: saved[k] for k in names if k in saved})
-            found.append(file)
-    out["read_from"] = found or ["the recipe defaults"]
+    out, file = dict(names), os.path.join(path, sidecar)
+    saved = _read_json(file)
+    if isinstance(saved, dict):
+        out.update({k: saved[k] for k in names if k in saved})
+    out["read_from"] = [file] if isinstance(saved, dict) else ["the defaults"]
     return out
 
 
@@ -128,7 +131,7 @@ def _dual(path: str, device: torch.device, dtype: torch.dtype | None) -> Backend
         inputs = {k: v.to(device) for k, v in collator.encode(items, is_query).items()}
         return dual_encoder_features(model, inputs)
 
-    has_text = getattr(model, "has_text", True)  # False: image-only composed towers (clip_t2i without --text-model)
+    has_text = getattr(model, "has_text", True)  # False: image-only composed towers (no text/ folder)
     settings = {"padding": text_padding(model), "image_only": not has_text}
     return Backend("dual", model, embed, has_text, True, False, settings)
 
@@ -154,7 +157,7 @@ def _vlm(path: str, device: torch.device, dtype: torch.dtype | None, overrides: 
     from .data.collate import VLMCollator
     from .vlm import load_vlm_processor, vlm_embed
 
-    settings = _run_settings(path, {**VLM_DEFAULTS, "pooling": "last"}, VLM_EMBEDDING_FILE)
+    settings = _export_settings(path, {**VLM_DEFAULTS, "pooling": "last"}, VLM_EMBEDDING_FILE)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     processor = load_vlm_processor(path)
     model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device=device, dtype=dtype).eval()
@@ -179,7 +182,7 @@ def _colbert(path: str, device: torch.device, dtype: torch.dtype | None, overrid
     spec = _read_json(os.path.join(path, COLBERT_FILE))
     if not isinstance(spec, dict) or spec.get("encoder") not in ("text", "vlm"):
         raise ValueError(f"{path}/{COLBERT_FILE}: needs 'encoder': 'text' or 'vlm', got {spec!r}")
-    settings = _run_settings(path, COLBERT_DEFAULTS, COLBERT_FILE)
+    settings = _export_settings(path, COLBERT_DEFAULTS, COLBERT_FILE)
     settings.update({k: spec.get(k) for k in ("encoder", "dim", "query_instruction", "doc_instruction")})
     settings.update({k: v for k, v in overrides.items() if v is not None})
     model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device=device, dtype=dtype).eval()
@@ -209,13 +212,13 @@ def _colbert(path: str, device: torch.device, dtype: torch.dtype | None, overrid
 
 
 def _colbert_collator(path: str, settings: dict[str, Any]) -> Any:
-    """The collator the colbert recipe built for this encoder kind, with its instructions / prefixes."""
+    """The collator a ColBERT / ColQwen model trains with, with the export's instructions / prefixes."""
     from .data.collate import TextCollator, VLMCollator
 
     if settings["encoder"] == "vlm":
         from .vlm import load_vlm_processor
 
-        # As the recipe: its --query-instruction as is (None: no system turn), documents default to it.
+        # As in training: the query instruction as is (None: no system turn), documents default to it.
         processor = load_vlm_processor(path)
         return VLMCollator(
             processor, settings["query_instruction"], settings["doc_instruction"], settings["max_image_side"]

@@ -1,6 +1,6 @@
 """A small two-sided head over frozen embeddings (`FusionHead`), saved and loaded as a folder.
 
-``recipes/multitask.py`` trains it on stores written by ``recipes/extract_embeds.py``; at use
+It is trained on embedding stores (`vembed_blocks.data.embed_store`) of a frozen model; at use
 time, embed with the frozen model as the extraction did, then ``head.query(q)`` / ``head.doc(d)``
 and compare by cosine.
 """

@@ -8,10 +8,8 @@ with grad (same RNG, same autocast state) and backpropagated with its slice of t
 gradient. By the chain rule this gives exactly the full-batch parameter gradients while
 holding one chunk of activations.
 
-Beyond the classic algorithm, some chunks keep their graph from the first pass and are
-backpropagated directly (no no-grad pass, no replay for them): as many as ``memory_budget`` bytes
-hold (measured from the first chunk's footprint), or else the ``keep_graphs`` largest chunks
-(default: one) of every ``encode`` call. Chunks whose cached gradient is all zero are not replayed.
+Beyond the classic algorithm, some chunks keep their graph from the first pass and are backpropagated
+directly (``keep_graphs`` / ``memory_budget``); chunks whose cached gradient is all zero are not replayed.
 
     gc = GradCache(chunk_size=32)               # or GradCache(max_tokens=8192), memory_budget=8 << 30
     q = gc.encode(model, **query_inputs)        # fn(**chunk) -> Tensor[b, ...]
@@ -22,14 +20,18 @@ hold (measured from the first chunk's footprint), or else the ``keep_graphs`` la
 How inputs are cut into row chunks is the splitter's job (`RowSplit`: every tensor on dim 0);
 inputs laid out otherwise bring their own, e.g. ``GradCache(chunk_size=8, splitter=VLMSplit)``
 (`vembed_blocks.vlm`) for Qwen-VL's flat ``pixel_values``.
+
+This module is the algorithm (chunk, cache the gradient, replay with the same RNG); `gradcache_split`
+cuts inputs into chunks (`RowSplit`), `gradcache_budget` decides which graphs are kept (`EncodePlan`
+reports it); both names import from here too. Imports: torch only (not its FSDP package, which costs
+seconds: see `_fsdp_module_class`).
 """
 
 from __future__ import annotations
 
-import functools
+import sys
 import weakref
-from collections.abc import Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -38,11 +40,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._torch_private import fsdp_gradient_sync, queue_backward_callback
-
-try:  # FSDP2
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - very old torch
-    FSDPModule = ()  # type: ignore[assignment,misc]
+from .gradcache_budget import EncodePlan, KeepPlanner
+from .gradcache_split import RowSplit, check_chunk_output, chunk_bounds
 
 __all__ = ["GradCache", "RandState", "RowSplit", "CudaRNG", "EncodePlan"]
 
@@ -125,6 +124,16 @@ class RandState:
             outer._apply()
 
 
+def _fsdp_module_class() -> type | tuple:
+    """FSDP2's ``FSDPModule`` once ``torch.distributed.fsdp`` is loaded, else ``()`` (no isinstance match).
+
+    Why not import it here: it takes seconds, and a module can only be an ``FSDPModule`` if whoever
+    sharded it imported that package already.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return getattr(fsdp, "FSDPModule", ()) if fsdp is not None else ()
+
+
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
     kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [(k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds]
@@ -136,195 +145,6 @@ def _autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
         for kind, enabled, dtype in state:
             stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
         yield
-
-
-class RowSplit:
-    """The default splitter: the rows of nested inputs, sliceable like a sequence.
-
-    ``RowSplit(inputs)`` scans ``inputs`` (for `GradCache.encode`: the pair ``(args, kwargs)``
-    of the call); ``len(split)`` is the batch size B, and ``split[s:e]`` is ``inputs`` with
-    only rows ``[s, e)`` (same structure, tensor views, no copies). Every tensor with a dim, in
-    dicts, lists, tuples and namedtuples at any depth, is sliced on dim 0 and must have B rows
-    there; 0-d tensors and other values pass through unchanged.
-
-    A splitter is any callable ``splitter(inputs)`` returning an object with ``len()`` and
-    ``[s:e]``. For inputs whose rows are laid out otherwise, subclass this one and override
-    `_scan_mapping` / `_slice_mapping` (e.g. `vembed_blocks.vlm.VLMSplit`: Qwen-VL's flat
-    ``pixel_values``).
-    """
-
-    def __init__(self, inputs: Any) -> None:
-        self.inputs = inputs
-        self.sizes: list[tuple[str, int]] = []  # (path, rows) of every tensor that is split
-        self._scan(inputs, "input")
-        if not self.sizes:
-            raise ValueError("GradCache.encode needs at least one tensor argument with a batch dim to split.")
-        self.rows = self.sizes[0][1]
-        bad = [f"{p}: {n}" for p, n in self.sizes if n != self.rows]
-        if bad:
-            raise ValueError(
-                f"inconsistent batch sizes in encode inputs ({self.sizes[0][0]} has {self.rows} rows; "
-                f"{', '.join(bad)}); every tensor must have the batch on dim 0 (for inputs laid out otherwise, "
-                "such as Qwen-VL's flat pixel_values, pass a splitter: GradCache(..., splitter=VLMSplit))."
-            )
-        if self.rows == 0:
-            raise ValueError("GradCache.encode got an empty batch (0 rows).")
-
-    def __len__(self) -> int:
-        return self.rows
-
-    def __getitem__(self, rows: slice) -> Any:
-        s, e, step = rows.indices(self.rows)
-        if step != 1:
-            raise ValueError("a splitter takes contiguous row ranges [s:e]")
-        return self._slice(self.inputs, s, e)
-
-    def _scan(self, obj: Any, path: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.ndim:
-                self.sizes.append((path, obj.shape[0]))
-        elif isinstance(obj, Mapping):
-            self._scan_mapping(obj, path)
-        elif isinstance(obj, (list, tuple)):
-            for i, value in enumerate(obj):
-                self._scan(value, f"{path}[{i}]")
-
-    def _scan_mapping(self, m: Mapping, path: str) -> None:
-        """Record the row count of every tensor in ``m`` (``self.sizes``); override for special keys."""
-        for key, value in m.items():
-            self._scan(value, f"{path}.{key}")
-
-    def _slice(self, obj: Any, s: int, e: int) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return obj[s:e] if obj.ndim else obj
-        if isinstance(obj, Mapping):
-            out = self._slice_mapping(obj, s, e)
-            try:
-                return type(obj)(out)
-            except Exception:
-                return out
-        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-            return type(obj)(*(self._slice(v, s, e) for v in obj))
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self._slice(v, s, e) for v in obj)
-        return obj
-
-    def _slice_mapping(self, m: Mapping, s: int, e: int) -> dict:
-        """Rows ``[s, e)`` of every value of ``m`` (keys may be dropped); override for special keys."""
-        return {key: self._slice(value, s, e) for key, value in m.items()}
-
-
-def _find_mask(tree: Any) -> torch.Tensor | None:
-    """The first ``attention_mask`` tensor in the nested inputs (outer levels first)."""
-    if isinstance(tree, Mapping) and isinstance(tree.get("attention_mask"), torch.Tensor):
-        return tree["attention_mask"]
-    values = tree.values() if isinstance(tree, Mapping) else tree if isinstance(tree, (list, tuple)) else ()
-    return next((m for m in map(_find_mask, values) if m is not None), None)
-
-
-def _tensors(tree: Any) -> Iterator[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, Mapping):
-        for value in tree.values():
-            yield from _tensors(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _tensors(value)
-
-
-def _modules_of(fn: Any, extra: list[nn.Module]) -> list[nn.Module]:
-    """The modules ``fn`` evidently runs: itself, its ``__self__``, a partial's arguments, closure cells, defaults."""
-    cands = [*extra, fn, getattr(fn, "__self__", None)]
-    if isinstance(fn, functools.partial):
-        cands += [fn.func, *fn.args, *fn.keywords.values()]
-    cands += [c.cell_contents for c in getattr(fn, "__closure__", None) or () if c.cell_contents is not None]
-    cands += [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
-    return [m for m in cands if isinstance(m, nn.Module)]
-
-
-def _storage(t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
-    """``(data_ptr, storage)`` of ``t``'s storage; None for tensor subclasses without one of their own (DTensor)."""
-    try:
-        storage = t.untyped_storage()
-        return storage.data_ptr(), storage
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-
-
-def _cuda_allocated() -> int:
-    """Bytes allocated by tensors on all CUDA devices (0 before CUDA is initialised: nothing can be)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return 0
-    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
-
-
-def _unpack(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-class _Footprint:
-    """Bytes one forward leaves held until its backward: what a kept graph costs.
-
-    CUDA (the output, or anything the forward left allocated there): the growth of
-    ``torch.cuda.memory_allocated`` over the forward (every tensor the graph holds, the output
-    included). Otherwise an estimate: the unique storages saved for backward (``saved_tensors_hooks``),
-    without those of the inputs and of the parameters and buffers of the modules ``fn`` evidently
-    runs (`_modules_of`; a parameter reached otherwise counts: the estimate errs high, so fewer graphs
-    are kept, never more). Storage sizes are read after the forward, so FSDP2's resharded (freed)
-    parameters count 0. Activation checkpointing: its blocks' inputs count, which is what they hold.
-    """
-
-    def __init__(self, chunk: Any, modules: list[nn.Module]) -> None:
-        self.chunk, self.modules = chunk, modules
-        self.saved: dict[int, torch.UntypedStorage] = {}
-
-    def __enter__(self) -> "_Footprint":
-        self.cuda = -_cuda_allocated()
-        # Inputs on CUDA: the allocator's count says it all, no hooks (compiled regions may not like them).
-        self.hooks = None
-        if not any(t.is_cuda for t in _tensors(self.chunk)):
-            self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-            self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.hooks is not None:
-            self.hooks.__exit__(*exc)
-        self.cuda += _cuda_allocated()
-        owned = [*_tensors(self.chunk)]
-        for m in self.modules:
-            owned += [*m.parameters(), *m.buffers()]
-        known = {found[0] for found in map(_storage, owned) if found is not None}
-        self.estimate = sum(st.nbytes() for ptr, st in self.saved.items() if ptr not in known)
-        # Drop the storages and the hooks (whose bound methods point back here: a cycle that only the
-        # cyclic GC would free), so that a graph the caller drops is freed at once.
-        self.saved, self.hooks, self.chunk, self.modules = {}, None, None, []
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        found = _storage(t)
-        if found is not None:
-            self.saved.setdefault(*found)
-        # Not ``t`` itself: a saved output would then own its own graph (a cycle that is never freed).
-        return t.detach()
-
-    def bytes(self, out: torch.Tensor) -> int:
-        return max(0, self.cuda) if out.is_cuda or self.cuda > 0 else self.estimate
-
-
-@dataclass(frozen=True)
-class EncodePlan:
-    """What one ``encode`` call did (`GradCache.last_plan`): handy to log while tuning ``memory_budget``.
-
-    ``chunks``: chunks of the call; ``kept``: how many kept their graph (never run without grad, never
-    replayed); ``chunk_bytes``: the measured footprint of the first chunk (None without a budget);
-    ``held_bytes``: the estimated bytes the kept graphs hold until backward.
-    """
-
-    chunks: int
-    kept: int
-    chunk_bytes: int | None = None
-    held_bytes: float = 0
 
 
 @dataclass(eq=False)
@@ -378,13 +198,10 @@ class GradCache:
             that chunk's activations until backward). Default 1. The fixed-count alternative to
             ``memory_budget``: give one or the other.
         memory_budget: bytes that kept graphs may hold at once (``float("inf")``: keep every graph, i.e.
-            a plain chunked forward/backward without replay; 0: classic GradCache). The first chunk of
-            each ``encode`` call runs with grad and its footprint is measured (CUDA:
-            ``torch.cuda.memory_allocated`` growth; CPU: the storages saved for backward); later chunks
-            are estimated from it pro rata of their rows and keep their graphs while the budget lasts;
-            the rest run without grad and are replayed. The budget is shared by all ``encode`` calls
-            until their backward (their graphs are alive together), first come first served. What each
-            call did is in `last_plan`.
+            a plain chunked forward/backward without replay; 0: classic GradCache). The first chunk's
+            footprint is measured, later chunks keep their graphs pro rata of their rows while the
+            budget (shared by all pending ``encode`` calls) lasts; the rest are replayed
+            (`vembed_blocks.gradcache_budget.KeepPlanner`). What each call did is in `last_plan`.
         sync_module: the DDP or FSDP2 module (or a list) whose gradient sync GradCache must
             control. ``fn`` itself (or the module a bound method ``fn`` belongs to) is detected.
             DDP: every chunk but the very last replayed one runs under ``no_sync``, so one
@@ -423,11 +240,7 @@ class GradCache:
         ):
             raise ValueError("chunk_size and max_tokens must be positive, keep_graphs and memory_budget >= 0.")
         mods = (
-            []
-            if sync_module is None
-            else list(sync_module)
-            if isinstance(sync_module, (list, tuple))
-            else [sync_module]
+            [] if sync_module is None else [*sync_module] if isinstance(sync_module, (list, tuple)) else [sync_module]
         )
         if sync_each_chunk and any(isinstance(m, DistributedDataParallel) for m in mods):
             raise ValueError("sync_each_chunk is for FSDP2; DDP must reduce once per step.")
@@ -439,28 +252,10 @@ class GradCache:
         self._anchor = torch.zeros((), requires_grad=True)
         self._pending: list[weakref.ref[_Record]] = []
 
-    def _bounds(self, rows: int, tree: Any) -> tuple[list[tuple[int, int]], list[int]]:
-        """Row ranges ``[s, e)`` of the chunks, and each chunk's cost (rows, or real tokens)."""
-        cap = self.chunk_size or rows
-        if self.max_tokens is None:
-            bounds = [(s, min(s + cap, rows)) for s in range(0, rows, cap)]
-            return bounds, [e - s for s, e in bounds]
-        mask = _find_mask(tree)
-        if mask is None or mask.ndim != 2:
-            raise ValueError("max_tokens needs a 2-D attention_mask[B, L] in the inputs; use chunk_size instead.")
-        bounds, costs, start, used = [], [], 0, 0
-        for i, n in enumerate(mask.sum(1).tolist()):
-            if i > start and (used + n > self.max_tokens or i - start >= cap):
-                bounds.append((start, i))
-                costs.append(used)
-                start, used = i, 0
-            used += n
-        return bounds + [(start, rows)], costs + [used]
-
     def _sync_modules(self, fn: Any) -> list[nn.Module]:
         found = list(self.sync_modules)
         for cand in (fn, getattr(fn, "__self__", None)):
-            if isinstance(cand, (DistributedDataParallel, FSDPModule)) and cand not in found:
+            if isinstance(cand, (DistributedDataParallel, _fsdp_module_class())) and cand not in found:
                 found.append(cand)
         return found
 
@@ -472,7 +267,7 @@ class GradCache:
         of b rows. Under ``no_grad`` with a model in eval mode this is just a chunked forward.
         """
         split = self.splitter((args, kwargs))
-        bounds, costs = self._bounds(len(split), (args, kwargs))
+        bounds, costs = chunk_bounds(len(split), (args, kwargs), self.chunk_size, self.max_tokens)
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             owners = [*self.sync_modules, fn, getattr(fn, "__self__", None)]
             if any(isinstance(m, nn.Module) and m.training for m in owners):
@@ -483,43 +278,29 @@ class GradCache:
                 )
             return torch.cat([fn(*chunk[0], **chunk[1]) for chunk in (split[s:e] for s, e in bounds)])
         rec = _Record(fn, [], [], bounds, _autocast_state(), sync=self._sync_modules(fn))
-        budget = self.memory_budget
-        # keep_graphs: the costliest chunks (ties: the last ones), they save the most.
-        order = sorted(range(len(bounds)), key=lambda i: (costs[i], i), reverse=True)
-        keep = set(order[: self.keep_graphs]) if budget is None else set()
-        left = per_row = chunk_bytes = None  # memory_budget: bytes left and per row, once chunk 0 is measured
+        planner = KeepPlanner(costs, self.keep_graphs, self.memory_budget, self._held)
         outs, ran_with_grad, trainable = [], False, False
         for i, (s, e) in enumerate(bounds):
             chunk = split[s:e]
             rec.chunks.append(chunk)
             rec.states.append(RandState())
-            if budget is None:
-                with_grad = i in keep
-            else:  # chunk 0 is measured; the others run with grad only if their estimate fits
-                with_grad = budget > 0 if i == 0 else left is not None and per_row * (e - s) <= left
-            if with_grad:
-                measure = _Footprint(chunk, _modules_of(fn, rec.sync)) if budget is not None and i == 0 else None
+            if planner.with_grad(i, e - s):
                 # The final all-reduce belongs to the last replayed unit.
-                with self._no_sync(rec.sync), measure or nullcontext():
+                with self._no_sync(rec.sync), planner.measure(i, chunk, fn, rec.sync):
                     out = fn(*chunk[0], **chunk[1])
-                self._check(out, e - s, outs, i)
+                check_chunk_output(out, e - s, outs, i)
                 ran_with_grad, trainable = True, trainable or out.requires_grad
-                if measure is not None and out.requires_grad:
-                    chunk_bytes = measure.bytes(out)
-                    per_row, left = chunk_bytes / (e - s), budget - self._held()
-                size = per_row * (e - s) if budget is not None and out.requires_grad else 0
-                if out.requires_grad and (budget is None or size <= left):
+                if planner.keep(i, e - s, out):
                     rec.kept[i] = out
-                    if budget is not None:
-                        left, rec.held = left - size, rec.held + size
-                out = out.detach()  # not kept (the measured chunk over the budget): replayed like the rest
+                out = out.detach()  # a graph not kept is replayed like the rest
             else:
                 with torch.no_grad():
                     out = fn(*chunk[0], **chunk[1])
-                self._check(out, e - s, outs, i)
+                check_chunk_output(out, e - s, outs, i)
             rec.states[i].complete()  # a device (CUDA) initialised by this chunk: record its fresh RNG
             outs.append(out)
-        self.last_plan = EncodePlan(len(bounds), len(rec.kept), chunk_bytes, rec.held)
+        rec.held = planner.held
+        self.last_plan = planner.plan(len(bounds), len(rec.kept))
         if ran_with_grad and not trainable:  # frozen tower: its output carries no gradient, nothing to replay
             return torch.cat(outs)
         self._pending.append(weakref.ref(rec))
@@ -528,19 +309,6 @@ class GradCache:
     def _held(self) -> float:
         """Estimated bytes held by the kept graphs of pending ``encode`` outputs (``memory_budget``)."""
         return sum(r.held for r in (ref() for ref in self._pending) if r is not None and r.fn is not None)
-
-    @staticmethod
-    def _check(out: Any, rows: int, prev: list[torch.Tensor], i: int) -> None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"GradCache: fn must return a Tensor[b, ...], got {type(out).__name__}; encode each output separately."
-            )
-        if out.ndim == 0 or out.shape[0] != rows or (prev and out.shape[1:] != prev[0].shape[1:]):
-            want = f"[{rows}, {', '.join(map(str, prev[0].shape[1:]))}]" if prev else f"[{rows}, ...]"
-            raise ValueError(
-                f"GradCache: chunk {i} output has shape {list(out.shape)}, expected {want}: fn must return one row "
-                "per input row with the same trailing shape for every chunk (pad token outputs to a fixed length)."
-            )
 
     @contextmanager
     def _no_sync(self, mods: list[nn.Module]) -> Iterator[None]:
@@ -593,7 +361,7 @@ class GradCache:
             r, i = units[last[id(m)]]
             if isinstance(m, DistributedDataParallel):
                 r.kept.pop(i, None)  # DDP decides to all-reduce at forward time: its last unit must be a fresh forward
-        fsdp = [m for m in mods if isinstance(m, FSDPModule)] if not self.sync_each_chunk else []
+        fsdp = [m for m in mods if isinstance(m, _fsdp_module_class())] if not self.sync_each_chunk else []
         user_flags = [_user_fsdp_sync(m) for m in fsdp]
         try:
             for k, (r, i) in enumerate(units):

@@ -1,8 +1,8 @@
 """Precomputed teacher embeddings for distillation, looked up per batch of records.
 
 `TeacherStore(folder)` reads either a row-aligned file (``teacher.safetensors`` with ``query``
-and ``doc`` ``[R, Dt]``: row i = record i of the training file) or the files
-``recipes/evaluate.py`` writes (``queries.safetensors`` / ``corpus.safetensors`` + ``items.json``,
+and ``doc`` ``[R, Dt]``: row i = record i of the training file) or the files an evaluation
+that saves its embeddings writes (``queries.safetensors`` / ``corpus.safetensors`` + ``items.json``,
 looked up by text). `NumberedRecords` tags each record with its row, so the row-aligned
 kind finds its embeddings without the text.
 """

@@ -18,6 +18,9 @@ the JSON files to an exported HF folder so ``SentenceTransformer(folder)`` repro
 pooling the model was trained with. Files are found with ``transformers``' ``cached_file``, so
 hub ids work as well as local folders. Not supported (a clear error): Dense/LayerNorm heads,
 concatenated pooling modes, ``mean_sqrt_len_tokens`` and ``do_lower_case``.
+
+Imports: torch and `vembed_blocks.pooling`; transformers, the collator and the batching
+helper only inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data.collate import TextCollator
-from .data.records import Item
-from .embed import embed_items
 from .pooling import pool
+
+if TYPE_CHECKING:
+    from .data.collate import TextCollator
+    from .data.records import Item
 
 __all__ = [
     "encode_text_items",
@@ -159,6 +163,8 @@ def load_text_encoder(
     """
     from transformers import AutoModel, AutoTokenizer
 
+    from .data.collate import TextCollator
+
     cfg = read_text_encoder_config(path)
     kw = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
     model = AutoModel.from_pretrained(cfg.path, **kw, **model_kwargs)
@@ -203,6 +209,9 @@ def embed_texts(
     folders `read_text_encoder_config` accepts; queries get the collator's query prefix,
     documents its document prefix. The model's train/eval mode is restored afterwards.
     """
+    from .data.records import Item
+    from .embed import embed_items
+
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
 

@@ -69,7 +69,7 @@ class ComposedDualEncoder(torch.nn.Module):
 
     ``get_image_features(pixel_values[B,3,H,W]) -> [B, dim]`` (pooler output or CLS) and
     ``get_text_features(input_ids[B,L], attention_mask[B,L]) -> [B, dim]`` (``text_pooling``
-    over real tokens), so it trains and evaluates exactly like CLIP in the recipes.
+    over real tokens), so it trains and evaluates exactly like a CLIP model.
     ``text=None`` makes an image-only encoder (DINOv2-style product / instance search, trained on
     image-to-image pairs): it has no ``text_proj`` and ``get_text_features`` raises ``ValueError``.
     ``save_pretrained(dir)`` writes ``vision/`` and ``text/`` (plain HF folders; no ``text/`` when

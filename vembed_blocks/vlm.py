@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .gradcache import RowSplit
+from .gradcache_split import RowSplit
 from .pooling import pool
 
 __all__ = [

@@ -4,6 +4,9 @@ Errors name the record (``file:line``) and the image path, so a bad image in a 1
 file can be found and fixed. Truncated files are errors, never silently half-decoded:
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is left at False on purpose.
 
+Imports: Pillow only inside the functions that decode, so the blocks that merely name images
+(records, shards, the encoder) do not pay for it at import.
+
 An image need not be a file of its own: a `ShardImage` (a tar member, Parquet bytes, a
 picture a streaming reader already decoded) goes through the same steps from memory.
 """
@@ -12,9 +15,10 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageOps
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["ImageLoadError", "ShardImage", "load_image", "load_images"]
 
@@ -56,6 +60,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        from PIL import Image
+
         # Composite transparency onto white: plain convert("RGB") keeps whatever colour the
         # transparent pixels happen to store (often black), which is not what anyone sees.
         rgba = img.convert("RGBA")
@@ -67,6 +73,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _decode(path: str, source: str | None) -> Image.Image:
     """Fully decode a file or a ``ShardImage``'s bytes into an upright RGB image."""
+    from PIL import Image, ImageOps
+
     data = getattr(path, "data", None)
     if data is None and not os.path.isfile(path):
         raise ImageLoadError(path, "file not found", source)
@@ -92,6 +100,8 @@ def load_image(path: str, *, max_side: int | None = None, source: str | None = N
     if max_side is not None and max(img.size) > max_side:
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        from PIL import Image
+
         img = img.resize(size, Image.Resampling.BICUBIC)
     return img
 

@@ -14,10 +14,16 @@ Formats (detected per row from its keys, see ``_detect``)::
     m2i  {"query_image": image, "query": text, "positive": image}
     t2t  {"query": text, "positive": text, "negatives": [text, ...]}
     edit {"source_image": image | [image, ...] | null, "target_image": image,
-          "instruction": text, "instruction_cn": text,   (missing -> "", as seed 004 says)
+          "instruction": text, "instruction_cn": text,
           "inverse_instruction": text, "inverse_instruction_cn": text}
 
 plus an optional ``label`` (and ``task``) on every format. CSV may start with a UTF-8 BOM.
+An edit row (it has ``target_image``) is turned into records by the edit wing,
+`vembed_blocks.edit.records`, imported on the first such row: the seed-004 rules (missing
+instruction, inverse records, ``t2i_mode``, ``language``) live there.
+
+Imports: standard library and numpy; `vembed_blocks.data.images` (Pillow) only when
+``verify_images`` decodes, `vembed_blocks.edit.records` only for edit rows.
 
 THE IMAGE-VS-TEXT RULE (the only place it is decided, ``_is_image``):
 fields whose name ends in ``_image`` are always images; ``query`` and the instruction
@@ -39,8 +45,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .images import ImageLoadError, load_image
-
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FORMATS",
@@ -60,9 +64,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FORMATS = ("t2i", "i2i", "i2t", "m2i", "t2t", "edit")
 _IMAGE_DOC_FORMATS = {"t2i": True, "i2i": True, "m2i": True, "i2t": False, "t2t": False}
-_LANG_SUFFIX = {"en": "", "cn": "_cn"}
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
-# Canonical field names a column mapping may rename.
+# Canonical field names a column mapping may rename (the last six are the edit format's).
 FIELDS = (
     "query",
     "query_image",
@@ -164,6 +167,8 @@ class _Row:
         if self.check_images and not os.path.isfile(path):
             raise self.fail(f"field {name!r}: image file not found: {path}")
         if self.verify_images:  # full decode: catches truncated/corrupt files up front (slow)
+            from .images import ImageLoadError, load_image
+
             try:
                 load_image(path)
             except ImageLoadError as e:
@@ -231,43 +236,6 @@ def _pair(row: _Row, fmt: str) -> Record:
     return Record(query=query, positive=positive, negatives=negatives, format=fmt)
 
 
-def _edit(row: _Row, t2i_mode: bool, inverse: bool, language: str) -> list[Record]:
-    """Seed-004 edit row -> forward record, plus an inverse record (target + inverse -> source)."""
-    suffix = _LANG_SUFFIX[language]
-    target = row.images("target_image")
-    if len(target) != 1:
-        raise row.fail("missing field 'target_image' (expected one image path)")
-    all_sources = row.images("source_image")
-    sources = () if t2i_mode else all_sources
-    nsrc = len(all_sources)
-    # The seed treats a missing instruction as "" (an edit may be implied by its source images);
-    # only a query with neither text nor images is refused, since it would embed nothing.
-    text = row.text("instruction" + suffix, required=False) or ""
-    if not text and not sources:
-        why = " (t2i_mode drops them)" if all_sources else ""
-        raise row.fail(f"no 'instruction{suffix}' and no source image{why}: the query would be empty")
-    out = [
-        Record(
-            query=Item(text=text, images=sources),
-            positive=Item(images=target),
-            format="edit",
-            extra={"num_source_images": nsrc, "inverse": False},
-        )
-    ]
-    inv_text = row.text("inverse_instruction" + suffix, required=False)
-    # No inverse row when there is nothing to invert to or no text for it (documented).
-    if inverse and not t2i_mode and sources and inv_text:
-        out.append(
-            Record(
-                query=Item(text=inv_text, images=target),
-                positive=Item(images=sources),
-                format="edit",
-                extra={"num_source_images": nsrc, "inverse": True},
-            )
-        )
-    return out
-
-
 def parse_row(
     raw: Any,
     source: str,
@@ -286,7 +254,12 @@ def parse_row(
         raise RecordError(source, f"expected a JSON object, got {type(raw).__name__}")
     row = _Row(raw, source, base_dir, check_images, verify_images)
     fmt = _detect(row, format)
-    records = _edit(row, t2i_mode, inverse, language) if fmt == "edit" else [_pair(row, fmt)]
+    if fmt == "edit":
+        from ..edit.records import edit_records  # the edit wing owns the seed-004 format
+
+        records = edit_records(row, t2i_mode=t2i_mode, inverse=inverse, language=language)
+    else:
+        records = [_pair(row, fmt)]
     used = set(FIELDS)
     extra = {k: v for k, v in raw.items() if k not in used}
     for rec in records:
@@ -367,8 +340,10 @@ class RecordReader:
             raise ValueError(f"{path}: unsupported file type {ext!r} (expected one of {sorted(_READERS)})")
         if format is not None and format not in FORMATS:
             raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
-        if options.get("language", "en") not in _LANG_SUFFIX:
-            raise ValueError(f"language must be one of {sorted(_LANG_SUFFIX)}, got {options['language']!r}")
+        if "language" in options:  # refused here, before the first row, not at the first edit row
+            from ..edit.records import check_options
+
+            check_options(options)
         unknown = set(columns or {}) - set(FIELDS)
         if unknown:
             raise ValueError(f"columns maps unknown fields {sorted(unknown)}; known: {FIELDS}")

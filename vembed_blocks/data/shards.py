@@ -31,15 +31,17 @@ import glob
 import logging
 import os
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .records import Record
-from .sampler import WeightedTaskSampler, parse_weights
 from .shard_formats import SHARD_KINDS, DatasetSource, ShardSet
-from .shard_stream import ShardReader
+
+if TYPE_CHECKING:
+    from .records import Record
+    from .sampler import WeightedTaskSampler
+    from .shard_stream import ShardReader
 
 __all__ = ["StreamLoader", "open_stream", "is_stream_spec", "expand_shards"]
 
@@ -126,6 +128,9 @@ class _Plan:
     decode: bool
 
     def reader(self, name: str, worker: int, state: Mapping[str, Any] | None) -> ShardReader:
+        # Imported where readers are made (the DataLoader worker): `import shards` stays light.
+        from .shard_stream import ShardReader
+
         return ShardReader(
             self.sources[name],
             self.rank * self.workers + worker,
@@ -208,6 +213,8 @@ class StreamLoader:
                 "need batch_size >= 1, grad_accum_steps >= 1, num_workers >= 0, 0 <= rank < world_size; got "
                 f"{batch_size}, {grad_accum_steps}, {num_workers}, rank={rank}, world_size={world_size}"
             )
+        from .sampler import WeightedTaskSampler, parse_weights
+
         if isinstance(weights, str):
             weights = parse_weights(weights)
         draw = WeightedTaskSampler({n: 1 for n in sources}, 1, weights, seed, rank=0, world_size=1)

@@ -1,6 +1,6 @@
 """Qwen-Image(-Edit) training rows: stored prompt embeddings plus the images they describe (seed 004, step 2).
 
-``recipes/extract_embeds.py`` on a Qwen-Image-Edit folder writes one embedding store per task: per record
+Extracting prompt embeddings from a Qwen-Image-Edit folder writes one embedding store per task: per record
 the pipeline's prompt embeddings (side ``prompt_embeds``, ``[L_i, D]``, no padding) and an index line naming
 ``source_images`` (absolute paths in "Picture N" order; ``[]`` in t2i mode) and ``target_images``
 (``[target]``). This module turns such stores into what a diffusion fine-tune needs::
@@ -11,7 +11,8 @@ the pipeline's prompt embeddings (side ``prompt_embeds``, ``[L_i, D]``, no paddi
     latents = vae_latents(vae, [row["target"], *row["sources"]], mini_batch=1)   # [C, 1, H/8, W/8] each
     per_row = row_latents(vae, batch_of_rows, mini_batch=1)   # [[target, *sources] latents] per row
 
-Only torch, numpy and Pillow are needed here; the VAE is whatever module is passed in.
+Imports: torch and numpy; Pillow only inside `image_tensor` (through `vembed_blocks.data.images`), the
+sampler's flag parsers only inside `edit_sampler_options`. The VAE is whatever module is passed in.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from typing import Any, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..data.embed_store import EmbedStore
 from ..data.images import load_image
-from ..data.sampler import parse_group_weights, parse_weights
 from .flow_matching import normalize_latents
 
 __all__ = [
@@ -43,7 +42,7 @@ __all__ = [
     "rank_share",
 ]
 
-PROMPT_SIDE = "prompt_embeds"  # the side extract_embeds.py writes for a Qwen-Image(-Edit) folder
+PROMPT_SIDE = "prompt_embeds"  # the side an extraction from a Qwen-Image(-Edit) folder writes
 SIDE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 latent patches
 _INDEX = re.compile(r"index-\d{5}\.jsonl")
 
@@ -51,6 +50,8 @@ _INDEX = re.compile(r"index-\d{5}\.jsonl")
 def image_tensor(path: str, side: int, source: str | None = None) -> torch.Tensor:
     """``[3, H, W]`` float32 in [-1, 1]: the image resized (Lanczos, aspect kept) to about ``side**2`` pixels,
     each side rounded to a multiple of 16 (at least 16). ``source`` names the record in errors."""
+    from PIL import Image
+
     img = load_image(path, source=source)
     scale = math.sqrt(side * side / (img.width * img.height))
     w, h = (max(SIDE_MULTIPLE, round(n * scale / SIDE_MULTIPLE) * SIDE_MULTIPLE) for n in img.size)
@@ -148,6 +149,8 @@ def edit_sampler_options(
     """`WeightedTaskSampler` keyword options from the seed's two flag strings: ``weights`` per task
     (``"dataset_a=0.5,dataset_b=1.2"``; ``None``: by size) and, with ``src_img_num_weights``
     (``"0=1,1=1,2=1,3=0"``), the number of source images as a weighted group of every task that records it."""
+    from ..data.sampler import parse_group_weights, parse_weights
+
     options: dict[str, Any] = {"weights": parse_weights(data_weights, "--train-data-weights") if data_weights else None}
     if src_img_num_weights:
         options["group_weights"] = parse_group_weights(src_img_num_weights)
