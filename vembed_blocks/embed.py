@@ -1,6 +1,6 @@
 """Batched embedding of items and the query/corpus/relevance split of an evaluation file.
 
-Used by the recipes' before/after evaluation and by ``recipes/evaluate.py``: both turn a
+Used for before/after evaluation and for scoring an export on any records file: both turn a
 records file into unique queries, a unique corpus and relevance sets, embed each side in
 batches with whatever encoder the caller passes, and score with ``retrieval_metrics``.
 """

@@ -200,7 +200,7 @@ def _summary(run_dir: str, args: dict[str, Any], train: list[dict[str, Any]]) ->
 
 
 def _evaluation_summary(args: dict[str, Any], metrics: dict[str, Any] | None) -> list[str]:
-    """The summary of a ``recipes/evaluate.py`` folder: no training, one model scored on one file."""
+    """The summary of an evaluation-only folder: no training, one model scored on one file."""
     counts = (metrics or {}).get("counts") or {}
     return [
         f"- evaluation of `{args.get('model', 'not recorded')}` ({args.get('family', 'family not recorded')})",
@@ -261,7 +261,7 @@ def write_report(run_dir: str) -> str:
         metrics["before"] = _read_json(path("metrics_before.json"))
     curve = (metrics or {}).get("recall_curve")
     out = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", "", "## Summary", ""]
-    evaluation = not train and "family" in args  # a recipes/evaluate.py folder: nothing trained
+    evaluation = not train and "family" in args  # an evaluation-only folder: nothing trained
     if evaluation:
         out += _evaluation_summary(args, metrics)
     else:

@@ -1,6 +1,6 @@
 """Precomputed embeddings on disk: a resumable shard writer and a lazy, memory-mapped reader.
 
-Layout of one store (= one task directory of seed 004; ``recipes/extract_embeds.py`` writes it)::
+Layout of one store (= one task directory of seed 004; an offline extraction writes it)::
 
     root/
       meta.json                          how it was made (model, options, world size, shard size)
@@ -310,7 +310,7 @@ class EmbedStore(Sequence[dict[str, torch.Tensor]]):
 
     @property
     def ids(self) -> list[str]:
-        """Record ids in store order (``"<line>.<k>"`` for extract_embeds stores)."""
+        """Record ids in store order (``"<line>.<k>"`` for stores of a records file)."""
         return self._ids.tolist()
 
     def __len__(self) -> int:
