@@ -22,7 +22,8 @@ An edit row (it has ``target_image``) is turned into records by the edit wing,
 `vembed_blocks.edit.records`, imported on the first such row: the seed-004 rules (missing
 instruction, inverse records, ``t2i_mode``, ``language``) live there.
 
-Imports: standard library and numpy; `vembed_blocks.data.images` (Pillow) only when
+Imports: standard library and numpy; `vembed_blocks.data.row_files` (the files' rows with their
+line numbers) when a reader opens a file; `vembed_blocks.data.images` (Pillow) only when
 ``verify_images`` decodes, `vembed_blocks.edit.records` only for edit rows.
 
 THE IMAGE-VS-TEXT RULE (the only place it is decided, ``_is_image``):
@@ -35,11 +36,9 @@ declared, are images iff the string ends with one of ``IMAGE_EXTENSIONS``
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -64,7 +63,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FORMATS = ("t2i", "i2i", "i2t", "m2i", "t2t", "edit")
 _IMAGE_DOC_FORMATS = {"t2i": True, "i2i": True, "m2i": True, "i2t": False, "t2t": False}
-_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
 # Canonical field names a column mapping may rename (the last six are the edit format's).
 FIELDS = (
     "query",
@@ -270,59 +268,6 @@ def parse_row(
     return records
 
 
-def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:  # bytes: offsets stay exact and bad UTF-8 is reported per line
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield lineno, RecordError(f"{path}:{lineno}", f"malformed JSON ({e})")
-
-
-def _csv_cell(name: str, value: str) -> Any:
-    """CSV cells are strings; list-valued fields are written as JSON arrays (``["a.jpg", "b.jpg"]``)."""
-    if value == "":
-        return None
-    if name in ("negatives", "source_image") and value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value  # reported by the parser as "not a list" / bad path
-    return value
-
-
-def _csv_rows(path: str) -> Iterator[tuple[int, Any]]:
-    # utf-8-sig drops the BOM Excel writes ("CSV UTF-8"); surrogateescape turns bad bytes into
-    # lone surrogates so one bad row is reported at its own line and the rest still read.
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            n, cells = reader.line_num, {k: v or "" for k, v in row.items() if k is not None}
-            bad = next((k for k, v in cells.items() if _SURROGATE.search(k + v)), None)
-            if bad is None:
-                yield n, {k: _csv_cell(k, v) for k, v in cells.items()}
-            else:
-                raw = cells[bad].encode("utf-8", "surrogateescape")  # the bytes as they are in the file
-                yield n, RecordError(f"{path}:{n}", f"invalid UTF-8 in column {bad!r}: {raw!r}; save the file as UTF-8")
-
-
-def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs pyarrow: pip install vembed-blocks[parquet]") from e
-    n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):  # bounded memory
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
-
-
-_READERS = {".jsonl": _jsonl_rows, ".json": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
-
-
 class RecordReader:
     """Iterator over the records of one file; ``skipped`` counts rows dropped by ``skip_bad``."""
 
@@ -335,9 +280,11 @@ class RecordReader:
         format: str | None = None,
         **options: Any,
     ) -> None:
+        from .row_files import READERS  # here, not at import: a block that only names Record loads no reader
+
         ext = os.path.splitext(path)[1].lower()
-        if ext not in _READERS:
-            raise ValueError(f"{path}: unsupported file type {ext!r} (expected one of {sorted(_READERS)})")
+        if ext not in READERS:
+            raise ValueError(f"{path}: unsupported file type {ext!r} (expected one of {sorted(READERS)})")
         if format is not None and format not in FORMATS:
             raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
         if "language" in options:  # refused here, before the first row, not at the first edit row
@@ -353,7 +300,7 @@ class RecordReader:
         self.rows = 0
         self.skipped = 0
         self.errors: list[str] = []  # the first few skip messages, for the summary
-        self._it: Iterator[Record] | None = self._records(_READERS[ext])
+        self._it: Iterator[Record] | None = self._records(READERS[ext])
 
     def __iter__(self) -> RecordReader:
         return self
