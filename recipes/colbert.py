@@ -30,24 +30,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vembed_blocks import ColBERT, get_rank, init_distributed
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.colbert import maxsim_in_blocks, save_colbert_head
-from vembed_blocks.data import FixedNegatives, TaskLoader, TextCollator, VLMCollator, load_records
-from vembed_blocks.demo.text import parse_with_demo, prepare_text_demo
-from vembed_blocks.distributed import mean_over_ranks, pad_dim, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
-from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
-from vembed_blocks.gradcache import GradCache
-from vembed_blocks.recipe_flags import (
-    apply_loss_flags,
-    apply_model_flags,
-    common_parser,
-    forward_batch,
-    training_batches,
+from vembed_blocks.colbert import ColBERT, maxsim_in_blocks, save_colbert_head
+from vembed_blocks.data.collate import FixedNegatives, TextCollator, VLMCollator
+from vembed_blocks.data.loader import TaskLoader, training_batches
+from vembed_blocks.data.records import load_records
+from vembed_blocks.demo.text import prepare_text_demo
+from vembed_blocks.distributed import (
+    average_gradients,
+    get_rank,
+    init_distributed,
+    mean_over_ranks,
+    pad_dim,
+    shutdown_distributed,
 )
+from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
+from vembed_blocks.gradcache import GradCache
+from vembed_blocks.losses import Matryoshka
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
+from vembed_blocks.recipe_flags import common_parser, mrl_dims
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
@@ -69,7 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-image-side", type=int, default=1024, help="vlm: downscale larger images before the processor")
     p.add_argument("--num-negatives", type=int, default=0, help="hard negatives per row (fixed: equal forwards)")
     p.add_argument("--temperature", type=float, default=0.05)
-    return parse_with_demo(p, argv, "colbert")
+    p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
+    args, _ = p.parse_known_args(argv)
+    if args.data is None:  # the demo trains a random model from scratch: a larger step, a narrow projection
+        p.set_defaults(lr=1e-3, max_steps=20 if args.demo_quick else 60, batch_size=32, dim=32, num_negatives=1)
+    elif args.model is None:
+        p.error("--model is required with --data (an HF id or a local folder)")
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- model, data, loss, evaluation
@@ -88,10 +98,18 @@ class Parts:
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
-    """(train file, val file), checked before any model is loaded."""
+    """(train file, val file), checked before any model is loaded; without --data the demo's text pairs (rank 0
+    writes them) and, without --model, a tiny random BERT."""
     if min(args.num_negatives, args.dim) < 0:
         raise SystemExit("--num-negatives and --dim must be >= 0")
-    return (args.data, args.val_data) if args.data else prepare_text_demo(args, rank, world, "colbert")
+    if args.data:
+        return args.data, args.val_data
+    demo = os.path.join(args.output, "demo")
+    made = prepare_text_demo(
+        demo, quick=args.demo_quick, seed=args.seed, rank=rank, world=world, build_model=args.model is None
+    )
+    args.model = args.model or made["model"]
+    return made["train"], args.val_data or made["val"]
 
 
 def build(args: argparse.Namespace, device: torch.device) -> Parts:
@@ -111,9 +129,17 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         model.pooler.requires_grad_(False)
     width = model.config.get_text_config().hidden_size
     proj = nn.Linear(width, args.dim, bias=False).to(device) if args.dim else None  # same init on every rank (seeded)
-    model = apply_model_flags(model, args)
+    if args.grad_checkpointing:
+        checkpoint_layers(model)
+    if args.lora:  # after checkpointing: LoRA wraps the layers checkpointing must still see as blocks
+        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:  # last: compiles the checkpointed, LoRA-wrapped blocks
+        compile_layers(model)
+    model.train()
     model = shard_vlm(model, mixed_precision="bf16" if args.bf16 else None)  # a VLM's vision tower in the root unit
-    criterion = apply_loss_flags(ColBERT(temperature=args.temperature), args)
+    criterion = ColBERT(temperature=args.temperature)
+    if args.mrl_dims:  # MaxSim over nested prefixes of every token vector
+        criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if proj is not None:  # a fresh layer: a larger step than the pretrained encoder
         groups.append({"params": list(proj.parameters()), "lr": args.proj_lr or 10 * args.lr})
@@ -124,8 +150,9 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
     """(batches, rows per epoch): one task; exactly --num-negatives negatives a row (FSDP2: same forwards)."""
-    collate = FixedNegatives(parts.collator, args.num_negatives)
-    return training_batches(args, path, collate, rank, world)
+    options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, format=args.format)
+    options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
+    return training_batches(path, FixedNegatives(parts.collator, args.num_negatives), **options)
 
 
 def token_embeddings(args: argparse.Namespace, parts: Parts, inputs: dict) -> torch.Tensor:
@@ -141,9 +168,13 @@ def token_embeddings(args: argparse.Namespace, parts: Parts, inputs: dict) -> to
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """Token vectors of queries, documents and the fixed-count negatives; InfoNCE over MaxSim, all ranks."""
 
-    def encode(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = forward_batch(args, lambda **x: token_embeddings(args, parts, x), inputs, gc, device)
-        return tokens, inputs["attention_mask"].to(device).bool()
+    fn = lambda **x: token_embeddings(args, parts, x)
+
+    def encode(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:  # GradCache: chunks now, replayed by backward
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with autocast(args, device):
+            tokens = (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
+        return tokens, inputs["attention_mask"].bool()
 
     (q, qm), (d, dm) = encode(batch["query"]), encode(batch["positive"])
     extra = {}
@@ -159,10 +190,13 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
 def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
     """MaxSim of every query against the whole corpus (in blocks of documents); every rank embeds a share."""
 
+    fn = lambda **x: token_embeddings(args, parts, x)
+
     def encode(items: list, is_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = parts.collator.encode(items, is_query)
-        tokens = forward_batch(args, lambda **x: token_embeddings(args, parts, x), inputs, None, device)
-        return F.normalize(tokens, dim=-1), inputs["attention_mask"].to(device).bool()
+        inputs = {k: v.to(device) for k, v in parts.collator.encode(items, is_query).items()}
+        with autocast(args, device):
+            tokens = fn(**inputs).float()
+        return F.normalize(tokens, dim=-1), inputs["attention_mask"].bool()
 
     parts.model.eval()
     records, score = load_records(path, format=args.format), lambda q, d: maxsim_in_blocks(*q, *d)
@@ -183,6 +217,33 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 # ----------------------------------------------------------------------------- the run (shared by every recipe)
 
 
+# <shared: helpers>
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    """The autocast the flags ask for: bf16 (--bf16), fp16 (--fp16) or off."""
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
+
+
+@torch.no_grad()
+def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world: int, device) -> dict[str, float]:
+    """{"loss": step_loss over one pass of ``path``'s batches}, beside the retrieval metrics (--eval-every); {} where
+    load_data says the loss is undefined. Eval mode, no GradCache; the RNG restored after, so a run that evaluates
+    draws the same training noise as one resumed from the checkpoint saved just before the evaluation."""
+    made = load_data(args, parts, path, rank, world)  # built afresh: every evaluation sees the same batches
+    if made is None:
+        return {}
+    loader, rows = made
+    steps = max(1, rows // (args.batch_size * world * args.grad_accum_steps))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        parts.model.eval()
+        losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
+        parts.model.train()
+    return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+# </shared>
+
+
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
     args = parse_args(argv)  # the shared flags checked too
@@ -191,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
     data, val = prepare_data(args, rank, world)
-    write_args(args, args.output, args.resume, rank)
+    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -206,7 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
+    before = None
+    if val and start == 0:
+        before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
+    elif val:  # a resumed run reports the first launch's "before"
+        before = read_metrics_before(args.output)
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -216,10 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
             loss = 0.0
-            for batch in accumulate_gradients(parts.state, batches):
+            for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
                 scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
                 loss += micro.detach()
+            average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
             scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
@@ -233,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                val_loss = validation_loss(args, parts, val, rank, world, device)  # {} where undefined
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>

@@ -29,18 +29,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vembed_blocks import Distill, init_distributed, text_encoder
+from vembed_blocks import text_encoder
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import TaskLoader, TextCollator, load_records
-from vembed_blocks.demo.text import parse_with_demo, prepare_text_demo
-from vembed_blocks.distributed import gather_with_grad, mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
-from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
+from vembed_blocks.data.collate import TextCollator
+from vembed_blocks.data.loader import TaskLoader, task_loader
+from vembed_blocks.data.records import load_records
+from vembed_blocks.demo.text import prepare_text_demo
+from vembed_blocks.distributed import (
+    average_gradients,
+    gather_with_grad,
+    init_distributed,
+    mean_over_ranks,
+    shutdown_distributed,
+)
+from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.losses import Distill, Matryoshka
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.recipe_flags import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
+from vembed_blocks.recipe_flags import common_parser, mrl_dims
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.teacher_store import NumberedRecords, TeacherStore
 from vembed_blocks.text_encoder import export_text_encoder, load_text_encoder, text_features, unit_text_encoder
@@ -60,7 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, help="student token cap; default: the folder's max_seq_length, else 512")
     p.add_argument("--query-prefix", help="student query prefix; default: the folder's 'query' prompt")
     p.add_argument("--doc-prefix", help="student document prefix; default: the folder's 'document' prompt")
-    args = parse_with_demo(p, argv, "distill")
+    p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
+    args, _ = p.parse_known_args(argv)
+    if args.data is None:  # the demo trains a random student from scratch: a larger step than a fine-tune
+        p.set_defaults(lr=1e-3, max_steps=20 if args.demo_quick else 60, batch_size=32)
+    elif args.model is None:
+        p.error("--model is required with --data (an HF id or a local folder)")
+    args = p.parse_args(argv)
     if (args.teacher and args.teacher_embeddings) or (args.data and not (args.teacher or args.teacher_embeddings)):
         p.error("give exactly one of --teacher and --teacher-embeddings (the demo's default: its ideal teacher)")
     return args
@@ -93,9 +109,23 @@ def collate(student: TextCollator, teacher: TextCollator | TeacherStore, records
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
-    """(train file, val file) as given, else the demo's (rank 0 writes them and the teacher) as --data/--val-data."""
+    """(train file, val file) as given, else the demo's (rank 0 writes them) as --data/--val-data: text pairs, a tiny
+    random BERT student without --model, the ideal teacher's embeddings without --teacher(-embeddings)."""
     if not args.data:  # so load_data tells the training file from the validation one
-        args.data, args.val_data = prepare_text_demo(args, rank, world, "distill")
+        wants_teacher = not (args.teacher or args.teacher_embeddings)
+        made = prepare_text_demo(
+            os.path.join(args.output, "demo"),
+            quick=args.demo_quick,
+            seed=args.seed,
+            rank=rank,
+            world=world,
+            build_model=args.model is None,
+            teacher=wants_teacher,
+        )
+        args.model = args.model or made["model"]
+        if wants_teacher:
+            args.teacher_embeddings = made["teacher"]
+        args.data, args.val_data = made["train"], args.val_data or made["val"]
     return args.data, args.val_data
 
 
@@ -113,8 +143,16 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         t_model, teacher_input, t_cfg = load_text_encoder(args.teacher)
         t_model.to(device).eval().requires_grad_(False)  # frozen: no dropout, no gradient, never in the optimizer
         teacher = (t_model, t_cfg)
-    student = apply_model_flags(student, args)
-    criterion = apply_loss_flags(Distill(temperature=args.temperature, kind=args.kind), args)
+    if args.grad_checkpointing:
+        checkpoint_layers(student)
+    if args.lora:  # after checkpointing: LoRA wraps the layers checkpointing must still see as blocks
+        student = apply_lora(student, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:  # last: compiles the checkpointed, LoRA-wrapped blocks
+        compile_layers(student)
+    student.train()
+    criterion = Distill(temperature=args.temperature, kind=args.kind)
+    if args.mrl_dims:  # the loss over nested prefixes of the student's embedding (the teacher's stays whole)
+        criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
     state = nn.ModuleDict({"model": student})
     return Parts(student, state, groups, criterion, collator, cfg, teacher, teacher_input)
@@ -124,22 +162,28 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     """(batches, rows per epoch): numbered records (row-aligned teacher embeddings are found by number)."""
     if path != args.data and parts.teacher is None:  # precomputed teacher embeddings cover --data only
         return None
-    collate_fn = functools.partial(collate, parts.collator, parts.teacher_input)
-    return make_loader(args, {"train": NumberedRecords(load_records(path, format="t2t"))}, collate_fn, rank, world)
+    tasks = {"train": NumberedRecords(load_records(path, format="t2t"))}
+    options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
+    options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps)
+    return task_loader(tasks, functools.partial(collate, parts.collator, parts.teacher_input), **options)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """Student (GradCache if --chunk-size) and teacher embed queries and docs; Distill over every rank's docs."""
 
     fn = lambda **x: text_features(parts.model, x, parts.cfg.pooling, normalize=False)  # Distill normalises
-    encode = lambda inputs: forward_batch(args, fn, inputs, gc, device)
+
+    def encode(inputs: dict) -> torch.Tensor:  # GradCache: chunks without graphs now, replayed by loss.backward()
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with autocast(args, device):
+            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
 
     @torch.no_grad()
-    def encode_teacher(inputs: dict) -> torch.Tensor:
+    def encode_teacher(inputs: dict) -> torch.Tensor:  # frozen: one plain forward
         t_model, t_cfg = parts.teacher
-        return forward_batch(
-            args, lambda **x: text_features(t_model, x, t_cfg.pooling, t_cfg.normalize), inputs, None, device
-        )
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with autocast(args, device):
+            return text_features(t_model, inputs, t_cfg.pooling, t_cfg.normalize).float()
 
     def docs(side: dict, enc) -> torch.Tensor:  # positives, then the flat hard negatives (the store's order too)
         return torch.cat([enc(side["positive"])] + ([enc(side["negatives"])] if "negatives" in side else []))
@@ -172,6 +216,33 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 # ----------------------------------------------------------------------------- the run (shared by every recipe)
 
 
+# <shared: helpers>
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    """The autocast the flags ask for: bf16 (--bf16), fp16 (--fp16) or off."""
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
+
+
+@torch.no_grad()
+def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world: int, device) -> dict[str, float]:
+    """{"loss": step_loss over one pass of ``path``'s batches}, beside the retrieval metrics (--eval-every); {} where
+    load_data says the loss is undefined. Eval mode, no GradCache; the RNG restored after, so a run that evaluates
+    draws the same training noise as one resumed from the checkpoint saved just before the evaluation."""
+    made = load_data(args, parts, path, rank, world)  # built afresh: every evaluation sees the same batches
+    if made is None:
+        return {}
+    loader, rows = made
+    steps = max(1, rows // (args.batch_size * world * args.grad_accum_steps))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        parts.model.eval()
+        losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
+        parts.model.train()
+    return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+# </shared>
+
+
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
     args = parse_args(argv)  # the shared flags checked too
@@ -180,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
     data, val = prepare_data(args, rank, world)
-    write_args(args, args.output, args.resume, rank)
+    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -195,7 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
+    before = None
+    if val and start == 0:
+        before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
+    elif val:  # a resumed run reports the first launch's "before"
+        before = read_metrics_before(args.output)
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -205,10 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
             loss = 0.0
-            for batch in accumulate_gradients(parts.state, batches):
+            for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
                 scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
                 loss += micro.detach()
+            average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
             scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
@@ -222,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                val_loss = validation_loss(args, parts, val, rank, world, device)  # {} where undefined
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>

@@ -29,19 +29,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vembed_blocks import CoSENT, InfoNCE, Triplet, init_distributed, text_encoder
+from vembed_blocks import text_encoder
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import TaskLoader, TextCollator, WithScores, load_records, scatter_negatives
-from vembed_blocks.demo.text import parse_with_demo, prepare_text_demo
-from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
-from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
+from vembed_blocks.data.collate import TextCollator, WithScores, scatter_negatives
+from vembed_blocks.data.loader import TaskLoader, task_loader
+from vembed_blocks.data.records import load_records
+from vembed_blocks.demo.text import prepare_text_demo
+from vembed_blocks.distributed import average_gradients, init_distributed, mean_over_ranks, shutdown_distributed
+from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.losses import CoSENT, InfoNCE, Matryoshka, Triplet
 from vembed_blocks.mining import write_mined_file
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.recipe_flags import apply_loss_flags, apply_model_flags, common_parser, forward_batch, make_loader
+from vembed_blocks.recipe_flags import common_parser, mrl_dims
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.text_encoder import export_text_encoder, load_text_encoder, text_features, unit_text_encoder
 
@@ -63,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mine-negatives", type=int, default=0, help="mine K hard negatives per row before training")
     p.add_argument("--mine-margin", type=float, help="skip candidates scoring above (positive - margin)")
     p.add_argument("--mine-ratio", type=float, help="skip candidates scoring above ratio * positive")
-    return parse_with_demo(p, argv, "text_t2t")
+    p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
+    args, _ = p.parse_known_args(argv)
+    if args.data is None:  # the demo trains a random model from scratch: a larger step than a fine-tune
+        p.set_defaults(lr=1e-3, max_steps=20 if args.demo_quick else 60, batch_size=32)
+    elif args.model is None:
+        p.error("--model is required with --data (an HF id or a local folder)")
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- model, data, loss, evaluation
@@ -81,9 +91,21 @@ class Parts:
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
-    """(train file, val file) as given (mining happens in load_data), else the demo's (rank 0 writes) as --data."""
+    """(train file, val file) as given (mining happens in load_data), else the demo's (rank 0 writes) as --data:
+    text pairs and, without --model, a tiny random BERT saved as a sentence-transformers folder."""
     if not args.data:  # so load_data tells the training file (mined) from the validation one
-        args.data, args.val_data = prepare_text_demo(args, rank, world, "text_t2t")
+        demo = os.path.join(args.output, "demo")
+        made = prepare_text_demo(
+            demo,
+            quick=args.demo_quick,
+            seed=args.seed,
+            rank=rank,
+            world=world,
+            build_model=args.model is None,
+            sentence_transformers=True,
+        )
+        args.model = args.model or made["model"]
+        args.data, args.val_data = made["train"], args.val_data or made["val"]
     return args.data, args.val_data
 
 
@@ -99,14 +121,21 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     model.to(device)
     for p in getattr(model, "pooler", nn.Identity()).parameters():  # BERT's pooler head: pooling never uses it
         p.requires_grad_(False)
-    model = apply_model_flags(model, args)
+    if args.grad_checkpointing:
+        checkpoint_layers(model)
+    if args.lora:  # after checkpointing: LoRA wraps the layers checkpointing must still see as blocks
+        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:  # last: compiles the checkpointed, LoRA-wrapped blocks
+        compile_layers(model)
+    model.train()
     if args.loss == "cosent":
         criterion = CoSENT()
     elif args.loss == "triplet":
         criterion = Triplet(margin=args.margin)
     else:
         criterion = InfoNCE(temperature=args.temperature, symmetric=args.symmetric)
-    criterion = apply_loss_flags(criterion, args)
+    if args.mrl_dims:  # the loss over nested prefixes of the embedding
+        criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     return Parts(model, nn.ModuleDict({"model": model, "loss": criterion}), groups, criterion, collator, cfg)
 
@@ -129,14 +158,21 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
             parts.model.train()
             log.info("mined %d negatives per row -> %s", args.mine_negatives, mined)
         path = mined
-    return make_loader(args, {"train": load_records(path, format="t2t")}, WithScores(parts.collator), rank, world)
+    tasks = {"train": load_records(path, format="t2t")}
+    options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
+    options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps)
+    return task_loader(tasks, WithScores(parts.collator), **options)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """Encode queries, documents and (where the batch has them) hard negatives; the chosen loss."""
 
     fn = lambda **x: text_features(parts.model, x, parts.cfg.pooling, normalize=False)  # the losses normalise
-    encode = lambda inputs: forward_batch(args, fn, inputs, gc, device)
+
+    def encode(inputs: dict) -> torch.Tensor:  # GradCache: chunks without graphs now, replayed by loss.backward()
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with autocast(args, device):
+            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
 
     q, p = encode(batch["query"]), encode(batch["positive"])
     neg = encode(batch["negatives"]) if "negatives" in batch else None
@@ -173,6 +209,33 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 # ----------------------------------------------------------------------------- the run (shared by every recipe)
 
 
+# <shared: helpers>
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    """The autocast the flags ask for: bf16 (--bf16), fp16 (--fp16) or off."""
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
+
+
+@torch.no_grad()
+def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world: int, device) -> dict[str, float]:
+    """{"loss": step_loss over one pass of ``path``'s batches}, beside the retrieval metrics (--eval-every); {} where
+    load_data says the loss is undefined. Eval mode, no GradCache; the RNG restored after, so a run that evaluates
+    draws the same training noise as one resumed from the checkpoint saved just before the evaluation."""
+    made = load_data(args, parts, path, rank, world)  # built afresh: every evaluation sees the same batches
+    if made is None:
+        return {}
+    loader, rows = made
+    steps = max(1, rows // (args.batch_size * world * args.grad_accum_steps))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        parts.model.eval()
+        losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
+        parts.model.train()
+    return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+# </shared>
+
+
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
     args = parse_args(argv)  # the shared flags checked too
@@ -181,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
     data, val = prepare_data(args, rank, world)
-    write_args(args, args.output, args.resume, rank)
+    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -196,7 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
+    before = None
+    if val and start == 0:
+        before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
+    elif val:  # a resumed run reports the first launch's "before"
+        before = read_metrics_before(args.output)
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -206,10 +273,11 @@ def main(argv: list[str] | None = None) -> dict:
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
             loss = 0.0
-            for batch in accumulate_gradients(parts.state, batches):
+            for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
                 scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
                 loss += micro.detach()
+            average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
             scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
@@ -223,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                val_loss = validation_loss(args, parts, val, rank, world, device)  # {} where undefined
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>

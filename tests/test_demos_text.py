@@ -82,6 +82,31 @@ def test_building_the_demo_model_leaves_the_global_rng_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_prepare_text_demo_writes_what_it_is_asked_for_on_rank_0(tmp_path):
+    """The caller says what to build (no recipe names, no argparse): pairs always, the model and the ideal
+    teacher on request; every rank gets the same paths, only rank 0 writes."""
+    kw = dict(quick=True, seed=0, world=1)
+    bare = demo_text.prepare_text_demo(str(tmp_path / "a"), rank=0, build_model=False, **kw)
+    assert bare == {"train": str(tmp_path / "a" / "train.jsonl"), "val": str(tmp_path / "a" / "val.jsonl")}
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["train.jsonl", "val.jsonl"]
+    full = demo_text.prepare_text_demo(
+        str(tmp_path / "b"), rank=0, build_model=True, sentence_transformers=True, teacher=True, **kw
+    )
+    assert full == {
+        "train": str(tmp_path / "b" / "train.jsonl"),
+        "val": str(tmp_path / "b" / "val.jsonl"),
+        "model": str(tmp_path / "b" / "model"),
+        "teacher": str(tmp_path / "b" / "teacher"),
+    }
+    assert read_jsonl(full["train"]) == read_jsonl(bare["train"]) and len(read_jsonl(full["train"])) == 2 * 144
+    assert read_text_encoder_config(full["model"]).is_sentence_transformers
+    assert len(load_file(Path(full["teacher"]) / "teacher.safetensors")["query"]) == 2 * 144
+    plain = demo_text.prepare_text_demo(str(tmp_path / "c"), rank=0, build_model=True, **kw)
+    assert not read_text_encoder_config(plain["model"]).is_sentence_transformers
+    other = demo_text.prepare_text_demo(str(tmp_path / "d"), rank=1, build_model=True, teacher=True, **kw)
+    assert other["model"] == str(tmp_path / "d" / "model") and not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_quick_demo_in_process_improves_retrieval(name, tmp_path):
     recipe = load_script(name)

@@ -8,14 +8,14 @@ negatives), and validation holds combinations never seen in training. ``build_ti
 a randomly initialised ``BertModel`` with a word-level tokenizer over that vocabulary (optionally
 also as a sentence-transformers folder); ``write_ideal_teacher`` writes the embeddings an ideal
 teacher would give (which colour, animal and place a text names) as a row-aligned
-``teacher.safetensors`` for ``recipes/distill.py``. ``prepare_text_demo`` is what a recipe
-calls when it has no ``--data``: rank 0 writes all of it under ``<output>/demo``, every rank waits;
-``parse_with_demo`` gives a recipe's parser the demo's defaults (``DEMO_DEFAULTS``) when ``--data`` is absent.
+``teacher.safetensors`` (the layout ``teacher_store.TeacherStore`` reads). ``prepare_text_demo``
+writes whichever of these a caller asks for under one folder, on rank 0, while every rank waits,
+and returns their paths; what to ask for, and the training defaults that suit a model trained from
+scratch, are the caller's choice.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -28,14 +28,12 @@ __all__ = [
     "COLOURS",
     "ANIMALS",
     "PLACES",
-    "DEMO_DEFAULTS",
     "demo_vocabulary",
     "write_text_pairs",
     "build_tiny_bert",
     "ideal_embedding",
     "write_ideal_teacher",
     "prepare_text_demo",
-    "parse_with_demo",
 ]
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
@@ -48,13 +46,6 @@ DOC_TEMPLATES = [
     "the {a} by the {p} is {c}",
     "we saw one {c} {a} at the {p} today",
 ]
-# Per recipe, the demo's training defaults as a function of --demo-quick (explicit flags win):
-# a random model learns from scratch, so a much larger step than a fine-tune.
-DEMO_DEFAULTS = {
-    "text_t2t": lambda quick: dict(lr=1e-3, max_steps=20 if quick else 60, batch_size=32),
-    "distill": lambda quick: dict(lr=1e-3, max_steps=20 if quick else 60, batch_size=32),
-    "colbert": lambda quick: dict(lr=1e-3, max_steps=20 if quick else 60, batch_size=32, dim=32, num_negatives=1),
-}
 
 
 def demo_vocabulary() -> list[str]:
@@ -157,7 +148,7 @@ def ideal_embedding(text: str) -> torch.Tensor:
 
 def write_ideal_teacher(train_file: str, out_dir: str) -> str:
     """``out_dir/teacher.safetensors`` with ``query`` and ``doc`` ``[R, 17]`` (`ideal_embedding` of row i's
-    query and positive): the row-aligned layout ``--teacher-embeddings`` reads."""
+    query and positive): the row-aligned layout `teacher_store.TeacherStore` reads."""
     from safetensors.torch import save_file
 
     with open(train_file) as f:
@@ -171,40 +162,36 @@ def write_ideal_teacher(train_file: str, out_dir: str) -> str:
     return out_dir
 
 
-def prepare_text_demo(args: argparse.Namespace, rank: int, world: int, recipe: str) -> tuple[str, str]:
-    """(train file, val file) of the demo under ``<args.output>/demo``, written by rank 0 (every rank waits).
+def prepare_text_demo(
+    out_dir: str,
+    *,
+    quick: bool,
+    seed: int,
+    rank: int,
+    world: int,
+    build_model: bool,
+    sentence_transformers: bool = False,
+    teacher: bool = False,
+) -> dict[str, str]:
+    """Write the demo under ``out_dir`` on rank 0 (every rank then waits at a barrier; ``world`` > 1 needs the
+    process group) and return the paths, the same on every rank.
 
-    Without ``args.model`` a tiny BERT is saved to ``demo/model`` (a sentence-transformers folder for
-    ``text_t2t``) and ``args.model`` points at it; for ``distill`` without a teacher the ideal teacher's
-    embeddings go to ``demo/teacher`` and ``args.teacher_embeddings`` points at them.
+    Always ``{"train", "val"}``: `write_text_pairs` (2 training rows per combination when ``quick``, else 6;
+    ``seed`` picks the rows). With ``build_model``, ``"model"``: `build_tiny_bert` (``quick`` size; with
+    ``sentence_transformers`` also the sentence-transformers files). With ``teacher``, ``"teacher"``: the
+    folder `write_ideal_teacher` fills for the training rows.
     """
-    if recipe not in DEMO_DEFAULTS:
-        raise ValueError(f"prepare_text_demo: no demo for {recipe!r}; one of {sorted(DEMO_DEFAULTS)}")
-    demo = os.path.join(args.output, "demo")
-    quick = getattr(args, "demo_quick", False)
-    train, val = os.path.join(demo, "train.jsonl"), os.path.join(demo, "val.jsonl")
-    wants_teacher = recipe == "distill" and not (args.teacher or args.teacher_embeddings)
+    paths = {"train": os.path.join(out_dir, "train.jsonl"), "val": os.path.join(out_dir, "val.jsonl")}
+    if build_model:
+        paths["model"] = os.path.join(out_dir, "model")
+    if teacher:
+        paths["teacher"] = os.path.join(out_dir, "teacher")
     if rank == 0:
-        write_text_pairs(demo, per_combo=2 if quick else 6, seed=args.seed)
-        if args.model is None:
-            build_tiny_bert(os.path.join(demo, "model"), quick, sentence_transformers=recipe == "text_t2t")
-        if wants_teacher:
-            write_ideal_teacher(train, os.path.join(demo, "teacher"))
+        write_text_pairs(out_dir, per_combo=2 if quick else 6, seed=seed)
+        if build_model:
+            build_tiny_bert(paths["model"], quick, sentence_transformers=sentence_transformers)
+        if teacher:
+            write_ideal_teacher(paths["train"], paths["teacher"])
     if world > 1:
         torch.distributed.barrier()
-    args.model = args.model or os.path.join(demo, "model")
-    if wants_teacher:
-        args.teacher_embeddings = os.path.join(demo, "teacher")
-    return train, args.val_data or val
-
-
-def parse_with_demo(p: argparse.ArgumentParser, argv: list[str] | None, recipe: str) -> argparse.Namespace:
-    """``p.parse_args(argv)`` with ``--demo-quick`` added; without ``--data`` the demo's `DEMO_DEFAULTS`
-    (explicit flags still win), with ``--data`` but no ``--model`` a parser error naming ``--model``."""
-    p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
-    args, _ = p.parse_known_args(argv)
-    if args.data is None:  # the demo trains a random model from scratch: a larger step than a fine-tune
-        p.set_defaults(**DEMO_DEFAULTS[recipe](args.demo_quick))
-    elif args.model is None:
-        p.error("--model is required with --data (an HF id or a local folder)")
-    return p.parse_args(argv)
+    return paths
