@@ -33,17 +33,24 @@ import torch
 import torch.nn as nn
 
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.demo.edit import parse_with_edit_demo, prepare_edit_demo
-from vembed_blocks.distributed import get_rank, get_world_size, init_distributed, mean_over_ranks, shutdown_distributed
+from vembed_blocks.data.loader import task_loader
+from vembed_blocks.demo.edit import prepare_edit_demo
+from vembed_blocks.distributed import (
+    average_gradients,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    mean_over_ranks,
+    shutdown_distributed,
+)
 from vembed_blocks.edit import flow_matching as fm
 from vembed_blocks.edit.rows import PROMPT_SIDE, edit_sampler_options, load_edit_tasks, rank_share, row_latents
-from vembed_blocks.embed import validation_loss
-from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
+from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.parallel import shard_model
-from vembed_blocks.recipe_flags import apply_model_flags, autocast, common_parser, make_loader
+from vembed_blocks.parallel import checkpoint_layers, compile_layers, shard_model
+from vembed_blocks.recipe_flags import common_parser
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 
 log = logging.getLogger("edit_sft")
@@ -68,7 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-side", default=PROMPT_SIDE, help="the stores' side holding the prompt embeddings")
     p.add_argument("--val-timesteps", default="250,500,750", help="evaluate: sigma-table indices of the noise levels")
     p.add_argument("--export-components", choices=["link", "none"], default="link", help="final/: link the rest")
-    return parse_with_edit_demo(p, argv)  # no --data: the demo's defaults (--demo-quick: its test form)
+    p.add_argument("--demo-quick", action="store_true", help="demo: fewer rows, smaller images, fewer steps (tests)")
+    args, _ = p.parse_known_args(argv)
+    if args.data is None:  # the demo: a random transformer trained from scratch on tiny images takes a larger step
+        quick = args.demo_quick  # than a fine-tune; every parameter trains; explicit flags win
+        p.set_defaults(lr=2e-3, max_steps=12 if quick else 300, batch_size=2, weight_decay=0.0, lr_schedule="constant")
+        p.set_defaults(warmup_steps=2 if quick else 10, image_sample_size=32 if quick else 48, num_workers=0)
+        p.set_defaults(log_every=4 if quick else 25, eval_every=0 if quick else 100)
+        p.set_defaults(train_src_img_num_weights="0=1,1=1,2=1")  # the source counts drawn evenly
+    elif args.model is None:
+        p.error("--model is required with --data (a Qwen-Image(-Edit) diffusers folder)")
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- model, data, loss, evaluation
@@ -88,8 +105,27 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
     if args.chunk_size or args.lora:
         raise SystemExit("edit_sft trains without --chunk-size (one forward per row) and without --lora")
     if args.data is None:  # the demo: a tiny folder, rendered rows, extract_embeds.py in-process (step 1)
-        args.data, args.val_data = prepare_edit_demo(args, rank, world, runpy.run_path(EXTRACT)["main"])
+        args.data, args.val_data = demo_stores(args, rank, world)
     return args.data, args.val_data
+
+
+def demo_stores(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str]:
+    """(task root, val task root) of the demo under <output>/demo: rank 0 writes the tiny Qwen-Image-Edit folder
+    (unless --model) and renders the rows; every rank then runs extract_embeds.py's main (it keeps this process
+    group) into the stores, the val one unless --val-data. A fresh run first drops an earlier demo's stores."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        # This model's ops are too small to split: on 2 cores shared with other jobs, 2 intra-op threads made
+        # the whole demo 7x slower (93 s against 13 s). torchrun sets 1 already; an explicit setting wins.
+        torch.set_num_threads(1)
+    demo = os.path.join(args.output, "demo")
+    made = prepare_edit_demo(demo, quick=args.demo_quick, seed=args.seed, rank=rank, world=world,
+                             build_model=args.model is None, fresh=not args.resume)  # fmt: skip
+    args.model = args.model or made["model"]
+    extract = runpy.run_path(EXTRACT)["main"]
+    for split in ("train", "val") if not args.val_data else ("train",):
+        rows, store = made[f"{split}_rows"], made[f"{split}_store"]
+        extract(["--data", rows, "--model", args.model, "--output", store, "--seed", str(args.seed)])
+    return os.path.dirname(made["train_store"]), args.val_data or os.path.dirname(made["val_store"])
 
 
 def build(args: argparse.Namespace, device: torch.device) -> Parts:
@@ -103,7 +139,14 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         p.requires_grad_(any(re.search(r, name) for r in args.trainable_modules))
     if not any(p.requires_grad for p in model.parameters()):
         raise SystemExit(f"--trainable-modules {args.trainable_modules} match no parameter of the transformer")
-    model = shard_model(apply_model_flags(model.to(device), args), mixed_precision="bf16" if args.bf16 else None)
+    model = model.to(device)
+    if args.grad_checkpointing:
+        checkpoint_layers(model)
+    if args.compile:  # after checkpointing: compiles the checkpointed blocks
+        compile_layers(model)
+    model.train()
+    # FSDP2 (a no-op without a process group): one unit per transformer block (its _no_split_modules), then the root
+    model = shard_model(model, mixed_precision="bf16" if args.bf16 else None)
     vae = AutoencoderKLQwenImage.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
     sigmas = fm.scheduler_sigma_table(FlowMatchEulerDiscreteScheduler.load_config(args.model, subfolder="scheduler"))
     torch.manual_seed(args.seed * 1000 + get_rank())  # each rank its own noise; checkpoints keep every rank's RNG
@@ -115,7 +158,9 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     """(batches, rows per epoch): the weighted, source-count-grouped draw over the task stores."""
     tasks = load_edit_tasks(path, args.image_sample_size, args.prompt_side, parts.model.config.joint_attention_dim)
     options = edit_sampler_options(tasks, args.train_data_weights, args.train_src_img_num_weights)
-    return make_loader(args, tasks, list, rank, world, **options)
+    options.update(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
+    options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps)
+    return task_loader(tasks, list, **options)
 
 
 def row_loss(args, parts: Parts, row: dict, latents: list, index: torch.Tensor, device, rng=None) -> torch.Tensor:
@@ -177,6 +222,33 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 # ----------------------------------------------------------------------------- the run (shared by every recipe)
 
 
+# <shared: helpers>
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    """The autocast the flags ask for: bf16 (--bf16), fp16 (--fp16) or off."""
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
+
+
+@torch.no_grad()
+def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world: int, device) -> dict[str, float]:
+    """{"loss": step_loss over one pass of ``path``'s batches}, beside the retrieval metrics (--eval-every); {} where
+    load_data says the loss is undefined. Eval mode, no GradCache; the RNG restored after, so a run that evaluates
+    draws the same training noise as one resumed from the checkpoint saved just before the evaluation."""
+    made = load_data(args, parts, path, rank, world)  # built afresh: every evaluation sees the same batches
+    if made is None:
+        return {}
+    loader, rows = made
+    steps = max(1, rows // (args.batch_size * world * args.grad_accum_steps))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        parts.model.eval()
+        losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
+        parts.model.train()
+    return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+# </shared>
+
+
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
     args = parse_args(argv)  # the shared flags checked too
@@ -185,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
     data, val = prepare_data(args, rank, world)
-    write_args(args, args.output, args.resume, rank)
+    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -200,7 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
+    before = None
+    if val and start == 0:
+        before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
+    elif val:  # a resumed run reports the first launch's "before"
+        before = read_metrics_before(args.output)
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -210,10 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
             loss = 0.0
-            for batch in accumulate_gradients(parts.state, batches):
+            for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
                 scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
                 loss += micro.detach()
+            average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
             scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
@@ -227,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                val_loss = validation_loss(args, parts, val, rank, world, device)  # {} where undefined
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>

@@ -47,8 +47,7 @@ import runpy
 import torch
 from safetensors.torch import save_file
 
-from vembed_blocks.data import load_records
-from vembed_blocks.data.records import FORMATS
+from vembed_blocks.data.records import FORMATS, load_records
 from vembed_blocks.demo import COLOURS, SHAPES
 from vembed_blocks.distributed import init_distributed, shutdown_distributed
 from vembed_blocks.embed import RELEVANCE, embed_on_all_ranks, retrieval_set_for, self_excluded_scores
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     enc = load_encoder(args.model, device=device, dtype=args.dtype, batch_size=args.batch_size, **overrides)
     if rank == 0:
         args.world_size, args.family = world, enc.family
-        write_args(args, args.output)
+        write_args(vars(args), args.output)
     log.info("%s model; %d queries, %d corpus items from %s", enc.family, len(rs.queries), len(rs.docs), args.data)
     q, d = embed_sides(args, enc, rs, device)
     metrics = score_and_write(args, enc, rs, q, d) if rank == 0 else {}

@@ -46,15 +46,15 @@ import time
 import numpy as np
 import torch
 
-from vembed_blocks import dual_encoder_features, init_distributed
-from vembed_blocks.data import DualEncoderCollator, VLMCollator, read_records
+from vembed_blocks.data.collate import DualEncoderCollator, VLMCollator
 from vembed_blocks.data.embed_store import EmbedStore, EmbedWriter, ensure_meta
 from vembed_blocks.data.images import load_images
+from vembed_blocks.data.records import read_records
 from vembed_blocks.demo import render_edit_demo
 from vembed_blocks.demo.vlm import build_demo_extractor
-from vembed_blocks.distributed import shutdown_distributed
+from vembed_blocks.distributed import init_distributed, shutdown_distributed
 from vembed_blocks.edit.prompts import check_source_count, is_diffusers_folder, load_prompt_pipeline, prompt_embeds
-from vembed_blocks.towers import COMPOSED_FILE, load_dual_encoder, text_padding
+from vembed_blocks.towers import COMPOSED_FILE, dual_encoder_features, load_dual_encoder, text_padding
 from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
 
 log = logging.getLogger("extract_embeds")
@@ -313,7 +313,7 @@ def prepare(args: argparse.Namespace, rank: int, world: int, kind: str, extra_me
 
 def main(argv: list[str] | None = None) -> dict:
     """Extract; returns ``{"shards_written": n}`` (+ ``"records"`` and ``"summary"`` on rank 0). A caller that
-    set up the process group itself (``recipes/multitask.py``'s demo) keeps it: it is only shut down if made here."""
+    set up the process group itself (the multitask and edit_sft demos) keeps it: it is only shut down if made here."""
     args = parse_args(argv)
     own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     rank, world, device = init_distributed()

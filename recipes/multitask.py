@@ -33,19 +33,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vembed_blocks import InfoNCE, get_rank, init_distributed, retrieval_metrics
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import parse_group_weights, parse_weights
 from vembed_blocks.data.embed_store import EmbedStore, collate_embeddings
+from vembed_blocks.data.loader import task_loader
+from vembed_blocks.data.sampler import parse_group_weights, parse_weights
 from vembed_blocks.demo import render_image_pairs
-from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import validation_loss
+from vembed_blocks.distributed import (
+    average_gradients,
+    get_rank,
+    init_distributed,
+    mean_over_ranks,
+    shutdown_distributed,
+)
 from vembed_blocks.fusion_head import FusionHead, pooled
-from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
+from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
-from vembed_blocks.recipe_flags import apply_model_flags, autocast, common_parser, make_loader
+from vembed_blocks.losses import InfoNCE
+from vembed_blocks.metrics import retrieval_metrics
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
+from vembed_blocks.recipe_flags import common_parser
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 
 log = logging.getLogger("multitask")
@@ -99,8 +107,6 @@ def load_tasks(root: str) -> dict[str, EmbedStore]:
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
     """(task root, evaluation root: --val-data, else the training tasks' first --eval-rows rows)."""
-    if args.chunk_size:
-        raise SystemExit("--chunk-size: the head is small; GradCache buys nothing here")
     args.data = args.data or demo_tasks(args, rank, world)  # no --data: the demo's tasks
     return args.data, args.val_data or args.data
 
@@ -124,7 +130,13 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     log.info("tasks: %s", ", ".join(f"{n} ({len(s)} rows)" for n, s in tasks.items()))
     first = next(iter(tasks.values()))[0]
     head = FusionHead(first["query"].shape[-1], first["positive"].shape[-1], args.hidden, args.dim).to(device)
-    head = apply_model_flags(head, args)
+    if args.grad_checkpointing:
+        checkpoint_layers(head)
+    if args.lora:  # after checkpointing: LoRA wraps the layers checkpointing must still see as blocks
+        head = apply_lora(head, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:  # last: compiles the checkpointed, LoRA-wrapped blocks
+        compile_layers(head)
+    head.train()
     criterion = InfoNCE(temperature=args.temperature, symmetric=args.symmetric, gather=True)
     return Parts(head, nn.ModuleDict({"model": head}), [{"params": list(head.parameters())}], criterion, tasks)
 
@@ -140,15 +152,21 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
         if not edit:
             raise SystemExit("--train-src-img-num-weights: no task records a number of source images (edit format)")
         options["group_of"] = edit
-    return make_loader(args, tasks, collate_embeddings, rank, world, **options)
+    options.update(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
+    options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps)
+    return task_loader(tasks, collate_embeddings, **options)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """The head on both sides; InfoNCE of this rank's queries against every rank's targets."""
+
+    def encode(side: nn.Module, x: torch.Tensor) -> torch.Tensor:  # GradCache (--chunk-size): replayed by backward()
+        with autocast(args, device):
+            return (side(x) if gc is None else gc.encode(side, x)).float()
+
     batch = {k: v.to(device) for k, v in batch.items()}
-    with autocast(args, device):
-        q, d = parts.model(pooled(batch, "query"), pooled(batch, "positive"))
-    return parts.criterion(q.float(), d.float())
+    q, d = encode(parts.model.query, pooled(batch, "query")), encode(parts.model.doc, pooled(batch, "positive"))
+    return parts.criterion(q, d)
 
 
 @torch.no_grad()
@@ -177,6 +195,33 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 # ----------------------------------------------------------------------------- the run (shared by every recipe)
 
 
+# <shared: helpers>
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    """The autocast the flags ask for: bf16 (--bf16), fp16 (--fp16) or off."""
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
+
+
+@torch.no_grad()
+def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world: int, device) -> dict[str, float]:
+    """{"loss": step_loss over one pass of ``path``'s batches}, beside the retrieval metrics (--eval-every); {} where
+    load_data says the loss is undefined. Eval mode, no GradCache; the RNG restored after, so a run that evaluates
+    draws the same training noise as one resumed from the checkpoint saved just before the evaluation."""
+    made = load_data(args, parts, path, rank, world)  # built afresh: every evaluation sees the same batches
+    if made is None:
+        return {}
+    loader, rows = made
+    steps = max(1, rows // (args.batch_size * world * args.grad_accum_steps))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        parts.model.eval()
+        losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
+        parts.model.train()
+    return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+# </shared>
+
+
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
     args = parse_args(argv)  # the shared flags checked too
@@ -185,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
     data, val = prepare_data(args, rank, world)
-    write_args(args, args.output, args.resume, rank)
+    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -200,7 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
+    before = None
+    if val and start == 0:
+        before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
+    elif val:  # a resumed run reports the first launch's "before"
+        before = read_metrics_before(args.output)
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -210,10 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
             loss = 0.0
-            for batch in accumulate_gradients(parts.state, batches):
+            for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
                 scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
                 loss += micro.detach()
+            average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
             scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
@@ -227,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                val_loss = validation_loss(args, parts, val, rank, world, device)  # {} where undefined
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>

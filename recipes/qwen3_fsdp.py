@@ -40,26 +40,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vembed_blocks import InfoNCE, get_rank, init_distributed
 from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data import FixedNegatives, TaskLoader, VLMCollator, load_records
+from vembed_blocks.data.collate import FixedNegatives, VLMCollator
+from vembed_blocks.data.loader import training_batches
+from vembed_blocks.data.records import load_records
 from vembed_blocks.demo import render_demo
 from vembed_blocks.demo.vlm import build_demo_qwen3vl
-from vembed_blocks.distributed import mean_over_ranks, shutdown_distributed
-from vembed_blocks.embed import evaluate_retrieval_by, validation_loss
-from vembed_blocks.grad_sync import accumulate_gradients, clip_gradients
-from vembed_blocks.gradcache import GradCache
-from vembed_blocks.recipe_flags import (
-    apply_loss_flags,
-    apply_model_flags,
-    common_parser,
-    forward_batch,
-    training_batches,
+from vembed_blocks.distributed import (
+    average_gradients,
+    get_rank,
+    init_distributed,
+    mean_over_ranks,
+    shutdown_distributed,
 )
+from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
+from vembed_blocks.gradcache import GradCache
+from vembed_blocks.losses import InfoNCE, Matryoshka
+from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, shard_model
+from vembed_blocks.recipe_flags import common_parser, mrl_dims
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
 from vembed_blocks.schedule import make_scheduler, warmup_steps
-from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_embed
+from vembed_blocks.vlm import VLMSplit, ignore_fsdp_view_warning, load_vlm_processor, vlm_embed, vlm_text_blocks
 
 log = logging.getLogger("qwen3_fsdp")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the rendered demo set (and a tiny Qwen3-VL)"
@@ -123,29 +126,47 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
 
     processor = load_vlm_processor(args.model)
     model = AutoModel.from_pretrained(args.model, dtype=torch.float32).to(device)
-    model = apply_model_flags(
-        model, args, backend=args.compile_backend, fallback_to_eager=True
-    )  # failing blocks run eagerly
-    # Text decoder layers as FSDP units, the vision tower in the root unit: a rank whose chunk has
-    # no image skips it, and a per-block vision unit would wait for an all-gather nobody joins.
-    model = shard_vlm(model, mixed_precision="bf16" if args.bf16 else None)
-    criterion = apply_loss_flags(InfoNCE(temperature=args.temperature), args)
+    if args.grad_checkpointing:
+        checkpoint_layers(model)
+    if args.lora:  # after checkpointing: LoRA wraps the layers checkpointing must still see as blocks
+        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
+    if args.compile:  # last: compiles the checkpointed, LoRA-wrapped blocks (failing blocks run eagerly)
+        compile_layers(model, backend=args.compile_backend, fallback_to_eager=True)
+    model.train()
+    # FSDP2 (a no-op without a process group): a unit per text decoder layer, the vision tower in the root unit. A
+    # rank whose chunk has no image skips the tower; as separate units its blocks would wait for an all-gather the
+    # ranks with images never join. No extra entry points (forward_methods=()): forward calls get_image_features.
+    mixed = "bf16" if args.bf16 else None
+    model = shard_model(model, layer_classes=vlm_text_blocks(model), mixed_precision=mixed, forward_methods=())
+    if hasattr(model, "set_reduce_scatter_unused_params"):
+        model.set_reduce_scatter_unused_params(True)  # a chunk without images: its tower grads are zeros, not missing
+    ignore_fsdp_view_warning()  # FSDP2's "returned a view tensor" at every forward: vlm_embed only reads the view
+    criterion = InfoNCE(temperature=args.temperature)
+    if args.mrl_dims:  # the loss over nested prefixes of the embedding
+        criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     collator = VLMCollator(processor, args.query_instruction, args.doc_instruction, args.max_image_side)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     state = nn.ModuleDict({"model": model, "loss": criterion})
     return Parts(model, state, groups, criterion, collator, processor, splitter=VLMSplit)  # flat pixels by image
 
 
-def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
+def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
     """(batches, rows per epoch): one task; exactly --num-negatives negatives a row (FSDP2: same forwards)."""
     collate = FixedNegatives(parts.collator, args.num_negatives)
-    return training_batches(args, path, collate, rank, world)
+    options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, format=args.format)
+    options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
+    return training_batches(path, collate, **options)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
     """Last-token embeddings of queries, positives and the fixed-count negatives; InfoNCE over all ranks."""
 
-    encode = lambda inputs: forward_batch(args, lambda **x: vlm_embed(parts.model, x), inputs, gc, device)
+    fn = lambda **x: vlm_embed(parts.model, x)
+
+    def encode(inputs: dict) -> torch.Tensor:  # GradCache: chunks without graphs now, replayed by loss.backward()
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with autocast(args, device):
+            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
 
     q, p = encode(batch["query"]), encode(batch["positive"])
     extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
@@ -160,9 +181,11 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     """Retrieval metrics of ``path``; every rank embeds an equal share (FSDP2 forwards are collectives)."""
 
     fn = lambda **x: vlm_embed(parts.model, x)
-    encode = lambda items, is_query: F.normalize(
-        forward_batch(args, fn, parts.collator.encode(items, is_query), None, device), dim=-1
-    )
+
+    def encode(items: list, is_query: bool) -> torch.Tensor:
+        inputs = {k: v.to(device) for k, v in parts.collator.encode(items, is_query).items()}
+        with autocast(args, device):
+            return F.normalize(fn(**inputs).float(), dim=-1)
 
     parts.model.eval()
     records = load_records(path, format=args.format)
@@ -183,6 +206,33 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
 # ----------------------------------------------------------------------------- the run (shared by every recipe)
 
 
+# <shared: helpers>
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    """The autocast the flags ask for: bf16 (--bf16), fp16 (--fp16) or off."""
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=args.bf16 or args.fp16)
+
+
+@torch.no_grad()
+def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world: int, device) -> dict[str, float]:
+    """{"loss": step_loss over one pass of ``path``'s batches}, beside the retrieval metrics (--eval-every); {} where
+    load_data says the loss is undefined. Eval mode, no GradCache; the RNG restored after, so a run that evaluates
+    draws the same training noise as one resumed from the checkpoint saved just before the evaluation."""
+    made = load_data(args, parts, path, rank, world)  # built afresh: every evaluation sees the same batches
+    if made is None:
+        return {}
+    loader, rows = made
+    steps = max(1, rows // (args.batch_size * world * args.grad_accum_steps))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        parts.model.eval()
+        losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
+        parts.model.train()
+    return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+# </shared>
+
+
 def main(argv: list[str] | None = None) -> dict:
     # <shared: set-up>
     args = parse_args(argv)  # the shared flags checked too
@@ -191,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
     data, val = prepare_data(args, rank, world)
-    write_args(args, args.output, args.resume, rank)
+    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -206,7 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
-    before = metrics_before(args.output, start, lambda: evaluate(args, parts, val, device), rank) if val else None
+    before = None
+    if val and start == 0:
+        before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
+    elif val:  # a resumed run reports the first launch's "before"
+        before = read_metrics_before(args.output)
     # </shared>
     # <shared: the loop>
     end = min(total, args.stop_at or total)
@@ -216,10 +270,11 @@ def main(argv: list[str] | None = None) -> dict:
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
             loss = 0.0
-            for batch in accumulate_gradients(parts.state, batches):
+            for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
                 scaler.scale(micro).backward()  # --fp16: scaled (GradCache carries the scale); else as is
                 loss += micro.detach()
+            average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
             scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
@@ -233,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
-                val_loss = validation_loss(step_loss, load_data, args, parts, val, device)  # {} where undefined
+                val_loss = validation_loss(args, parts, val, rank, world, device)  # {} where undefined
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>

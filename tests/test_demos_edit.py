@@ -24,7 +24,7 @@ from _recipes import load_script, torchrun, train_log  # noqa: E402
 from vembed_blocks.data.embed_store import EmbedStore  # noqa: E402
 
 QUICK = ["--demo-quick"]
-QUICK_STEPS = 12  # edit_demo_defaults(quick=True)["max_steps"]
+QUICK_STEPS = 12  # edit_sft.py's demo default for --max-steps with --demo-quick
 LEVELS = (250, 500, 750)  # --val-timesteps default
 
 
@@ -139,3 +139,30 @@ def test_edit_demo_on_two_ranks(tmp_path):
     out = torchrun("edit_sft", "--output", str(tmp_path), *QUICK, timeout=240)
     assert "rows by source images" in out and "flow_loss" in out, out
     check_demo_run(tmp_path, world=2)
+
+
+def test_prepare_edit_demo_takes_plain_values_writes_on_rank_0_and_names_the_stores(tmp_path):
+    """The demo's files from explicit values (no recipe arguments): rank 0 renders the rows and, when asked, the
+    tiny folder; a fresh call drops earlier stores; the stores are only named (filling them is the caller's)."""
+    from vembed_blocks.demo.edit import prepare_edit_demo
+
+    quick = dict(quick=True, seed=0, world=1)
+    other = prepare_edit_demo(str(tmp_path / "r1"), rank=1, build_model=True, fresh=True, **quick)
+    assert not (tmp_path / "r1").exists()  # not rank 0: nothing written, the same paths named
+    stale = tmp_path / "meta" / "edit"
+    stale.mkdir(parents=True)
+    (stale / "meta.json").write_text("{}")
+    made = prepare_edit_demo(str(tmp_path), rank=0, build_model=False, fresh=False, **quick)
+    assert {k: v.replace(str(tmp_path), "") for k, v in made.items()} == {
+        k: v.replace(str(tmp_path / "r1"), "") for k, v in other.items() if k != "model"
+    }
+    assert "model" not in made and not (tmp_path / "model").exists() and (stale / "meta.json").exists()
+    assert made["train_store"] == str(stale) and made["val_store"] == str(tmp_path / "val" / "edit")
+    rows = [Path(made[f"{split}_rows"]).read_text().splitlines() for split in ("train", "val")]
+    assert [len(r) for r in rows] == [12, 4] and rows[0][:4] != rows[1]  # the validation rows: another seed
+    made = prepare_edit_demo(str(tmp_path), rank=0, build_model=True, fresh=True, **quick)
+    assert not stale.exists() and Path(made["train_rows"]).read_text().splitlines() == rows[0]  # seeded
+    assert (
+        json.loads((tmp_path / "model" / "model_index.json").read_text())["_class_name"] == "QwenImageEditPlusPipeline"
+    )
+    assert made["model"] == str(tmp_path / "model")

@@ -188,3 +188,13 @@ def test_trains_on_extract_embeds_output(tmp_path):
     assert len(rows) == 4 and {r["task"].split("/")[0] for r in rows} <= {"edits", "t2i_tokens"}
     assert {k.split("/")[0] for k in result["after"]} == {"edits", "t2i_tokens"}
     assert FusionHead.from_pretrained(str(out / "final")).config["query_dim"] == 32
+
+
+def test_gradcache_chunks_give_the_plain_steps(data_dir, tmp_path):
+    """--chunk-size: each side of the head runs through GradCache in chunks of rows; the same steps as without."""
+    short = ["--max-steps", "6", "--eval-every", "0"]
+    plain = multitask.main(common(data_dir, tmp_path / "plain", *short))
+    chunked = multitask.main(common(data_dir, tmp_path / "chunked", *short, "--chunk-size", "2"))
+    assert len(plain["losses"]) == 6
+    assert chunked["losses"] == pytest.approx(plain["losses"], abs=1e-5)
+    assert chunked["after"] == pytest.approx(plain["after"], abs=1e-6)

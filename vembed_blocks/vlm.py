@@ -34,6 +34,8 @@ __all__ = [
     "vlm_embed",
     "vlm_token_embeddings",
     "shard_vlm",
+    "vlm_text_blocks",
+    "ignore_fsdp_view_warning",
     "VLMSplit",
 ]
 
@@ -235,6 +237,32 @@ def vlm_token_embeddings(
     return hidden, inputs["attention_mask"].bool()
 
 
+def vlm_text_blocks(model: nn.Module) -> list[str]:
+    """The class names of the text decoder blocks (the model's ``_no_split_modules`` without "Vision")."""
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    return sorted(b for b in blocks if "Vision" not in b)
+
+
+def ignore_fsdp_view_warning() -> None:
+    """Silence FSDP2's "returned a view tensor" warning, that message only.
+
+    FSDP2's post-forward hook warns at every forward of the root that it "returned a view tensor"
+    (last_hidden_state is one under activation checkpointing, LoRA or bf16), since an in-place op on
+    that view would skip the pre-backward all-gather. The functions here only read it (`pool` indexes,
+    a projection makes a new tensor), so for this model the message is noise, printed by every rank.
+    It is raised inside each forward; a warnings.catch_warnings() around every forward would reset
+    Python's "shown once" registry for all other warnings at every step (and is not thread-safe), so
+    one filter is installed instead, matching only this message from torch's FSDP code (installing
+    it again replaces it: filters do not pile up).
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"FSDP2-wrapped module .* returned a view tensor",
+        category=UserWarning,
+        module=r"torch\.distributed\.fsdp\.",
+    )
+
+
 def shard_vlm(model: nn.Module, mixed_precision: str | object | None = None) -> nn.Module:
     """FSDP2 for a Qwen-VL style model: one unit per text block, the vision tower in the root unit.
 
@@ -246,25 +274,11 @@ def shard_vlm(model: nn.Module, mixed_precision: str | object | None = None) -> 
     """
     from .parallel import shard_model
 
-    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
-    text_blocks = sorted(b for b in blocks if "Vision" not in b)
-    model = shard_model(model, layer_classes=text_blocks, mixed_precision=mixed_precision, forward_methods=())
+    layers = vlm_text_blocks(model)
+    model = shard_model(model, layer_classes=layers, mixed_precision=mixed_precision, forward_methods=())
     if hasattr(model, "set_reduce_scatter_unused_params"):
         model.set_reduce_scatter_unused_params(True)
-    # FSDP2's post-forward hook warns at every forward of the root that it "returned a view tensor"
-    # (last_hidden_state is one under activation checkpointing, LoRA or bf16), since an in-place op on
-    # that view would skip the pre-backward all-gather. The functions here only read it (`pool` indexes,
-    # a projection makes a new tensor), so for this model the message is noise, printed by every rank.
-    # It is raised inside each forward; a warnings.catch_warnings() around every forward would reset
-    # Python's "shown once" registry for all other warnings at every step (and is not thread-safe), so
-    # one filter is installed instead, matching only this message from torch's FSDP code (installing
-    # it again replaces it: filters do not pile up).
-    warnings.filterwarnings(
-        "ignore",
-        message=r"FSDP2-wrapped module .* returned a view tensor",
-        category=UserWarning,
-        module=r"torch\.distributed\.fsdp\.",
-    )
+    ignore_fsdp_view_warning()
     return model
 
 

@@ -1,4 +1,4 @@
-"""The edit recipe's bare run: a tiny random Qwen-Image-Edit folder and rendered edit rows (seed 004, step 2).
+"""The edit demo's inputs: a tiny random Qwen-Image-Edit folder and rendered edit rows (seed 004, step 2).
 
 ``tiny_qwen_image_edit(out)`` writes a diffusers folder laid out like Qwen/Qwen-Image-Edit-2509 (no hub)::
 
@@ -19,19 +19,17 @@ torchvision ``Qwen2VLProcessor.from_pretrained`` fails on the video processor (t
 ``video_preprocessor_config.json``, so where torchvision exists the plain ``from_pretrained(out)`` works):
 ``load_edit_processor`` rebuilds the processor without it.
 
-``prepare_edit_demo`` is what ``recipes/edit_sft.py`` runs without ``--data``: rank 0 builds that folder
-and renders edit rows with 0-2 source images (`vembed_blocks.demo.render_edit_demo`), every rank then runs
-the extraction (``recipes/extract_embeds.py``'s ``main``, handed in by the recipe) into the task stores the
-recipe trains on; ``parse_with_edit_demo`` gives the recipe the demo's defaults (`edit_demo_defaults`).
+``prepare_edit_demo(out_dir, quick=, seed=, ...)`` writes the edit demo's inputs: edit rows with 0-2 source
+images (`vembed_blocks.demo.render_edit_demo`) under ``out_dir/rows/train`` and ``out_dir/rows/val`` and,
+when asked, that folder under ``out_dir/model``; it returns their paths and where their embedding stores go.
+Filling the stores (the extraction of the rows' prompt embeddings) is the caller's step.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-from typing import Callable
 
 import torch
 
@@ -42,9 +40,8 @@ __all__ = [
     "tiny_qwen_tokenizer",
     "load_edit_processor",
     "tiny_qwen_image_edit",
+    "DEMO_ROWS",
     "render_edit_rows",
-    "edit_demo_defaults",
-    "parse_with_edit_demo",
     "prepare_edit_demo",
 ]
 
@@ -246,9 +243,9 @@ def tiny_qwen_image_edit(out: str) -> str:
     return out
 
 
-# ----------------------------------------------------------------------------- the bare run of recipes/edit_sft.py
+# ----------------------------------------------------------------------------- the edit demo's inputs
 
-# (train rows, validation rows) rendered for the demo, full and --demo-quick
+# (train rows, validation rows) rendered for the demo, full and quick
 DEMO_ROWS = {False: (60, 16), True: (12, 4)}
 
 
@@ -273,66 +270,44 @@ def render_edit_rows(out_dir: str, rows: int, seed: int) -> str:
     return path
 
 
-def edit_demo_defaults(quick: bool) -> dict:
-    """The demo's flag defaults: a random transformer trained from scratch on tiny images takes a larger step
-    than a fine-tune, every parameter trains, and the source counts are drawn evenly."""
-    return dict(
-        lr=2e-3,
-        max_steps=12 if quick else 300,
-        batch_size=2,
-        weight_decay=0.0,
-        lr_schedule="constant",
-        warmup_steps=2 if quick else 10,
-        image_sample_size=32 if quick else 48,
-        train_src_img_num_weights="0=1,1=1,2=1",
-        log_every=4 if quick else 25,
-        eval_every=0 if quick else 100,
-        num_workers=0,
-    )
-
-
-def parse_with_edit_demo(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``p.parse_args(argv)`` with ``--demo-quick`` added; without ``--data`` the demo's `edit_demo_defaults`
-    (explicit flags still win), with ``--data`` but no ``--model`` a parser error naming ``--model``."""
-    p.add_argument("--demo-quick", action="store_true", help="demo: fewer rows, smaller images, fewer steps (tests)")
-    args, _ = p.parse_known_args(argv)
-    if args.data is None:
-        p.set_defaults(**edit_demo_defaults(args.demo_quick))
-    elif args.model is None:
-        p.error("--model is required with --data (a Qwen-Image(-Edit) diffusers folder)")
-    return p.parse_args(argv)
-
-
 def prepare_edit_demo(
-    args: argparse.Namespace, rank: int, world: int, extract: Callable[[list[str]], dict]
-) -> tuple[str, str]:
-    """(task root, validation task root) of the demo under ``<args.output>/demo``.
+    out_dir: str,
+    *,
+    quick: bool,
+    seed: int,
+    rank: int,
+    world: int,
+    build_model: bool,
+    fresh: bool,
+) -> dict[str, str]:
+    """Write the edit demo's inputs under ``out_dir`` on rank 0 (every rank then waits at a barrier; ``world`` > 1
+    needs the process group) and return the paths, the same on every rank::
 
-    Rank 0 writes ``model/`` (`tiny_qwen_image_edit`, unless ``args.model`` names a folder) and the rendered
-    rows ``rows/train`` and ``rows/val`` (another seed); every rank then runs ``extract`` (extract_embeds.py's
-    ``main``, which keeps the caller's process group) into the stores ``meta/edit`` and, unless
-    ``args.val_data`` is given, ``val/edit``. A fresh run (no ``args.resume``) first removes stores of an
-    earlier demo: their ``meta.json`` may name another world size. ``args.model`` then points at the folder.
-    Without ``OMP_NUM_THREADS`` it sets one intra-op thread.
+        {"train_rows":  out_dir/rows/train/edits.jsonl,  "train_store": out_dir/meta/edit,
+         "val_rows":    out_dir/rows/val/edits.jsonl,    "val_store":   out_dir/val/edit,
+         "model":       out_dir/model  (with build_model only)}
+
+    The rows: `render_edit_rows`, `DEMO_ROWS` ``[quick]`` of them, the validation rows with ``seed + 1``. With
+    ``build_model``, the tiny folder (`tiny_qwen_image_edit`). With ``fresh``, rank 0 first removes the two stores
+    of an earlier demo (their ``meta.json`` may name another world size). The stores are only named here: filling
+    them (the extraction of the rows' prompt embeddings) is the caller's step.
     """
-    if "OMP_NUM_THREADS" not in os.environ:
-        # This model's ops are too small to split: on 2 cores shared with other jobs, 2 intra-op threads made
-        # the whole demo 7x slower (93 s against 13 s). torchrun sets 1 already; an explicit setting wins.
-        torch.set_num_threads(1)
-    demo = os.path.join(args.output, "demo")
-    train_rows, val_rows = DEMO_ROWS[bool(getattr(args, "demo_quick", False))]
-    stores = {"train": os.path.join(demo, "meta", "edit"), "val": os.path.join(demo, "val", "edit")}
+    train_rows, val_rows = DEMO_ROWS[bool(quick)]
+    paths = {
+        "train_rows": os.path.join(out_dir, "rows", "train", "edits.jsonl"),
+        "train_store": os.path.join(out_dir, "meta", "edit"),
+        "val_rows": os.path.join(out_dir, "rows", "val", "edits.jsonl"),
+        "val_store": os.path.join(out_dir, "val", "edit"),
+    }
+    if build_model:
+        paths["model"] = os.path.join(out_dir, "model")
     if rank == 0:
-        for store in stores.values() if not args.resume else ():
+        for store in (paths["train_store"], paths["val_store"]) if fresh else ():
             shutil.rmtree(store, ignore_errors=True)
-        render_edit_rows(os.path.join(demo, "rows", "train"), train_rows, args.seed)
-        render_edit_rows(os.path.join(demo, "rows", "val"), val_rows, args.seed + 1)
-        if args.model is None:
-            tiny_qwen_image_edit(os.path.join(demo, "model"))
+        render_edit_rows(os.path.dirname(paths["train_rows"]), train_rows, seed)
+        render_edit_rows(os.path.dirname(paths["val_rows"]), val_rows, seed + 1)
+        if build_model:
+            tiny_qwen_image_edit(paths["model"])
     if world > 1:
         torch.distributed.barrier()
-    args.model = args.model or os.path.join(demo, "model")
-    for split, store in stores.items() if not args.val_data else [("train", stores["train"])]:
-        rows = os.path.join(demo, "rows", split, "edits.jsonl")
-        extract(["--data", rows, "--model", args.model, "--output", store, "--seed", str(args.seed)])
-    return os.path.dirname(stores["train"]), args.val_data or os.path.dirname(stores["val"])
+    return paths
