@@ -160,10 +160,10 @@ def plot_recall_curve(curve: dict[str, list[float]], path: str) -> bool:
     return True
 
 
-def _ranks(run_dir: str, args: dict[str, Any]) -> int | None:
+def _ranks(run_dir: str, config: dict[str, Any]) -> int | None:
     """Ranks the run trained on: ``args.json``'s ``world_size``, else the latest checkpoint's meta.json."""
-    if isinstance(args.get("world_size"), int):
-        return args["world_size"]
+    if isinstance(config.get("world_size"), int):
+        return config["world_size"]
     from .checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
@@ -171,47 +171,47 @@ def _ranks(run_dir: str, args: dict[str, Any]) -> int | None:
     return (meta or {}).get("world_size")
 
 
-def _summary(run_dir: str, args: dict[str, Any], train: list[dict[str, Any]]) -> list[str]:
-    ranks, batch, accum = _ranks(run_dir, args), args.get("batch_size"), args.get("grad_accum_steps") or 1
+def _summary(run_dir: str, config: dict[str, Any], train: list[dict[str, Any]]) -> list[str]:
+    ranks, batch, accum = _ranks(run_dir, config), config.get("batch_size"), config.get("grad_accum_steps") or 1
     per_step = f" = {batch * ranks * accum} rows/step" if isinstance(batch, int) and ranks else ""
     _, loss = _series(train, "loss")
     _, times = _series(train, "time")
-    flags = [f"`{k}={args[k]}`" for k in _KEY_FLAGS if args.get(k) not in (None, False, 0, "", [])]
+    flags = [f"`{k}={config[k]}`" for k in _KEY_FLAGS if config.get(k) not in (None, False, 0, "", [])]
     lines = [
-        f"- model: `{args.get('model') or args.get('vision_model') or 'not recorded'}`"
-        + (f" + `{args['text_model']}`" if args.get("text_model") else ""),
-        f"- data: {_data_name(args, 'data')}, validation: {_data_name(args, 'val_data')}",
+        f"- model: `{config.get('model') or config.get('vision_model') or 'not recorded'}`"
+        + (f" + `{config['text_model']}`" if config.get("text_model") else ""),
+        f"- data: {_data_name(config, 'data')}, validation: {_data_name(config, 'val_data')}",
         f"- steps done: {train[-1]['step'] if train else 'none logged'}"
-        + (f" of {args['max_steps']}" if train and args.get("max_steps") else ""),
+        + (f" of {config['max_steps']}" if train and config.get("max_steps") else ""),
         f"- batch: {batch or '?'} per rank x {ranks or '? (not recorded)'} rank(s)"
         + (f" x {accum} accumulation" if accum > 1 else "")
         + per_step,
-        f"- lr: {args.get('lr', 'not recorded')}",
+        f"- lr: {config.get('lr', 'not recorded')}",
         f"- loss: {_fmt(loss[0])} -> {_fmt(loss[-1])}" if loss else "- loss: no training rows",
         f"- wall time: {times[-1] - times[0]:.1f} s from the first to the last logged step"
         if len(times) > 1
         else "- wall time: not recorded (train_log.jsonl rows carry no `time`)",
         "- flags: " + (", ".join(flags) or "none set"),
     ]
-    if args:
+    if config:
         lines += ["", "<details><summary>all arguments (args.json)</summary>", "", "```json"]
-        lines += [json.dumps(args, indent=1), "```", "</details>"]
+        lines += [json.dumps(config, indent=1), "```", "</details>"]
     return lines
 
 
-def _evaluation_summary(args: dict[str, Any], metrics: dict[str, Any] | None) -> list[str]:
+def _evaluation_summary(config: dict[str, Any], metrics: dict[str, Any] | None) -> list[str]:
     """The summary of an evaluation-only folder: no training, one model scored on one file."""
     counts = (metrics or {}).get("counts") or {}
     return [
-        f"- evaluation of `{args.get('model', 'not recorded')}` ({args.get('family', 'family not recorded')})",
-        f"- data: {_data_name(args, 'data')}, relevance: {args.get('relevance', 'positives')}",
+        f"- evaluation of `{config.get('model', 'not recorded')}` ({config.get('family', 'family not recorded')})",
+        f"- data: {_data_name(config, 'data')}, relevance: {config.get('relevance', 'positives')}",
         "- counts: " + (", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "not recorded"),
     ]
 
 
-def _data_name(args: dict[str, Any], key: str) -> str:
+def _data_name(config: dict[str, Any], key: str) -> str:
     """The file of ``--data``/``--val-data``; a recipe without one (null) ran on its demo set."""
-    return "not recorded" if key not in args else f"`{args[key]}`" if args[key] else "the demo set"
+    return "not recorded" if key not in config else f"`{config[key]}`" if config[key] else "the demo set"
 
 
 def _metrics_table(metrics: dict[str, Any], trained: bool = True) -> list[str]:
@@ -252,7 +252,7 @@ def write_report(run_dir: str) -> str:
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"write_report: {run_dir} is not a run folder (no such directory)")
     path = lambda name: os.path.join(run_dir, name)
-    args = _read_json(path("args.json")) or {}
+    config = _read_json(path("args.json")) or {}
     train = read_step_log(path("train_log.jsonl"))
     last = train[-1]["step"] if train else None
     evals = [r for r in read_step_log(path("eval_log.jsonl")) if last is None or r["step"] <= last]
@@ -261,11 +261,13 @@ def write_report(run_dir: str) -> str:
         metrics["before"] = _read_json(path("metrics_before.json"))
     curve = (metrics or {}).get("recall_curve")
     out = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", "", "## Summary", ""]
-    evaluation = not train and "family" in args  # an evaluation-only folder: nothing trained
+    evaluation = not train and "family" in config  # an evaluation-only folder: nothing trained
     if evaluation:
-        out += _evaluation_summary(args, metrics)
+        out += _evaluation_summary(config, metrics)
     else:
-        out += _summary(run_dir, args, train) if args or train else ["No args.json or train_log.jsonl in this folder."]
+        out += (
+            _summary(run_dir, config, train) if config or train else ["No args.json or train_log.jsonl in this folder."]
+        )
     out += ["", "## Metrics", ""]
     no_metrics = ["No metrics.json: the run has not finished or had no validation set."]
     out += _metrics_table(metrics, not evaluation) if metrics else no_metrics

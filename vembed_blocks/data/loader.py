@@ -5,7 +5,7 @@ sampler state *after the last batch it trained on* (DataLoader workers run ahead
 sampler object in the main process never knows it). `TaskLoader` gives both, so no recipe
 keeps that bookkeeping::
 
-    loader = TaskLoader(tasks, sampler, collator, num_workers=2, seed=args.seed, grad_accum_steps=2)
+    loader = TaskLoader(tasks, sampler, collator, num_workers=2, seed=0, grad_accum_steps=2)
     start = load_checkpoint(ckpt, model=..., optimizer=..., sampler=loader)   # restores it
     for step, batches, streams in loader.steps(end):   # step: 1-based optimizer step
         ...                                            # batches: grad_accum_steps micro-batches
