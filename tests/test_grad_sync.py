@@ -1,5 +1,5 @@
-"""defer_gradient_sync + one explicit average_gradients on real gloo ranks: plain, FSDP2 and GradCache steps of 2 micro-batches
-give the gradients of one process on the global micro-batches (plain and GradCache ragged:
+"""defer_gradient_sync + one explicit average_gradients on real gloo ranks: plain, FSDP2 and GradCache steps
+of 2 micro-batches give the gradients of one process on the global micro-batches (plain and GradCache ragged:
 hard negatives on rank 0 only; FSDP2, whose forwards are collectives, on every rank), and
 clip_gradients treats 0 as off."""
 
