@@ -180,7 +180,7 @@ def test_automatic_tiling_above_threshold(monkeypatch):
     auto = grads_of(lambda q, p: InfoNCE()(q, p), torch.nn.Module(), [q, p])
     assert calls == [4]
     assert_same("InfoNCE[auto]", dense, auto)
-    assert tiled.resolve_tile(None, 10, 10, per_pair=16) == 1  # ColBERT: tiles shrink with Lq x Ld
+    assert _loss_utils.resolve_tile(None, 10, 10, per_pair=16) == 1  # ColBERT: tiles shrink with Lq x Ld
     with pytest.raises(ValueError, match="tile_size"):
         InfoNCE(tile_size=-1)
 

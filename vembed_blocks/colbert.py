@@ -127,13 +127,8 @@ class ColBERT(nn.Module):
         super().__init__()
         check_temperature("ColBERT", temperature)
         resolve_tile(tile_size, 0, 0)  # validates
-        self.temperature, self.gather, self.tile_size, self.ring, self.group = (
-            temperature,
-            gather,
-            tile_size,
-            ring,
-            group,
-        )
+        self.temperature, self.gather, self.tile_size = temperature, gather, tile_size
+        self.ring, self.group = ring, group
 
     def forward(
         self,

@@ -23,7 +23,7 @@ backward the column blocks travel with their gradient accumulators and arrive ho
 the sum over ranks, the same gradient `gather_with_grad`'s backward would give, so the
 distributed gradient contract holds unchanged.
 
-Imports torch, `vembed_blocks._loss_utils` (`Side`, the masks, the dense-or-tiled decision)
+Imports torch, `vembed_blocks._loss_utils` (`Side`, the masks; the dense-or-tiled decision lives there)
 and `vembed_blocks.distributed`. The losses import this module only when they tile.
 """
 
@@ -34,15 +34,12 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from ._loss_utils import AUTO_TILE_ELEMENTS, AUTO_TILE_SIZE, Side, acc_dtype, dropped, resolve_tile, signed_logits
+from ._loss_utils import Side, acc_dtype, dropped, signed_logits
 from .distributed import get_world_size, is_dist, ring_shift
 
 __all__ = [
-    "AUTO_TILE_ELEMENTS",
-    "AUTO_TILE_SIZE",
     "Side",
     "DotScorer",
-    "resolve_tile",
     "tiled_logsumexp",
     "tiled_sigmoid_loss",
 ]
