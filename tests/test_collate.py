@@ -28,7 +28,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from vembed_blocks.data.collate import DualEncoderCollator, TextCollator, VLMCollator, scatter_negatives
 from vembed_blocks.data.images import ImageLoadError
-from vembed_blocks.data.records import Item, RecordError, read_records
+from vembed_blocks.data.records import Item, Record, RecordError, read_records
 
 WORDS = "a an the red blue green cat dog bird photo of sky sunset make it query passage represent user input".split()
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -137,8 +137,12 @@ def test_rows_without_a_label_are_marked_not_dropped(data):
     assert named["labels"][1] == -1 and named["labels"][0] >= 0
     with pytest.raises(RecordError, match=r"d.jsonl:1: integer labels must be >= 0, got -2"):
         collate(_records(data, [{"query": "a", "positive": "b", "label": -2}]))
-    with pytest.raises(RecordError, match=r"d.jsonl:2: record has no numeric label"):
-        collate(_records(data, [{"query": "a", "positive": "b", "label": 0.5}, {"query": "c", "positive": "d"}]))
+    with pytest.raises(RecordError, match=r"d.jsonl:1: label must be an int or a string, got float 0.5"):
+        _records(data, [{"query": "a", "positive": "b", "label": 0.5}, {"query": "c", "positive": "d"}])
+    built = [Record(query=Item(text="a"), positive=Item(text="b"), label=0.5, source="code:1")]
+    built.append(Record(query=Item(text="c"), positive=Item(text="d"), source="code:2"))
+    with pytest.raises(RecordError, match=r"code:2: record has no numeric label"):  # floats built in code
+        collate(built)
 
 
 def _clip_processor():

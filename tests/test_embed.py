@@ -83,3 +83,36 @@ def test_evaluate_retrieval_scores_unique_queries_against_the_corpus():
     # cat: c.png scores 0 (rank 3 of c, d, b = 0, 1, 0.6); dog: d.png ranks 3; bird: b.png ranks 1
     got = evaluate_retrieval(records, encode, batch_size=2)
     assert got["recall@1"] == pytest.approx(1 / 3) and got["mrr@10"] == pytest.approx((1 / 3 + 1 / 3 + 1) / 3)
+
+
+def _bad_encoder(bad_item: str, value: float, seen: list):
+    """The encoder of the test above, except that ``bad_item`` embeds to ``[value, 0]``; records each call's side."""
+    vec = {"cat": [1.0, 0.0], "dog": [0.0, 1.0], "bird": [0.6, 0.8], "c.png": [0.0, 1.0], "d.png": [1.0, 0.0]}
+    vec["b.png"] = [0.6, 0.8]
+    vec[bad_item] = [value, 0.0]
+
+    def encode(items, is_query):
+        seen.append(is_query)
+        return torch.tensor([vec[i.text] if is_query else vec[i.images[0]] for i in items])
+
+    return encode
+
+
+def test_evaluate_retrieval_refuses_nan_or_inf_embeddings():
+    from vembed_blocks.embed import evaluate_retrieval
+
+    records = [rec("cat", "c.png", ["d.png"]), rec("dog", "d.png"), rec("bird", "b.png")]  # corpus: c, d, b
+    seen: list = []
+    with pytest.raises(ValueError) as err:
+        evaluate_retrieval(records, _bad_encoder("dog", float("nan"), seen), batch_size=2)
+    assert str(err.value) == (
+        "1 of 3 query embeddings are not finite (NaN/inf), first row 1: the model produced NaN; "
+        "refusing to compute retrieval metrics"
+    )
+    assert False not in seen  # refused before the corpus was embedded
+    with pytest.raises(ValueError) as err:
+        evaluate_retrieval(records, _bad_encoder("b.png", float("inf"), []), batch_size=2)
+    assert str(err.value) == (
+        "1 of 3 document embeddings are not finite (NaN/inf), first row 2: the model produced inf; "
+        "refusing to compute retrieval metrics"
+    )

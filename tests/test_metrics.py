@@ -181,3 +181,57 @@ def test_format_table_columns():
         "metric       before    after",
         "mrr@10       0.2500   1.0000",
     ]
+
+
+def test_non_finite_embeddings_are_refused_naming_the_count_and_first_row():
+    from vembed_blocks.metrics import check_finite
+
+    q = torch.ones(120, 4)
+    q[7, 2], q[50, 0], q[90] = float("nan"), float("inf"), float("-inf")
+    with pytest.raises(ValueError) as err:
+        check_finite(q, "query embeddings")
+    assert str(err.value) == (
+        "3 of 120 query embeddings are not finite (NaN/inf), first row 7: the model produced NaN; "
+        "refusing to compute retrieval metrics"
+    )
+    check_finite(torch.ones(3, 4), "query embeddings")  # finite: nothing happens
+    # Multi-vector output (tokens, mask): padding is never scored, so only real tokens count.
+    tokens, mask = torch.ones(2, 3, 4), torch.tensor([[True, True, False], [True, False, False]])
+    tokens[0, 2] = float("nan")
+    check_finite((tokens, mask), "query embeddings")
+    tokens[1, 0, 3] = float("-inf")
+    with pytest.raises(ValueError, match=r"^1 of 2 query embeddings .* first row 1: the model produced inf;"):
+        check_finite((tokens, mask), "query embeddings")
+
+
+def test_search_refuses_nan_embeddings_on_either_side():
+    q, d = torch.ones(3, 4), torch.ones(5, 4)
+    d[4, 0] = float("nan")
+    with pytest.raises(ValueError) as err:
+        search(q, d, k=2)
+    assert str(err.value) == (
+        "1 of 5 document embeddings are not finite (NaN/inf), first row 4: the model produced NaN; refusing to search"
+    )
+    q[1], q[2] = float("inf"), float("nan")
+    with pytest.raises(ValueError, match=r"^2 of 3 query embeddings are not finite \(NaN/inf\), first row 1: "):
+        search(q, d, k=2)
+
+
+def test_scores_with_nan_or_plus_inf_are_refused_minus_inf_ranks_last():
+    from vembed_blocks.metrics import recall_curve
+
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.1]])
+    scores[0, 0] = float("-inf")  # allowed: document 0 ranks last for query 0 (ranking 2, 1, 0)
+    assert retrieval_metrics(scores, [{2}, {1}], ks=(1,))["recall@1"] == 1.0
+    assert recall_curve(scores, [{0}, {1}], max_k=3) == [0.5, 0.5, 1.0]
+    scores[1, 2] = float("nan")  # NaN sorts first: without the check query 1 would rank document 2 on top
+    with pytest.raises(ValueError) as err:
+        retrieval_metrics(scores, [{2}, {1}], ks=(1,))
+    assert str(err.value) == (
+        "retrieval_metrics: 1 of 2 rows of scores hold NaN or +inf, first row 1 (NaN); "
+        "refusing to compute retrieval metrics (-inf is allowed: it ranks a document last)"
+    )
+    scores[1, 2] = float("inf")
+    with pytest.raises(ValueError) as err:
+        recall_curve(scores, [{2}, {1}], max_k=3)
+    assert str(err.value).startswith("recall_curve: 1 of 2 rows of scores hold NaN or +inf, first row 1 (+inf); ")

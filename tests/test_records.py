@@ -305,3 +305,59 @@ def test_load_records_random_access_for_jsonl_and_csv(tmp_path):
         == [("a cat", "a pet"), ("a dog", "a hound")]
     )
     assert jsonl[1].positive.text == "a hound"
+
+
+def test_labels_are_ints_or_strings_in_jsonl_csv_and_parquet(d):
+    # JSONL: ints and strings kept; a null, NaN (pandas' gap), a blank string and a missing key mean "no label".
+    rows = [{"query": f"q{i}", "positive": "p"} for i in range(6)]
+    for row, label in zip(rows, (3, "cat", None, float("nan"), "  ")):
+        row["label"] = label
+    path = _jsonl(d, rows)  # json.dumps writes the float NaN as the bare token NaN, as pandas users get it
+    assert [r.label for r in read_records(path, format="t2t")] == [3, "cat", None, None, None, None]
+    # CSV cells are strings: "1.0" is the string label "1.0"; an empty cell is no label.
+    path = d / "labels.csv"
+    path.write_text("query,positive,label\na,p,1.0\nb,p,7\nc,p,\n", encoding="utf-8")
+    assert [r.label for r in read_records(path, format="t2t")] == ["1.0", "7", None]
+
+
+def test_parquet_labels_null_is_no_label_and_a_float_is_an_error(d):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    text = {"query": ["a", "b", "c"], "positive": ["p", "p", "p"]}
+    ints = d / "ints.parquet"
+    pq.write_table(pa.table({**text, "label": pa.array([1, None, 2], pa.int64())}), ints)
+    assert [r.label for r in read_records(ints, format="t2t")] == [1, None, 2]
+    # What pandas writes for an int column with a gap: float64 with NaN for the gap.
+    floats = d / "floats.parquet"
+    pq.write_table(pa.table({**text, "label": pa.array([float("nan"), 1.0, float("nan")], pa.float64())}), floats)
+    with pytest.raises(RecordError) as err:
+        list(read_records(floats, format="t2t"))
+    want = 'label must be an int or a string, got float 1.0 (write 1, or "1.0" as a string label)'
+    assert str(err.value) == f"{floats}:2: {want}"
+    reader = read_records(floats, skip_bad=True, format="t2t")
+    assert [(r.query.text, r.label) for r in reader] == [("a", None), ("c", None)] and reader.skipped == 1
+
+
+# (label as written on line 2 of a JSONL file, the error after "file:2: label must be an int or a string, got ")
+BAD_LABELS = [
+    ("1.0", 'float 1.0 (write 1, or "1.0" as a string label)'),
+    ("0.5", 'float 0.5 (write "0.5" as a string label; a gold score for CoSENT goes in a "score" field)'),
+    ('{"x": 1}', "dict {'x': 1}"),
+    ("[1, 2]", "list [1, 2]"),
+    ("true", "bool True"),
+]
+
+
+@pytest.mark.parametrize("label,got", BAD_LABELS, ids=[label for label, _ in BAD_LABELS])
+def test_bad_labels_fail_with_file_line_or_are_counted(d, label, got, caplog):
+    good = '{"query": "q1", "positive": "p", "label": %s}'
+    p = _jsonl(d, [good % "1", good % label, good % '"x"'])
+    message = f"{p}:2: label must be an int or a string, got {got}"
+    with pytest.raises(RecordError) as err:
+        list(read_records(p, format="t2t"))
+    assert str(err.value) == message
+    with caplog.at_level(logging.WARNING):
+        reader = read_records(p, skip_bad=True, format="t2t")
+        recs = list(reader)
+    assert [(r.source, r.label) for r in recs] == [(f"{p}:1", 1), (f"{p}:3", "x")]
+    assert reader.skipped == 1 and reader.rows == 3 and message in caplog.text

@@ -287,12 +287,16 @@ def evaluate_retrieval_by(
     query's own item excluded): what a training recipe's evaluation calls for a ``--relevance`` flag.
 
     ``curve_k > 0`` adds ``"recall_curve"``: ``[recall@1, ..., recall@curve_k]`` (`metrics.recall_curve`), a list
-    beside the numbers (`run_log.write_metrics` moves it to ``metrics.json``'s top level for the report)."""
-    from .metrics import recall_curve, retrieval_metrics
+    beside the numbers (`run_log.write_metrics` moves it to ``metrics.json``'s top level for the report).
+    A NaN or inf embedding (query or document) raises ``ValueError`` naming how many and the first row
+    (`metrics.check_finite`) instead of ranking NaN scores first."""
+    from .metrics import check_finite, recall_curve, retrieval_metrics
 
     rs = retrieval_set_for(records, relevance)
     q = embed_on_all_ranks(rs.queries, lambda items: encode(items, True), batch_size, "embed queries")
+    check_finite(q, "query embeddings")  # before the corpus is embedded; every rank holds all rows: all raise
     d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "embed corpus")
+    check_finite(d, "document embeddings")
     scores = self_excluded_scores(rs, q @ d.T if score is None else score(q, d))
     metrics: dict = retrieval_metrics(scores, rs.relevant, ks=ks)
     if curve_k > 0:

@@ -11,6 +11,9 @@ Conventions, stated once:
   since it has no qrels); if no query has one, ``ValueError``.
 - ``exclude_self=True`` (I2I with the corpus as its own queries, Q == N) removes document i
   from query i's ranking and relevance before anything is computed.
+- Non-finite input is refused, not ranked (a NaN sorts first and would count as a hit):
+  `check_finite` for embeddings, and scores holding NaN or +inf raise ``ValueError``; ``-inf``
+  is allowed and ranks a document last (how `embed.self_excluded_scores` removes one).
 
 Per query, with ``R`` its relevant set and ``rank(d)`` 1-based:
 - ``recall@k`` = |R ∩ top-k| / |R|               (trec_eval recall_k)
@@ -29,7 +32,62 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["recall_curve", "retrieval_metrics", "search", "relevance_from_labels", "format_table"]
+__all__ = ["check_finite", "recall_curve", "retrieval_metrics", "search", "relevance_from_labels", "format_table"]
+
+_CHECK_ELEMENTS = 1 << 24  # entries checked at once: a bounded [rows, D] bool temporary, even for a huge corpus
+
+
+def check_finite(
+    emb: torch.Tensor | tuple[torch.Tensor, ...], what: str, action: str = "compute retrieval metrics"
+) -> None:
+    """Raise ``ValueError`` if any row of ``emb[N, ...]`` holds NaN or inf, naming how many rows and the first.
+
+    ``what`` names the rows (``"query embeddings"``), ``action`` what is refused. A tuple (a
+    multi-vector encoder's output) has each floating tensor checked; with a bool mask in it
+    (``(tokens[N, T, D], mask[N, T])``) only real tokens count, since padding is never scored.
+    Costs one host sync when every row is finite.
+    """
+    parts = emb if isinstance(emb, tuple) else (emb,)
+    mask = next((p for p in parts if p.dtype == torch.bool), None)
+    for x in parts:
+        if not x.is_floating_point() or x.numel() == 0:
+            continue
+        m = mask if mask is not None and x.dim() > mask.dim() and x.shape[: mask.dim()] == mask.shape else None
+        step = max(1, _CHECK_ELEMENTS // max(1, x[0].numel()))
+        row_ok = torch.cat([_finite_rows(x[i : i + step], m, i) for i in range(0, len(x), step)])
+        if bool(row_ok.all()):
+            continue
+        bad = (~row_ok).nonzero().flatten().tolist()
+        nan = torch.isnan(x[bad[0]])
+        if m is not None:
+            nan = nan.reshape(*m.shape[1:], -1).any(-1) & m[bad[0]]
+        raise ValueError(
+            f"{len(bad)} of {len(x)} {what} are not finite (NaN/inf), first row {bad[0]}: "
+            f"the model produced {'NaN' if bool(nan.any()) else 'inf'}; refusing to {action}"
+        )
+
+
+def _finite_rows(x: torch.Tensor, mask: torch.Tensor | None, start: int) -> torch.Tensor:
+    """``[rows]`` bool: whether every (real, if ``mask``) entry of each row of ``x`` is finite."""
+    ok = torch.isfinite(x)
+    if mask is not None:
+        ok = ok.flatten(mask.dim()).all(-1) | ~mask[start : start + len(x)]
+    return ok.reshape(len(x), -1).all(1)
+
+
+def _check_scores(scores: torch.Tensor, caller: str) -> None:
+    """Raise ``ValueError`` if a row of ``scores[Q, N]`` holds NaN or +inf (``-inf`` ranks a document last)."""
+    if not scores.is_floating_point():
+        return
+    row_ok = scores.amax(dim=1) < float("inf")  # max propagates NaN and is +inf with one: [Q], no [Q, N] temporary
+    if bool(row_ok.all()):
+        return
+    bad = (~row_ok).nonzero().flatten().tolist()
+    kind = "NaN" if bool(torch.isnan(scores[bad[0]]).any()) else "+inf"
+    raise ValueError(
+        f"{caller}: {len(bad)} of {len(row_ok)} rows of scores hold NaN or +inf, first row {bad[0]} ({kind}); "
+        "refusing to compute retrieval metrics (-inf is allowed: it ranks a document last)"
+    )
 
 
 def relevance_from_labels(query_labels: Sequence | torch.Tensor, doc_labels: Sequence | torch.Tensor) -> list[set[int]]:
@@ -137,6 +195,7 @@ def retrieval_metrics(
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] <= 0:
         raise ValueError(f"retrieval_metrics: ks must be positive integers, got {ks}")
+    _check_scores(scores, "retrieval_metrics")
     num_q, num_d = scores.shape
     relevant = _relevant_sets(relevant, num_q, num_d)
     if exclude_self:
@@ -174,7 +233,8 @@ def search(
 
     ``query_emb[Q, D]``, ``doc_emb[N, D]`` (normalise both first for cosine). Returns
     ``(scores[Q, k], indices[Q, k])``, best first, ties to the lower document index. Only
-    ``Q x (k + chunk_size)`` scores exist at any moment, never ``Q x N``.
+    ``Q x (k + chunk_size)`` scores exist at any moment, never ``Q x N``. A NaN or inf
+    embedding raises ``ValueError`` (`check_finite`).
     """
     if query_emb.dim() != 2 or doc_emb.dim() != 2 or query_emb.shape[1] != doc_emb.shape[1]:
         raise ValueError(f"search: need [Q, D] and [N, D], got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}")
@@ -183,6 +243,8 @@ def search(
         raise ValueError(f"search: k must be in 1..{num_d}, got {k}")
     if chunk_size <= 0:
         raise ValueError(f"search: chunk_size must be positive, got {chunk_size}")
+    check_finite(query_emb, "query embeddings", "search")
+    check_finite(doc_emb, "document embeddings", "search")
     best_s = query_emb.new_empty(query_emb.shape[0], 0)
     best_i = torch.empty(query_emb.shape[0], 0, dtype=torch.long, device=query_emb.device)
     for start in range(0, num_d, chunk_size):
@@ -232,6 +294,7 @@ def recall_curve(
         raise ValueError(f"recall_curve: scores must be a non-empty [Q, N] matrix, got {tuple(scores.shape)}")
     if max_k <= 0:
         raise ValueError(f"recall_curve: max_k must be a positive integer, got {max_k}")
+    _check_scores(scores, "recall_curve")
     num_q, num_d = scores.shape
     relevant = _relevant_sets(relevant, num_q, num_d)
     if exclude_self:

@@ -17,10 +17,10 @@ same per-side dict; ``sources`` (e.g. ``"file:line"`` per item) only label error
 Negatives are encoded flat (no padding rows burn compute); ``scatter_negatives`` turns
 their ``[M, D]`` embeddings into the ``[B, K, D]`` + mask that the losses take.
 Labels: str labels become `label_id(s)` (a hash: the same id on every rank and in every run),
-ints/bools a LongTensor (ints must be >= 0), floats a FloatTensor (e.g. CoSENT scores). In a
-batch where some records have a str/int label and others none, the unlabelled ones get -1,
-which the losses read as "no label" (a negative of everybody). Float labels must be on every
-record of a batch.
+ints/bools a LongTensor (ints must be >= 0). (The readers refuse float labels; a `Record` built in
+code with float labels collates them as a FloatTensor, which must then be on every record of the
+batch.) In a batch where some records have a str/int label and others none, the unlabelled ones get
+-1, which the losses read as "no label" (a negative of everybody).
 """
 
 from __future__ import annotations
@@ -310,15 +310,15 @@ class FixedNegatives:
 
 
 class WithScores:
-    """``collate(records)`` plus ``scores[B]`` (float) when every row has a numeric gold score: ``extra["score"]``,
-    else a numeric ``label`` (CoSENT's pairs). Rows without one leave the batch as the collator made it."""
+    """``collate(records)`` plus ``scores[B]`` (float) when every row has a numeric gold score ``extra["score"]``
+    (CoSENT's pairs). Rows without one leave the batch as the collator made it."""
 
     def __init__(self, collate: Callable[[list[Record]], dict]) -> None:
         self.collate = collate
 
     def __call__(self, records: list[Record]) -> dict:
         batch = self.collate(records)
-        scores = [r.extra.get("score", r.label) for r in records]
+        scores = [r.extra.get("score") for r in records]
         if all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
             batch["scores"] = torch.tensor(scores, dtype=torch.float)
         return batch

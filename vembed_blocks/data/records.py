@@ -17,14 +17,15 @@ Formats (detected per row from its keys, see ``_detect``)::
           "instruction": text, "instruction_cn": text,
           "inverse_instruction": text, "inverse_instruction_cn": text}
 
-plus an optional ``label`` (and ``task``) on every format. CSV may start with a UTF-8 BOM.
+plus an optional ``label`` (an int or a string, ``_Row.label``; missing, null or blank: no label)
+and ``task`` on every format. CSV may start with a UTF-8 BOM.
 An edit row (it has ``target_image``) is turned into records by the edit wing,
 `vembed_blocks.edit.records`, imported on the first such row: the seed-004 rules (missing
 instruction, inverse records, ``t2i_mode``, ``language``) live there.
 
-Imports: standard library and numpy; `vembed_blocks.data.row_files` (the files' rows with their
-line numbers) when a reader opens a file; `vembed_blocks.data.images` (Pillow) only when
-``verify_images`` decodes, `vembed_blocks.edit.records` only for edit rows.
+Imports: standard library; `vembed_blocks.data.row_files` (rows with line numbers; home of
+``IndexedRecords`` / ``load_records``, re-exported here) on first use; `vembed_blocks.data.images`
+(Pillow) only when ``verify_images`` decodes, `vembed_blocks.edit.records` only for edit rows.
 
 THE IMAGE-VS-TEXT RULE (the only place it is decided, ``_is_image``):
 fields whose name ends in ``_image`` are always images; ``query`` and the instruction
@@ -36,13 +37,15 @@ declared, are images iff the string ends with one of ``IMAGE_EXTENSIONS``
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import numpy as np
+if TYPE_CHECKING:
+    from .row_files import IndexedRecords, load_records
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -138,9 +141,8 @@ class _Row:
         return RecordError(self.source, message)
 
     def has(self, name: str) -> bool:
-        return (
-            self.raw.get(name) is not None
-        )  # present-but-empty is reported by the field check, not as "unknown format"
+        # present-but-empty is reported by the field check, not as "unknown format"
+        return self.raw.get(name) is not None
 
     def text(self, name: str, required: bool = True) -> str | None:
         value = self.raw.get(name)
@@ -190,6 +192,24 @@ class _Row:
             return ()
         values = value if isinstance(value, list) else [value]
         return tuple(self.image(name, v) for v in values)
+
+    def label(self) -> int | str | None:
+        """The row's ``label``: an int or a string; a missing key, null, NaN or blank string mean no label."""
+        value = self.raw.get("label")
+        # "" is how CSV writes an empty cell, NaN how pandas writes a gap in a numeric (Parquet) column
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if isinstance(value, str):
+            return value if value.strip() else None
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)  # numpy ints as plain ints: equal labels then compare and hash alike
+        got = f"got {type(value).__name__} {value!r:.80}"
+        # a float is refused here, at its row: later the loss would fail on a float tensor with no file:line
+        if isinstance(value, float) and value.is_integer():
+            got += f' (write {int(value)}, or "{value}" as a string label)'
+        elif isinstance(value, float) and math.isfinite(value):
+            got += f' (write "{value}" as a string label; a gold score for CoSENT goes in a "score" field)'
+        raise self.fail(f"label must be an int or a string, {got}")
 
 
 def _detect(row: _Row, declared: str | None) -> str:
@@ -260,8 +280,9 @@ def parse_row(
         records = [_pair(row, fmt)]
     used = set(FIELDS)
     extra = {k: v for k, v in raw.items() if k not in used}
+    label = row.label()
     for rec in records:
-        rec.label = raw.get("label")
+        rec.label = label
         rec.task = task if task is not None else raw.get("task")
         rec.extra = {**extra, **rec.extra}
         rec.source = source
@@ -371,52 +392,10 @@ def read_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any
     return RecordReader(os.fspath(path), skip_bad, **options)
 
 
-class IndexedRecords(Sequence[Record]):
-    """Random access to the records of a JSONL file without holding them in memory.
+def __getattr__(name: str) -> Any:
+    """``IndexedRecords`` and ``load_records`` live in `row_files` (PEP 562: loaded on first use)."""
+    if name in ("IndexedRecords", "load_records"):
+        from . import row_files
 
-    Construction validates every row once (same options and ``skip_bad`` as
-    ``read_records``) and keeps ~17 bytes per record: the byte offset of each line and which
-    record of its line it is. ``records[i]`` seeks and re-parses that line. ``groups`` holds
-    ``extra["num_source_images"]`` per record (-1 when absent) for the sampler's grouping.
-    """
-
-    def __init__(self, path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> None:
-        self.path = os.fspath(path)
-        if not self.path.endswith((".jsonl", ".json")):
-            raise ValueError(f"{self.path}: IndexedRecords needs JSONL; load CSV/Parquet with list(read_records(...))")
-        self.reader = RecordReader(self.path, skip_bad, **options)
-        offsets = [0]
-        with open(self.path, "rb") as f:
-            for line in f:
-                offsets.append(offsets[-1] + len(line))
-        self._offsets = np.asarray(offsets, dtype=np.int64)
-        lines, subs, groups, prev = [], [], [], None
-        for rec in self.reader:
-            line = int(rec.source.rsplit(":", 1)[1])
-            subs.append(subs[-1] + 1 if line == prev else 0)
-            lines.append(line)
-            groups.append(int(rec.extra.get("num_source_images", -1)))
-            prev = line
-        self._lines = np.asarray(lines, dtype=np.int64)
-        self._subs = np.asarray(subs, dtype=np.int8)
-        self.groups = np.asarray(groups, dtype=np.int16)
-        self._base = os.path.dirname(os.path.abspath(self.path))
-
-    def __len__(self) -> int:
-        return len(self._lines)
-
-    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
-        line = int(self._lines[i])
-        with open(self.path, "rb") as f:
-            f.seek(int(self._offsets[line - 1]))
-            raw = json.loads(f.readline())
-        return self.reader.parse(raw, f"{self.path}:{line}", self._base)[int(self._subs[i])]
-
-
-def load_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> "IndexedRecords | list[Record]":
-    """Records with random access: `IndexedRecords` for JSONL (offsets only, the file stays on
-    disk), a list for CSV/Parquet (no line offsets to seek to). Same options as `read_records`."""
-    path = os.fspath(path)
-    if path.endswith((".jsonl", ".json")):
-        return IndexedRecords(path, skip_bad, **options)
-    return list(read_records(path, skip_bad, **options))
+        return getattr(row_files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,22 +3,26 @@
 ``READERS[ext](path)`` yields ``(line, row)`` pairs, ``row`` a dict as the file holds it, or a
 `RecordError` naming ``file:line`` for a row that cannot be read (malformed JSON, invalid
 UTF-8), so the caller decides whether to raise or skip it. `records.read_records` validates
-the rows into ``Record``s.
+the rows into ``Record``s. Random access by line: `IndexedRecords` (JSONL byte offsets) and
+`load_records`, both also importable from `records`.
 
-Imports: standard library, `data.records` (for `RecordError`); pyarrow when a Parquet file is read
-(the ``parquet`` extra).
+Imports: standard library, numpy, `data.records`; pyarrow when a Parquet file is read (the
+``parquet`` extra).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from .records import RecordError
+import numpy as np
 
-__all__ = ["READERS"]
+from .records import Record, RecordError, RecordReader, read_records
+
+__all__ = ["READERS", "IndexedRecords", "load_records"]
 
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
 
@@ -74,3 +78,54 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
 
 
 READERS = {".jsonl": _jsonl_rows, ".json": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
+class IndexedRecords(Sequence[Record]):
+    """Random access to the records of a JSONL file without holding them in memory.
+
+    Construction validates every row once (same options and ``skip_bad`` as
+    ``read_records``) and keeps ~17 bytes per record: the byte offset of each line and which
+    record of its line it is. ``records[i]`` seeks and re-parses that line. ``groups`` holds
+    ``extra["num_source_images"]`` per record (-1 when absent) for the sampler's grouping.
+    """
+
+    def __init__(self, path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> None:
+        self.path = os.fspath(path)
+        if not self.path.endswith((".jsonl", ".json")):
+            raise ValueError(f"{self.path}: IndexedRecords needs JSONL; load CSV/Parquet with list(read_records(...))")
+        self.reader = RecordReader(self.path, skip_bad, **options)
+        offsets = [0]
+        with open(self.path, "rb") as f:
+            for line in f:
+                offsets.append(offsets[-1] + len(line))
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        lines, subs, groups, prev = [], [], [], None
+        for rec in self.reader:
+            line = int(rec.source.rsplit(":", 1)[1])
+            subs.append(subs[-1] + 1 if line == prev else 0)
+            lines.append(line)
+            groups.append(int(rec.extra.get("num_source_images", -1)))
+            prev = line
+        self._lines = np.asarray(lines, dtype=np.int64)
+        self._subs = np.asarray(subs, dtype=np.int8)
+        self.groups = np.asarray(groups, dtype=np.int16)
+        self._base = os.path.dirname(os.path.abspath(self.path))
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        line = int(self._lines[i])
+        with open(self.path, "rb") as f:
+            f.seek(int(self._offsets[line - 1]))
+            raw = json.loads(f.readline())
+        return self.reader.parse(raw, f"{self.path}:{line}", self._base)[int(self._subs[i])]
+
+
+def load_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> "IndexedRecords | list[Record]":
+    """Records with random access: `IndexedRecords` for JSONL (offsets only, the file stays on
+    disk), a list for CSV/Parquet (no line offsets to seek to). Same options as `read_records`."""
+    path = os.fspath(path)
+    if path.endswith((".jsonl", ".json")):
+        return IndexedRecords(path, skip_bad, **options)
+    return list(read_records(path, skip_bad, **options))
