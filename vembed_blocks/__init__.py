@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["pool", "POOL_METHODS"], "pooling"),
     **dict.fromkeys(["GradCache", "RandState", "RowSplit"], "gradcache"),
     **dict.fromkeys(["defer_gradient_sync", "clip_gradients"], "grad_sync"),
+    **dict.fromkeys(["StepGuard", "NonFiniteTrainingError", "BadDataError"], "step_guard"),
     **dict.fromkeys(
         [
             "init_distributed",
@@ -55,7 +56,10 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["RetrievalSet", "retrieval_set", "embed_items", "embed_on_all_ranks", "evaluate_retrieval_by"], "embed"
     ),
-    **dict.fromkeys(["RunLog", "write_args", "write_metrics", "save_metrics_before", "read_metrics_before"], "run_log"),
+    **dict.fromkeys(
+        ["RunLog", "claim_run_folder", "write_args", "write_metrics", "save_metrics_before", "read_metrics_before"],
+        "run_log",
+    ),
     "write_report": "report",
     # data
     **dict.fromkeys(
