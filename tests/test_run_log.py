@@ -55,3 +55,47 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     with RunLog(str(tmp_path), ["wandb"], config={"lr": 0.1}) as run:
         run.log(1, 1, samples=4, loss=1.5)
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline run folder"
+
+
+def test_claim_run_folder_refuses_a_fresh_run_over_another_and_inputs_it_would_overwrite(tmp_path):
+    from vembed_blocks.run_log import claim_run_folder
+
+    out = tmp_path / "run"
+    claim_run_folder(str(out), resume=False)  # nothing there: fine
+    (out / "checkpoints" / "step-000006").mkdir(parents=True)
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    (out / "demo").mkdir()
+    with pytest.raises(FileExistsError, match=r"holds another run \(checkpoints, train_log.jsonl\): pass --resume"):
+        claim_run_folder(str(out), resume=False)
+    claim_run_folder(str(out), resume=True)  # continuing it is fine, and removes nothing
+    assert (out / "checkpoints" / "step-000006").is_dir()
+    claim_run_folder(str(out), resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["demo"]  # the old run's files gone, nothing else
+    (out / "final").mkdir()
+    for model in (out, out / "final", out / "checkpoints"):
+        model.mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match="is an input of this run but .* would overwrite it"):
+            claim_run_folder(str(out), resume=True, inputs=[str(model), None, 3])
+    claim_run_folder(str(out), resume=True, inputs=[str(out / "demo"), "not/a/path"])  # inputs elsewhere: fine
+
+
+def test_metrics_files_are_written_atomically_with_health(tmp_path, monkeypatch):
+    import os
+
+    from vembed_blocks.run_log import save_metrics_before, write_metrics
+
+    save_metrics_before(str(tmp_path), {"recall@1": 0.5})
+    real_replace = os.replace
+
+    def killed(src, dst):  # a kill between writing the new file and putting it in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_metrics_before(str(tmp_path), {"recall@1": 0.9})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert json.loads((tmp_path / "metrics_before.json").read_text()) == {"recall@1": 0.5}  # the old one, whole
+    health = {"skipped_steps": 2, "bad_rows": 5}
+    result = write_metrics(str(tmp_path), {"recall@1": 0.5}, {"recall@1": 0.7}, health=health)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == result
+    assert result["health"] == health

@@ -4,6 +4,9 @@
   ``vars(args)``); on a resume a changed argument that changes what the checkpoint means (model,
   data, batch size, loss, ...) is named in a warning, since the run then continues something
   other than what was saved.
+- `claim_run_folder(output, resume=, overwrite=, inputs=)`: before anything is written, refuse a fresh run
+  into a folder that holds another run (checkpoints, ``final/``, a log) unless ``overwrite`` (which then
+  removes them), and an input (a model or data path) that the run would overwrite.
 - `save_metrics_before` / `read_metrics_before`: the "before" metrics of the first launch, kept
   for the runs that resume it.
 - `RunLog(output, report_to=())`: one call per optimizer step writes a JSON line to
@@ -19,11 +22,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from typing import Any, Iterable, Mapping
 
-__all__ = ["write_args", "RunLog", "TRACKERS", "save_metrics_before", "read_metrics_before", "write_metrics"]
+__all__ = [
+    "claim_run_folder",
+    "write_args",
+    "RunLog",
+    "TRACKERS",
+    "save_metrics_before",
+    "read_metrics_before",
+    "write_metrics",
+]
 
 TRACKERS = ("tensorboard", "wandb")
 # Arguments that only change how a run reports or splits itself, not what it trains.
@@ -39,6 +51,50 @@ _HARMLESS = {
     "relevance",
 }
 log = logging.getLogger(__name__)
+
+
+# What a run leaves in its folder: a fresh run must not mix with them, an --overwrite removes them.
+_RUN_FILES = ("checkpoints", "final", "train_log.jsonl", "eval_log.jsonl", "metrics.json", "metrics_before.json")
+
+
+def claim_run_folder(
+    output: str, *, resume: bool, overwrite: bool = False, inputs: Iterable[Any] = (), rank: int = 0
+) -> None:
+    """Check that a run may write into ``output``, before it writes anything; with ``overwrite``, clear it.
+
+    Raises ``ValueError`` when one of ``inputs`` (paths the run reads: a model folder, a data file;
+    other values are ignored) is ``output`` itself or lies in ``output/final`` or ``output/checkpoints``,
+    which the run replaces. Raises ``FileExistsError`` when a fresh run (``resume=False``) finds another
+    run's files (``checkpoints/``, ``final/``, logs, metrics) there: its checkpoints would mix with the
+    new ones in pruning and a later resume, and its export would be overwritten; ``overwrite=True``
+    removes those files instead (rank 0; call it on every rank, then the ranks wait for each other).
+    """
+    root = os.path.realpath(output)
+    for value in inputs:
+        if not isinstance(value, str) or not value or not os.path.exists(value):
+            continue
+        path = os.path.realpath(value)
+        if path == root or any(path == d or path.startswith(d + os.sep) for d in _replaced(root)):
+            raise ValueError(f"{value} is an input of this run but {output} would overwrite it; choose another output")
+    found = [name for name in _RUN_FILES if os.path.exists(os.path.join(output, name))]
+    if found and not resume and not overwrite:
+        raise FileExistsError(
+            f"{output} holds another run ({', '.join(found)}): pass --resume to continue it, --overwrite to "
+            "replace it, or another --output"
+        )
+    if found and not resume and rank == 0:
+        log.warning("--overwrite: removing %s from %s", ", ".join(found), output)
+        for name in found:
+            path = os.path.join(output, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # nobody writes into the folder before rank 0 has cleared it
+
+
+def _replaced(root: str) -> list[str]:
+    return [os.path.join(root, "final"), os.path.join(root, "checkpoints")]
 
 
 def write_args(config: Mapping[str, Any], output: str, resume: bool = False, rank: int = 0) -> dict[str, Any]:
@@ -60,10 +116,7 @@ def write_args(config: Mapping[str, Any], output: str, resume: bool = False, ran
             text = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             warnings.warn(f"resuming {output} with other arguments than it was started with: {text}")
     if rank == 0:
-        os.makedirs(output, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(now, f, indent=1)
-        os.replace(path + ".tmp", path)
+        _write_json_atomically(path, now, indent=1)
     return changed
 
 
@@ -179,10 +232,16 @@ def save_metrics_before(output: str, metrics: dict[str, float], rank: int = 0) -
     """Save the metrics measured before training to ``<output>/metrics_before.json`` (rank 0) and return them,
     so a resumed run (`read_metrics_before`) reports the same "before" column as the first launch."""
     if rank == 0:
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, "metrics_before.json"), "w") as f:
-            json.dump(metrics, f)
+        _write_json_atomically(os.path.join(output, "metrics_before.json"), metrics)
     return metrics
+
+
+def _write_json_atomically(path: str, data: Any, indent: int | None = None) -> None:
+    """``path`` holds the old content or the new, never half of one (a kill mid-write keeps the old)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=indent)
+    os.replace(path + ".tmp", path)
 
 
 def read_metrics_before(output: str) -> dict | None:
@@ -194,9 +253,11 @@ def read_metrics_before(output: str) -> dict | None:
         return json.load(f)
 
 
-def write_metrics(output: str, before: dict | None, after: dict, rank: int = 0) -> dict:
+def write_metrics(output: str, before: dict | None, after: dict, rank: int = 0, health: Mapping | None = None) -> dict:
     """``<output>/metrics.json`` = ``{"before": ..., "after": ...}`` and a table on stdout (rank 0); a
-    ``"recall_curve"`` list in either moves to ``{"recall_curve": {"before": [...], "after": [...]}}``."""
+    ``"recall_curve"`` list in either moves to ``{"recall_curve": {"before": [...], "after": [...]}}``.
+    ``health`` (e.g. ``{"skipped_steps": 0, "bad_rows": 3}``: what went wrong in training) is kept under
+    ``"health"``, so a metric is never read without knowing what the run skipped."""
     from .metrics import format_table
 
     curves = {k: m["recall_curve"] for k, m in (("before", before), ("after", after)) if m and "recall_curve" in m}
@@ -205,8 +266,9 @@ def write_metrics(output: str, before: dict | None, after: dict, rank: int = 0) 
     result: dict = {"before": before, "after": after} if before is not None else {"after": after}
     if curves:  # recall@1..K lists (evaluate_retrieval_by(curve_k=)): the report's before/after curve
         result["recall_curve"] = curves
+    if health is not None:
+        result["health"] = dict(health)
     if rank == 0:
-        with open(os.path.join(output, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        _write_json_atomically(os.path.join(output, "metrics.json"), result, indent=1)
         print(format_table(before, after) if before is not None else format_table(after, label="after"), flush=True)
     return result
