@@ -29,7 +29,13 @@ def test_checks_name_what_is_wrong(tmp_path):
         (["--data", str(data), "--bf16", "--fp16"], "give --bf16 or --fp16, not both"),
         (["--data", str(data), "--warmup-steps", "5", "--warmup-ratio", "0.1"], "not both"),
         (["--data", str(data), "--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+        (["--data", str(data), "--max-bad-steps", "0"], "--max-bad-steps must be >= 1, got 0"),
+        (["--data", str(data), "--max-bad-fraction", "2"], "--max-bad-fraction must be in \\[0, 1\\], got 2.0"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
             check_common_args(parse(*argv))
+    for value in ("0", "-0.05"):  # a recipe's --temperature: 0 once fell back to the model's own, silently
+        args = argparse.Namespace(**vars(parse("--data", str(data))), temperature=float(value))
+        with pytest.raises(SystemExit, match=r"--temperature must be > 0 \(logits = similarity / temperature\)"):
+            check_common_args(args)

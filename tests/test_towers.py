@@ -178,3 +178,28 @@ def test_text_padding_decided_by_model_type(tmp_path):
     assert text_padding(Fake(SiglipConfig())) == {"max_length": 64, "padding": "max_length"}
     assert text_padding(Fake(CLIPConfig())) == {"max_length": 77, "padding": True}
     assert text_padding(object()) == {"max_length": 77, "padding": True}  # composed towers: no HF config
+
+
+def test_temperature_means_logits_divided_by_it_for_infonce_and_siglip():
+    import math
+
+    import pytest
+
+    from vembed_blocks.towers import contrastive_loss_for
+
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
+    a, b = torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1), torch.randn(4, 8)
+    b = torch.nn.functional.normalize(b.double(), dim=-1)
+    for kind in ("infonce", "siglip"):
+        loss = contrastive_loss_for(model, kind, temperature=0.1).double()
+        assert math.exp(float(loss.log_scale.detach())) == pytest.approx(10.0)  # 1 / 0.1 scales cosines, both
+    siglip = contrastive_loss_for(model, "siglip", temperature=0.1).double()
+    z = 2 * torch.eye(4, dtype=torch.float64) - 1
+    ref = -torch.nn.functional.logsigmoid(z * ((a @ b.T) / 0.1 + float(siglip.bias.detach()))).sum() / 4
+    torch.testing.assert_close(siglip(a, b), ref)
+    default = contrastive_loss_for(model, "infonce")  # None: the model's own (logit_scale = log 20)
+    assert math.exp(float(default.log_scale.detach())) == pytest.approx(20.0)
+    for bad in (0.0, -0.5):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            contrastive_loss_for(model, "siglip", temperature=bad)

@@ -7,6 +7,7 @@ Kept apart from `vembed_blocks.tiled` so that a loss imports the tiled kernels o
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -270,6 +271,13 @@ def exchange(
     if len({row[2] for row in table}) > 1:
         raise ValueError(f"embedding dims differ across ranks: {[row[2] for row in table]}")
     sizes, negs = [row[0] for row in table], [row[1] for row in table]
+    if sum(sizes) + sum(negs) == 1:  # known on the host already: costs no sync
+        warnings.warn(
+            "contrastive loss over a global batch of one row without hard negatives: its only candidate is its "
+            "own positive, so there is nothing to contrast (the loss is constant); use a global batch >= 2",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     has_labels, has_neg, has_valid = (any(row[i] for row in table) for i in (3, 4, 5))
     if has_labels and labels is None:
         labels = torch.full((b,), -1, dtype=torch.long, device=dev)

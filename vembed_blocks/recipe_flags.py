@@ -99,7 +99,12 @@ def add_common_args(
     a("--relevance", choices=["positives", "labels"], default="positives", help=relevance)
     a("--eval-batch-size", type=int, default=eval_batch_size, help="rows per forward when embedding for evaluation")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
-    a("--resume", action="store_true", help="continue from <output>/checkpoints")
+    a("--resume", action="store_true", help="continue from <output>/checkpoints (refused if the data or steps differ)")
+    a("--overwrite", action="store_true", help="start afresh in an --output that holds another run (removes it)")
+    a("--max-bad-steps", type=int, default=25, help="stop after this many non-finite steps in a row (each skipped)")
+    a("--skip-bad", action="store_true", help="skip malformed rows and undecodable images (counted), not stop")
+    a("--max-bad-fraction", type=float, default=0.01, help="stop when more of the rows than this are bad")
+    a("--skip-bad-shards", action="store_true", help="streams: skip a shard that cannot be read (counted), not stop")
     a("--stop-at", type=int, help="save and exit at this step (split a run across jobs; then --resume)")
     a("--report-to", nargs="*", choices=[*TRACKERS, "none"], default=[], help="also log to these trackers")
     return p
@@ -112,7 +117,7 @@ def check_common_args(args: argparse.Namespace) -> None:
     for path in (args.data, args.val_data):  # shard patterns are checked shard by shard when the stream opens
         if path and not os.path.exists(path) and not is_stream_spec(path):
             raise SystemExit(f"no such file: {path}")
-    positive = ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every")
+    positive = ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "max_bad_steps")
     non_negative = ("chunk_size", "lora", "num_workers", "eval_every", "save_every", "warmup_steps", "max_grad_norm")
     for name in positive:
         if getattr(args, name) < 1:
@@ -124,10 +129,14 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise SystemExit("give --bf16 or --fp16, not both")
     if not 0 <= args.warmup_ratio <= 1 or (args.warmup_ratio and args.warmup_steps):
         raise SystemExit("give --warmup-steps or --warmup-ratio (in [0, 1]), not both")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise SystemExit(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.lr <= 0 or args.epochs <= 0:
         raise SystemExit(f"--lr and --epochs must be > 0, got {args.lr} and {args.epochs}")
+    if getattr(args, "temperature", None) is not None and not args.temperature > 0:  # a recipe's own flag
+        raise SystemExit(f"--temperature must be > 0 (logits = similarity / temperature), got {args.temperature}")
     mrl_dims(args.mrl_dims)
 
 

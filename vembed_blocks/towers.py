@@ -248,17 +248,21 @@ def contrastive_loss_for(
 
     CLIP keeps ``logit_scale = log(1 / temperature)``, SigLIP ``logit_scale = log(scale)`` and
     ``logit_bias``; a model without them starts at InfoNCE 0.05 / SigLIP scale 10, bias -10.
-    ``temperature`` overrides the start. The loss owns the temperature from here on: the model's
-    own parameters are frozen (`write_temperature_back` copies the learned values into them).
+    ``temperature`` (``> 0``) overrides the start with the same meaning for both kinds: logits are
+    similarities divided by it (SigLIP's scale ``t`` is ``1 / temperature``). The loss owns the temperature
+    from here on: the model's own parameters are frozen (`write_temperature_back` copies the learned values into them).
     """
     from .losses import InfoNCE, SigLIP
 
     logit_scale, bias = getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)
+    if temperature is not None and not temperature > 0:  # 0 once meant "the model's own", silently
+        raise ValueError(f"temperature must be > 0 (logits = similarity / temperature), got {temperature}")
     if kind == "siglip":
-        t = temperature or (math.exp(logit_scale.item()) if logit_scale is not None else 10.0)
+        scale = None if temperature is None else 1.0 / temperature
+        t = scale or (math.exp(logit_scale.item()) if logit_scale is not None else 10.0)
         loss: torch.nn.Module = SigLIP(temperature=t, bias=bias.item() if bias is not None else -10.0, learn=True)
     elif kind == "infonce":
-        t = temperature or (math.exp(-logit_scale.item()) if logit_scale is not None else 0.05)
+        t = temperature or (math.exp(-logit_scale.item()) if logit_scale is not None else 0.05)  # None: the model's
         loss = InfoNCE(temperature=t, learn_temperature=True, symmetric=symmetric)
     else:
         raise ValueError(f"contrastive_loss_for: kind must be 'infonce' or 'siglip', got {kind!r}")
