@@ -9,12 +9,12 @@ from collections import Counter
 import pytest
 import torch
 
+from vembed_blocks.data.loader import TaskBatches
 from vembed_blocks.data.records import IndexedRecords
+from vembed_blocks.data.row_files import load_task_dir
 from vembed_blocks.data.sampler import (
-    TaskBatches,
     WeightedTaskSampler,
     _Stream,
-    load_task_dir,
     parse_group_weights,
     parse_weights,
 )
@@ -100,6 +100,23 @@ def test_resume_reproduces_the_uninterrupted_stream():
     other.load_state_dict(state)
     with pytest.raises(ValueError, match="global batch"):
         WeightedTaskSampler(SIZES, 4, {"a": 1, "b": 2, "c": 3}, seed=11, rank=0, world_size=1).load_state_dict(state)
+
+
+def test_resume_refuses_a_task_or_group_of_another_size():
+    saved = WeightedTaskSampler({"train": 1000}, 4, seed=0, rank=0, world_size=1)
+    next(saved)
+    state = json.loads(json.dumps(saved.state_dict()))
+    assert state["sizes"] == {"train": 1000}
+    with pytest.raises(ValueError, match="task 'train' had 1000 rows when the checkpoint was saved, now 1003"):
+        WeightedTaskSampler({"train": 1003}, 4, seed=0, rank=0, world_size=1).load_state_dict(state)
+    older = WeightedTaskSampler({"train": 1003}, 4, seed=0, rank=0, world_size=1)
+    older.load_state_dict({k: v for k, v in state.items() if k != "sizes"})  # a state from before sizes: no check
+    assert older.step == 1
+    # a row moved between groups keeps the task's size but not its groups'
+    grouped = WeightedTaskSampler({"e": 6}, 2, seed=0, rank=0, world_size=1, group_of={"e": [0, 0, 0, 1, 1, 1]})
+    other = WeightedTaskSampler({"e": 6}, 2, seed=0, rank=0, world_size=1, group_of={"e": [0, 0, 1, 1, 1, 1]})
+    with pytest.raises(ValueError, match="stream 'e/0' had 3 rows when the checkpoint was saved, now 2"):
+        other.load_state_dict(grouped.state_dict())
 
 
 def test_group_weights():

@@ -444,3 +444,101 @@ def test_clip_t2i_trains_on_tar_shards_two_ranks_and_resumes_exactly(tmp_path):
     for step in (3, 4):
         assert split[step] == pytest.approx(straight[step], abs=1e-5), (straight, split)
     assert (tmp_path / "straight" / "final" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- a resume continues the same run
+
+
+def test_resume_refuses_other_shards_and_other_accumulation(tmp_path):
+    import shutil
+
+    import datasets
+
+    paths = write_tars(_mkdir(tmp_path / "a"), 3, 4)
+
+    def make(folder: str = "a", pattern: str = "*.tar", **kw) -> StreamLoader:
+        return open_stream(str(tmp_path / folder / pattern), 2, **{"seed": 1, "shuffle_buffer": 3, **kw})
+
+    whole = run(make(grad_accum_steps=2), 4)
+    first = make(grad_accum_steps=2)
+    head = run(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["grad_accum_steps"] == 2
+    assert state["sources"] == {"train": {"shards": [[os.path.basename(p), os.path.getsize(p)] for p in paths]}}
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")  # the same shards elsewhere resume, exactly
+    moved = make("moved", grad_accum_steps=2)
+    moved.load_state_dict(state)
+    assert head + run(moved, 4) == whole
+    old = {k: v for k, v in state.items() if k not in ("sources", "grad_accum_steps")}  # a state from before them
+    again = make(grad_accum_steps=2)
+    again.load_state_dict(old)
+    assert head + run(again, 4) == whole
+
+    write_tars(_mkdir(tmp_path / "added"), 4, 4)  # the same three shards and one more
+    write_tars(_mkdir(tmp_path / "removed"), 2, 4)
+    shutil.copytree(tmp_path / "a", tmp_path / "grown")
+    with open(tmp_path / "grown" / "00001.tar", "ab") as f:
+        f.write(b"\0" * 512)  # still a valid tar, 512 bytes longer
+    size = os.path.getsize(paths[1])
+    refused = {
+        "added": "shards added 00003.tar",
+        "removed": "shards removed 00002.tar",
+        "grown": f"shards changed 00001.tar \\({size} -> {size + 512} bytes\\)",
+    }
+    for folder, message in refused.items():
+        with pytest.raises(ValueError, match=f"streamed data differs from the checkpoint's: source 'train': {message}"):
+            make(folder, grad_accum_steps=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="shards in another order"):
+        make("a", "{00002,00000,00001}.tar", grad_accum_steps=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with grad_accum_steps=2 .*this run has grad_accum_steps=1"):
+        make().load_state_dict(state)
+
+    # a datasets source records its length and fingerprint
+    rows = [{"query": f"q{i}", "positive": f"p{i}"} for i in range(10)]
+    ds = datasets.Dataset.from_list(rows)
+    saved = open_stream(ds, 2).state_dict()
+    assert saved["sources"] == {"train": {"rows": 10, "units": 1, "fingerprint": ds._fingerprint}}
+    with pytest.raises(ValueError, match="source 'train' was .*'rows': 10.*now .*'rows': 11"):
+        open_stream(datasets.Dataset.from_list(rows + rows[:1]), 2).load_state_dict(saved)
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
+
+
+def test_bad_shards_are_skipped_counted_and_resumed_with_skip_bad_shards(tmp_path, caplog):
+    paths = write_tars(tmp_path, 3, 4, bad={0: "image"})  # samples 0..11, 4 per shard; sample 0's image is bad
+    with tarfile.open(paths[1]) as tf:  # shard 1 (samples 4..7) breaks off inside sample 6's image
+        cut = tf.getmember("000006.png").offset_data + 10
+    with open(paths[1], "r+b") as f:
+        f.truncate(cut)
+    garbage = tmp_path / "00003.tar"
+    garbage.write_bytes(b"\x01" * 2048)
+    spec = str(tmp_path / "*.tar")
+    with pytest.raises(ShardError, match=r"0000[13]\.tar"):
+        run(open_stream(spec, 1, epochs=1), 100)
+    with caplog.at_level(logging.WARNING):
+        loader = open_stream(spec, 1, epochs=1, shuffle_buffer=100, skip_bad_shards=True)
+        got = [t for _, batches, _ in run(loader, 100) for b in batches for t in b]
+    # the samples read before shard 1 broke off (4, 5) stay; the garbage shard gives none
+    assert sorted(got) == sorted(f"caption {i}" for i in (1, 2, 3, 4, 5, 8, 9, 10, 11))
+    assert loader.bad_shards == 2 and loader.bad_rows == 1 and loader.read_skipped == 0
+    assert f"bad shard {paths[1]}" in caplog.text and f"bad shard {garbage}" in caplog.text
+
+    def make() -> StreamLoader:
+        return open_stream(spec, 2, seed=3, epochs=2, shuffle_buffer=3, skip_bad_shards=True)
+
+    straight = make()
+    whole = run(straight, 100)
+    assert len(whole) == 9 and straight.bad_shards == 4  # 9 good samples x 2 epochs / 2; 2 bad shards x 2 epochs
+    mid_block = 0
+    for stop in range(1, 9):  # resume after every step, some of them inside a block that read a bad shard
+        first = make()
+        head = run(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        mid_block += state["readers"][0]["train"]["block_bad"] > 0
+        second = make()
+        second.load_state_dict(state)
+        assert head + run(second, 100) == whole and second.bad_shards == 4, stop
+    assert mid_block

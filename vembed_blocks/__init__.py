@@ -71,10 +71,11 @@ _EXPORTS: dict[str, str] = {
         "data.collate",
     ),
     "scatter_negatives": "data.collate",
+    **dict.fromkeys(["WeightedTaskSampler", "parse_weights", "parse_group_weights"], "data.sampler"),
     **dict.fromkeys(
-        ["WeightedTaskSampler", "TaskBatches", "parse_weights", "parse_group_weights", "load_task_dir"], "data.sampler"
+        ["TaskBatches", "TaskLoader", "task_loader", "training_batches", "file_fingerprint"], "data.loader"
     ),
-    **dict.fromkeys(["TaskLoader", "task_loader", "training_batches"], "data.loader"),
+    "load_task_dir": "data.row_files",
     **dict.fromkeys(["open_stream", "StreamLoader", "is_stream_spec"], "data.shards"),
     **dict.fromkeys(["EmbedStore", "EmbedWriter"], "data.embed_store"),
 }

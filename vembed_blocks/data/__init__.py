@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
     "scatter_negatives": "collate",
     **dict.fromkeys(["EmbedStore", "EmbedWriter", "StoreError", "collate_embeddings", "ensure_meta"], "embed_store"),
     **dict.fromkeys(["ImageLoadError", "ShardImage", "load_image", "load_images"], "images"),
-    **dict.fromkeys(["TaskLoader", "task_loader", "training_batches"], "loader"),
+    **dict.fromkeys(["TaskBatches", "TaskLoader", "file_fingerprint", "task_loader", "training_batches"], "loader"),
     **dict.fromkeys(
         [
             "IMAGE_EXTENSIONS",
@@ -29,9 +29,8 @@ _EXPORTS: dict[str, str] = {
         ],
         "records",
     ),
-    **dict.fromkeys(
-        ["TaskBatches", "WeightedTaskSampler", "load_task_dir", "parse_group_weights", "parse_weights"], "sampler"
-    ),
+    "load_task_dir": "row_files",
+    **dict.fromkeys(["WeightedTaskSampler", "parse_group_weights", "parse_weights"], "sampler"),
     "ShardReader": "shard_stream",
     **dict.fromkeys(["DatasetSource", "ShardError", "ShardSet"], "shard_formats"),
     **dict.fromkeys(["StreamLoader", "expand_shards", "is_stream_spec", "open_stream"], "shards"),

@@ -22,7 +22,7 @@ import numpy as np
 
 from .records import Record, RecordError, RecordReader, read_records
 
-__all__ = ["READERS", "IndexedRecords", "load_records"]
+__all__ = ["READERS", "IndexedRecords", "load_records", "load_task_dir"]
 
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
 
@@ -129,3 +129,40 @@ def load_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any
     if path.endswith((".jsonl", ".json")):
         return IndexedRecords(path, skip_bad, **options)
     return list(read_records(path, skip_bad, **options))
+
+
+def load_task_dir(root: str | os.PathLike, skip_bad: bool = False, **read_options: Any) -> dict[str, Sequence[Any]]:
+    """Seed-004 layout: every subdirectory of ``root`` is a task holding its data file(s).
+
+    JSONL files become ``IndexedRecords`` (offsets only, lazy); CSV/Parquet are read into
+    lists. A task with several files concatenates them (sorted by name). Records get
+    ``task`` = the subdirectory name.
+    """
+    tasks: dict[str, Sequence[Any]] = {}
+    for name in sorted(os.listdir(root)):
+        sub = os.path.join(root, name)
+        if not os.path.isdir(sub):
+            continue
+        parts: list[Sequence[Any]] = []
+        for fname in sorted(os.listdir(sub)):
+            path = os.path.join(sub, fname)
+            if fname.endswith((".jsonl", ".json", ".csv", ".parquet")):
+                parts.append(load_records(path, skip_bad, task=name, **read_options))
+        if not parts:
+            raise ValueError(f"task directory {sub} has no .jsonl/.csv/.parquet file")
+        tasks[name] = parts[0] if len(parts) == 1 else _Concat(parts)
+    if not tasks:
+        raise ValueError(f"{root} has no task subdirectories")
+    return tasks
+
+
+class _Concat(Sequence[Any]):
+    def __init__(self, parts: list[Sequence[Any]]) -> None:
+        self.parts, self.ends = parts, np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        j = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[j][i - (int(self.ends[j - 1]) if j else 0)]

@@ -14,17 +14,14 @@ pass) and large ones are never enumerated up front. The state is the step plus o
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 import warnings
 import zlib
-from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
-from torch.utils.data import IterableDataset, get_worker_info
 
-__all__ = ["WeightedTaskSampler", "TaskBatches", "load_task_dir", "parse_weights", "parse_group_weights"]
+__all__ = ["WeightedTaskSampler", "parse_weights", "parse_group_weights"]
 
 _MASK = (1 << 64) - 1
 
@@ -343,18 +340,20 @@ class WeightedTaskSampler:
         return task, rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        """Step + one ``[pass, offset]`` per stream (JSON-serialisable)."""
+        """Step + one ``[pass, offset]`` per stream + each stream's rows (plain types, JSON-serialisable)."""
         return {
             "step": self.step,
             "seed": self.seed,
             "global_batch": self.global_batch,
             "streams": {k: s.state() for k, s in self._streams.items()},
+            "sizes": {k: len(s) for k, s in self._streams.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: the next batches equal those an uninterrupted run would have drawn.
 
-        The world size may change if the global batch does not.
+        The world size may change if the global batch does not. A state of another seed, global
+        batch, set of streams or stream size (``sizes``: rows changed since the save) is refused.
         """
         if state["seed"] != self.seed or state["global_batch"] != self.global_batch:
             raise ValueError(
@@ -363,93 +362,14 @@ class WeightedTaskSampler:
             )
         if set(state["streams"]) != set(self._streams):
             raise ValueError(f"sampler state has streams {sorted(state['streams'])}, expected {sorted(self._streams)}")
+        sizes = state.get("sizes") or {}  # older states have none
+        for key, stream in sorted(self._streams.items()):
+            if key in sizes and int(sizes[key]) != len(stream):
+                kind = "task" if key in self.tasks else "stream"
+                raise ValueError(
+                    f"{kind} {key!r} had {sizes[key]} rows when the checkpoint was saved, now {len(stream)}: "
+                    "resume with the data the checkpoint was trained on"
+                )
         for key, cursor in state["streams"].items():
             self._streams[key].restore(cursor)
         self.step = int(state["step"])
-
-
-def load_task_dir(root: str | os.PathLike, skip_bad: bool = False, **read_options: Any) -> dict[str, Sequence[Any]]:
-    """Seed-004 layout: every subdirectory of ``root`` is a task holding its data file(s).
-
-    JSONL files become ``IndexedRecords`` (offsets only, lazy); CSV/Parquet are read into
-    lists. A task with several files concatenates them (sorted by name). Records get
-    ``task`` = the subdirectory name.
-    """
-    from .records import load_records
-
-    tasks: dict[str, Sequence[Any]] = {}
-    for name in sorted(os.listdir(root)):
-        sub = os.path.join(root, name)
-        if not os.path.isdir(sub):
-            continue
-        parts: list[Sequence[Any]] = []
-        for fname in sorted(os.listdir(sub)):
-            path = os.path.join(sub, fname)
-            if fname.endswith((".jsonl", ".json", ".csv", ".parquet")):
-                parts.append(load_records(path, skip_bad, task=name, **read_options))
-        if not parts:
-            raise ValueError(f"task directory {sub} has no .jsonl/.csv/.parquet file")
-        tasks[name] = parts[0] if len(parts) == 1 else _Concat(parts)
-    if not tasks:
-        raise ValueError(f"{root} has no task subdirectories")
-    return tasks
-
-
-class _Concat(Sequence[Any]):
-    def __init__(self, parts: list[Sequence[Any]]) -> None:
-        self.parts, self.ends = parts, np.cumsum([len(p) for p in parts])
-
-    def __len__(self) -> int:
-        return int(self.ends[-1])
-
-    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
-        j = int(np.searchsorted(self.ends, i, side="right"))
-        return self.parts[j][i - (int(self.ends[j - 1]) if j else 0)]
-
-
-class TaskBatches(IterableDataset):
-    """The sampler's batches as a ``DataLoader`` dataset; identical for any ``num_workers``.
-
-    Use ``DataLoader(TaskBatches(tasks, sampler, collate_fn), batch_size=None, num_workers=N)``.
-    Worker ``w`` of ``N`` builds the batches of steps ``(t - first) % N == w`` (each worker replays the
-    cheap index draws of the others, never their loading), and the DataLoader's in-order
-    round robin puts them back in step order. Each item is a dict
-    ``{"step", "task", "stream", "batch", "sampler_state"}``: ``stream`` is ``task`` or ``task/group``,
-    ``batch`` is ``collate_fn(records)`` (the list of records without one) and ``sampler_state``
-    is the sampler's state *after* this step: save the one of the last batch you trained on,
-    and pass it as ``state`` (or load it into the sampler) to resume exactly. ``steps`` makes the stream finite.
-    """
-
-    def __init__(
-        self,
-        tasks: Mapping[str, Sequence[Any]],
-        sampler: WeightedTaskSampler,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
-        steps: int | None = None,
-        state: Mapping[str, Any] | None = None,
-    ) -> None:
-        missing = sorted(set(sampler.tasks) - set(tasks))
-        if missing:
-            raise ValueError(f"sampler draws tasks with no records: {missing}")
-        self.tasks, self.collate_fn, self.steps = tasks, collate_fn, steps
-        self.sampler = copy.deepcopy(sampler)  # the caller's sampler is never advanced behind its back
-        if state is not None:
-            self.sampler.load_state_dict(state)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        sampler = copy.deepcopy(self.sampler)  # every epoch/iterator restarts from the same state
-        start = sampler.step
-        end = None if self.steps is None else start + self.steps
-        while end is None or sampler.step < end:
-            step = sampler.step
-            stream = sampler.draw(step)[1]
-            task, rows = next(sampler)
-            # Counted from the start, not from step 0: the DataLoader asks worker 0 for the first batch, so after a
-            # resume at an odd step worker 0 must build that one (by step % nw the order came out swapped).
-            if (step - start) % nw != wid:
-                continue
-            records = [self.tasks[task][i] for i in rows]
-            batch = self.collate_fn(records) if self.collate_fn is not None else records
-            yield {"step": step, "task": task, "stream": stream, "batch": batch, "sampler_state": sampler.state_dict()}

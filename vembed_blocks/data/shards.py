@@ -20,13 +20,14 @@ Everything is a pure function of ``seed``:
   step, so no rank runs a step (and its collectives) that another rank skips.
 
 Bad samples (undecodable image, missing caption, malformed JSON) are skipped, counted
-(``loader.skipped``) and logged with their ``shard:member``; a shard that cannot be opened
-raises ``ShardError`` naming it. See docs/streaming.md.
+(``loader.skipped``) and logged with their ``shard:member``; a shard that cannot be opened or
+is corrupt raises ``ShardError`` naming it, or with ``skip_bad_shards`` is skipped and counted
+(``loader.bad_shards``). A resume is refused when the shards (names and sizes; no content hash,
+shards can be TBs) or the accumulation differ from the checkpoint's. See docs/streaming.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import logging
 import os
@@ -34,14 +35,12 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from .shard_formats import SHARD_KINDS, DatasetSource, ShardSet
 
 if TYPE_CHECKING:
     from .records import Record
-    from .sampler import WeightedTaskSampler
-    from .shard_stream import ShardReader
 
 __all__ = ["StreamLoader", "open_stream", "is_stream_spec", "expand_shards"]
 
@@ -111,69 +110,6 @@ def _as_source(spec: Any, name: str, options: Mapping[str, Any]) -> ShardSet | D
     return ShardSet(expand_shards(spec), **options)
 
 
-@dataclasses.dataclass
-class _Plan:
-    """Everything a worker needs to build its micro-batches (pickled into DataLoader workers)."""
-
-    sources: dict[str, Any]
-    draw: WeightedTaskSampler
-    batch_size: int
-    collate_fn: Callable[[list[Record]], Any] | None
-    rank: int
-    world_size: int
-    workers: int
-    seed: int
-    shuffle_buffer: int
-    epochs: int | None
-    decode: bool
-
-    def reader(self, name: str, worker: int, state: Mapping[str, Any] | None) -> ShardReader:
-        # Imported where readers are made (the DataLoader worker): `import shards` stays light.
-        from .shard_stream import ShardReader
-
-        return ShardReader(
-            self.sources[name],
-            self.rank * self.workers + worker,
-            self.world_size * self.workers,
-            seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer,
-            epochs=self.epochs,
-            decode=self.decode,
-            name=name,
-            state=state,
-        )
-
-    def collate(self, records: list[Record]) -> Any:
-        return records if self.collate_fn is None else self.collate_fn(records)
-
-
-class _StreamBatches(IterableDataset):
-    """Micro-steps ``start .. start + steps - 1``; DataLoader worker ``i`` builds those with
-    ``(t - start) % W == i``, i.e. it plays logical worker ``t % W`` (the same for a resumed run)."""
-
-    def __init__(self, plan: _Plan, start: int, steps: int, states: list[dict[str, Any]]) -> None:
-        self.plan, self.start, self.steps, self.states = plan, start, steps, states
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        first = self.start + (info.id if info is not None else 0)
-        plan, worker = self.plan, first % self.plan.workers
-        readers: dict[str, ShardReader] = {}
-        for t in range(first, self.start + self.steps, plan.workers):
-            name = plan.draw.draw(t)[0]
-            if name not in readers:
-                readers[name] = plan.reader(name, worker, self.states[worker].get(name))
-            records = []
-            while len(records) < plan.batch_size:
-                rec = readers[name].next_record()
-                if rec is None:
-                    yield {"end": True, "step": t, "source": name}
-                    return
-                records.append(rec)
-            state = {**self.states[worker], **{n: r.state() for n, r in readers.items()}}
-            yield {"step": t, "source": name, "batch": plan.collate(records), "worker": worker, "state": state}
-
-
 class StreamLoader:
     """`TaskLoader`'s interface over streamed sources: ``steps(end)`` yields ``(step, micro_batches,
     their_sources)`` for optimizer steps ``self.step + 1 .. end``, ``grad_accum_steps`` micro-batches
@@ -184,8 +120,14 @@ class StreamLoader:
     run's length is ``end``); with ``epochs=n`` ``steps`` ends before the first optimizer step
     that some reader (on any rank: they agree through one all-reduce per step, which needs the
     process group) cannot fill. ``state_dict()`` is the state after the last step
-    yielded (JSON-able); resuming needs the same world size, ``num_workers`` and batch size.
+    yielded (JSON-able); resuming needs the same world size, ``num_workers``, batch size,
+    ``grad_accum_steps`` and data (each shard's name and size; a dataset's length and fingerprint).
+    ``skip_bad_shards``: skip (log, count) a shard that cannot be read instead of stopping. Counts on
+    this rank: ``bad_rows`` (bad samples, all sources), ``bad_shards``; ``read_skipped`` is 0 (no file
+    is read up front).
     """
+
+    read_skipped = 0
 
     def __init__(
         self,
@@ -202,6 +144,7 @@ class StreamLoader:
         shuffle_buffer: int = 1000,
         epochs: int | None = None,
         decode_images: bool = True,
+        skip_bad_shards: bool = False,
     ) -> None:
         if rank is None or world_size is None:
             from ..distributed import get_rank, get_world_size
@@ -213,14 +156,16 @@ class StreamLoader:
                 "need batch_size >= 1, grad_accum_steps >= 1, num_workers >= 0, 0 <= rank < world_size; got "
                 f"{batch_size}, {grad_accum_steps}, {num_workers}, rank={rank}, world_size={world_size}"
             )
+        # Imported here, not at import: `import shards` stays light (the workers' side loads on use).
         from .sampler import WeightedTaskSampler, parse_weights
+        from .shard_stream import StreamPlan
 
         if isinstance(weights, str):
             weights = parse_weights(weights)
         draw = WeightedTaskSampler({n: 1 for n in sources}, 1, weights, seed, rank=0, world_size=1)
         self.sources = {n: sources[n] for n in draw.tasks}
         workers = max(1, num_workers)
-        self.plan = _Plan(
+        self.plan = StreamPlan(
             self.sources,
             draw,
             batch_size,
@@ -232,6 +177,7 @@ class StreamLoader:
             shuffle_buffer,
             epochs,
             decode_images,
+            skip_bad_shards,
         )
         self.num_workers, self.seed, self.accum = num_workers, int(seed), grad_accum_steps
         self._state: dict[str, Any] = {
@@ -241,8 +187,10 @@ class StreamLoader:
             "world_size": world_size,
             "workers": workers,
             "batch_size": batch_size,
+            "grad_accum_steps": grad_accum_steps,
             "readers": [{} for _ in range(workers)],
         }
+        self._listing: dict[str, Any] | None = None  # the sources' shards and sizes, stat'ed when first needed
 
     @property
     def step(self) -> int:
@@ -254,8 +202,29 @@ class StreamLoader:
         """Bad samples skipped so far on this rank, per source (as of the last step yielded)."""
         return {n: sum(int(w[n]["skipped"]) for w in self._state["readers"] if n in w) for n in self.sources}
 
+    @property
+    def bad_rows(self) -> int:
+        """Bad samples skipped so far on this rank, all sources together (as of the last step yielded)."""
+        return sum(self.skipped.values())
+
+    @property
+    def bad_shards(self) -> int:
+        """Shards skipped as unreadable (``skip_bad_shards``) by this rank's readers so far; a shard
+        read by several readers (sliced) or in several epochs counts each time."""
+        return sum(int(r.get("bad_shards", 0)) for w in self._state["readers"] for r in w.values())
+
+    def sources_listing(self) -> dict[str, Any]:
+        """Per source, what fixes its data: ``{"shards": [[name, bytes], ...]}`` for a `ShardSet`
+        (names relative to the shards' common folder), ``{"rows", "units", "fingerprint"}`` for a
+        `DatasetSource`. Computed (one stat per shard) on first use, then kept."""
+        if self._listing is None:
+            from .shard_stream import source_listing
+
+            self._listing = {name: source_listing(source) for name, source in self.sources.items()}
+        return self._listing
+
     def state_dict(self) -> dict[str, Any]:
-        return self._state
+        return {**self._state, "sources": self.sources_listing()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for key in ("kind", "seed", "world_size", "workers", "batch_size"):
@@ -264,10 +233,22 @@ class StreamLoader:
                     f"stream state has {key}={state.get(key)!r} but this loader has {self._state[key]!r}; "
                     "resume with the same seed, world size, num_workers and batch size"
                 )
+        from .loader import _check_same_accum
+        from .shard_stream import listing_changes
+
+        _check_same_accum(state, self.accum)
+        if state.get("sources") is not None:
+            changes = listing_changes(state["sources"], self.sources_listing())
+            if changes:
+                raise ValueError(
+                    "the streamed data differs from the checkpoint's: " + "; ".join(changes) + ". Resume with the "
+                    "data the checkpoint was trained on, or start a new run"
+                )
         unknown = sorted({n for w in state["readers"] for n in w} - set(self.sources))
         if unknown:
             raise ValueError(f"stream state has readers of sources {unknown}; this loader has {sorted(self.sources)}")
-        self._state = {**state, "readers": [dict(w) for w in state["readers"]]}
+        run = {k: v for k, v in state.items() if k != "sources"}
+        self._state = {**run, "grad_accum_steps": self.accum, "readers": [dict(w) for w in state["readers"]]}
 
     def steps(self, end: int) -> Iterator[tuple[int, list[Any], list[str]]]:
         """``(step, micro_batches, their_sources)`` for optimizer steps ``self.step + 1 .. end`` (1-based).
@@ -281,7 +262,9 @@ class StreamLoader:
         agree = self.plan.epochs is not None and self.plan.world_size > 1
         if agree:
             _check_process_group(self.plan.world_size, self.plan.epochs)
-        data = _StreamBatches(self.plan, start, max(0, end - self.step) * self.accum, self._state["readers"])
+        from .shard_stream import StreamBatches
+
+        data = StreamBatches(self.plan, start, max(0, end - self.step) * self.accum, self._state["readers"])
         generator = torch.Generator().manual_seed(self.seed)  # never draws from the global RNG
         loader = DataLoader(data, batch_size=None, num_workers=self.num_workers, generator=generator)
         batches, names = [], []
@@ -341,6 +324,7 @@ def open_stream(
     shuffle_buffer: int = 1000,
     epochs: int | None = None,
     decode_images: bool = True,
+    skip_bad_shards: bool = False,
     **record_options: Any,
 ) -> StreamLoader:
     """A `StreamLoader` over ``spec``: a shard spec (see `is_stream_spec`), a ``datasets`` object,
@@ -348,6 +332,7 @@ def open_stream(
 
     ``record_options`` go to every source: ``columns``, ``format``, ``task``, ``t2i_mode``,
     ``inverse``, ``language`` (as ``read_records``) and, for ``datasets`` objects, ``image_root``.
+    ``skip_bad_shards``: skip (log, count) shards that cannot be read instead of stopping.
     Nothing is read here: the first shard is opened by the first ``steps`` call.
     """
     specs = dict(spec) if isinstance(spec, Mapping) else {"train": spec}
@@ -365,4 +350,5 @@ def open_stream(
         shuffle_buffer=shuffle_buffer,
         epochs=epochs,
         decode_images=decode_images,
+        skip_bad_shards=skip_bad_shards,
     )
