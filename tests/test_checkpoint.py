@@ -8,7 +8,10 @@ stream matters; data comes from `WeightedTaskSampler`, whose position must be re
 
 from __future__ import annotations
 
+import json
+import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from _multiproc import run_ranks
 
-from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data.sampler import WeightedTaskSampler
 from vembed_blocks.distributed import gather_with_offset
+from vembed_blocks.export import export_pretrained
 from vembed_blocks.parallel import apply_lora, shard_model
+from vembed_blocks.schedule import make_scheduler
 
 TASKS = {"a": 12, "b": 8}
 SEQ = 6
@@ -148,7 +153,7 @@ def _train_and_save(rank, world, root, export_dir, base_dir):
     return straight, first, full, _export_lora_clip(rank, export_dir, base_dir)
 
 
-def _resume(rank, world, root):
+def _resume(rank, world, root, refusal_root, refusal_out):
     data = task_data()
     seed_all(123)
     model, opt, sched, sampler = make_run(shard_model)
@@ -160,7 +165,8 @@ def _resume(rank, world, root):
     except RuntimeError:
         pass
     torch.distributed.barrier()
-    return step, rest, latest_checkpoint(root).name
+    # Grouped into this launch (each costs seconds): saves/exports refused for non-finite weights.
+    return step, rest, latest_checkpoint(root).name, _refusals(rank, world, refusal_root, refusal_out)
 
 
 def lora_clip(base_dir, wrap=None):
@@ -195,7 +201,7 @@ def _export_lora_clip(rank, export_dir, base_dir):
     return emb
 
 
-def test_two_rank_resume_export_and_reshard(tmp_path):
+def test_two_rank_resume_export_reshard_and_non_finite_refusals(tmp_path):
     from peft import PeftModel
     from test_parallel import clip_batch, tiny_clip_config
     from transformers import CLIPModel
@@ -205,10 +211,12 @@ def test_two_rank_resume_export_and_reshard(tmp_path):
     CLIPModel(tiny_clip_config()).save_pretrained(base_dir)
     root, export_dir = tmp_path / "ckpt", tmp_path / "export"
     saved = run_ranks(_train_and_save, 2, str(root), str(export_dir), str(base_dir), timeout=300)
-    resumed = run_ranks(_resume, 2, str(root), timeout=300)
+    refusal_out = tmp_path / "refused-export"
+    resumed = run_ranks(_resume, 2, str(root), str(tmp_path / "refused"), str(refusal_out), timeout=300)
+    _check_refusals([r[3] for r in resumed], refusal_out)
     for rank in range(2):
         straight, first, _, _ = saved[rank]
-        step, rest, latest = resumed[rank]
+        step, rest, latest, _ = resumed[rank]
         print(f"rank {rank}: straight {straight}\n        resumed  {first + rest}")
         assert step == 3 and latest == "step-000003"
         assert first + rest == straight  # bit-identical across a new process group
@@ -438,3 +446,192 @@ def test_optimizer_parameter_outside_model_is_a_clear_error(tmp_path):
         loss.log_scale.fill_(0.0)
     assert load_checkpoint(tmp_path, model=both, optimizer=opt) == 1
     assert loss.log_scale.item() == 2.5
+
+
+# ---------------------------------------------------------------- trusted loading, non-finite weights
+def _leave_marker(path: str) -> str:
+    """What a crafted rank file runs when unpickled without weights_only (harmless stand-in for os.system)."""
+    Path(path).write_text("code ran")
+    return path
+
+
+class _Crafted:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (_leave_marker, (self.path,))
+
+
+class _State:
+    """A sampler stand-in holding any state (a streaming loader's: nested, with None and numpy values)."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def _small_run():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, opt, make_scheduler(opt, "cosine", 2, 10), torch.amp.GradScaler("cpu")
+
+
+def test_rank_files_load_weights_only_and_a_crafted_one_is_refused(tmp_path):
+    model, opt, sched, scaler = _small_run()
+    sampler = WeightedTaskSampler(TASKS, batch_size=2, seed=7)
+    for _ in range(3):
+        next(sampler)
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        sched.step()
+    scaler.load_state_dict(
+        {"scale": 512.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 7, "_growth_tracker": 3}
+    )
+    guard = _State({"skipped_steps": 2, "in_a_row": 1, "rows": 40})  # e.g. a StepGuard's counts
+    kw = dict(sampler=sampler, scheduler=sched, scaler=scaler, extra_state={"guard": guard})
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=3, **kw)
+    rank_file = tmp_path / "step-000003" / "rank-00000.pt"
+    assert set(torch.load(rank_file, weights_only=True)) == {"rng", "sampler", "scheduler", "scaler", "extra"}
+    assert json.loads((tmp_path / "step-000003" / "meta.json").read_text())["format"] == 1
+
+    fresh, opt2, sched2, scaler2 = _small_run()
+    sampler2 = WeightedTaskSampler(TASKS, batch_size=2, seed=7)
+    guard2, absent = _State(), _State({"kept": True})
+    kw = dict(model=fresh, optimizer=opt2, sampler=sampler2, scheduler=sched2, scaler=scaler2)
+    assert load_checkpoint(tmp_path, **kw, extra_state={"guard": guard2, "absent": absent}) == 3
+    assert guard2.state == {"skipped_steps": 2, "in_a_row": 1, "rows": 40} and absent.state == {"kept": True}
+    assert sched2.state_dict() == sched.state_dict() and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert scaler2.state_dict() == scaler.state_dict() and scaler2.get_scale() == 512.0
+    assert [next(sampler2) for _ in range(3)] == [next(sampler) for _ in range(3)]
+    assert torch.equal(fresh.weight, model.weight)
+
+    # A streaming loader's nested state; numpy values are stored as Python ones (weights_only admits no numpy).
+    stream = {"kind": "stream", "step": np.int64(4), "readers": [{"train": {"token": None, "pos": np.int32(2)}}, {}]}
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=4, sampler=_State({**stream, "w": np.arange(2)}))
+    holder = _State()
+    assert load_checkpoint(tmp_path, model=fresh, optimizer=opt2, sampler=holder) == 4
+    assert holder.state == {
+        "kind": "stream",
+        "step": 4,
+        "readers": [{"train": {"token": None, "pos": 2}}, {}],
+        "w": [0, 1],
+    }
+    assert type(holder.state["step"]) is int
+
+    # A checkpoint written before format versions and the scaler entry still loads; a newer format is refused.
+    folder = tmp_path / "step-000003"
+    (folder / "meta.json").write_text(json.dumps({"step": 3, "world_size": 1}))
+    old = torch.load(rank_file, weights_only=True)
+    torch.save({k: old[k] for k in ("rng", "sampler", "scheduler")}, rank_file)
+    fresh, opt2, sched2, scaler2 = _small_run()
+    assert load_checkpoint(folder, model=fresh, optimizer=opt2, scheduler=sched2, scaler=scaler2) == 3
+    assert sched2.state_dict() == sched.state_dict() and scaler2.get_scale() == 65536.0  # untouched
+    (folder / "meta.json").write_text(json.dumps({"step": 3, "world_size": 1, "format": 99}))
+    with pytest.raises(ValueError, match="has checkpoint format 99; this version reads up to 1"):
+        load_checkpoint(folder, model=fresh, optimizer=opt2)
+    (folder / "meta.json").write_text(json.dumps({"step": 3, "world_size": 1, "format": 1}))
+
+    # A crafted rank file whose unpickling would run code: refused, nothing runs, the model is untouched.
+    marker = tmp_path / "marker"
+    torch.save({**old, "sampler": _Crafted(str(marker))}, rank_file)
+    fresh, opt2, _, _ = _small_run()
+    before = fresh.weight.clone()
+    with pytest.raises(
+        pickle.UnpicklingError, match="refusing to load .*rank-00000.pt: it holds objects other than tensors"
+    ):
+        load_checkpoint(folder, model=fresh, optimizer=opt2, sampler=_State())
+    assert not marker.exists() and torch.equal(fresh.weight, before)
+    torch.load(rank_file, weights_only=False)  # the file is harmful indeed: full unpickling runs its code
+    assert marker.read_text() == "code ran"
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    from test_parallel import tiny_clip_config
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_clip_config())
+    weight = model.text_model.encoder.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        weight[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as err:
+        export_pretrained(model, out)
+    name = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert str(err.value) == f"{name} has 3 non-finite values (NaN/inf); not exporting to {out}"
+    assert not out.exists()
+    with torch.no_grad():  # finite in float32, inf once cast to float16 (max 65504)
+        weight[0, :3] = 1e6
+    with pytest.raises(ValueError, match="q_proj.weight has 3 non-finite values"):
+        export_pretrained(model, out, dtype=torch.float16)
+    assert not out.exists()
+    export_pretrained(model, out)  # the same weights in float32 are finite: written
+    assert CLIPModel.from_pretrained(out).text_model.encoder.layers[0].self_attn.q_proj.weight[0, 0] == 1e6
+
+
+def _refusals(rank, world, root, out):
+    """A finite save, then saves with a NaN in rank 1's weight, an inf in rank 0's optimizer state, a NaN
+    in rank 1's FSDP2 shard, and an export of that model; returns (messages, ``root`` listing, latest)."""
+
+    def attempt(fn, **kw):
+        try:
+            fn(**kw)
+        except ValueError as err:
+            return str(err)
+        return "saved"
+
+    torch.manual_seed(0)  # a plain module: every rank has its own full copy
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    messages = [attempt(save_checkpoint, dir=root, model=model, optimizer=opt, step=1)]
+    with torch.no_grad():
+        if rank == 1:
+            model.weight[0, 0] = float("nan")
+    messages.append(attempt(save_checkpoint, dir=root, model=model, optimizer=opt, step=2))
+    with torch.no_grad():
+        model.weight[0, 0] = 0.5
+        if rank == 0:
+            opt.state[model.weight]["exp_avg"][1, :2] = float("inf")
+    messages.append(attempt(save_checkpoint, dir=root, model=model, optimizer=opt, step=3))
+
+    torch.manual_seed(0)  # FSDP2, each Linear sharded by rows: the NaN is in rank 1's local shard only
+    sharded = shard_model(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), [torch.nn.Linear])
+    with torch.no_grad():
+        if rank == 1:
+            sharded[0].weight.to_local()[0, 0] = float("nan")  # row 2 of 4
+    sharded_opt = torch.optim.AdamW(sharded.parameters(), lr=0.1)
+    messages.append(attempt(save_checkpoint, dir=root, model=sharded, optimizer=sharded_opt, step=4))
+    messages.append(attempt(export_pretrained, model=sharded, dir=out))
+    torch.distributed.barrier()
+    return messages, sorted(p.name for p in Path(root).iterdir()), latest_checkpoint(root).name
+
+
+def _check_refusals(results, out) -> None:
+    """`_refusals` on 2 ranks: each refusal raised on both, naming the tensor where it was found; nothing written."""
+    steps = ["not saving step 2", "not saving step 3", "not saving step 4", f"not exporting to {out}"]
+    own = [
+        "model.weight has 1 non-finite values (NaN/inf)",
+        "optim.state.weight.exp_avg has 2 non-finite values (NaN/inf)",
+        "model.0.weight has 1 non-finite values (NaN/inf)",
+        "0.weight has 1 non-finite values (NaN/inf)",  # rank 0 checks the gathered weights
+    ]
+    finder = [1, 0, 1, 0]
+    for rank, (messages, listing, latest) in enumerate(results):
+        expected = [
+            f"{own[i]}; {step}"
+            if finder[i] == rank
+            else f"non-finite values (NaN/inf) found on rank [{finder[i]}]; {step}"
+            for i, step in enumerate(steps)
+        ]
+        assert messages == ["saved", *expected]
+        assert listing == ["latest", "step-000001"] and latest == "step-000001"  # no step-*/temp folder, no export
+    assert not out.exists()

@@ -42,7 +42,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["shard_model", "wrap_ddp", "checkpoint_layers", "compile_layers", "apply_lora", "unwrap_model"], "parallel"
     ),
-    **dict.fromkeys(["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_pretrained"], "checkpoint"),
+    **dict.fromkeys(["save_checkpoint", "load_checkpoint", "latest_checkpoint"], "checkpoint"),
+    "export_pretrained": "export",
+    "refuse_non_finite": "step_guard",
     **dict.fromkeys(["make_scheduler", "warmup_steps", "warmup_cosine", "lr_multiplier"], "schedule"),
     **dict.fromkeys(
         ["ComposedDualEncoder", "compose_dual_encoder", "dual_encoder_features", "load_dual_encoder", "text_padding"],

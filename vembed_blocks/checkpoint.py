@@ -1,4 +1,4 @@
-"""Resumable sharded checkpoints (DCP) and a plain Hugging Face export.
+"""Resumable sharded checkpoints (DCP); the Hugging Face export is `export.export_pretrained`.
 
 Layout of a run's checkpoint root (``save_checkpoint(root, ...)``)::
 
@@ -7,8 +7,8 @@ Layout of a run's checkpoint root (``save_checkpoint(root, ...)``)::
       step-000300/            one checkpoint, visible only once complete
         .metadata             DCP index        \\  model + optimizer, sharded: each rank
         __0_0.distcp ...      DCP shard files  /   writes its own piece
-        rank-00000.pt         per-rank extras: RNG states, sampler, scheduler
-        meta.json             step, world size; written last
+        rank-00000.pt         per-rank extras: RNG states, sampler, scheduler (loaded weights_only)
+        meta.json             step, world size, format version; written last
       step-000200/ ...        older ones, pruned to ``keep_last`` (by integer step)
       .tmp-step-000300/       only while writing (or after a crash): never loaded
       .old-step-000300/       only while re-saving step 300: the previous one (see `_commit`)
@@ -20,6 +20,7 @@ save. All ranks must see the same file system (shared storage on multi-node runs
 
 Model/optimizer state goes through ``torch.distributed.checkpoint.state_dict`` so a plain
 module, DDP and FSDP2 save the same keys and a sharded checkpoint reloads on another world size.
+Saves and exports refuse non-finite weights (every rank raises alike, before anything is written).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -40,12 +42,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import get_rank, get_world_size, is_dist
-from .parallel import reshaped_scalar_params, unwrap_model
+from .parallel import unwrap_model
+from .step_guard import refuse_non_finite
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_pretrained"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 _LATEST = "latest"
 _META = "meta.json"
+_FORMAT = 1  # meta.json "format"; checkpoints without the key (format 0) have the same layout
 _OLD = ".old-"  # prefix of the step folder that a re-save of its step is replacing (`_commit`)
 _rename = os.replace  # every rename of a commit goes through this name (tests interrupt it)
 
@@ -157,6 +161,33 @@ def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) 
             )
 
 
+def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterable[tuple[str, Any]]:
+    """``(name, value)`` of every parameter, buffer and optimizer state entry, named as DCP keys."""
+    model = unwrap_model(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    yield from ((f"model.{n}", t) for n, t in [*model.named_parameters(), *model.named_buffers()])
+    for p, state in optimizer.state.items():
+        yield from ((f"optim.state.{names[id(p)]}.{k}", v) for k, v in state.items())
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with numpy values as Python numbers/lists, which ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return (list if isinstance(obj, list) else tuple)(_plain(v) for v in obj)
+    return obj.tolist() if isinstance(obj, (np.ndarray, np.generic)) else obj
+
+
+def _load_extras(file: Path) -> dict[str, Any]:
+    """A rank file, unpickled with ``weights_only=True``: tensors and plain Python values, no code runs."""
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as err:
+        msg = "it holds objects other than tensors and plain Python values (save_checkpoint writes none)"
+        raise pickle.UnpicklingError(f"refusing to load {file}: {msg}") from err
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder under ``root`` (or ``root`` itself if it is one).
 
@@ -230,36 +261,42 @@ def save_checkpoint(
     scheduler: Any = None,
     keep_last: int | None = 3,
     scaler: Any = None,
+    extra_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a resumable checkpoint of everything a training step depends on; returns its folder.
 
     ``dir`` is the run's checkpoint root (layout in the module docstring). Saved: model and
     optimizer (sharded, DCP), ``scheduler.state_dict()``, ``sampler.state_dict()`` (any object
     with it), a loss scaler's state (``scaler``, e.g. ``torch.amp.GradScaler``), every RNG (torch
-    CPU/CUDA, python, numpy) per rank, and ``step``. A collective: every rank calls it.
-    ``keep_last``: complete checkpoints kept (None keeps all).
+    CPU/CUDA, python, numpy) per rank, and ``step``; ``extra_state``: name -> any other object with
+    ``state_dict()`` (plain values and tensors), e.g. ``{"guard": step_guard}``. A collective: every rank
+    calls it. ``keep_last``: complete checkpoints kept (None keeps all). Refuses (ValueError on every
+    rank, nothing written) a model or optimizer state holding NaN/inf on any rank.
     """
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     _check_optimizer_params(model, optimizer)  # before any file or collective: every rank raises alike
+    # Before the temp folder and DCP's collectives; agreed, so no rank enters the save alone.
+    refuse_non_finite(_state_tensors(model, optimizer), f"not saving step {step}")
     root = Path(dir)
     tmp = _prepare_tmp(root, step)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     _reshape_scalars(model_sd, optim_sd, _zero_dim(model_sd), (1,))
     with _quiet_single_process():
         dcp_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    extras = {
+    extras = {  # plain types only: load_checkpoint reads them with weights_only=True
         "rng": _rng_state(),
         "sampler": sampler.state_dict() if sampler is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "extra": {name: obj.state_dict() for name, obj in (extra_state or {}).items()},
     }
-    torch.save(extras, tmp / f"rank-{get_rank():05d}.pt")
+    torch.save(_plain(extras), tmp / f"rank-{get_rank():05d}.pt")
     _barrier()  # every rank's files are on disk before the folder becomes visible
     final = root / _step_name(step)
     if get_rank() == 0:
-        (tmp / _META).write_text(json.dumps({"step": step, "world_size": get_world_size()}))
+        (tmp / _META).write_text(json.dumps({"step": step, "world_size": get_world_size(), "format": _FORMAT}))
         _commit(root, tmp, step, keep_last)
     _barrier()  # nobody reads or prunes before the commit
     return final
@@ -273,6 +310,7 @@ def load_checkpoint(
     sampler: Any = None,
     scheduler: Any = None,
     scaler: Any = None,
+    extra_state: Mapping[str, Any] | None = None,
 ) -> int:
     """Restore what `save_checkpoint` wrote into live objects; returns the saved step.
 
@@ -280,8 +318,11 @@ def load_checkpoint(
     folder. Build and wrap the model (LoRA, shard_model/wrap_ddp) and create the optimizer
     and scheduler exactly as for the original run before calling. Another world size works
     for model/optimizer; RNG and sampler state then come from rank 0's file (with a
-    different world size, sampler resume is as exact as the sampler supports). A collective.
-    Raises FileNotFoundError when there is no complete checkpoint.
+    different world size, sampler resume is as exact as the sampler supports). ``extra_state``: as saved
+    (a name the checkpoint lacks is left as it is). The sampler state is loaded first, so a sampler that
+    refuses it (other data, other steps) raises before the model changes. A collective.
+    Raises FileNotFoundError when there is no complete checkpoint; pickle.UnpicklingError, before
+    changing anything, when a rank file holds more than tensors and plain values (see `_load_extras`).
     """
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -291,6 +332,12 @@ def load_checkpoint(
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint under {dir}")
     meta = json.loads((path / _META).read_text())
+    if meta.get("format", 0) > _FORMAT:
+        raise ValueError(f"{path} has checkpoint format {meta['format']}; this version reads up to {_FORMAT}")
+    own = path / f"rank-{get_rank():05d}.pt"
+    extras = _load_extras(own if own.is_file() else path / "rank-00000.pt")
+    if sampler is not None and extras["sampler"] is not None:  # first: it may refuse the resume
+        sampler.load_state_dict(extras["sampler"])
     model_sd, optim_sd = get_state_dict(model, optimizer)  # also initialises optimizer state
     scalars = _zero_dim(model_sd)
     _reshape_scalars(model_sd, optim_sd, scalars, (1,))
@@ -302,134 +349,15 @@ def load_checkpoint(
     # dcp_load already required every model key; strict=False only admits the dropped optimizer entries.
     options = StateDictOptions(strict=False) if dropped else None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
-    own = path / f"rank-{get_rank():05d}.pt"
     same_world = meta["world_size"] == get_world_size()
-    # Our own file, holding Python objects (sampler state): full unpickling is intended.
-    extras = torch.load(own if own.is_file() else path / "rank-00000.pt", weights_only=False)
-    if sampler is not None and extras["sampler"] is not None:
-        sampler.load_state_dict(extras["sampler"])
     if scheduler is not None and extras["scheduler"] is not None:
         scheduler.load_state_dict(extras["scheduler"])
     if scaler is not None and extras.get("scaler") is not None:  # the loss scale goes on where it was
         scaler.load_state_dict(extras["scaler"])
+    for name, obj in (extra_state or {}).items():
+        if name in extras.get("extra", {}):
+            obj.load_state_dict(extras["extra"][name])
     if same_world:  # another rank's streams would correlate ranks; keep fresh ones instead
         _set_rng_state(extras["rng"])
     _barrier()
     return int(meta["step"])
-
-
-# ----------------------------------------------------------------------------- export
-def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full, unsharded CPU state dict on rank 0 (empty elsewhere). A collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if not dist.is_initialized():
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts)
-
-
-def _merge_lora(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold every LoRA pair into its base weight: ``W + scaling * B @ A``; drop adapter keys.
-
-    Done on the gathered tensors (the live layers may be sharded). Linear layers only.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    sd = dict(sd)
-    for name, mod in peft_model.named_modules():
-        if not isinstance(mod, LoraLayer):
-            continue
-        if not isinstance(mod.get_base_layer(), nn.Linear):
-            raise NotImplementedError(f"merging LoRA into {type(mod.get_base_layer()).__name__} ({name})")
-        if any(mod.use_dora.get(a, False) for a in mod.active_adapters):
-            raise NotImplementedError(f"merging DoRA adapters ({name}); export with merge_lora=False")
-        w = sd.pop(f"{name}.base_layer.weight")
-        for adapter in mod.active_adapters:
-            a = sd[f"{name}.lora_A.{adapter}.weight"].float()  # [r, in]
-            b = sd[f"{name}.lora_B.{adapter}.weight"].float()  # [out, r]
-            w = (w.float() + mod.scaling[adapter] * (b @ a)).to(w.dtype)
-        sd[f"{name}.weight"] = w
-        if f"{name}.base_layer.bias" in sd:
-            sd[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")
-    return {k: v for k, v in sd.items() if ".lora_" not in k}
-
-
-def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
-
-
-def _write_hf(base: nn.Module, sd: dict[str, torch.Tensor], out: Path) -> None:
-    """Save ``sd`` through the model class's own `save_pretrained` (its key/format rules).
-
-    The skeleton is built on the meta device and takes the gathered tensors by reference
-    (``assign=True``), so no second copy of the weights is allocated.
-    """
-    with torch.device("meta"):
-        fresh = type(base)(base.config)
-    missing, unexpected = fresh.load_state_dict(sd, strict=False, assign=True)
-    # Non-persistent buffers are rebuilt at load time; anything else missing is a bug.
-    persistent = set(fresh.state_dict())
-    bad = [k for k in missing if k in persistent]
-    if bad or unexpected:
-        raise RuntimeError(
-            f"export: state dict does not fit {type(base).__name__}: missing {bad}, unexpected {unexpected}"
-        )
-    fresh.save_pretrained(out, safe_serialization=True)
-
-
-def export_pretrained(
-    model: nn.Module,
-    dir: str | os.PathLike,
-    *,
-    merge_lora: bool = True,
-    processor: Any = None,
-    tokenizer: Any = None,
-    dtype: torch.dtype | None = None,
-) -> None:
-    """Write a plain Hugging Face folder (config + safetensors) loadable by ``from_pretrained``.
-
-    Works on plain, DDP, FSDP2-sharded and peft models; a collective (every rank calls it,
-    rank 0 gathers and writes). LoRA: merged into the base weights by default, or with
-    ``merge_lora=False`` an adapter folder (``adapter_config.json`` +
-    ``adapter_model.safetensors``) for ``PeftModel.from_pretrained``. Parameters that
-    `shard_model` reshaped from 0-D go back to 0-D. ``dtype`` casts floating tensors.
-    """
-    model = unwrap_model(model)
-    sd = _full_state_dict(model)
-    out = Path(dir)
-    if get_rank() == 0:
-        for name in reshaped_scalar_params(model):
-            sd[name] = sd[name].reshape(())
-        if dtype is not None:
-            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        out.mkdir(parents=True, exist_ok=True)
-        _write_export(model, sd, out, merge_lora)
-        for extra in (processor, tokenizer):
-            if extra is not None:
-                extra.save_pretrained(out)
-    _barrier()
-
-
-def _write_export(model: nn.Module, sd: dict[str, torch.Tensor], out: Path, merge_lora: bool) -> None:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a runtime dependency, but a plain model needs none of it
-        PeftModel = ()
-    if not isinstance(model, PeftModel):
-        _write_hf(model, sd, out)
-        return
-    if merge_lora:
-        merged = _strip_prefix(_merge_lora(model, sd), "base_model.model.")
-        _write_hf(model.get_base_model(), merged, out)
-        return
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    adapter = get_peft_model_state_dict(model, state_dict=sd)
-    save_file(
-        {k: v.contiguous() for k, v in adapter.items()},
-        str(out / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    model.peft_config[model.active_adapter].save_pretrained(str(out))

@@ -294,8 +294,8 @@ def export_text_encoder(model: torch.nn.Module, out: str, collator: TextCollator
     Every rank calls it (the export gathers sharded weights); rank 0 writes the
     sentence-transformers files with the pooling, normalisation, length and prompts in use.
     """
-    from .checkpoint import export_pretrained
     from .distributed import get_rank
+    from .export import export_pretrained
 
     export_pretrained(model, out, tokenizer=collator.tokenizer)
     if get_rank() == 0:
