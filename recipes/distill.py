@@ -32,7 +32,7 @@ import torch.nn as nn
 from vembed_blocks import text_encoder
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data.collate import TextCollator
-from vembed_blocks.data.loader import TaskLoader, task_loader
+from vembed_blocks.data.loader import TaskLoader, file_fingerprint, task_loader
 from vembed_blocks.data.records import load_records
 from vembed_blocks.demo.text import prepare_text_demo
 from vembed_blocks.distributed import (
@@ -50,8 +50,16 @@ from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.recipe_flags import common_parser, mrl_dims
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import (
+    RunLog,
+    claim_run_folder,
+    read_metrics_before,
+    save_metrics_before,
+    write_args,
+    write_metrics,
+)
 from vembed_blocks.schedule import make_scheduler, warmup_steps
+from vembed_blocks.step_guard import StepGuard
 from vembed_blocks.teacher_store import NumberedRecords, TeacherStore
 from vembed_blocks.text_encoder import export_text_encoder, load_text_encoder, text_features, unit_text_encoder
 
@@ -163,8 +171,9 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     if path != args.data and parts.teacher is None:  # precomputed teacher embeddings cover --data only
         return None
     tasks = {"train": NumberedRecords(load_records(path, format="t2t"))}
-    options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
+    options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, skip_bad=args.skip_bad)
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps)
+    options["identity"] = {"train": {**file_fingerprint(path), "rows": len(tasks["train"])}}  # a resume: the same file
     return task_loader(tasks, functools.partial(collate, parts.collator, parts.teacher_input), **options)
 
 
@@ -249,9 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
-    os.makedirs(args.output, exist_ok=True)
+    inputs = [value for name, value in vars(args).items() if name != "output"]  # paths the run must not overwrite
+    overwrite = args.overwrite or args.data is None  # the demo renders its own data: running it again starts afresh
+    claim_run_folder(args.output, resume=args.resume, overwrite=overwrite, inputs=inputs, rank=rank)
     data, val = prepare_data(args, rank, world)
-    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -259,11 +269,13 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = warmup_steps(args.warmup_steps, args.warmup_ratio, total)
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
+    guard = StepGuard(args.max_bad_steps, args.max_bad_fraction)  # a non-finite step is skipped on every rank
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
-    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
-    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler, extra_state={"guard": guard})  # all it restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0  # or refused
+    write_args(vars(args), args.output, args.resume, rank)  # after the resume checks: a refused one changes nothing
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
     before = None
@@ -286,15 +298,17 @@ def main(argv: list[str] | None = None) -> dict:
                 loss += micro.detach()
             average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
-            scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
-            scaler.update()
+            grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)  # NaN/inf: clips nothing
+            samples = args.batch_size * world * len(batches)
+            if guard.check(step, loss, grad_norm, rows=samples, bad_rows=loader.bad_rows):  # agreed by every rank
+                scaler.step(optimizer)  # else skipped: a NaN on one rank would reach every weight
+            scaler.update()  # --fp16: an inf/NaN gradient lowers the loss scale
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
-            samples = args.batch_size * world * len(batches)
             lr = scheduler.get_last_lr()[0]
-            run_log.log(step, total, samples, loss=losses[-1], lr=lr, grad_norm=grad_norm, task=" ".join(streams))
+            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts())
+            run_log.log(step, total, samples, loss=losses[-1], lr=lr, **extra)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
@@ -302,14 +316,16 @@ def main(argv: list[str] | None = None) -> dict:
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
-    result = {"losses": losses}
+    health = {**guard.counts(), "read_skipped": loader.read_skipped, "bad_shards": loader.bad_shards}
+    log.info("health: %s", ", ".join(f"{k} {v}" for k, v in health.items()))  # what the run skipped, if anything
+    result = {"losses": losses, "health": health}
     if end < total:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
     else:
         export(args, parts, os.path.join(args.output, "final"))
         log.info("exported to %s", os.path.join(args.output, "final"))
         if val:
-            result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank))
+            result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank, health))
     if rank == 0:  # report.md (+ PNG plots with the report extra) from the run folder's files
         log.info("report: %s", write_report(args.output))
     shutdown_distributed()

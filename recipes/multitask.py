@@ -53,8 +53,16 @@ from vembed_blocks.metrics import retrieval_metrics
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.recipe_flags import common_parser
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import (
+    RunLog,
+    claim_run_folder,
+    read_metrics_before,
+    save_metrics_before,
+    write_args,
+    write_metrics,
+)
 from vembed_blocks.schedule import make_scheduler, warmup_steps
+from vembed_blocks.step_guard import StepGuard
 
 log = logging.getLogger("multitask")
 DATA_HELP = "directory whose subdirectories are tasks (extract_embeds.py outputs); default: the demo's tasks"
@@ -68,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-src-img-num-weights", help='weights per number of source images, e.g. "0=1,1=1,2=1,3=0"')
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of each side's MLP")
     p.add_argument("--dim", type=int, default=512, help="output embedding width")
-    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE: logits = cos / T")
     p.add_argument("--symmetric", action="store_true", help="InfoNCE: also doc->query")
     p.add_argument("--eval-rows", type=int, default=512, help="rows per task for the retrieval check")
     p.add_argument("--demo-quick", action="store_true", help="demo: fewer rows and a smaller model (tests)")
@@ -153,7 +161,7 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
             raise SystemExit("--train-src-img-num-weights: no task records a number of source images (edit format)")
         options["group_of"] = edit
     options.update(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
-    options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps)
+    options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, skip_bad=args.skip_bad)
     return task_loader(tasks, collate_embeddings, **options)
 
 
@@ -228,9 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
-    os.makedirs(args.output, exist_ok=True)
+    inputs = [value for name, value in vars(args).items() if name != "output"]  # paths the run must not overwrite
+    overwrite = args.overwrite or args.data is None  # the demo renders its own data: running it again starts afresh
+    claim_run_folder(args.output, resume=args.resume, overwrite=overwrite, inputs=inputs, rank=rank)
     data, val = prepare_data(args, rank, world)
-    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -238,11 +247,13 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = warmup_steps(args.warmup_steps, args.warmup_ratio, total)
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
+    guard = StepGuard(args.max_bad_steps, args.max_bad_fraction)  # a non-finite step is skipped on every rank
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
-    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
-    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler, extra_state={"guard": guard})  # all it restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0  # or refused
+    write_args(vars(args), args.output, args.resume, rank)  # after the resume checks: a refused one changes nothing
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
     before = None
@@ -265,15 +276,17 @@ def main(argv: list[str] | None = None) -> dict:
                 loss += micro.detach()
             average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
-            scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
-            scaler.update()
+            grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)  # NaN/inf: clips nothing
+            samples = args.batch_size * world * len(batches)
+            if guard.check(step, loss, grad_norm, rows=samples, bad_rows=loader.bad_rows):  # agreed by every rank
+                scaler.step(optimizer)  # else skipped: a NaN on one rank would reach every weight
+            scaler.update()  # --fp16: an inf/NaN gradient lowers the loss scale
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
-            samples = args.batch_size * world * len(batches)
             lr = scheduler.get_last_lr()[0]
-            run_log.log(step, total, samples, loss=losses[-1], lr=lr, grad_norm=grad_norm, task=" ".join(streams))
+            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts())
+            run_log.log(step, total, samples, loss=losses[-1], lr=lr, **extra)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
@@ -281,14 +294,16 @@ def main(argv: list[str] | None = None) -> dict:
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
-    result = {"losses": losses}
+    health = {**guard.counts(), "read_skipped": loader.read_skipped, "bad_shards": loader.bad_shards}
+    log.info("health: %s", ", ".join(f"{k} {v}" for k, v in health.items()))  # what the run skipped, if anything
+    result = {"losses": losses, "health": health}
     if end < total:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
     else:
         export(args, parts, os.path.join(args.output, "final"))
         log.info("exported to %s", os.path.join(args.output, "final"))
         if val:
-            result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank))
+            result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank, health))
     if rank == 0:  # report.md (+ PNG plots with the report extra) from the run folder's files
         log.info("report: %s", write_report(args.output))
     shutdown_distributed()

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vembed_blocks.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data.collate import FixedNegatives, VLMCollator
 from vembed_blocks.data.loader import training_batches
 from vembed_blocks.data.records import load_records
@@ -54,14 +54,23 @@ from vembed_blocks.distributed import (
     shutdown_distributed,
 )
 from vembed_blocks.embed import evaluate_retrieval_by
+from vembed_blocks.export import export_pretrained
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.losses import InfoNCE, Matryoshka
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, shard_model
 from vembed_blocks.recipe_flags import common_parser, mrl_dims
 from vembed_blocks.report import write_report
-from vembed_blocks.run_log import RunLog, read_metrics_before, save_metrics_before, write_args, write_metrics
+from vembed_blocks.run_log import (
+    RunLog,
+    claim_run_folder,
+    read_metrics_before,
+    save_metrics_before,
+    write_args,
+    write_metrics,
+)
 from vembed_blocks.schedule import make_scheduler, warmup_steps
+from vembed_blocks.step_guard import StepGuard
 from vembed_blocks.vlm import VLMSplit, ignore_fsdp_view_warning, load_vlm_processor, vlm_embed, vlm_text_blocks
 
 log = logging.getLogger("qwen3_fsdp")
@@ -77,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc-instruction", help="system prompt of documents (default: the query one)")
     p.add_argument("--max-image-side", type=int, default=1024, help="downscale larger images before the processor")
     p.add_argument("--num-negatives", type=int, default=0, help="hard negatives per row (fixed, see above; 0 = none)")
-    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE: logits = cos / T")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tracing only)")
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
     args, _ = p.parse_known_args(argv)
@@ -155,6 +164,7 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     collate = FixedNegatives(parts.collator, args.num_negatives)
     options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, format=args.format)
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
+    options.update(skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction, skip_bad_shards=args.skip_bad_shards)
     return training_batches(path, collate, **options)
 
 
@@ -239,9 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
-    os.makedirs(args.output, exist_ok=True)
+    inputs = [value for name, value in vars(args).items() if name != "output"]  # paths the run must not overwrite
+    overwrite = args.overwrite or args.data is None  # the demo renders its own data: running it again starts afresh
+    claim_run_folder(args.output, resume=args.resume, overwrite=overwrite, inputs=inputs, rank=rank)
     data, val = prepare_data(args, rank, world)
-    write_args(vars(args), args.output, args.resume, rank)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)
     total = args.max_steps or max(1, round(args.epochs * rows / (args.batch_size * world * args.grad_accum_steps)))
@@ -249,11 +260,13 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = warmup_steps(args.warmup_steps, args.warmup_ratio, total)
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
+    guard = StepGuard(args.max_bad_steps, args.max_bad_fraction)  # a non-finite step is skipped on every rank
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
-    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler)  # what a checkpoint restores
-    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0
+    ckpt.update(sampler=loader, scheduler=scheduler, scaler=scaler, extra_state={"guard": guard})  # all it restores
+    start = load_checkpoint(ckpt_dir, **ckpt) if args.resume and latest_checkpoint(ckpt_dir) else 0  # or refused
+    write_args(vars(args), args.output, args.resume, rank)  # after the resume checks: a refused one changes nothing
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
     before = None
@@ -276,15 +289,17 @@ def main(argv: list[str] | None = None) -> dict:
                 loss += micro.detach()
             average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)
-            scaler.step(optimizer)  # --fp16: skipped when a gradient is inf/NaN (the same on every rank)
-            scaler.update()
+            grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)  # NaN/inf: clips nothing
+            samples = args.batch_size * world * len(batches)
+            if guard.check(step, loss, grad_norm, rows=samples, bad_rows=loader.bad_rows):  # agreed by every rank
+                scaler.step(optimizer)  # else skipped: a NaN on one rank would reach every weight
+            scaler.update()  # --fp16: an inf/NaN gradient lowers the loss scale
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
-            samples = args.batch_size * world * len(batches)
             lr = scheduler.get_last_lr()[0]
-            run_log.log(step, total, samples, loss=losses[-1], lr=lr, grad_norm=grad_norm, task=" ".join(streams))
+            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts())
+            run_log.log(step, total, samples, loss=losses[-1], lr=lr, **extra)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)
             if val and args.eval_every and step % args.eval_every == 0 and step < total:
@@ -292,14 +307,16 @@ def main(argv: list[str] | None = None) -> dict:
                 run_log.eval(step, {**evaluate(args, parts, val, device), **val_loss})
     # </shared>
     # <shared: finish>
-    result = {"losses": losses}
+    health = {**guard.counts(), "read_skipped": loader.read_skipped, "bad_shards": loader.bad_shards}
+    log.info("health: %s", ", ".join(f"{k} {v}" for k, v in health.items()))  # what the run skipped, if anything
+    result = {"losses": losses, "health": health}
     if end < total:
         log.info("stopped at step %d of %d; continue with --resume", end, total)
     else:
         export(args, parts, os.path.join(args.output, "final"))
         log.info("exported to %s", os.path.join(args.output, "final"))
         if val:
-            result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank))
+            result.update(write_metrics(args.output, before, evaluate(args, parts, val, device), rank, health))
     if rank == 0:  # report.md (+ PNG plots with the report extra) from the run folder's files
         log.info("report: %s", write_report(args.output))
     shutdown_distributed()
