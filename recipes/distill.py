@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = [value for name, value in vars(args).items() if name != "output"]  # paths the run must not overwrite
     overwrite = args.overwrite or args.data is None  # the demo renders its own data: running it again starts afresh
     claim_run_folder(args.output, resume=args.resume, overwrite=overwrite, inputs=inputs, rank=rank)
+    os.makedirs(args.output, exist_ok=True)
     data, val = prepare_data(args, rank, world)
     parts = build(args, device)
     loader, rows = load_data(args, parts, data, rank, world)

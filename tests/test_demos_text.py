@@ -113,7 +113,9 @@ def test_quick_demo_in_process_improves_retrieval(name, tmp_path):
     result = recipe.main([*QUICK, "--output", str(tmp_path)])
     assert_improved(result, name)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved == {"before": result["before"], "after": result["after"], "recall_curve": result["recall_curve"]}
+    expected = {k: result[k] for k in ("before", "after", "recall_curve", "health")}
+    clean = {"skipped_steps": 0, "bad_rows": 0, "read_skipped": 0, "bad_shards": 0}
+    assert saved == expected and result["health"] == clean
     assert len(result["losses"]) == 20 and (tmp_path / "final" / "model.safetensors").exists()
     demo_model = tmp_path / "demo" / "model"
     assert json.loads((demo_model / "config.json").read_text())["model_type"] == "bert"

@@ -142,8 +142,8 @@ def test_siglip_and_composed_towers(toy, tmp_path):
         ("siglip", ["--model", siglip, "--loss", "siglip"]),
         ("composed", ["--vision-model", dino, "--text-model", toy["bert"], "--proj-dim", "16"]),
     ):
-        result = run_recipe("clip_t2i", tmp_path / name, *data, *flags)
-        final = str(tmp_path / name / "final")
+        result = run_recipe("clip_t2i", tmp_path / f"{name}-run", *data, *flags)  # not the model's own folder
+        final = str(tmp_path / f"{name}-run" / "final")
         enc = load_encoder(final)
         assert enc.family == "dual", name
         check_single_vector(enc, dual_reference(final), queries, docs, relevant, result["after"])

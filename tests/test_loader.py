@@ -254,3 +254,24 @@ def test_too_many_bad_rows_in_the_file_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"1 of 10 rows are bad \(10% > --max-bad-fraction 5%\)"):
         _file_loader(csv, skip_bad=True, max_bad_fraction=0.05)
     assert _file_loader(csv, skip_bad=True, max_bad_fraction=0.1).read_skipped == 1
+
+
+def test_a_file_whose_rows_all_share_one_label_warns_that_nothing_is_left_to_contrast(tmp_path):
+    import json
+    import warnings
+
+    from vembed_blocks.data.loader import training_batches
+
+    def write(rows):
+        path = tmp_path / "t.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    same = [{"query": f"q{i}", "positive": f"p{i}", "label": "cat"} for i in range(4)]
+    options = dict(batch_size=2, seed=0, rank=0, world_size=1, num_workers=0)
+    with pytest.warns(UserWarning, match=r"every row has label 'cat' and none has negatives"):
+        training_batches(write(same), list, **options)
+    for other in ({"query": "q", "positive": "p"}, {**same[0], "label": "dog"}, {**same[0], "negatives": ["n"]}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an unlabelled row, another label or a hard negative: negatives exist
+            training_batches(write([*same, other]), list, **options)

@@ -43,7 +43,8 @@ def test_demo_quick_run_improves_retrieval(tmp_path):
     assert after["recall@10"] >= before["recall@10"] + 0.1, (before, after)
     assert after["mrr@10"] >= 2 * before["mrr@10"], (before, after)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved == {"before": before, "after": after, "recall_curve": result["recall_curve"]}
+    curves, health = result["recall_curve"], result["health"]
+    assert saved == {"before": before, "after": after, "recall_curve": curves, "health": health}
     curve = saved["recall_curve"]  # recall@1..100 (the report's plot) agrees with the table's recall@k
     assert len(curve["after"]) == 100 and [curve["after"][k - 1] for k in (1, 5, 10)] == [
         after[f"recall@{k}"] for k in (1, 5, 10)

@@ -180,7 +180,7 @@ def test_torchrun_precomputed_teacher_learns_resumes_and_exports(toy, tmp_path):
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
     first_eval = json.loads((straight / "eval_log.jsonl").read_text().splitlines()[0])
     assert first_eval["step"] == 6 and "loss" not in first_eval  # precomputed teacher: no validation rows
-    assert set(json.loads((split / "metrics.json").read_text())) == {"before", "after", "recall_curve"}
+    assert set(json.loads((split / "metrics.json").read_text())) == {"before", "after", "recall_curve", "health"}
 
     from safetensors.torch import load_file
     from transformers import BertModel

@@ -125,7 +125,7 @@ def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
     assert [e["step"] for e in evals] == [6] and 0 < evals[0]["loss"] < 20  # validation loss beside the metrics
     assert (split / "mined.jsonl").read_text() == (straight / "mined.jsonl").read_text()  # validation never mines
     metrics = json.loads((split / "metrics.json").read_text())
-    assert set(metrics) == {"before", "after", "recall_curve"} and "recall@10" in metrics["after"]
+    assert set(metrics) == {"before", "after", "recall_curve", "health"} and "recall@10" in metrics["after"]
 
     from transformers import BertModel
 

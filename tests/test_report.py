@@ -192,3 +192,22 @@ def test_clip_demo_run_folder_report(tmp_path):
         _pixels(out / "recall_curve.png", (600, 400))
     else:
         assert 'metrics.json has no "recall_curve"' in text
+
+
+def test_report_names_what_the_run_skipped_beside_its_metrics(tmp_path):
+    import json
+
+    from vembed_blocks.report import write_report
+
+    row = {"step": 1, "loss": 1.0, "lr": 0.1, "skipped_steps": 1, "bad_rows": 2, "time": 1.0}
+    (tmp_path / "train_log.jsonl").write_text(json.dumps(row) + "\n")
+    text = open(write_report(str(tmp_path))).read()  # no metrics.json: the log's running counts
+    assert "Skipped in training: skipped steps 1, bad rows 2" in text
+    health = {"skipped_steps": 3, "bad_rows": 0, "read_skipped": 4, "bad_shards": 1}
+    (tmp_path / "metrics.json").write_text(json.dumps({"after": {"recall@1": 0.5}, "health": health}))
+    text = open(write_report(str(tmp_path))).read()
+    assert "Skipped in training: skipped steps 3, bad rows 0, read skipped 4, bad shards 1" in text
+    row.update(skipped_steps=0, bad_rows=0)
+    (tmp_path / "train_log.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "metrics.json").unlink()
+    assert "Skipped in training" not in open(write_report(str(tmp_path))).read()  # a clean run says nothing

@@ -66,7 +66,8 @@ def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> float
     capped at 1), over FSDP2-sharded (DTensor) and plain gradients together, which one torch
     call cannot mix. ``max_norm=0`` leaves gradients as they are (the seeds' convention; passed
     to ``clip_grad_norm_`` it would zero them all). Sharded norms are collectives: call it on
-    every rank.
+    every rank. A NaN/inf norm leaves the gradients as they are and raises nothing: hand the norm
+    to `step_guard.StepGuard.check`, which skips that step on every rank.
     """
     if max_norm < 0 or not math.isfinite(max_norm):
         raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")

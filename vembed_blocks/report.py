@@ -247,6 +247,9 @@ def _plot_section(title: str, drawn: bool | None, image: str, absent: str) -> li
     return [f"## {title}", "", f"![{title}]({image})" if drawn else body[drawn], ""]
 
 
+_HEALTH = ("skipped_steps", "bad_rows")  # train_log.jsonl's running counts (`step_guard.StepGuard.counts`)
+
+
 def write_report(run_dir: str) -> str:
     """Write ``<run_dir>/report.md`` (and its PNG plots next to it); return the report's path."""
     if not os.path.isdir(run_dir):
@@ -271,6 +274,9 @@ def write_report(run_dir: str) -> str:
     out += ["", "## Metrics", ""]
     no_metrics = ["No metrics.json: the run has not finished or had no validation set."]
     out += _metrics_table(metrics, not evaluation) if metrics else no_metrics
+    health = (metrics or {}).get("health") or {k: v for k, v in (train[-1] if train else {}).items() if k in _HEALTH}
+    if any(health.values()):  # what the run skipped is read beside its metrics, never instead of them
+        out += ["", "Skipped in training: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in health.items())]
     out += [""]
     plots = [
         ("Training loss and learning rate", "loss_lr.png", train, lambda f: plot_loss_lr(train, f),

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -380,6 +381,12 @@ def training_batches(
     if not is_stream_spec(path):
         records, reader = _read_file(os.fspath(path), skip_bad, format)
         _check_bad_fraction(os.fspath(path), reader, max_bad_fraction)
+        if reader.one_label is not None and len(records) > 1:  # same label = not a negative: none are left
+            warnings.warn(
+                f"{path}: every row has label {reader.one_label!r} and none has negatives; rows with the same label "
+                "are not negatives of each other, so a contrastive loss has nothing to contrast (drop the labels?)",
+                stacklevel=2,
+            )
         identity = {"train": {**file_fingerprint(path), "rows": len(records)}}
         run = dict(identity=identity, skip_bad=skip_bad, read_skipped=reader.skipped)
         return task_loader({"train": records}, collate, **options, **run)

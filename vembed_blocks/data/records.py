@@ -290,7 +290,9 @@ def parse_row(
 
 
 class RecordReader:
-    """Iterator over the records of one file; ``skipped`` counts rows dropped by ``skip_bad``."""
+    """Iterator over the records of one file; ``skipped`` counts rows dropped by ``skip_bad``. After a full
+    pass, ``one_label`` is the label every record shares when no record is unlabelled or has negatives
+    (then a contrastive loss has no negative at all), else None."""
 
     def __init__(
         self,
@@ -321,7 +323,12 @@ class RecordReader:
         self.rows = 0
         self.skipped = 0
         self.errors: list[str] = []  # the first few skip messages, for the summary
+        self._labels: set = set()  # up to 2 distinct (None: unlabelled or with negatives): enough for one_label
         self._it: Iterator[Record] | None = self._records(READERS[ext])
+
+    @property
+    def one_label(self) -> Any:
+        return next(iter(self._labels)) if len(self._labels) == 1 else None
 
     def __iter__(self) -> RecordReader:
         return self
@@ -365,6 +372,8 @@ class RecordReader:
                     self.errors.append(str(e))
                 continue
             seen_format = fmt
+            if len(self._labels) < 2:
+                self._labels.update(None if r.negatives else r.label for r in records)
             yield from records
         if self.skipped:
             log.warning(
