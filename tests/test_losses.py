@@ -376,3 +376,16 @@ def test_bad_input_raises_clear_value_error(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+def test_a_global_batch_of_one_row_without_negatives_warns_that_nothing_is_contrasted():
+    import warnings
+
+    q, p = torch.randn(1, 8), torch.randn(1, 8)
+    with pytest.warns(RuntimeWarning, match="global batch of one row without hard negatives"):
+        loss = InfoNCE()(q, p)
+    assert loss.item() == 0.0  # the silent zero the warning is about: one candidate, the positive
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second row, or one hard negative, gives something to contrast
+        InfoNCE()(torch.randn(2, 8), torch.randn(2, 8))
+        InfoNCE()(q, p, negatives=torch.randn(1, 8))
