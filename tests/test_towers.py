@@ -203,3 +203,28 @@ def test_temperature_means_logits_divided_by_it_for_infonce_and_siglip():
     for bad in (0.0, -0.5):
         with pytest.raises(ValueError, match="temperature must be > 0"):
             contrastive_loss_for(model, "siglip", temperature=bad)
+
+
+def test_a_clip_folder_as_the_vision_backbone_uses_its_vision_tower(tmp_path, caplog, capfd):
+    """CLIP's vision tower, weights as trained (equal to the full model's), without transformers' report listing
+    the text tower's weights as UNEXPECTED; the towers built on it save and load back."""
+    import logging
+
+    from transformers import CLIPModel
+
+    clip = build_tiny_clip(str(tmp_path / "clip"), quick=True)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="vembed_blocks.towers"):
+        model, processor = compose_dual_encoder(clip, None, dim=8)
+    assert type(model.vision).__name__ == "CLIPVisionModel" and not model.has_text
+    assert f"--vision-model {clip}: using its vision tower (CLIPVisionModel)" in caplog.text
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = CLIPModel.from_pretrained(clip).eval().vision_model(pixel_values=pixels).pooler_output
+        assert torch.equal(model.vision.eval()(pixel_values=pixels).pooler_output, want)
+        model.save_pretrained(str(tmp_path / "towers"))
+        processor.save_pretrained(str(tmp_path / "towers"))
+        loaded, _ = load_dual_encoder(str(tmp_path / "towers"))
+        got = loaded.eval().get_image_features(pixel_values=pixels)
+        assert torch.equal(got, model.eval().get_image_features(pixel_values=pixels))

@@ -373,3 +373,22 @@ def _view_warnings(rank, world, path):
 def test_shard_vlm_silences_only_fsdp_view_warning(qwen):
     """Under checkpointing FSDP2 warns at every forward that the root returned a view; vlm_* only read it."""
     assert run_ranks(_view_warnings, 1, qwen["path"], timeout=180) == [[("FSDP2-wrapped module (X) retur", True)]]
+
+
+def test_the_processor_built_without_torchvision_is_said_once_as_normal(qwen, caplog):
+    """Building the processor without its video part is the normal path here: one info line per process, worded
+    as such; the reason AutoProcessor gave is kept at debug level, once per load."""
+    import logging
+
+    from vembed_blocks import vlm
+
+    vlm._say_image_only.cache_clear()
+    with caplog.at_level(logging.DEBUG, logger="vembed_blocks.vlm"):
+        load_vlm_processor(qwen["path"])
+        load_vlm_processor(qwen["path"])
+    said = [r for r in caplog.records if r.name == "vembed_blocks.vlm" and r.levelno >= logging.INFO]
+    assert [r.getMessage() for r in said] == [
+        "loading the Qwen-VL processor without its video processor (it needs torchvision; images work)"
+    ]
+    reasons = [r for r in caplog.records if r.levelno == logging.DEBUG and "AutoProcessor" in r.getMessage()]
+    assert len(reasons) == 2 and all(qwen["path"] in r.getMessage() for r in reasons)

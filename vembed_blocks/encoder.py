@@ -63,6 +63,7 @@ def load_encoder(
     normalize: bool = True,
     output: str = "torch",
     family: str | None = None,
+    flag: str = "--model",
     **overrides: Any,
 ) -> "Encoder":
     """An `Encoder` for the exported folder ``path``.
@@ -73,11 +74,13 @@ def load_encoder(
     every token vector). ``output``: ``"torch"`` (CPU float32 tensors) or ``"numpy"``. ``family``:
     skip detection (``"dual"``, ``"text"``, ``"vlm"``, ``"colbert"``). ``overrides``: collation
     settings the folder's sidecar files would otherwise give: ``query_instruction``,
-    ``doc_instruction`` (text: prefixes), ``max_length``, ``max_image_side``.
+    ``doc_instruction`` (text: prefixes), ``max_length``, ``max_image_side``. ``flag``: the command-line
+    flag ``path`` came from: a folder that is not an export (a vision backbone alone, a run folder, whose
+    export is final/, ...) is a one-line `UserError` naming it, raised before anything loads.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = load_backend(path, torch.device(device), _resolve_dtype(dtype), family, **overrides)
+    backend = load_backend(path, torch.device(device), _resolve_dtype(dtype), family, flag, **overrides)
     log.info("load_encoder: %s is a %s folder (%s)", os.fspath(path), backend.family, backend.settings)
     return Encoder(backend, batch_size, normalize, output)
 

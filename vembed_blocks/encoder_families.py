@@ -4,20 +4,23 @@ A family is loaded into a `Backend`: the model, the text / image abilities and o
 ``embed(items, is_query)`` that collates a batch of `Item`s with the collator the model was trained
 with and runs the same forward its evaluation ran (before any normalisation, which `Encoder` adds).
 
-    family   detected by                                     settings read from          embed returns
+    family   detected by (`model_folders.folder_kind`)       settings read from          embed returns
     dual     composed_dual_encoder.json, or a config.json    the model folder            [B, D]
              with text_config + vision_config (CLIP, SigLIP);
              composed towers may be image-only (no text/)
     colbert  colbert.json (+ colbert_projection.safetensors)  colbert.json                ([B, L, D], mask[B, L])
-    text     modules.json, or a config.json without a        sentence-transformers files [B, D]
-             vision_config (plain HF text model)
-    vlm      config.json whose model_type ends in "_vl"      vlm_embedding.json          [B, D] (last token)
+    text     modules.json, or a config.json of a text model  sentence-transformers files [B, D]
+             (no vision_config, no image channels)
+    vlm      config.json whose model_type ends in "_vl" (or  vlm_embedding.json          [B, D] (last token)
+             that has an image_token_id)
 
+Any other folder (a vision backbone alone, a diffusers pipeline, a LoRA adapter, a run folder, a folder of
+none of these files) is a one-line `UserError` naming what it holds and the fix.
 An export describes itself: only files inside the folder are read (never a training run's
 arguments), so a folder copied anywhere loads with the same settings.
 
-Imports: torch and `vembed_blocks.data.records`; transformers, safetensors, the collators and the
-model-specific blocks only inside the loader of the family that needs them.
+Imports: torch and `vembed_blocks.data.records`; transformers, safetensors, the collators, `model_folders`
+and the model-specific blocks only inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -72,37 +75,26 @@ def _read_json(path: str) -> Any | None:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def detect_family(path: str | os.PathLike) -> str:
-    """The family (one of `FAMILIES`) of an exported folder, from its marker files and ``config.json``.
+# Folder kind (`model_folders.KINDS`) -> the family that loads it.
+_KIND_FAMILY = {"towers": "dual", "clip": "dual", "colbert": "colbert", "text": "text", "vlm": "vlm"}
+_ENCODER_WORDS = "an exported encoder (CLIP/SigLIP, composed towers, a text encoder, Qwen-VL or ColBERT)"
 
-    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` naming the folder and the
-    files looked for when none of them identifies a family.
+
+def detect_family(path: str | os.PathLike, flag: str = "--model") -> str:
+    """The family (one of `FAMILIES`) of an exported folder, from its files (`model_folders.folder_kind`).
+
+    Raises ``FileNotFoundError`` for a missing folder and `UserError` (a ``ValueError``) naming ``flag``, the
+    folder, what it holds instead and the fix: a vision backbone alone, a diffusers pipeline, a LoRA adapter,
+    a run folder (its export is final/), or a folder of none of the files looked for.
     """
-    from .towers import COMPOSED_FILE
+    from .model_folders import check_model_arg
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_encoder: {path} is not a folder (expected an exported model folder)")
-    if os.path.isfile(os.path.join(path, COMPOSED_FILE)):
-        return "dual"
-    if os.path.isfile(os.path.join(path, COLBERT_FILE)):
-        return "colbert"
-    if os.path.isfile(os.path.join(path, "modules.json")):
-        return "text"
-    config = _read_json(os.path.join(path, "config.json"))
-    if isinstance(config, dict) and isinstance(config.get("model_type"), str):
-        model_type = config["model_type"]
-        if model_type.endswith("_vl"):  # qwen2_vl, qwen2_5_vl, qwen3_vl: a chat VLM pooled at its last token
-            return "vlm"
-        if "vision_config" in config and "text_config" in config:
-            return "dual"
-        if "vision_config" not in config and "text_config" not in config:
-            return "text"
-    raise ValueError(
-        f"load_encoder: cannot tell what {path} holds: looked for {COMPOSED_FILE} (composed towers), "
-        f"{COLBERT_FILE} (ColBERT / ColQwen), modules.json (sentence-transformers) and config.json with a "
-        f"model_type (CLIP / SigLIP, Qwen-VL, a text model); found {sorted(os.listdir(path))[:20]}"
-    )
+        raise FileNotFoundError(
+            f"{flag} {path}: no such folder (an exported model folder; a recipe's export is <output>/final)"
+        )
+    return _KIND_FAMILY[check_model_arg(flag, path, set(_KIND_FAMILY), want=_ENCODER_WORDS)]
 
 
 def _export_settings(path: str, names: dict[str, Any], sidecar: str) -> dict[str, Any]:
@@ -119,11 +111,11 @@ def _export_settings(path: str, names: dict[str, Any], sidecar: str) -> dict[str
     return out
 
 
-def _dual(path: str, device: torch.device, dtype: torch.dtype | None) -> Backend:
+def _dual(path: str, device: torch.device, dtype: torch.dtype | None, flag: str) -> Backend:
     from .data.collate import DualEncoderCollator
     from .towers import dual_encoder_features, load_dual_encoder, text_padding
 
-    model, processor = load_dual_encoder(path)
+    model, processor = load_dual_encoder(path, flag=flag)
     model = model.to(device=device, dtype=dtype).eval()
     collator = DualEncoderCollator(processor, **text_padding(model))  # SigLIP: max_length=64 padding, as trained
 
@@ -136,11 +128,12 @@ def _dual(path: str, device: torch.device, dtype: torch.dtype | None) -> Backend
     return Backend("dual", model, embed, has_text, True, False, settings)
 
 
-def _text(path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any]) -> Backend:
+def _text(path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any], flag: str) -> Backend:
     from .text_encoder import encode_text_items, load_text_encoder
 
     model, collator, cfg = load_text_encoder(
         path,
+        flag=flag,
         max_length=overrides.get("max_length"),
         query_prefix=overrides.get("query_instruction"),
         doc_prefix=overrides.get("doc_instruction"),
@@ -151,7 +144,7 @@ def _text(path: str, device: torch.device, dtype: torch.dtype | None, overrides:
     return Backend("text", model, embed, True, False, False, settings)
 
 
-def _vlm(path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any]) -> Backend:
+def _vlm(path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any], flag: str) -> Backend:
     from transformers import AutoModel
 
     from .data.collate import VLMCollator
@@ -159,7 +152,7 @@ def _vlm(path: str, device: torch.device, dtype: torch.dtype | None, overrides: 
 
     settings = _export_settings(path, {**VLM_DEFAULTS, "pooling": "last"}, VLM_EMBEDDING_FILE)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    processor = load_vlm_processor(path)
+    processor = load_vlm_processor(path, flag=flag)
     model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device=device, dtype=dtype).eval()
     collator = VLMCollator(
         processor, settings["query_instruction"], settings["doc_instruction"], settings["max_image_side"]
@@ -172,7 +165,9 @@ def _vlm(path: str, device: torch.device, dtype: torch.dtype | None, overrides: 
     return Backend("vlm", model, embed, True, True, False, settings)
 
 
-def _colbert(path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any]) -> Backend:
+def _colbert(
+    path: str, device: torch.device, dtype: torch.dtype | None, overrides: dict[str, Any], flag: str
+) -> Backend:
     from safetensors.torch import load_file
     from transformers import AutoModel
 
@@ -195,7 +190,7 @@ def _colbert(path: str, device: torch.device, dtype: torch.dtype | None, overrid
         proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         proj.weight.data.copy_(weight)
         proj = proj.to(device=device, dtype=dtype)
-    collator = _colbert_collator(path, settings)
+    collator = _colbert_collator(path, settings, flag)
     is_vlm = settings["encoder"] == "vlm"
 
     def embed(items: Sequence[Item], is_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +206,7 @@ def _colbert(path: str, device: torch.device, dtype: torch.dtype | None, overrid
     return Backend("colbert", model, embed, True, is_vlm, True, settings)
 
 
-def _colbert_collator(path: str, settings: dict[str, Any]) -> Any:
+def _colbert_collator(path: str, settings: dict[str, Any], flag: str) -> Any:
     """The collator a ColBERT / ColQwen model trains with, with the export's instructions / prefixes."""
     from .data.collate import TextCollator, VLMCollator
 
@@ -219,7 +214,7 @@ def _colbert_collator(path: str, settings: dict[str, Any]) -> Any:
         from .vlm import load_vlm_processor
 
         # As in training: the query instruction as is (None: no system turn), documents default to it.
-        processor = load_vlm_processor(path)
+        processor = load_vlm_processor(path, flag=flag)
         return VLMCollator(
             processor, settings["query_instruction"], settings["doc_instruction"], settings["max_image_side"]
         )
@@ -234,13 +229,15 @@ def load_backend(
     device: torch.device,
     dtype: torch.dtype | None = None,
     family: str | None = None,
+    flag: str = "--model",
     **overrides: Any,
 ) -> Backend:
-    """Load ``path`` as ``family`` (default: `detect_family`). ``overrides`` (None = the folder's):
+    """Load ``path`` as ``family`` (default: `detect_family`; ``flag`` names the path in its errors).
+    ``overrides`` (None = the folder's):
     ``query_instruction`` / ``doc_instruction`` (text: prefixes; vlm, colbert: instructions or prefixes),
     ``max_length`` (text, colbert text), ``max_image_side`` (vlm, colbert vlm); dual folders take none."""
     path = os.fspath(path)
-    family = family or detect_family(path)
+    family = family or detect_family(path, flag)
     if family not in FAMILIES:
         raise ValueError(f"load_encoder: family must be one of {FAMILIES}, got {family!r}")
     allowed = {"dual": (), "text": ("query_instruction", "doc_instruction", "max_length")}.get(family, tuple(overrides))
@@ -248,5 +245,5 @@ def load_backend(
     if unused:
         raise ValueError(f"load_encoder: {unused} do not apply to {path} (a {family} folder)")
     if family == "dual":
-        return _dual(path, device, dtype)
-    return {"text": _text, "vlm": _vlm, "colbert": _colbert}[family](path, device, dtype, overrides)
+        return _dual(path, device, dtype, flag)
+    return {"text": _text, "vlm": _vlm, "colbert": _colbert}[family](path, device, dtype, overrides, flag)

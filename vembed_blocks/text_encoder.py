@@ -147,6 +147,7 @@ def read_text_encoder_config(path: str | os.PathLike) -> TextEncoderConfig:
 def load_text_encoder(
     path: str | os.PathLike,
     *,
+    flag: str = "--model",
     pooling: str | None = None,
     max_length: int | None = None,
     query_prefix: str | None = None,
@@ -160,15 +161,21 @@ def load_text_encoder(
     capped at 512 for a plain HF folder),
     ``query_prefix`` / ``doc_prefix`` (else the folder's ``"query"`` / ``"document"`` prompts).
     The returned config holds the resolved pooling and length; the collator the prefixes.
+    ``flag``: the command-line flag ``path`` came from, named in the one-line `UserError` raised, before
+    anything loads, for a folder of another kind (a CLIP folder, a vision backbone, a run folder, ...), a path
+    that does not exist, or a hub id that cannot be fetched (`model_folders.check_model_arg`).
     """
     from transformers import AutoModel, AutoTokenizer
 
     from .data.collate import TextCollator
+    from .model_folders import check_model_arg, hub_errors
 
+    check_model_arg(flag, path, {"text"}, hub=True)
     cfg = read_text_encoder_config(path)
     kw = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
-    model = AutoModel.from_pretrained(cfg.path, **kw, **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kw)
+    with hub_errors(flag, cfg.path):
+        model = AutoModel.from_pretrained(cfg.path, **kw, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kw)
     cfg.pooling = pooling or cfg.pooling
     # sentence-transformers >= 5 keeps max_seq_length as the tokenizer's model_max_length; plain HF
     # tokenizers often say 1e30 there, so those are capped.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .model_folders import COMPOSED_FILE, check_model_arg, hub_errors
 from .pooling import POOL_METHODS, pool
 
 __all__ = [
@@ -24,6 +26,8 @@ __all__ = [
     "contrastive_loss_for",
     "write_temperature_back",
 ]
+
+log = logging.getLogger(__name__)
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -54,8 +58,6 @@ def dual_encoder_features(model: Any, inputs: Mapping[str, torch.Tensor]) -> tor
 
 
 # ----------------------------------------------------------------------------- composed towers
-
-COMPOSED_FILE = "composed_dual_encoder.json"
 
 
 def _pooled_image(out: Any) -> torch.Tensor:
@@ -217,28 +219,93 @@ def text_padding(model: Any) -> dict[str, Any]:
     return {"max_length": 77, "padding": True}
 
 
-def load_dual_encoder(path: str) -> tuple[torch.nn.Module, Any]:
-    """``(model, processor)`` from a HF dual-encoder folder/id or a `ComposedDualEncoder` folder."""
-    if os.path.isfile(os.path.join(path, COMPOSED_FILE)):
+def load_dual_encoder(path: str | os.PathLike, *, flag: str = "--model") -> tuple[torch.nn.Module, Any]:
+    """``(model, processor)`` from a HF dual-encoder folder/id (CLIP, SigLIP) or a `ComposedDualEncoder` folder.
+
+    ``flag``: the command-line flag ``path`` came from, named in the one-line `UserError` raised, before
+    anything loads, for a folder of another kind (a vision backbone, a text model, a run folder, ...), a path
+    that does not exist, or a hub id that cannot be fetched (`model_folders.check_model_arg`).
+    """
+    path = os.fspath(path)
+    if check_model_arg(flag, path, {"clip", "towers"}, hub=True) == "towers":
         return ComposedDualEncoder.from_pretrained(path), ComposedProcessor.from_pretrained(path)
     from transformers import AutoModel, AutoProcessor
 
-    return AutoModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    with hub_errors(flag, path):
+        return AutoModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
 
 
 def compose_dual_encoder(
-    vision_model: str, text_model: str | None, dim: int, text_pooling: str = "mean"
+    vision_model: str | os.PathLike,
+    text_model: str | os.PathLike | None,
+    dim: int,
+    text_pooling: str = "mean",
+    *,
+    vision_flag: str = "--vision-model",
+    text_flag: str = "--text-model",
 ) -> tuple[ComposedDualEncoder, ComposedProcessor]:
     """A new `ComposedDualEncoder` from pretrained backbones (ids or folders), projections random.
 
-    ``text_model=None``: an image-only encoder (no text backbone, a processor without a tokenizer).
+    ``vision_model``: a vision backbone (DINOv2, ViT, ...), or a CLIP/SigLIP folder, whose vision tower is
+    used. ``text_model``: a text backbone (BERT, a sentence-transformers folder, ...); None makes an
+    image-only encoder (no text backbone, a processor without a tokenizer). Each is checked before it loads
+    (`model_folders.check_model_arg`; ``vision_flag`` / ``text_flag`` name the flags in the one-line errors).
     """
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    text = AutoModel.from_pretrained(text_model) if text_model else None
-    model = ComposedDualEncoder(AutoModel.from_pretrained(vision_model), text, dim, text_pooling)
-    tokenizer = AutoTokenizer.from_pretrained(text_model) if text_model else None
-    return model, ComposedProcessor(AutoImageProcessor.from_pretrained(vision_model), tokenizer)
+    vision_model = os.fspath(vision_model)
+    vision_kind = check_model_arg(vision_flag, vision_model, {"vision", "clip"}, hub=True)
+    text, tokenizer = None, None
+    if text_model:
+        text_model = os.fspath(text_model)
+        check_model_arg(text_flag, text_model, {"text"}, hub=True)
+        with hub_errors(text_flag, text_model):
+            text, tokenizer = AutoModel.from_pretrained(text_model), AutoTokenizer.from_pretrained(text_model)
+    with hub_errors(vision_flag, vision_model):
+        if vision_kind == "clip":
+            vision = _vision_tower(vision_model, vision_flag)
+        else:
+            vision = AutoModel.from_pretrained(vision_model)
+        image_processor = AutoImageProcessor.from_pretrained(vision_model)
+    return ComposedDualEncoder(vision, text, dim, text_pooling), ComposedProcessor(image_processor, tokenizer)
+
+
+def _vision_tower(path: str, flag: str) -> torch.nn.Module:
+    """The vision tower of the CLIP/SigLIP folder or id ``path`` (``CLIPVisionModel``, ``SiglipVisionModel``, ...)
+    with its trained weights; the text tower's weights are left unread."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path).vision_config
+    with _without_load_report():
+        model, info = AutoModel.from_pretrained(path, config=config, output_loading_info=True)
+    if info["missing_keys"]:
+        from .user_errors import UserError
+
+        missing = sorted(info["missing_keys"])[:5]
+        raise UserError(f"{flag} {path}: its vision tower is incomplete (weights missing: {missing})")
+    log.info("%s %s: using its vision tower (%s)", flag, path, type(model).__name__)
+    return model
+
+
+class _without_load_report:
+    """Drops transformers' "LOAD REPORT" while loading one tower of a two-tower checkpoint.
+
+    Why: it lists every weight of the other tower as UNEXPECTED (tens of lines that read like an error, for
+    what is intended); missing weights, the report's other half, are checked by the caller instead. Only that
+    record of that logger is dropped, only inside the ``with``.
+    """
+
+    _LOGGER = "transformers.modeling_utils"
+
+    @staticmethod
+    def filter(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    def __enter__(self) -> None:
+        logging.getLogger(self._LOGGER).addFilter(self.filter)
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger(self._LOGGER).removeFilter(self.filter)
 
 
 def contrastive_loss_for(

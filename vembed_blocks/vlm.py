@@ -13,6 +13,7 @@ has ``last_hidden_state``), plain or wrapped by `shard_model` / `wrap_ddp` / pef
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -154,7 +155,7 @@ def _chat_template(path: str, tokenizer: Any) -> str | None:
     return legacy["chat_template"] if legacy else tokenizer.chat_template
 
 
-def load_vlm_processor(path: str) -> Any:
+def load_vlm_processor(path: str | os.PathLike, *, flag: str = "--model") -> Any:
     """The processor of a Qwen-VL model folder (or cached hub id), with or without torchvision.
 
     First ``AutoProcessor.from_pretrained``. On a machine without torchvision that raises
@@ -163,11 +164,17 @@ def load_vlm_processor(path: str) -> Any:
     attribute image_processor" later). Then the processor is rebuilt from its parts:
     ``AutoTokenizer``, ``Qwen2VLImageProcessorPil`` (the PIL/numpy implementation, no
     torchvision) configured from ``processor_config.json`` or ``preprocessor_config.json``,
-    and the saved chat template (see `qwen_vl_processor`).
+    and the saved chat template (see `qwen_vl_processor`): the normal path here, said once per process.
+    ``flag``: the flag ``path`` came from, named in the `UserError` raised before anything loads for a
+    folder that is not a Qwen-VL model, ColQwen export or saved processor (`model_folders.check_model_arg`).
     """
     from transformers import AutoProcessor, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from .model_folders import check_model_arg, hub_errors
+
+    path = os.fspath(path)
+    check_model_arg(flag, path, {"vlm", "colbert", "processor"}, hub=True)
     try:
         proc = AutoProcessor.from_pretrained(path)
         if hasattr(proc, "image_processor") and hasattr(proc, "apply_chat_template"):
@@ -176,7 +183,8 @@ def load_vlm_processor(path: str) -> Any:
     except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
         reason = f"AutoProcessor failed ({type(e).__name__}: {first})"
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with hub_errors(flag, path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     config = _read_json(os.path.join(path, "processor_config.json")) or {}
     image_cfg = config.get("image_processor") or _read_json(os.path.join(path, "preprocessor_config.json"))
     if image_cfg is None:
@@ -184,7 +192,8 @@ def load_vlm_processor(path: str) -> Any:
             f"{path}: no image processor settings (processor_config.json or preprocessor_config.json); {reason}"
         )
     image_cfg = {k: v for k, v in image_cfg.items() if k not in ("image_processor_type", "processor_class")}
-    log.info("load_vlm_processor: %s; built from tokenizer + Qwen2VLImageProcessorPil + chat template", reason)
+    log.debug("load_vlm_processor: %s: %s; built from its tokenizer, Qwen2VLImageProcessorPil, template", path, reason)
+    _say_image_only()
     return qwen_vl_processor(
         tokenizer,
         Qwen2VLImageProcessorPil(**image_cfg),
@@ -192,6 +201,13 @@ def load_vlm_processor(path: str) -> Any:
         config.get("processor_class", "Qwen3VLProcessor"),
         source=path,
     )
+
+
+@functools.cache
+def _say_image_only() -> None:
+    """Once per process, worded as the normal event it is: a run loads the processor several times (demo
+    builder, recipe, evaluation), and the reason, once logged at each, read like an error."""
+    log.info("loading the Qwen-VL processor without its video processor (it needs torchvision; images work)")
 
 
 def vlm_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
