@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["EmbedStore", "EmbedWriter", "StoreError", "collate_embeddings", "ensure_meta"], "embed_store"),
     **dict.fromkeys(["ImageLoadError", "ShardImage", "load_image", "load_images"], "images"),
     **dict.fromkeys(["TaskBatches", "TaskLoader", "file_fingerprint", "task_loader", "training_batches"], "loader"),
+    **dict.fromkeys(["parse_columns", "parse_csv_delimiter"], "columns"),
     **dict.fromkeys(
         [
             "IMAGE_EXTENSIONS",

@@ -325,28 +325,6 @@ def task_loader(
     return loader, sum(sizes[name] for name in sampler.tasks)
 
 
-def _read_file(path: str, skip_bad: bool, format: str | None) -> tuple[Sequence[Any], Any]:
-    """``(records, their RecordReader)``: ``load_records``' choice (JSONL indexed, others a list),
-    keeping the reader, whose ``rows`` / ``skipped`` / ``errors`` say how many rows were bad."""
-    from .records import IndexedRecords, read_records
-
-    if path.endswith((".jsonl", ".json")):
-        records = IndexedRecords(path, skip_bad, format=format)
-        return records, records.reader
-    reader = read_records(path, skip_bad, format=format)
-    return list(reader), reader
-
-
-def _check_bad_fraction(path: str, reader: Any, max_bad_fraction: float) -> None:
-    """``ValueError`` when the reader skipped more than ``max_bad_fraction`` of the file's rows."""
-    if not reader.skipped or reader.skipped <= max_bad_fraction * reader.rows:
-        return
-    raise ValueError(
-        f"{path}: {reader.skipped} of {reader.rows} rows are bad ({100 * reader.skipped / reader.rows:.3g}% > "
-        f"--max-bad-fraction {100 * max_bad_fraction:.3g}%); first errors:\n  " + "\n  ".join(reader.errors)
-    )
-
-
 def training_batches(
     path: str,
     collate: Callable[[list], Any],
@@ -362,25 +340,35 @@ def training_batches(
     skip_bad: bool = False,
     max_bad_fraction: float = 0.01,
     skip_bad_shards: bool = False,
+    columns: Mapping[str, str] | None = None,
+    delimiter: str | None = None,
+    allow_mixed: bool = False,
 ) -> tuple[Any, int]:
     """``(loader, rows per epoch)`` for a training path: sharded sets stream, a file is one task.
 
     Shards (a brace pattern such as ``data/{00000..00099}.tar``, a glob, a folder of shards, see
-    `shards.is_stream_spec`) become a `StreamLoader` (nothing read before step 1; its length is
-    unknown, so ``max_steps`` is required and rows is 0; ``skip_bad_shards`` skips unreadable
-    shards); anything else is read with ``load_records``' reader into `task_loader`: ``skip_bad``
-    skips bad rows (refused when more than ``max_bad_fraction`` of the rows are bad; the count is
-    ``loader.read_skipped``) and drops rows whose images fail in ``collate`` (``loader.bad_rows``).
-    The file's identity (`file_fingerprint` and its record count) goes into the state, so a resume
-    on other data is refused. Both give the same ``steps`` / ``state_dict`` interface.
+    `shards.is_stream_spec`) become a `StreamLoader` (nothing read before step 1 but, for a folder or
+    glob, the first rows of its files: logged one line per file and refused when some file is named like
+    a validation split or the row formats differ, unless ``allow_mixed``; its length is unknown, so
+    ``max_steps`` is required and rows is 0; ``skip_bad_shards`` skips unreadable shards); a file is read
+    with ``load_records``' reader into `task_loader`: ``skip_bad`` skips bad rows (refused when more than
+    ``max_bad_fraction`` of the rows are bad; the count is ``loader.read_skipped``) and drops rows whose
+    images fail in ``collate`` (``loader.bad_rows``). ``columns`` (canonical field -> the file's column,
+    `columns.parse_columns`) and ``format`` apply to both, ``delimiter`` to a CSV file. The file's identity
+    (`file_fingerprint` and its record count) goes into the state, so a resume on other data is refused.
+    Both give the same ``steps`` / ``state_dict`` interface.
     """
+    from ..user_errors import UserError
+    from .row_files import read_file
     from .shards import is_stream_spec, open_stream
 
     options = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers)
     options["grad_accum_steps"] = grad_accum_steps
     if not is_stream_spec(path):
-        records, reader = _read_file(os.fspath(path), skip_bad, format)
-        _check_bad_fraction(os.fspath(path), reader, max_bad_fraction)
+        path = os.fspath(path)
+        records, reader = read_file(
+            path, skip_bad, max_bad_fraction, format=format, columns=columns, delimiter=delimiter
+        )
         if reader.one_label is not None and len(records) > 1:  # same label = not a negative: none are left
             warnings.warn(
                 f"{path}: every row has label {reader.one_label!r} and none has negatives; rows with the same label "
@@ -390,6 +378,9 @@ def training_batches(
         identity = {"train": {**file_fingerprint(path), "rows": len(records)}}
         run = dict(identity=identity, skip_bad=skip_bad, read_skipped=reader.skipped)
         return task_loader({"train": records}, collate, **options, **run)
+    # The folder is checked (and its files logged) before the --max-steps error: both are fixed at once.
+    stream = dict(format=format, columns=columns, allow_mixed=allow_mixed, skip_bad_shards=skip_bad_shards)
+    loader = open_stream(path, collate_fn=collate, **stream, **options)
     if not max_steps:
-        raise ValueError(f"{path} names shards, whose length is not known up front: give max_steps (--max-steps)")
-    return open_stream(path, collate_fn=collate, skip_bad_shards=skip_bad_shards, **options), 0
+        raise UserError(f"{path} names shards, whose length is not known up front: give max_steps (--max-steps)")
+    return loader, 0

@@ -23,8 +23,8 @@ An edit row (it has ``target_image``) is turned into records by the edit wing,
 `vembed_blocks.edit.records`, imported on the first such row: the seed-004 rules (missing
 instruction, inverse records, ``t2i_mode``, ``language``) live there.
 
-Imports: standard library; `vembed_blocks.data.row_files` (rows with line numbers; home of
-``IndexedRecords`` / ``load_records``, re-exported here) on first use; `vembed_blocks.data.images`
+Imports: standard library, `user_errors`; `data.row_files` (rows with line numbers; home of ``IndexedRecords``
+/ ``load_records``, re-exported here) and `data.columns` (column mapping, hints) on first use; `data.images`
 (Pillow) only when ``verify_images`` decodes, `vembed_blocks.edit.records` only for edit rows.
 
 THE IMAGE-VS-TEXT RULE (the only place it is decided, ``_is_image``):
@@ -43,6 +43,8 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from ..user_errors import UserError
 
 if TYPE_CHECKING:
     from .row_files import IndexedRecords, load_records
@@ -83,8 +85,8 @@ FIELDS = (
 )
 
 
-class RecordError(ValueError):
-    """A bad input row; ``str(err)`` starts with ``file:line``."""
+class RecordError(UserError):
+    """A bad input row; ``str(err)`` starts with ``file:line`` (a `UserError`, so a ``ValueError``)."""
 
     def __init__(self, source: str, message: str) -> None:
         super().__init__(f"{source}: {message}")
@@ -225,7 +227,9 @@ def _detect(row: _Row, declared: str | None) -> str:
     if row.has("query"):
         pos = row.raw.get("positive")
         return "t2i" if isinstance(pos, str) and _is_image("positive", pos, None) else "t2t"
-    raise row.fail(f"unknown format: row keys {sorted(row.raw)} match none of {FORMATS}")
+    from .columns import unknown_format_hint  # the fix: --columns / --csv-delimiter with this file's values
+
+    raise row.fail(f"unknown format: row keys {sorted(row.raw)} match none of {FORMATS}" + unknown_format_hint(row.raw))
 
 
 def _pair(row: _Row, fmt: str) -> Record:
@@ -301,30 +305,25 @@ class RecordReader:
         *,
         columns: Mapping[str, str] | None = None,
         format: str | None = None,
+        delimiter: str | None = None,
         **options: Any,
     ) -> None:
-        from .row_files import READERS  # here, not at import: a block that only names Record loads no reader
+        from .columns import check_record_options, parse_csv_delimiter
+        from .row_files import READERS, file_rows  # here, not at import: naming Record loads no reader
 
         ext = os.path.splitext(path)[1].lower()
         if ext not in READERS:
-            raise ValueError(f"{path}: unsupported file type {ext!r} (expected one of {sorted(READERS)})")
-        if format is not None and format not in FORMATS:
-            raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
-        if "language" in options:  # refused here, before the first row, not at the first edit row
-            from ..edit.records import check_options
-
-            check_options(options)
-        unknown = set(columns or {}) - set(FIELDS)
-        if unknown:
-            raise ValueError(f"columns maps unknown fields {sorted(unknown)}; known: {FIELDS}")
-        self.path, self.skip_bad, self.format, self.options = path, skip_bad, format, options
+            raise UserError(f"{path}: unsupported file type {ext!r} (expected one of {sorted(READERS)})")
         # canonical name -> name in the file; reversed once so each row is renamed cheaply
-        self._rename = {file_name: canon for canon, file_name in (columns or {}).items()}
+        self._rename = check_record_options(columns, format, options)
+        self.path, self.skip_bad, self.format, self.options = path, skip_bad, format, options
+        # CSV only: None = a comma, or what the header shows (row_files); "tab" and "\\t" read as a tab
+        self.delimiter = None if delimiter is None else parse_csv_delimiter(delimiter)
         self.rows = 0
         self.skipped = 0
         self.errors: list[str] = []  # the first few skip messages, for the summary
         self._labels: set = set()  # up to 2 distinct (None: unlabelled or with negatives): enough for one_label
-        self._it: Iterator[Record] | None = self._records(READERS[ext])
+        self._it: Iterator[Record] | None = self._records(file_rows)
 
     @property
     def one_label(self) -> Any:
@@ -350,7 +349,7 @@ class RecordReader:
     def _records(self, rows_of) -> Iterator[Record]:
         base = os.path.dirname(os.path.abspath(self.path))
         seen_format: str | None = None
-        for lineno, raw in rows_of(self.path):
+        for lineno, raw in rows_of(self.path, self.delimiter, self._rename):
             self.rows += 1
             source = f"{self.path}:{lineno}"
             try:
@@ -388,15 +387,15 @@ class RecordReader:
 def read_records(path: str | os.PathLike, skip_bad: bool = False, **options: Any) -> RecordReader:
     """Stream the records of a JSONL / CSV / Parquet file.
 
-    Options: ``columns`` (canonical name -> the file's column name, e.g.
-    ``{"query": "caption", "positive": "image"}``), ``format`` (one of ``FORMATS``; forces the
-    modality of positive/negatives), ``task`` (overrides a row's ``task`` field),
-    ``check_images`` (stat every image path, default True), ``verify_images`` (also decode
-    every image to catch corrupt files, slow, default False), and for edit rows
-    ``t2i_mode`` (drop source images), ``inverse`` (emit inverse rows, default True) and
-    ``language`` (``"en"`` or ``"cn"``). Relative image paths resolve against the file's
-    directory. Raises ``RecordError`` (``file:line: what``) on the first bad row, or with
-    ``skip_bad=True`` skips it and counts it in the returned reader's ``skipped``.
+    Options: ``columns`` (canonical name -> the file's column name, e.g. ``{"query": "caption", "positive":
+    "image"}``; `columns.parse_columns` reads the flag form), ``delimiter`` (CSV: None reads commas, or the
+    ``;`` / tab / ``|`` the header shows), ``format`` (one of ``FORMATS``; forces the modality of
+    positive/negatives), ``task`` (overrides a row's ``task`` field), ``check_images`` (stat every image path,
+    default True), ``verify_images`` (also decode every image to catch corrupt files, slow, default False),
+    and for edit rows ``t2i_mode`` (drop source images), ``inverse`` (emit inverse rows, default True) and
+    ``language`` (``"en"`` or ``"cn"``). Relative image paths resolve against the file's directory. Raises
+    ``RecordError`` (``file:line: what``) on the first bad row, or with ``skip_bad=True`` skips it and counts
+    it in the returned reader's ``skipped``.
     """
     return RecordReader(os.fspath(path), skip_bad, **options)
 

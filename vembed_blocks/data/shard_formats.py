@@ -24,7 +24,7 @@ import tarfile
 from typing import Any, Iterator, Mapping
 
 from .images import ShardImage
-from .records import FIELDS, FORMATS, IMAGE_EXTENSIONS, Record, RecordError, parse_row
+from .records import IMAGE_EXTENSIONS, Record, RecordError, parse_row
 
 __all__ = ["ShardError", "ShardImage", "ShardSet", "DatasetSource", "SHARD_KINDS"]
 
@@ -72,15 +72,12 @@ class _Parser:
         base_dir: str,
         options: Mapping[str, Any],
     ) -> None:
-        unknown = set(columns or {}) - set(FIELDS)
-        if unknown:
-            raise ValueError(f"columns maps unknown fields {sorted(unknown)}; known: {FIELDS}")
-        if format is not None and format not in FORMATS:
-            raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+        from .columns import check_record_options  # here: `import shard_formats` stays at 3 package modules
+
         bad = set(options) - {"task", "t2i_mode", "inverse", "language"}
         if bad:
             raise TypeError(f"unknown record options {sorted(bad)}")
-        self.rename = {file_name: canon for canon, file_name in (columns or {}).items()}
+        self.rename = check_record_options(columns, format, options)
         self.format, self.base_dir, self.options = format, base_dir, dict(options)
 
     def __call__(self, raw: Mapping[str, Any], label: str, base_dir: str | None = None) -> list[Record]:

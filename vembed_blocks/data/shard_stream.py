@@ -32,10 +32,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import ImageLoadError, ShardImage, load_image
 from .records import Item, Record, RecordError
-from .shard_formats import DatasetSource, ShardError, ShardSet
 
 if TYPE_CHECKING:
     from .sampler import WeightedTaskSampler
+    from .shard_formats import DatasetSource, ShardSet
 
 __all__ = [
     "ShardReader",
@@ -152,6 +152,8 @@ class ShardReader:
             if self.epochs is not None and self.epoch + 1 >= self.epochs:
                 return False
             if self._start == (0, None):  # a whole epoch without one sample: endless would spin
+                from .shard_formats import ShardError  # here: importing this module loads 3 package modules
+
                 units = [self.source.describe(u[0]) for u in self._units]
                 raise ShardError(
                     f"source {self.name!r}, reader {self.reader} of {self.readers}: epoch {self.epoch} has no samples "
@@ -334,6 +336,8 @@ def source_listing(source: ShardSet | DatasetSource) -> dict[str, Any]:
     in order (names relative to the shards' common folder, so a moved copy matches; sizes, not content
     hashes: shards can be TBs), a `DatasetSource`'s ``{"rows", "units", "fingerprint"}`` (``rows`` None
     for an ``IterableDataset``; ``fingerprint`` the ``datasets`` one, when it has one)."""
+    from .shard_formats import ShardSet  # loaded already: the source is one of its classes
+
     if isinstance(source, ShardSet):
         root = os.path.commonpath([os.path.dirname(p) for p in source.shards])
         return {"shards": [[os.path.relpath(p, root), os.path.getsize(p)] for p in source.shards]}

@@ -37,10 +37,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import torch
 from torch.utils.data import DataLoader
 
-from .shard_formats import SHARD_KINDS, DatasetSource, ShardSet
-
 if TYPE_CHECKING:
     from .records import Record
+    from .shard_formats import DatasetSource, ShardSet
 
 __all__ = ["StreamLoader", "open_stream", "is_stream_spec", "expand_shards"]
 
@@ -59,6 +58,9 @@ def is_stream_spec(spec: Any) -> bool:
     (``data/*.tar``), a ``.tar`` file, a directory holding ``.tar`` / ``.parquet`` / ``.jsonl``
     files directly, a ``datasets`` object, or a mapping of such (several weighted sources).
     """
+    # Here, not at import: `import shards` then loads no other package module (records loads user_errors).
+    from .shard_formats import SHARD_KINDS, DatasetSource, ShardSet
+
     if isinstance(spec, Mapping):
         return bool(spec) and all(is_stream_spec(v) for v in spec.values())
     if _is_dataset(spec) or isinstance(spec, (ShardSet, DatasetSource)):
@@ -75,6 +77,8 @@ def expand_shards(spec: str | os.PathLike) -> list[str]:
     """The shard paths a spec names: brace patterns expanded (in order), globs and directories
     sorted. Raises ``FileNotFoundError`` naming a shard that does not exist or a pattern that
     matches nothing."""
+    from .shard_formats import SHARD_KINDS
+
     path = os.fspath(spec)
     if os.path.isdir(path):
         found = sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.splitext(f)[1].lower() in SHARD_KINDS)
@@ -102,12 +106,20 @@ def expand_shards(spec: str | os.PathLike) -> list[str]:
     return out
 
 
-def _as_source(spec: Any, name: str, options: Mapping[str, Any]) -> ShardSet | DatasetSource:
+def _as_source(spec: Any, name: str, options: Mapping[str, Any], allow_mixed: bool) -> ShardSet | DatasetSource:
+    """One source; a folder's or a glob's files are logged and checked first (`listing.check_listed_files`)."""
+    from .shard_formats import DatasetSource, ShardSet
+
     if isinstance(spec, (ShardSet, DatasetSource)):
         return spec
     if _is_dataset(spec):
         return DatasetSource(spec, name=name, **options)
-    return ShardSet(expand_shards(spec), **options)
+    paths, path = expand_shards(spec), os.fspath(spec)
+    if os.path.isdir(path) or glob.has_magic(path):  # files found by listing, not named one by one
+        from .listing import check_listed_files
+
+        check_listed_files(path, paths, allow_mixed=allow_mixed, record_options=options)
+    return ShardSet(paths, **options)
 
 
 class StreamLoader:
@@ -325,6 +337,7 @@ def open_stream(
     epochs: int | None = None,
     decode_images: bool = True,
     skip_bad_shards: bool = False,
+    allow_mixed: bool = False,
     **record_options: Any,
 ) -> StreamLoader:
     """A `StreamLoader` over ``spec``: a shard spec (see `is_stream_spec`), a ``datasets`` object,
@@ -333,10 +346,13 @@ def open_stream(
     ``record_options`` go to every source: ``columns``, ``format``, ``task``, ``t2i_mode``,
     ``inverse``, ``language`` (as ``read_records``) and, for ``datasets`` objects, ``image_root``.
     ``skip_bad_shards``: skip (log, count) shards that cannot be read instead of stopping.
-    Nothing is read here: the first shard is opened by the first ``steps`` call.
+    A folder or glob is listed and checked first (`listing.check_listed_files`: one log line per
+    file; a ``UserError`` for files named like a validation split or of several row formats unless
+    ``allow_mixed``), which parses the first rows of up to 64 files; otherwise nothing is read here:
+    the first shard is opened by the first ``steps`` call.
     """
     specs = dict(spec) if isinstance(spec, Mapping) else {"train": spec}
-    sources = {name: _as_source(s, name, record_options) for name, s in specs.items()}
+    sources = {name: _as_source(s, name, record_options, allow_mixed) for name, s in specs.items()}
     return StreamLoader(
         sources,
         batch_size,
