@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from _watchdog import STALL, WatchdogTimeout, budget_for, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,9 +23,18 @@ def load_script(name: str):
     return module
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300, stderr: bool = False) -> str:
+def torchrun(
+    script: str, *args: str, nproc: int = 2, timeout: float = 300, stderr: bool = False, stall: float = STALL
+) -> str:
     """``torchrun --standalone --nproc_per_node=nproc recipes/<script>.py args``; returns stdout (then stderr,
-    where the recipes log, if ``stderr``), fails with the logs."""
+    where the recipes log, if ``stderr``), fails with the logs.
+
+    There is no wall-clock limit. The launcher and its workers are killed and the test fails when
+    they make no progress for ``stall`` seconds (they neither ran nor waited for a CPU for 75 % of
+    that time: a rank blocked on a collective the others never join) or when together they used
+    more than ``budget_for(timeout)`` = 4 x ``timeout`` CPU-seconds (a spin): ``timeout`` is the old
+    wall-clock estimate for the run on an idle machine and only sizes that budget.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable,
@@ -35,19 +45,20 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300, stde
         str(ROOT / "recipes" / f"{script}.py"),
         *args,
     ]
-    # Own session: on a timeout the launcher and its workers are killed together (a hung rank
-    # would otherwise live on until gloo's own timeout).
+    # Own session, and the watchdog kills the whole process tree: torchrun starts each worker in a
+    # session of its own, so killing the launcher's session alone would leave hung workers behind.
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(
-            f"timed out after {timeout:.0f} s (hang?): {' '.join(cmd)}\n{out[-4000:]}\n{err[-6000:]}"
-        ) from None
+        out, err = wait_for(proc, stall=stall, cpu_budget=budget_for(timeout), what=f"torchrun {script}")
+    except WatchdogTimeout as e:
+        out, err = e.output or "", e.stderr or ""
+        raise AssertionError(f"{e.reason}: {' '.join(cmd)}\n{out[-4000:]}\n{err[-6000:]}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{out[-4000:]}\n{err[-6000:]}"
     return out + err if stderr else out
 

@@ -5,21 +5,22 @@ out-of-memory or missing figure."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+
+from _watchdog import run_watched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run(
+    # No wall-clock limit (a loaded machine took 8 min): killed only on no progress for 120 s (a hang)
+    # or past 1200 CPU-seconds, 5x the ~240 it uses (a spin). See tests/_watchdog.py.
+    out = run_watched(
         [sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--device", "cpu", "--tiny", "--reps", "1"],
         cwd=ROOT,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        cpu_budget=1200,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     text = out.stdout

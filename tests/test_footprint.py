@@ -18,11 +18,11 @@ import ast
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _watchdog import run_watched
 
 PACKAGE = "vembed_blocks"
 ROOT = Path(importlib.util.find_spec(PACKAGE).submodule_search_locations[0])
@@ -83,8 +83,8 @@ print(json.dumps(result))
 
 
 def _python(code: str, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, cwd=ROOT.parent
+    out = run_watched(  # a hang fails, a slow machine does not
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT.parent
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout

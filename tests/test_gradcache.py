@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from _gradcache_refs import Tower, assert_close, batch, grads, info_nce
 from _multiproc import run_ranks
+from _watchdog import run_watched
 from torch import nn
 
 from vembed_blocks.gradcache import GradCache
@@ -667,11 +668,10 @@ print("LAZY-CUDA-OK")
 def test_cuda_rng_initialised_inside_the_first_chunk() -> None:
     """Fresh process, CUDA not initialised at encode: chunk 0's dropout on CUDA is replayed exactly."""
     import os
-    import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _LAZY_CUDA], cwd=root, capture_output=True, text=True, timeout=300)
+    out = run_watched([sys.executable, "-c", _LAZY_CUDA], cwd=root, capture_output=True, text=True)
     assert out.returncode == 0 and "LAZY-CUDA-OK" in out.stdout, out.stderr[-3000:]
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _watchdog import run_watched
 from PIL import Image, ImageOps
 
 from vembed_blocks.data.images import ImageLoadError, ShardImage, load_image
@@ -210,8 +210,8 @@ def _peak(*paths: Path) -> tuple[list[tuple[int, int]], int]:
     Linux's ``ru_maxrss`` of a spawned child starts at the parent's RSS at the fork (a pytest process with torch
     loaded and the 432 MB test picture just made), so the probe reads ``VmHWM``, which exec resets.
     """
-    run = subprocess.run(
-        [sys.executable, "-c", _PROBE, *map(str, paths)], cwd=REPO, capture_output=True, text=True, timeout=120
+    run = run_watched(  # a hang fails, a slow machine does not
+        [sys.executable, "-c", _PROBE, *map(str, paths)], cwd=REPO, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
