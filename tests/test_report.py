@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _recipes import ROOT, load_script
+from _watchdog import run_watched
 from PIL import Image
 
 from vembed_blocks.metrics import recall_curve, retrieval_metrics
@@ -136,9 +136,9 @@ def test_missing_inputs_are_named_and_bad_lines_raise(tmp_path):
 def test_cli_help_regenerates_and_runs_without_matplotlib(tmp_path):
     run = _write_run(tmp_path / "run")
     cli = [sys.executable, "-m", "vembed_blocks.report"]
-    shown = subprocess.run([*cli, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    shown = run_watched([*cli, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert shown.returncode == 0 and "run_dir" in shown.stdout, shown.stderr
-    done = subprocess.run([*cli, str(run)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = run_watched([*cli, str(run)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == str(run / "report.md"), done.stderr
     assert "| recall@1 | 0.1250 | 0.6250 | +0.5000 |" in (run / "report.md").read_text()
     assert all((run / p).stat().st_size > 1000 for p in PLOTS)
@@ -146,9 +146,7 @@ def test_cli_help_regenerates_and_runs_without_matplotlib(tmp_path):
     bare = shutil.copytree(run, tmp_path / "bare", ignore=shutil.ignore_patterns("*.png", "report.md"))
     code = "import runpy, sys; sys.modules['matplotlib'] = None; "
     code += "runpy.run_module('vembed_blocks.report', run_name='__main__')"
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(bare)], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
+    done = run_watched([sys.executable, "-c", code, str(bare)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     text = (bare / "report.md").read_text()
     assert INSTALL_HINT == 'pip install "vembed-blocks[report]"'
@@ -211,3 +209,31 @@ def test_report_names_what_the_run_skipped_beside_its_metrics(tmp_path):
     (tmp_path / "train_log.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "metrics.json").unlink()
     assert "Skipped in training" not in open(write_report(str(tmp_path))).read()  # a clean run says nothing
+
+
+def test_report_names_the_validation_set_only_as_the_run_folder_shows_it(tmp_path):
+    """validation: --val-data's file; "none" when no evaluation was written; the demo set only when the demo ran
+    (data null) and evaluated; a set args.json does not name when --data was given and evaluation results exist."""
+
+    def validation(name: str, args: dict, files: dict[str, object]) -> str:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "args.json").write_text(json.dumps(args))
+        _jsonl(run / "train_log.jsonl", [{"step": 1, "loss": 1.0, "lr": 0.1}])
+        for file, content in files.items():
+            (run / file).write_text(content if isinstance(content, str) else json.dumps(content))
+        line = next(x for x in Path(write_report(str(run))).read_text().splitlines() if x.startswith("- data:"))
+        return line.split(", validation: ")[1]
+
+    after = {"metrics.json": {"after": {"recall@1": 0.5}}}
+    assert validation("file", {"data": "t.jsonl", "val_data": "v.jsonl"}, after) == "`v.jsonl`"
+    assert validation("no_val", {"data": "t.jsonl", "val_data": None}, {}) == "none"  # it said "the demo set"
+    assert validation("health_only", {"data": "t.jsonl", "val_data": None}, {"metrics.json": {"health": {}}}) == "none"
+    assert validation("demo", {"data": None, "val_data": None}, after) == "the demo set"
+    assert validation("demo_stopped", {"data": None, "val_data": None}, {"metrics_before.json": {"r": 0.1}}) == (
+        "the demo set"
+    )
+    assert validation("demo_no_eval", {"data": None, "val_data": None}, {}) == "none"
+    evals = {"eval_log.jsonl": '{"step": 1, "recall@1": 0.5}\n'}
+    assert validation("own_rows", {"data": "t.jsonl", "val_data": None}, evals).startswith("not named in args.json")
+    assert validation("old", {"data": "t.jsonl"}, after) == "not recorded"

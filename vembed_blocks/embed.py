@@ -289,7 +289,10 @@ def evaluate_retrieval_by(
     ``curve_k > 0`` adds ``"recall_curve"``: ``[recall@1, ..., recall@curve_k]`` (`metrics.recall_curve`), a list
     beside the numbers (`run_log.write_metrics` moves it to ``metrics.json``'s top level for the report).
     A NaN or inf embedding (query or document) raises ``ValueError`` naming how many and the first row
-    (`metrics.check_finite`) instead of ranking NaN scores first."""
+    (`metrics.check_finite`) instead of ranking NaN scores first. Queries or documents that are all one vector
+    (`input_check.check_embeddings`: a tokenizer that does not cover the data, a collapsed model) are logged as
+    a warning on rank 0; the metrics are still computed."""
+    from .input_check import check_embeddings
     from .metrics import check_finite, recall_curve, retrieval_metrics
 
     rs = retrieval_set_for(records, relevance)
@@ -297,6 +300,12 @@ def evaluate_retrieval_by(
     check_finite(q, "query embeddings")  # before the corpus is embedded; every rank holds all rows: all raise
     d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "embed corpus")
     check_finite(d, "document embeddings")
+    for what, emb in (("query embeddings", q), ("document embeddings", d)):
+        parts = emb if isinstance(emb, tuple) else (emb,)  # a multi-vector encoder's (tokens, mask)
+        masks = [p for p in parts[1:] if p.dtype == torch.bool]
+        finding = check_embeddings(what, parts[0], masks[0] if masks and parts[0].dim() == 3 else None)
+        if finding and get_rank() == 0:  # every rank holds all rows: one warning is enough
+            log.warning(finding)
     scores = self_excluded_scores(rs, q @ d.T if score is None else score(q, d))
     metrics: dict = retrieval_metrics(scores, rs.relevant, ks=ks)
     if curve_k > 0:

@@ -180,7 +180,7 @@ def _summary(run_dir: str, config: dict[str, Any], train: list[dict[str, Any]]) 
     lines = [
         f"- model: `{config.get('model') or config.get('vision_model') or 'not recorded'}`"
         + (f" + `{config['text_model']}`" if config.get("text_model") else ""),
-        f"- data: {_data_name(config, 'data')}, validation: {_data_name(config, 'val_data')}",
+        f"- data: {_data_name(config, 'data')}, validation: {_validation_name(run_dir, config)}",
         f"- steps done: {train[-1]['step'] if train else 'none logged'}"
         + (f" of {config['max_steps']}" if train and config.get("max_steps") else ""),
         f"- batch: {batch or '?'} per rank x {ranks or '? (not recorded)'} rank(s)"
@@ -210,8 +210,27 @@ def _evaluation_summary(config: dict[str, Any], metrics: dict[str, Any] | None) 
 
 
 def _data_name(config: dict[str, Any], key: str) -> str:
-    """The file of ``--data``/``--val-data``; a recipe without one (null) ran on its demo set."""
+    """The file of ``--data``; a recipe without one (null) ran on its demo set."""
     return "not recorded" if key not in config else f"`{config[key]}`" if config[key] else "the demo set"
+
+
+def _validation_name(run_dir: str, config: dict[str, Any]) -> str:
+    """What the run validated on, as its files show: ``--val-data``'s file; "none" when no evaluation was written
+    (no metrics.json results, metrics_before.json or eval_log.jsonl rows); the demo set when ``--data`` was null
+    too (the demo ran); else a set args.json does not name (a recipe evaluating part of its training data)."""
+    if "val_data" not in config:
+        return "not recorded"
+    if config["val_data"]:
+        return f"`{config['val_data']}`"
+    metrics = _read_json(os.path.join(run_dir, "metrics.json")) or {}
+    evaluated = bool(metrics.get("after") or metrics.get("before")) or bool(
+        read_step_log(os.path.join(run_dir, "eval_log.jsonl"))
+    )
+    if not (evaluated or os.path.exists(os.path.join(run_dir, "metrics_before.json"))):
+        return "none"
+    if "data" in config and not config["data"]:
+        return "the demo set"
+    return "not named in args.json (its results are under Metrics)"
 
 
 def _metrics_table(metrics: dict[str, Any], trained: bool = True) -> list[str]:
