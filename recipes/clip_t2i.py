@@ -48,6 +48,7 @@ from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.export import export_pretrained
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.input_check import InputCheck
 from vembed_blocks.losses import Matryoshka
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.recipe_flags import common_parser, mrl_dims
@@ -62,6 +63,7 @@ from vembed_blocks.run_log import (
 )
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.step_guard import StepGuard
+from vembed_blocks.user_errors import report_user_errors
 
 log = logging.getLogger("clip_t2i")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the rendered demo set (and a tiny CLIP)"
@@ -162,6 +164,7 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, format=args.format)
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
     options.update(skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction, skip_bad_shards=args.skip_bad_shards)
+    options.update(columns=args.columns, delimiter=args.csv_delimiter, allow_mixed=args.allow_mixed_data)
     return training_batches(path, parts.collator, **options)
 
 
@@ -193,7 +196,7 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
             return F.normalize(fn(**inputs).float(), dim=-1)
 
     parts.model.eval()
-    records = load_records(path, format=args.format)
+    records = load_records(path, format=args.format, columns=args.columns, delimiter=args.csv_delimiter)
     metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
     parts.model.train()
     return metrics
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     guard = StepGuard(args.max_bad_steps, args.max_bad_fraction)  # a non-finite step is skipped on every rank
+    input_check = InputCheck(parts.collator, strict=not args.ignore_input_check)  # the first batches' content
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_args(vars(args), args.output, args.resume, rank)  # after the resume checks: a refused one changes nothing
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
+    elif args.resume:
+        log.warning("--resume: no checkpoint in %s yet, so this run starts at step 0", ckpt_dir)
     before = None
     if val and start == 0:
         before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
@@ -280,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
+            input_check.see(batches)  # agreed by every rank: unknown tokens, empty texts, one-colour images
             loss = 0.0
             for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
@@ -323,4 +330,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a mistake in flags, files or rows: one line (--debug: the traceback)
+        main()

@@ -48,7 +48,9 @@ from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.export import export_pretrained
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.input_check import InputCheck
 from vembed_blocks.losses import Matryoshka
+from vembed_blocks.model_folders import check_model_arg, hub_errors
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.recipe_flags import common_parser, mrl_dims
 from vembed_blocks.report import write_report
@@ -62,6 +64,7 @@ from vembed_blocks.run_log import (
 )
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.step_guard import StepGuard
+from vembed_blocks.user_errors import report_user_errors
 from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
@@ -125,15 +128,18 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     """The sharded encoder (--encoder text | vlm), the token projection, the collator and the MaxSim loss."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    if args.encoder == "auto":
-        args.encoder = "vlm" if hasattr(AutoConfig.from_pretrained(args.model), "vision_config") else "text"
-    if args.encoder == "vlm":
-        processor = load_vlm_processor(args.model)
-        collator = VLMCollator(processor, args.query_instruction, args.doc_instruction, args.max_image_side)
-    else:
-        processor = AutoTokenizer.from_pretrained(args.model)
-        collator = TextCollator(processor, args.max_length, args.query_instruction, args.doc_instruction)
-    model = AutoModel.from_pretrained(args.model, dtype=torch.float32).to(device)
+    kind = check_model_arg("--model", args.model, {"text", "vlm", "colbert"}, hub=True)  # before any download
+    with hub_errors("--model", args.model):  # a hub id that fails to load: one line, not HF's traceback
+        if args.encoder == "auto":
+            vlm = kind == "vlm" or (kind is None and hasattr(AutoConfig.from_pretrained(args.model), "vision_config"))
+            args.encoder = "vlm" if vlm else "text"
+        if args.encoder == "vlm":
+            processor = load_vlm_processor(args.model)
+            collator = VLMCollator(processor, args.query_instruction, args.doc_instruction, args.max_image_side)
+        else:
+            processor = AutoTokenizer.from_pretrained(args.model)
+            collator = TextCollator(processor, args.max_length, args.query_instruction, args.doc_instruction)
+        model = AutoModel.from_pretrained(args.model, dtype=torch.float32).to(device)
     if getattr(model, "pooler", None) is not None:  # BERT's [CLS] pooler: unused by token outputs, so frozen
         model.pooler.requires_grad_(False)
     width = model.config.get_text_config().hidden_size
@@ -162,6 +168,7 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, format=args.format)
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
     options.update(skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction, skip_bad_shards=args.skip_bad_shards)
+    options.update(columns=args.columns, delimiter=args.csv_delimiter, allow_mixed=args.allow_mixed_data)
     return training_batches(path, FixedNegatives(parts.collator, args.num_negatives), **options)
 
 
@@ -209,7 +216,10 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
         return F.normalize(tokens, dim=-1), inputs["attention_mask"].bool()
 
     parts.model.eval()
-    records, score = load_records(path, format=args.format), lambda q, d: maxsim_in_blocks(*q, *d)
+    records, score = (
+        load_records(path, format=args.format, columns=args.columns, delimiter=args.csv_delimiter),
+        lambda q, d: maxsim_in_blocks(*q, *d),
+    )
     metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, score, curve_k=100)
     parts.model.train()
     return metrics
@@ -273,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     guard = StepGuard(args.max_bad_steps, args.max_bad_fraction)  # a non-finite step is skipped on every rank
+    input_check = InputCheck(parts.collator, strict=not args.ignore_input_check)  # the first batches' content
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
@@ -281,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_args(vars(args), args.output, args.resume, rank)  # after the resume checks: a refused one changes nothing
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
+    elif args.resume:
+        log.warning("--resume: no checkpoint in %s yet, so this run starts at step 0", ckpt_dir)
     before = None
     if val and start == 0:
         before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
@@ -294,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
+            input_check.see(batches)  # agreed by every rank: unknown tokens, empty texts, one-colour images
             loss = 0.0
             for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
@@ -337,4 +351,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a mistake in flags, files or rows: one line (--debug: the traceback)
+        main()

@@ -7,6 +7,7 @@ Demo (no --data): text pairs, a tiny random BERT student, an ideal teacher (--te
 
 Your data and models, one GPU, eight, two nodes:
     python recipes/distill.py --model BAAI/bge-small-en-v1.5 --teacher BAAI/bge-large-en-v1.5 --data train.jsonl
+    python recipes/evaluate.py --model BAAI/bge-large-en-v1.5 --data train.jsonl --top-k 0 --output runs/teacher
     torchrun --nproc_per_node=8 recipes/distill.py --model small-model --teacher-embeddings runs/teacher \
         --data train.jsonl --batch-size 128 --chunk-size 32 --bf16
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD_NODE_IP --master_port 29500 \
@@ -45,6 +46,7 @@ from vembed_blocks.distributed import (
 from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.input_check import InputCheck
 from vembed_blocks.losses import Distill, Matryoshka
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
@@ -62,6 +64,7 @@ from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.step_guard import StepGuard
 from vembed_blocks.teacher_store import NumberedRecords, TeacherStore
 from vembed_blocks.text_encoder import export_text_encoder, load_text_encoder, text_features, unit_text_encoder
+from vembed_blocks.user_errors import report_user_errors
 
 log = logging.getLogger("distill")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the demo text pairs (a tiny BERT, an ideal teacher)"
@@ -148,7 +151,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     if args.teacher_embeddings:
         teacher_input = TeacherStore(args.teacher_embeddings)
     else:
-        t_model, teacher_input, t_cfg = load_text_encoder(args.teacher)
+        t_model, teacher_input, t_cfg = load_text_encoder(args.teacher, flag="--teacher")
         t_model.to(device).eval().requires_grad_(False)  # frozen: no dropout, no gradient, never in the optimizer
         teacher = (t_model, t_cfg)
     if args.grad_checkpointing:
@@ -170,7 +173,9 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     """(batches, rows per epoch): numbered records (row-aligned teacher embeddings are found by number)."""
     if path != args.data and parts.teacher is None:  # precomputed teacher embeddings cover --data only
         return None
-    tasks = {"train": NumberedRecords(load_records(path, format="t2t"))}
+    tasks = {
+        "train": NumberedRecords(load_records(path, format="t2t", columns=args.columns, delimiter=args.csv_delimiter))
+    }
     options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, skip_bad=args.skip_bad)
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps)
     options["identity"] = {"train": {**file_fingerprint(path), "rows": len(tasks["train"])}}  # a resume: the same file
@@ -211,7 +216,7 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     """Cosine retrieval of ``path``'s unique positives (+ negatives) for its unique queries, by the student."""
     parts.model.eval()
     encode = unit_text_encoder(parts.model, parts.collator, parts.cfg, args.bf16)
-    records = load_records(path, format="t2t")
+    records = load_records(path, format="t2t", columns=args.columns, delimiter=args.csv_delimiter)
     metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
     parts.model.train()
     return metrics
@@ -271,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     guard = StepGuard(args.max_bad_steps, args.max_bad_fraction)  # a non-finite step is skipped on every rank
+    input_check = InputCheck(parts.collator, strict=not args.ignore_input_check)  # the first batches' content
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
@@ -279,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_args(vars(args), args.output, args.resume, rank)  # after the resume checks: a refused one changes nothing
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
+    elif args.resume:
+        log.warning("--resume: no checkpoint in %s yet, so this run starts at step 0", ckpt_dir)
     before = None
     if val and start == 0:
         before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
@@ -292,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
+            input_check.see(batches)  # agreed by every rank: unknown tokens, empty texts, one-colour images
             loss = 0.0
             for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
@@ -335,4 +344,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a mistake in flags, files or rows: one line (--debug: the traceback)
+        main()

@@ -47,6 +47,8 @@ from vembed_blocks.edit import flow_matching as fm
 from vembed_blocks.edit.rows import PROMPT_SIDE, edit_sampler_options, load_edit_tasks, rank_share, row_latents
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.input_check import InputCheck
+from vembed_blocks.model_folders import check_model_arg, hub_errors
 from vembed_blocks.parallel import checkpoint_layers, compile_layers, shard_model
 from vembed_blocks.recipe_flags import common_parser
 from vembed_blocks.report import write_report
@@ -60,6 +62,7 @@ from vembed_blocks.run_log import (
 )
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.step_guard import StepGuard
+from vembed_blocks.user_errors import report_user_errors
 
 log = logging.getLogger("edit_sft")
 DATA_HELP = "directory of task subdirectories, each an embedding store (seed's --train_data_meta_dir); default: demo"
@@ -68,7 +71,7 @@ EXTRACT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extract_embe
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__, output="runs/edit_sft", lr=2e-5, batch_size=1, weight_decay=3e-2, data_help=DATA_HELP,
-                      fsdp=True, require_data=False)  # fmt: skip
+                      fsdp=True, require_data=False, records=False)  # fmt: skip
     # The seed's names for two shared flags: same dest, so either spelling works.
     p.add_argument("--adam-weight-decay", dest="weight_decay", type=float, default=SUPPRESS, help="= --weight-decay")
     p.add_argument("--checkpointing-steps", dest="save_every", type=int, default=SUPPRESS, help="= --save-every")
@@ -106,6 +109,7 @@ class Parts:
     param_groups: list[dict]
     vae: nn.Module
     sigmas: torch.Tensor  # [T] training sigma table, descending
+    collator: object = None  # none: rows are stored prompt embeddings + images decoded in the loop
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -142,7 +146,11 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     except ImportError as e:
         raise ImportError('edit_sft needs diffusers: pip install "vembed-blocks[edit]"') from e
-    model = QwenImageTransformer2DModel.from_pretrained(args.model, subfolder="transformer", torch_dtype=torch.float32)
+    check_model_arg("--model", args.model, "diffusers")  # a wrong folder: one line naming what it is
+    with hub_errors("--model", args.model):
+        model = QwenImageTransformer2DModel.from_pretrained(
+            args.model, subfolder="transformer", torch_dtype=torch.float32
+        )
     for name, p in model.named_parameters():
         p.requires_grad_(any(re.search(r, name) for r in args.trainable_modules))
     if not any(p.requires_grad for p in model.parameters()):
@@ -276,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     guard = StepGuard(args.max_bad_steps, args.max_bad_fraction)  # a non-finite step is skipped on every rank
+    input_check = InputCheck(parts.collator, strict=not args.ignore_input_check)  # the first batches' content
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
@@ -284,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_args(vars(args), args.output, args.resume, rank)  # after the resume checks: a refused one changes nothing
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
+    elif args.resume:
+        log.warning("--resume: no checkpoint in %s yet, so this run starts at step 0", ckpt_dir)
     before = None
     if val and start == 0:
         before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
@@ -297,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
+            input_check.see(batches)  # agreed by every rank: unknown tokens, empty texts, one-colour images
             loss = 0.0
             for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
@@ -340,4 +352,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a mistake in flags, files or rows: one line (--debug: the traceback)
+        main()

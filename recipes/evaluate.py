@@ -14,12 +14,13 @@ text_t2t, distill: text encoders; qwen3_fsdp: Qwen3-VL embedding; colbert: ColBE
 its family is detected from its files (`vembed_blocks.encoder.load_encoder`). One GPU, eight, two nodes:
 
     python recipes/evaluate.py --model runs/clip_t2i/final --data val.jsonl --output runs/eval
-    python recipes/evaluate.py --model runs/products/final --data products.jsonl --format i2i \
+    python recipes/clip_t2i.py --vision-model facebook/dinov2-small --format i2i --data pairs.jsonl --output runs/sku
+    python recipes/evaluate.py --model runs/sku/final --data products.jsonl --format i2i \
         --relevance labels --queries-in-corpus --output runs/eval_products
-    torchrun --nproc_per_node=8 recipes/evaluate.py --model runs/qwen3/final --data val.parquet \
+    torchrun --nproc_per_node=8 recipes/evaluate.py --model runs/qwen3_fsdp/final --data val.parquet \
         --format t2i --bf16 --output runs/eval_qwen3
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node=8 --master_addr $HEAD --master_port 29500 \
-        recipes/evaluate.py --model runs/qwen3/final --data val.parquet --format t2i --bf16 --output /shared/eval
+        recipes/evaluate.py --model runs/qwen3_fsdp/final --data val.parquet --format t2i --bf16 --output /shared/eval
 
 --relevance positives (default): queries are the unique queries of --data, the corpus its unique
 positives and hard negatives (distractors), and a query is relevant to the positives of every row
@@ -47,6 +48,7 @@ import runpy
 import torch
 from safetensors.torch import save_file
 
+from vembed_blocks.data.columns import parse_columns, parse_csv_delimiter
 from vembed_blocks.data.records import FORMATS, load_records
 from vembed_blocks.demo import COLOURS, SHAPES
 from vembed_blocks.distributed import init_distributed, shutdown_distributed
@@ -54,6 +56,7 @@ from vembed_blocks.embed import RELEVANCE, embed_on_all_ranks, retrieval_set_for
 from vembed_blocks.encoder import Encoder, load_encoder
 from vembed_blocks.metrics import format_table, recall_curve, retrieval_metrics
 from vembed_blocks.run_log import write_args
+from vembed_blocks.user_errors import report_user_errors
 
 log = logging.getLogger("evaluate")
 
@@ -80,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--show-k", type=int, default=3, help="matches printed per query (--show)")
     p.add_argument("--demo-quick", action="store_true", help="demo: clip_t2i's quick demo (a smaller set and model)")
     p.add_argument("--output", default="runs/eval")
+    p.add_argument("--columns", help="the file's column names for the fields, e.g. 'query=Query,positive=Positive'")
+    p.add_argument("--csv-delimiter", help="CSV field separator (default: ',', or sniffed from the header, e.g. ';')")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of a user error (also VEMBED_DEBUG=1)")
     args = p.parse_args(argv)
     if (args.model is None) != (args.data is None):  # neither: the demo
         p.error("--model is required with --data" if args.model is None else "--data is required with --model")
@@ -265,7 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         demo_export(args, rank, world)
     overrides = dict(query_instruction=args.query_instruction, doc_instruction=args.doc_instruction)
     overrides.update(max_length=args.max_length, max_image_side=args.max_image_side)
-    records = load_records(args.data, format=args.format)  # bad data fails before a large model loads
+    columns = parse_columns(args.columns) if args.columns else None  # the file's own column names
+    delimiter = parse_csv_delimiter(args.csv_delimiter) if args.csv_delimiter else None
+    records = load_records(args.data, format=args.format, columns=columns, delimiter=delimiter)  # before the model
     rs = retrieval_set_for(records, args.relevance, not args.no_negatives, args.queries_in_corpus)
     enc = load_encoder(args.model, device=device, dtype=args.dtype, batch_size=args.batch_size, **overrides)
     if rank == 0:
@@ -281,4 +289,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a mistake in flags, files or rows: one line (--debug: the traceback)
+        main()

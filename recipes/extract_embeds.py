@@ -54,7 +54,9 @@ from vembed_blocks.demo import render_edit_demo
 from vembed_blocks.demo.vlm import build_demo_extractor
 from vembed_blocks.distributed import init_distributed, shutdown_distributed
 from vembed_blocks.edit.prompts import check_source_count, is_diffusers_folder, load_prompt_pipeline, prompt_embeds
-from vembed_blocks.towers import COMPOSED_FILE, dual_encoder_features, load_dual_encoder, text_padding
+from vembed_blocks.model_folders import check_model_arg, hub_errors
+from vembed_blocks.towers import dual_encoder_features, load_dual_encoder, text_padding
+from vembed_blocks.user_errors import report_user_errors
 from vembed_blocks.vlm import load_vlm_processor, vlm_embed, vlm_token_embeddings
 
 log = logging.getLogger("extract_embeds")
@@ -110,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--log-every", type=int, default=10, help="log progress every N shards")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of a user error (also VEMBED_DEBUG=1)")
     args, _ = p.parse_known_args(argv)
     if args.data is None:  # the demo's rows are tiny: bigger batches, explicit flags win
         p.set_defaults(batch_size=32)
@@ -144,9 +147,10 @@ def load_encoder(args: argparse.Namespace, device: torch.device):
     `load_prompt_encoder`. A model whose config has an ``image_token_id`` reads images through
     placeholder tokens in its text: a VLM. Anything else goes through the dual-encoder towers.
     """
-    if is_diffusers_folder(args.model):
+    kind = check_model_arg("--model", args.model, {"diffusers", "vlm", "clip", "towers"}, hub=True)
+    if kind == "diffusers" or (kind is None and is_diffusers_folder(args.model)):
         return load_prompt_encoder(args, device)
-    kind, embed, collator = load_pair_encoder(args, device)
+    kind, embed, collator = load_pair_encoder(args, device, kind)
 
     def encode(recs) -> dict[str, list[torch.Tensor]]:
         sources = [rec.source for rec in recs]
@@ -188,14 +192,18 @@ def load_prompt_encoder(args: argparse.Namespace, device: torch.device):
     return "qwen_image", encode, meta
 
 
-def load_pair_encoder(args: argparse.Namespace, device: torch.device):
-    """(kind, embed(inputs) -> list of per-record tensors, collator) for a VLM or a dual encoder."""
+def load_pair_encoder(args: argparse.Namespace, device: torch.device, kind: str | None):
+    """(kind, embed(inputs) -> list of per-record tensors, collator) for a VLM or a dual encoder; ``kind``:
+    the folder's (`model_folders.check_model_arg`), None for a hub id not in the cache."""
     from transformers import AutoConfig, AutoModel
 
-    composed = os.path.isfile(os.path.join(args.model, COMPOSED_FILE))  # two backbones + projections: no single config
-    if not composed and getattr(AutoConfig.from_pretrained(args.model), "image_token_id", None) is not None:
+    if kind is None:  # a hub id: its config says (an image_token_id: images as placeholder tokens, a VLM)
+        with hub_errors("--model", args.model):
+            kind = "vlm" if getattr(AutoConfig.from_pretrained(args.model), "image_token_id", None) else "clip"
+    if kind == "vlm":
         processor = load_vlm_processor(args.model)
-        model = AutoModel.from_pretrained(args.model).to(device).eval()
+        with hub_errors("--model", args.model):
+            model = AutoModel.from_pretrained(args.model).to(device).eval()
         collator = VLMCollator(
             processor,
             query_instruction=args.query_instruction,
@@ -386,4 +394,5 @@ def store_summary(store: EmbedStore) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a mistake in flags, files or rows: one line (--debug: the traceback)
+        main()

@@ -48,6 +48,7 @@ from vembed_blocks.distributed import (
 from vembed_blocks.fusion_head import FusionHead, pooled
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.input_check import InputCheck
 from vembed_blocks.losses import InfoNCE
 from vembed_blocks.metrics import retrieval_metrics
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
@@ -63,6 +64,7 @@ from vembed_blocks.run_log import (
 )
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.step_guard import StepGuard
+from vembed_blocks.user_errors import report_user_errors
 
 log = logging.getLogger("multitask")
 DATA_HELP = "directory whose subdirectories are tasks (extract_embeds.py outputs); default: the demo's tasks"
@@ -70,7 +72,7 @@ DATA_HELP = "directory whose subdirectories are tasks (extract_embeds.py outputs
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = dict(output="runs/multitask", lr=1e-3, batch_size=256, weight_decay=0.03, data_help=DATA_HELP)
-    p = common_parser(__doc__, **defaults, require_data=False)
+    p = common_parser(__doc__, **defaults, require_data=False, records=False)
     p.set_defaults(lr_schedule="constant")  # the seed's constant_with_warmup
     p.add_argument("--train-data-weights", help='task weights, e.g. "a=0.5,b=1.2"; others left out (default: by size)')
     p.add_argument("--train-src-img-num-weights", help='weights per number of source images, e.g. "0=1,1=1,2=1,3=0"')
@@ -99,6 +101,7 @@ class Parts:
     criterion: nn.Module
     tasks: dict[str, EmbedStore]
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
+    collator: object = None  # none: the rows are stored embeddings (no tokenizer, no images)
 
 
 def load_tasks(root: str) -> dict[str, EmbedStore]:
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = make_scheduler(optimizer, args.lr_schedule, warmup, total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16 loss scaling; else a no-op
     guard = StepGuard(args.max_bad_steps, args.max_bad_fraction)  # a non-finite step is skipped on every rank
+    input_check = InputCheck(parts.collator, strict=not args.ignore_input_check)  # the first batches' content
     # </shared>
     # <shared: resume, evaluate before>
     ckpt_dir, ckpt = os.path.join(args.output, "checkpoints"), dict(model=parts.state, optimizer=optimizer)
@@ -257,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_args(vars(args), args.output, args.resume, rank)  # after the resume checks: a refused one changes nothing
     if start:
         log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), start)
+    elif args.resume:
+        log.warning("--resume: no checkpoint in %s yet, so this run starts at step 0", ckpt_dir)
     before = None
     if val and start == 0:
         before = save_metrics_before(args.output, evaluate(args, parts, val, device), rank)
@@ -270,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = []
     with RunLog(args.output, args.report_to, rank, args.log_every, vars(args)) as run_log:
         for step, batches, streams in loader.steps(end):
+            input_check.see(batches)  # agreed by every rank: unknown tokens, empty texts, one-colour images
             loss = 0.0
             for batch in defer_gradient_sync(parts.state, batches):  # FSDP2/DDP sync on the last micro-batch only
                 micro = step_loss(args, parts, batch, gc, device) / len(batches)
@@ -313,4 +320,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a mistake in flags, files or rows: one line (--debug: the traceback)
+        main()

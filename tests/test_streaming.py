@@ -300,6 +300,42 @@ def test_is_stream_spec(tmp_path):
     assert not is_stream_spec("train.parquet") and not is_stream_spec(None)
 
 
+def test_a_folder_of_shards_is_listed_and_still_streams(tmp_path, caplog):
+    # Up to 64 files: one log line each, formats from their first readable row (a bad first row is not fatal).
+    few = tmp_path / "few"
+    few.mkdir()
+    write_tars(few, 2, 3)
+    with caplog.at_level(logging.INFO, logger="vembed_blocks.data"):
+        loader = open_stream(str(few), 2)
+    assert caplog.messages == [
+        f"{few}: reading 2 data files:",
+        "  00000.tar: tar, 10.2 KB, t2i",
+        "  00001.tar: tar, 10.2 KB, t2i",
+    ]
+    assert sorted(t for _, (b,), _ in run(loader, 3) for t in b) == [f"caption {n}" for n in range(6)]
+    (few / "00002.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    with pytest.raises(ValueError, match=r"different kinds \(tar: 00000.tar, 00001.tar; jsonl: 00002.jsonl\)"):
+        open_stream(str(few), 2)
+    lines = tmp_path / "lines"
+    lines.mkdir()
+    (lines / "a.jsonl").write_text('{broken\n{"query": "q", "positive": "p"}\n')
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vembed_blocks.data"):
+        open_stream(str(lines), 1)
+    assert caplog.messages[1] == "  a.jsonl: jsonl, 2 rows, t2t"
+    # More: the first file is opened, the rest stat'ed, and one summary line stands for them all.
+    many = tmp_path / "many"
+    many.mkdir()
+    write_tars(many, 65, 1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vembed_blocks.data"):
+        open_stream(str(many), 1)
+    assert caplog.messages == [
+        f"{many}: reading 65 data files; formats from the first file only (over 64 files):",
+        "  00000.tar: tar, 10.2 KB, t2i, 00001.tar .. 00064.tar, 665.6 KB in all",
+    ]
+
+
 # ----------------------------------------------------------------------------- formats agree
 
 
@@ -436,6 +472,7 @@ def test_clip_t2i_trains_on_tar_shards_two_ranks_and_resumes_exactly(tmp_path):
     model = tiny_siglip(str(tmp_path / "model"))
     flags = ["--data", str(tmp_path / "{00000..00003}.tar"), "--model", model, "--batch-size", "4"]
     flags += ["--max-steps", "4", "--num-workers", "2", "--loss", "siglip", "--lr", "1e-3"]
+    flags += ["--ignore-input-check"]  # flat-colour shards and a tiny vocabulary: this test is about the resume
     torchrun("clip_t2i", *flags, "--output", str(tmp_path / "straight"))
     torchrun("clip_t2i", *flags, "--output", str(tmp_path / "split"), "--stop-at", "2")
     torchrun("clip_t2i", *flags, "--output", str(tmp_path / "split"), "--resume")

@@ -45,6 +45,10 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["save_checkpoint", "load_checkpoint", "latest_checkpoint"], "checkpoint"),
     "export_pretrained": "export",
     "refuse_non_finite": "step_guard",
+    **dict.fromkeys(["UserError", "report_user_errors"], "user_errors"),
+    **dict.fromkeys(["check_model_arg", "folder_kind"], "model_folders"),
+    **dict.fromkeys(["InputCheck", "InputCheckError", "check_embeddings"], "input_check"),
+    **dict.fromkeys(["parse_columns", "parse_csv_delimiter"], "data.columns"),
     **dict.fromkeys(["make_scheduler", "warmup_steps", "warmup_cosine", "lr_multiplier"], "schedule"),
     **dict.fromkeys(
         ["ComposedDualEncoder", "compose_dual_encoder", "dual_encoder_features", "load_dual_encoder", "text_padding"],

@@ -60,12 +60,15 @@ def add_common_args(
     data_help: str = "training file (JSONL/CSV/Parquet)",
     require_data: bool = True,
     fsdp: bool = False,
+    records: bool = True,
 ) -> argparse.ArgumentParser:
     """Add the shared data, optimisation, loop, checkpoint and logging flags to ``p``.
 
     ``require_data=False`` for a recipe whose bare run is a demo (no ``--data``). ``fsdp=True`` for a
     recipe that shards with FSDP2: ``--fp16`` is then refused with the reason (each rank would see the
-    inf/NaN of its own gradient shard only, and the ranks' GradScalers would skip different steps)."""
+    inf/NaN of its own gradient shard only, and the ranks' GradScalers would skip different steps).
+    ``records=False`` for a recipe whose --data is not a records file (stored embeddings): no
+    ``--columns`` / ``--csv-delimiter`` / ``--allow-mixed-data``, which would mean nothing there."""
     a = p.add_argument
     a("--data", required=require_data, help=data_help)
     a("--val-data", help="validation file: retrieval metrics before/after (and every --eval-every steps)")
@@ -105,6 +108,14 @@ def add_common_args(
     a("--skip-bad", action="store_true", help="skip malformed rows and undecodable images (counted), not stop")
     a("--max-bad-fraction", type=float, default=0.01, help="stop when more of the rows than this are bad")
     a("--skip-bad-shards", action="store_true", help="streams: skip a shard that cannot be read (counted), not stop")
+    if records:  # the records readers' options (a store of embeddings has no columns)
+        a("--columns", help="the file's column names for the fields, e.g. 'query=Query,positive=Positive'")
+        a("--csv-delimiter", help="CSV field separator (default: ',', or sniffed from the header, e.g. Excel's ';')")
+        mixed = "a folder as --data: allow files of several row formats or named like a validation split"
+        a("--allow-mixed-data", action="store_true", help=mixed)
+    check = "train even when the first batches look wrong (mostly unknown tokens, empty texts, one-colour images)"
+    a("--ignore-input-check", action="store_true", help=check)
+    a("--debug", action="store_true", help="show the full traceback of a user error (also VEMBED_DEBUG=1)")
     a("--stop-at", type=int, help="save and exit at this step (split a run across jobs; then --resume)")
     a("--report-to", nargs="*", choices=[*TRACKERS, "none"], default=[], help="also log to these trackers")
     return p
@@ -138,6 +149,21 @@ def check_common_args(args: argparse.Namespace) -> None:
     if getattr(args, "temperature", None) is not None and not args.temperature > 0:  # a recipe's own flag
         raise SystemExit(f"--temperature must be > 0 (logits = similarity / temperature), got {args.temperature}")
     mrl_dims(args.mrl_dims)
+    _parse_data_flags(args)
+
+
+def _parse_data_flags(args: argparse.Namespace) -> None:
+    """``--columns`` as ``{field: column}`` and ``--csv-delimiter`` as its one character, in place."""
+    from .data.columns import parse_columns, parse_csv_delimiter
+    from .user_errors import UserError
+
+    try:
+        if isinstance(getattr(args, "columns", None), str):
+            args.columns = parse_columns(args.columns)
+        if getattr(args, "csv_delimiter", None) is not None:
+            args.csv_delimiter = parse_csv_delimiter(args.csv_delimiter)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
 
 
 def mrl_dims(flag: str | None) -> list[int]:
