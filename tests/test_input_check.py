@@ -15,7 +15,8 @@ from vembed_blocks.data.collate import DualEncoderCollator, FixedNegatives, Text
 from vembed_blocks.data.embed_store import collate_embeddings
 from vembed_blocks.data.records import Item, Record
 from vembed_blocks.demo.shapes import build_tiny_clip, demo_words, word_level_tokenizer
-from vembed_blocks.input_check import InputCheck, InputCheckError, check_embeddings
+from vembed_blocks.input_check import InputCheck, InputCheckError
+from vembed_blocks.metrics import check_embeddings
 
 WORDS = ["query", ":", "the", "red", "blue", "fox", "dog", "cat", "in", "garden", "river", "sleeps"]
 LOGGER = "vembed_blocks.input_check"

@@ -47,7 +47,8 @@ _EXPORTS: dict[str, str] = {
     "refuse_non_finite": "step_guard",
     **dict.fromkeys(["UserError", "report_user_errors"], "user_errors"),
     **dict.fromkeys(["check_model_arg", "folder_kind"], "model_folders"),
-    **dict.fromkeys(["InputCheck", "InputCheckError", "check_embeddings"], "input_check"),
+    **dict.fromkeys(["InputCheck", "InputCheckError"], "input_check"),
+    "check_embeddings": "metrics",
     **dict.fromkeys(["parse_columns", "parse_csv_delimiter"], "data.columns"),
     **dict.fromkeys(["make_scheduler", "warmup_steps", "warmup_cosine", "lr_multiplier"], "schedule"),
     **dict.fromkeys(

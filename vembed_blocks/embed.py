@@ -290,10 +290,9 @@ def evaluate_retrieval_by(
     beside the numbers (`run_log.write_metrics` moves it to ``metrics.json``'s top level for the report).
     A NaN or inf embedding (query or document) raises ``ValueError`` naming how many and the first row
     (`metrics.check_finite`) instead of ranking NaN scores first. Queries or documents that are all one vector
-    (`input_check.check_embeddings`: a tokenizer that does not cover the data, a collapsed model) are logged as
+    (`metrics.check_embeddings`: a tokenizer that does not cover the data, a collapsed model) are logged as
     a warning on rank 0; the metrics are still computed."""
-    from .input_check import check_embeddings
-    from .metrics import check_finite, recall_curve, retrieval_metrics
+    from .metrics import check_embeddings, check_finite, recall_curve, retrieval_metrics
 
     rs = retrieval_set_for(records, relevance)
     q = embed_on_all_ranks(rs.queries, lambda items: encode(items, True), batch_size, "embed queries")

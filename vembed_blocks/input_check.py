@@ -1,5 +1,5 @@
 """`InputCheck`: the first training steps' batches read once, so a run that cannot learn says why before it
-trains; `check_embeddings`: the same question asked of an encoder's output. See docs/input_check.md.
+trains (`metrics.check_embeddings` asks the same of an encoder's output). See docs/input_check.md.
 
 Why: a tokenizer that does not cover the data (a demo's word-level tokenizer on real captions) maps most words
 to its unknown token, every query embeds alike and the loss stays flat with nothing saying why. ::
@@ -28,9 +28,10 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from .metrics import SAME_VECTOR_TOLERANCE, embedding_spread, mean_token_vectors
 from .user_errors import UserError
 
-__all__ = ["InputCheck", "InputCheckError", "check_embeddings"]
+__all__ = ["InputCheck", "InputCheckError"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ UNKNOWN_WARN = 0.05  # share of content tokens that are the unknown token: warn 
 UNKNOWN_ERROR = 0.5  # ... and stop above this
 EMPTY_ERROR = 0.5  # share of text rows without a real token: any warns, above this stops
 FLAT_TOLERANCE = 1e-6  # an image is one colour when each channel's max - min (normalised values) is at most this
-SAME_VECTOR_TOLERANCE = 1e-6  # rows are one vector when max over rows of 1 - cos(row, mean row) is below this
 # Counted per side; the order is the layout of the tensor summed over ranks.
 FIELDS = ("rows", "text_rows", "empty_rows", "tokens", "unknown_tokens", "duplicate_rows", "images",
           "one_colour_images", "embedding_rows", "multi_row_batches", "identical_batches")  # fmt: skip
@@ -81,46 +81,6 @@ def _vocab(obj: Any) -> _Vocab | None:
     special = sorted(set(obj.all_special_ids) - {unk})
     unk_token = str(obj.unk_token) if unk is not None else None
     return _Vocab(unk, unk_token, getattr(obj, "pad_token_id", None), torch.tensor(special, dtype=torch.long))
-
-
-def _pooled(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``x[N, T, D]`` -> ``[N, D]``: the mean over real tokens (``mask[N, T]``, True = real)."""
-    m = (mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)).to(x.device).unsqueeze(-1).float()
-    return (x.float() * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-def _spread(x: torch.Tensor, chunk: int = 65536) -> float:
-    """max over rows of ``1 - cos(row, mean row)`` of ``x[N, D]`` in float64, chunked (no float64 copy of x);
-    0.0 when every row is zero (those are one vector too), 1.0 for a zero row beside non-zero ones."""
-    x = x.detach().flatten(1)
-    mean = x.sum(0, dtype=torch.float64) / len(x)
-    worst, all_zero = 0.0, True
-    for part in x.split(chunk):
-        part = part.double()
-        norms = part.norm(dim=1)
-        all_zero &= bool((norms == 0).all())
-        cos = part @ mean / (norms * mean.norm()).clamp_min(1e-300)
-        worst = max(worst, float((1 - cos).max()))
-    return 0.0 if all_zero else worst
-
-
-def check_embeddings(name: str, emb: torch.Tensor, mask: torch.Tensor | None = None) -> str | None:
-    """A one-line finding when the ``N >= 2`` rows of ``emb[N, D]`` are all (nearly) one vector, else None.
-
-    Multi-vector ``emb[N, T, D]`` (``mask[N, T]``, True = real token) is compared by each row's mean token
-    vector. The measure: max over rows of ``1 - cos(row, mean row)`` below `SAME_VECTOR_TOLERANCE`."""
-    rows = _pooled(emb, mask) if emb.dim() == 3 else emb
-    if len(rows) < 2:
-        return None
-    spread = _spread(rows)
-    if spread >= SAME_VECTOR_TOLERANCE:
-        return None
-    pooled = " (each row's mean token vector)" if emb.dim() == 3 else ""
-    return (
-        f"{name}: all {len(rows)} rows are the same vector{pooled}, max over rows of 1 - cos(row, mean row) = "
-        f"{spread:.1e} (< {SAME_VECTOR_TOLERANCE:g}): the model maps every input to one embedding (a tokenizer "
-        "that does not cover the data, empty inputs, a collapsed model?), so its retrieval metrics mean nothing"
-    )
 
 
 @dataclass
@@ -203,7 +163,7 @@ def _sides(batch: Any, prefix: str = "") -> Iterator[_Side]:
         elif isinstance(value, Mapping) or (isinstance(value, list) and value and isinstance(value[0], dict)):
             yield from _sides(value, name)
         elif _is_float(value) and value.dim() in (2, 3):
-            yield _Side(name, len(value), emb=value if value.dim() == 2 else _pooled(value, sibling))
+            yield _Side(name, len(value), emb=value if value.dim() == 2 else mean_token_vectors(value, sibling))
         elif isinstance(value, (list, tuple)):  # e.g. a teacher's (query, document) embeddings
             embs = [(i, v) for i, v in enumerate(value) if _is_float(v) and v.dim() == 2]
             yield from (_Side(f"{name}[{i}]", len(v), emb=v) for i, v in embs)
@@ -416,7 +376,7 @@ class InputCheck:
                     key.append(hashlib.blake2b(x.float().numpy().tobytes(), digest_size=16).digest())
         if side.emb is not None:
             c["embedding_rows"] += len(side.emb)
-            same &= len(side.emb) >= 2 and _spread(side.emb) < SAME_VECTOR_TOLERANCE
+            same &= len(side.emb) >= 2 and embedding_spread(side.emb) < SAME_VECTOR_TOLERANCE
             for key, row in zip(keys, side.emb.float()):
                 key.append(row.numpy().tobytes())
         if side.rows >= 2:

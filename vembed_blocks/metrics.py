@@ -32,9 +32,58 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["check_finite", "recall_curve", "retrieval_metrics", "search", "relevance_from_labels", "format_table"]
+__all__ = [
+    "check_embeddings",
+    "check_finite",
+    "recall_curve",
+    "retrieval_metrics",
+    "search",
+    "relevance_from_labels",
+    "format_table",
+]
 
+SAME_VECTOR_TOLERANCE = 1e-6  # rows are one vector when max over rows of 1 - cos(row, mean row) is below this
 _CHECK_ELEMENTS = 1 << 24  # entries checked at once: a bounded [rows, D] bool temporary, even for a huge corpus
+
+
+def mean_token_vectors(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x[N, T, D]`` -> ``[N, D]``: the mean over real tokens (``mask[N, T]``, True = real)."""
+    m = (mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)).to(x.device).unsqueeze(-1).float()
+    return (x.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def embedding_spread(x: torch.Tensor, chunk: int = 65536) -> float:
+    """max over rows of ``1 - cos(row, mean row)`` of ``x[N, D]`` in float64, chunked (no float64 copy of x);
+    0.0 when every row is zero (those are one vector too), 1.0 for a zero row beside non-zero ones."""
+    x = x.detach().flatten(1)
+    mean = x.sum(0, dtype=torch.float64) / len(x)
+    worst, all_zero = 0.0, True
+    for part in x.split(chunk):
+        part = part.double()
+        norms = part.norm(dim=1)
+        all_zero &= bool((norms == 0).all())
+        cos = part @ mean / (norms * mean.norm()).clamp_min(1e-300)
+        worst = max(worst, float((1 - cos).max()))
+    return 0.0 if all_zero else worst
+
+
+def check_embeddings(name: str, emb: torch.Tensor, mask: torch.Tensor | None = None) -> str | None:
+    """A one-line finding when the ``N >= 2`` rows of ``emb[N, D]`` are all (nearly) one vector, else None.
+
+    Multi-vector ``emb[N, T, D]`` (``mask[N, T]``, True = real token) is compared by each row's mean token
+    vector. The measure: max over rows of ``1 - cos(row, mean row)`` below `SAME_VECTOR_TOLERANCE`."""
+    rows = mean_token_vectors(emb, mask) if emb.dim() == 3 else emb
+    if len(rows) < 2:
+        return None
+    spread = embedding_spread(rows)
+    if spread >= SAME_VECTOR_TOLERANCE:
+        return None
+    pooled = " (each row's mean token vector)" if emb.dim() == 3 else ""
+    return (
+        f"{name}: all {len(rows)} rows are the same vector{pooled}, max over rows of 1 - cos(row, mean row) = "
+        f"{spread:.1e} (< {SAME_VECTOR_TOLERANCE:g}): the model maps every input to one embedding (a tokenizer "
+        "that does not cover the data, empty inputs, a collapsed model?), so its retrieval metrics mean nothing"
+    )
 
 
 def check_finite(
