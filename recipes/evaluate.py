@@ -54,7 +54,7 @@ from vembed_blocks.demo import COLOURS, SHAPES
 from vembed_blocks.distributed import init_distributed, shutdown_distributed
 from vembed_blocks.embed import RELEVANCE, embed_on_all_ranks, retrieval_set_for, self_excluded_scores
 from vembed_blocks.encoder import Encoder, load_encoder
-from vembed_blocks.metrics import format_table, recall_curve, retrieval_metrics
+from vembed_blocks.metrics import check_embeddings, format_table, recall_curve, retrieval_metrics
 from vembed_blocks.run_log import write_args
 from vembed_blocks.user_errors import report_user_errors
 
@@ -235,6 +235,10 @@ def score_and_write(args: argparse.Namespace, enc: Encoder, rs, q, d) -> dict[st
     """Metrics, recall curve, top-k, embeddings, metrics.json and report.md (rank 0)."""
     from vembed_blocks.report import write_report
 
+    for name, emb in (("query embeddings", q), ("corpus embeddings", d)):  # all one vector: metrics mean nothing
+        finding = check_embeddings(name, *(emb if isinstance(emb, tuple) else (emb,)))
+        if finding:
+            log.warning(finding)
     # Unit vectors: dot products (as the recipes score); multi-vector models: MaxSim.
     scores = self_excluded_scores(rs, enc.similarity(q, d) if enc.multi_vector else q @ d.T)
     metrics = retrieval_metrics(scores, rs.relevant, ks=args.ks_list)

@@ -156,3 +156,16 @@ def test_a_semicolon_csv_with_capitalised_headers_gets_the_columns_hint_then_tra
         recipe.main(argv(demo, "excel.csv", tmp_path / "c1"))
     result = recipe.main(argv(demo, "excel.csv", tmp_path / "c2", "--columns", "query=Query,positive=Positive"))
     assert len(result["losses"]) == 2
+
+
+def test_evaluation_warns_when_every_query_embeds_alike(demo, tmp_path, caplog):
+    """evaluate.py on captions the tokenizer does not cover: each query is [UNK] [UNK], so its 8 unique queries (8 word
+    pairs, repeated over 48 rows) embed to one vector; the metrics are still written, with the warning.
+    """
+    evaluate = load_script("evaluate")
+    data = str(demo["demo"] / "foreign.jsonl")
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate.main(["--model", str(demo["model"]), "--data", data, "--output", str(tmp_path / "e")])
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("query embeddings: all 8 rows are the same vector") for m in said), said
+    assert not any(m.startswith("corpus embeddings") for m in said) and "recall@1" in metrics
