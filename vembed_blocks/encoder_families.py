@@ -25,7 +25,6 @@ and the model-specific blocks only inside the functions that need them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -65,16 +64,6 @@ class Backend:
     settings: dict[str, Any]
 
 
-def _read_json(path: str) -> Any | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 # Folder kind (`model_folders.KINDS`) -> the family that loads it.
 _KIND_FAMILY = {"towers": "dual", "clip": "dual", "colbert": "colbert", "text": "text", "vlm": "vlm"}
 _ENCODER_WORDS = "an exported encoder (CLIP/SigLIP, composed towers, a text encoder, Qwen-VL or ColBERT)"
@@ -103,8 +92,10 @@ def _export_settings(path: str, names: dict[str, Any], sidecar: str) -> dict[str
     Only the folder itself is read: whatever trained the model wrote its collation settings
     (instructions, length caps, pooling) there at export, so the folder loads the same anywhere.
     """
+    from .model_folders import read_json
+
     out, file = dict(names), os.path.join(path, sidecar)
-    saved = _read_json(file)
+    saved = read_json(file)
     if isinstance(saved, dict):
         out.update({k: saved[k] for k in names if k in saved})
     out["read_from"] = [file] if isinstance(saved, dict) else ["the defaults"]
@@ -172,9 +163,10 @@ def _colbert(
     from transformers import AutoModel
 
     from .distributed import pad_dim
+    from .model_folders import read_json
     from .vlm import vlm_token_embeddings
 
-    spec = _read_json(os.path.join(path, COLBERT_FILE))
+    spec = read_json(os.path.join(path, COLBERT_FILE))
     if not isinstance(spec, dict) or spec.get("encoder") not in ("text", "vlm"):
         raise ValueError(f"{path}/{COLBERT_FILE}: needs 'encoder': 'text' or 'vlm', got {spec!r}")
     settings = _export_settings(path, COLBERT_DEFAULTS, COLBERT_FILE)

@@ -41,6 +41,7 @@ __all__ = [
     "hub_errors",
     "inspect_folder",
     "looks_like_hf_id",
+    "read_json",
 ]
 
 KINDS = ("clip", "vision", "text", "vlm", "towers", "colbert", "diffusers", "adapter", "processor", "run", "unknown")
@@ -88,7 +89,7 @@ class FolderInfo:
     what: str
 
 
-def _read_json(path: str) -> Any | None:
+def read_json(path: str) -> Any | None:
     """The parsed file, or None when it does not exist; a file that is not JSON is the user's to fix."""
     if not os.path.isfile(path):
         return None
@@ -141,13 +142,13 @@ def _describe(kind: str, model_type: str | None, path: str) -> str:
 
 def _classify(path: str) -> tuple[str, str | None]:
     """(kind, model_type) of the folder ``path`` (see the module docstring for the order of the checks)."""
-    config = _read_json(os.path.join(path, "config.json"))
+    config = read_json(os.path.join(path, "config.json"))
     model_type = config.get("model_type") if isinstance(config, dict) else None
     model_type = model_type if isinstance(model_type, str) else None
     for marker, kind in ((COMPOSED_FILE, "towers"), ("colbert.json", "colbert"), ("model_index.json", "diffusers")):
         if os.path.isfile(os.path.join(path, marker)):
             return kind, model_type
-    modules = _read_json(os.path.join(path, "modules.json"))  # sentence-transformers
+    modules = read_json(os.path.join(path, "modules.json"))  # sentence-transformers
     types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
     if any(t.endswith(".Transformer") for t in types):  # a text model (not e.g. sentence-transformers' CLIPModel)
         return "text", model_type
@@ -209,7 +210,7 @@ def _not_a_model_message(flag: str, value: str, info: FolderInfo) -> str:
     if info.kind == "run":
         return f"{flag} {value} is a run folder (no config.json); its export is {final}: pass {flag} {final}"
     if info.kind == "adapter":
-        base = (_read_json(os.path.join(value, "adapter_config.json")) or {}).get("base_model_name_or_path")
+        base = (read_json(os.path.join(value, "adapter_config.json")) or {}).get("base_model_name_or_path")
         return f"{flag} {value} is {info.what}; pass the merged export (export_pretrained merges LoRA)" + (
             f" or its base model, {base}" if base else ""
         )
@@ -243,7 +244,7 @@ def _hub_info(flag: str, value: str) -> FolderInfo | None:
 
     with hub_errors(flag, value):
         file = cached_file(value, "config.json", _raise_exceptions_for_missing_entries=False)
-    config = _read_json(file) if file is not None else None
+    config = read_json(file) if file is not None else None
     if not isinstance(config, dict):
         return None
     kind, model_type = config_kind(config), config.get("model_type")
