@@ -209,9 +209,10 @@ class GradCache:
         sync_each_chunk: FSDP2 only: reduce-scatter after every chunk (sharded gradients) instead
             of accumulating unsharded gradients until the end.
         splitter: how ``encode`` inputs are cut into row chunks: a callable ``splitter(inputs)`` (``inputs``
-            = the call's ``(args, kwargs)``) returning an object with ``len()`` (rows) and ``[s:e]`` (the
-            inputs of rows s..e-1). Default `RowSplit` (every tensor on dim 0); `vembed_blocks.vlm.VLMSplit`
-            for Qwen-VL inputs (flat ``pixel_values`` + ``image_grid_thw``, ``position_ids[3, B, L]``).
+            = the call's ``(args, kwargs)``) returning an object with ``len()`` (rows), ``[s:e]`` (the inputs
+            of rows s..e-1) and ``inputs`` (what ``max_tokens`` counts); one that reorders rows also has
+            ``restore(out)``. Default `RowSplit` (every tensor on dim 0); `vembed_blocks.vlm.VLMSplit` for
+            Qwen-VL inputs; `vembed_blocks.length_chunks.LengthSplit` sorts rows by length and trims padding.
     """
 
     def __init__(
@@ -267,7 +268,9 @@ class GradCache:
         of b rows. Under ``no_grad`` with a model in eval mode this is just a chunked forward.
         """
         split = self.splitter((args, kwargs))
-        bounds, costs = chunk_bounds(len(split), (args, kwargs), self.chunk_size, self.max_tokens)
+        tree = getattr(split, "inputs", (args, kwargs))  # in the order the chunks are cut (LengthSplit sorts)
+        bounds, costs = chunk_bounds(len(split), tree, self.chunk_size, self.max_tokens)
+        restore = getattr(split, "restore", lambda out: out)  # a splitter that reorders rows puts them back
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             owners = [*self.sync_modules, fn, getattr(fn, "__self__", None)]
             if any(isinstance(m, nn.Module) and m.training for m in owners):
@@ -276,7 +279,7 @@ class GradCache:
                     "training mode, so its output could not carry gradient: call it with grad enabled, or call "
                     "model.eval() first to embed without gradient."
                 )
-            return torch.cat([fn(*chunk[0], **chunk[1]) for chunk in (split[s:e] for s, e in bounds)])
+            return restore(torch.cat([fn(*chunk[0], **chunk[1]) for chunk in (split[s:e] for s, e in bounds)]))
         rec = _Record(fn, [], [], bounds, _autocast_state(), sync=self._sync_modules(fn))
         planner = KeepPlanner(costs, self.keep_graphs, self.memory_budget, self._held)
         outs, ran_with_grad, trainable = [], False, False
@@ -302,9 +305,9 @@ class GradCache:
         rec.held = planner.held
         self.last_plan = planner.plan(len(bounds), len(rec.kept))
         if ran_with_grad and not trainable:  # frozen tower: its output carries no gradient, nothing to replay
-            return torch.cat(outs)
+            return restore(torch.cat(outs))
         self._pending.append(weakref.ref(rec))
-        return _CachedEmbedding.apply(self, rec, self._anchor, *outs)
+        return restore(_CachedEmbedding.apply(self, rec, self._anchor, *outs))
 
     def _held(self) -> float:
         """Estimated bytes held by the kept graphs of pending ``encode`` outputs (``memory_budget``)."""
