@@ -49,9 +49,10 @@ from vembed_blocks.export import export_pretrained
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.input_check import InputCheck
+from vembed_blocks.length_chunks import LengthSplit, encode_in_length_chunks
 from vembed_blocks.losses import Matryoshka
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
-from vembed_blocks.recipe_flags import common_parser, mrl_dims
+from vembed_blocks.recipe_flags import add_padding_args, common_parser, mrl_dims
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import (
     RunLog,
@@ -90,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     temperature = "initial T: logits = cos / T for both losses (SigLIP's t = 1/T); default: the model's own"
     p.add_argument("--temperature", type=float, help=temperature)
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
+    add_padding_args(p, token_budget=False)  # --trim-padding (on: CLIP and composed towers), --trim-chunk-size
     args, _ = p.parse_known_args(argv)
     if args.data is None:  # the demo trains a random model from scratch: its own defaults, explicit flags win
         p.set_defaults(lr=2e-3, max_steps=40 if args.demo_quick else 300)
@@ -108,6 +110,7 @@ class Parts:
     collator: DualEncoderCollator
     processor: object
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
+    trim: bool = False  # text in length-sorted chunks cut to their longest row (exact: padded to the longest)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -155,8 +158,11 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     model.train()
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0})
-    collator = DualEncoderCollator(processor, **towers.text_padding(model))
-    return Parts(model, nn.ModuleDict({"model": model, "loss": criterion}), groups, criterion, collator, processor)
+    padding = towers.text_padding(model)
+    collator = DualEncoderCollator(processor, **padding)
+    trim = args.trim_padding and padding["padding"] is True  # SigLIP pools position -1 of max_length padding
+    state = nn.ModuleDict({"model": model, "loss": criterion})
+    return Parts(model, state, groups, criterion, collator, processor, LengthSplit if trim else None, trim)
 
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
@@ -176,7 +182,11 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     def encode(inputs: dict) -> torch.Tensor:  # GradCache: chunks without graphs now, replayed by loss.backward()
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with autocast(args, device):
-            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
+            if gc is not None:
+                return gc.encode(fn, **inputs).float()
+            if parts.trim and "pixel_values" not in inputs:  # text: length-sorted chunks, graphs kept
+                return encode_in_length_chunks(fn, inputs, args.trim_chunk_size).float()
+            return fn(**inputs).float()
 
     extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
     if "negatives" in batch:  # the flat real negatives: a candidate pool (SigLIP: negative-only columns)

@@ -40,11 +40,12 @@ from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
 from vembed_blocks.input_check import InputCheck
+from vembed_blocks.length_chunks import LengthSplit, encode_in_length_chunks
 from vembed_blocks.losses import CoSENT, InfoNCE, Matryoshka, Triplet
 from vembed_blocks.mining import write_mined_file
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.recipe_flags import common_parser, mrl_dims
+from vembed_blocks.recipe_flags import add_padding_args, common_parser, mrl_dims
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import (
     RunLog,
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mine-margin", type=float, help="skip candidates scoring above (positive - margin)")
     p.add_argument("--mine-ratio", type=float, help="skip candidates scoring above ratio * positive")
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
+    add_padding_args(p)  # --trim-padding (on), --trim-chunk-size, --token-budget
     args, _ = p.parse_known_args(argv)
     if args.data is None:  # the demo trains a random model from scratch: a larger step than a fine-tune
         p.set_defaults(lr=1e-3, max_steps=20 if args.demo_quick else 60, batch_size=32)
@@ -147,7 +149,8 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     if args.mrl_dims:  # the loss over nested prefixes of the embedding
         criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    return Parts(model, nn.ModuleDict({"model": model, "loss": criterion}), groups, criterion, collator, cfg)
+    splitter = LengthSplit if args.trim_padding else None  # exact: the pooling reads attention_mask
+    return Parts(model, nn.ModuleDict({"model": model, "loss": criterion}), groups, criterion, collator, cfg, splitter)
 
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
@@ -183,7 +186,11 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     def encode(inputs: dict) -> torch.Tensor:  # GradCache: chunks without graphs now, replayed by loss.backward()
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with autocast(args, device):
-            return (fn(**inputs) if gc is None else gc.encode(fn, **inputs)).float()
+            if gc is not None:
+                return gc.encode(fn, **inputs).float()
+            if args.trim_padding:  # length-sorted chunks cut to their longest row, graphs kept
+                return encode_in_length_chunks(fn, inputs, args.trim_chunk_size).float()
+            return fn(**inputs).float()
 
     q, p = encode(batch["query"]), encode(batch["positive"])
     neg = encode(batch["negatives"]) if "negatives" in batch else None

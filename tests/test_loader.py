@@ -275,3 +275,35 @@ def test_a_file_whose_rows_all_share_one_label_warns_that_nothing_is_left_to_con
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # an unlabelled row, another label or a hard negative: negatives exist
             training_batches(write([*same, other]), list, **options)
+
+
+# ----------------------------------------------------------------------------- collation off the critical path
+
+
+class _WhereCollated:
+    """A collator that records which process built each batch (and what it would have tokenised)."""
+
+    def __call__(self, records) -> dict:
+        import os
+
+        return {"pid": torch.tensor([os.getpid()]), "rows": torch.tensor([len(records)])}
+
+
+@pytest.mark.parametrize("recipe", ["text_t2t", "clip_t2i"])
+def test_the_recipes_collate_in_dataloader_workers(tmp_path, recipe):
+    """Tokenisation and image decoding (the collator) run in the DataLoader's worker processes, which work
+    ahead of the loop, never in the training process between the forward passes of a step."""
+    import os
+    from types import SimpleNamespace
+
+    from _recipes import load_script
+
+    path = tmp_path / "train.jsonl"
+    _write_rows(path, 64)
+    module = load_script(recipe)
+    args = module.parse_args(["--data", str(path), "--model", "unused", "--output", str(tmp_path / "run")])
+    assert args.num_workers >= 1
+    args.grad_accum_steps = 2
+    loader, _ = module.load_data(args, SimpleNamespace(collator=_WhereCollated()), str(path), 0, 1)
+    pids = [int(b["pid"]) for _, micro, _ in loader.steps(3) for b in micro]
+    assert len(pids) == 6 and os.getpid() not in pids and len(set(pids)) == args.num_workers

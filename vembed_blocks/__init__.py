@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["mine_hard_negatives", "write_mined_file"], "mining"),
     **dict.fromkeys(["pool", "POOL_METHODS"], "pooling"),
     **dict.fromkeys(["GradCache", "RandState", "RowSplit"], "gradcache"),
+    **dict.fromkeys(["LengthSplit", "encode_in_length_chunks"], "length_chunks"),
     **dict.fromkeys(["defer_gradient_sync", "clip_gradients"], "grad_sync"),
     **dict.fromkeys(["StepGuard", "NonFiniteTrainingError", "BadDataError"], "step_guard"),
     **dict.fromkeys(

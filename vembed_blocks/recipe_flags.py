@@ -16,7 +16,7 @@ import os
 from .run_log import TRACKERS
 from .schedule import SCHEDULES
 
-__all__ = ["HelpFormatter", "common_parser", "add_common_args", "check_common_args", "mrl_dims"]
+__all__ = ["HelpFormatter", "common_parser", "add_common_args", "add_padding_args", "check_common_args", "mrl_dims"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -121,6 +121,28 @@ def add_common_args(
     return p
 
 
+def add_padding_args(p: argparse.ArgumentParser, token_budget: bool = True) -> argparse.ArgumentParser:
+    """The padding flags of the recipes whose text encoders trim exactly (`vembed_blocks.length_chunks`):
+    ``--trim-padding`` (on; ``--no-trim-padding``), ``--trim-chunk-size`` and (``token_budget``) ``--token-budget``."""
+    a = p.add_argument
+    a(
+        "--trim-padding",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="encode text in length-sorted chunks cut to their longest row (exact; GradCache chunks too)",
+    )
+    a("--trim-chunk-size", type=int, default=8, help="rows per trimmed chunk without --chunk-size (graphs kept)")
+    if not token_budget:
+        return p
+    a(
+        "--token-budget",
+        type=int,
+        help="length-bucketed batches: rows of similar length up to this many padded tokens per rank and "
+        "micro-batch, instead of --batch-size rows (docs/data.md: fewer in-batch negatives per step)",
+    )
+    return p
+
+
 def check_common_args(args: argparse.Namespace) -> None:
     """``SystemExit`` naming the first shared flag with a value that cannot work (or a file that is not there)."""
     from .data.shards import is_stream_spec
@@ -136,6 +158,9 @@ def check_common_args(args: argparse.Namespace) -> None:
     for name in non_negative:
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, name)}")
+    for name in ("trim_chunk_size", "token_budget"):  # add_padding_args' flags, where a recipe has them
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.bf16 and args.fp16:
         raise SystemExit("give --bf16 or --fp16, not both")
     if not 0 <= args.warmup_ratio <= 1 or (args.warmup_ratio and args.warmup_steps):
