@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
             average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)  # NaN/inf: clips nothing
-            samples = args.batch_size * world * len(batches)
+            samples = loader.step_rows  # this step's rows over all ranks (a token budget varies them)
             if guard.check(step, loss, grad_norm, rows=samples, bad_rows=loader.bad_rows):  # agreed by every rank
                 scaler.step(optimizer)  # else skipped: a NaN on one rank would reach every weight
             scaler.update()  # --fp16: an inf/NaN gradient lowers the loss scale

@@ -32,6 +32,7 @@ import torch.nn as nn
 from vembed_blocks import text_encoder
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data.collate import TextCollator, WithScores, scatter_negatives
+from vembed_blocks.data.length_batches import lengths_for
 from vembed_blocks.data.loader import TaskLoader, training_batches
 from vembed_blocks.data.records import load_records
 from vembed_blocks.demo.text import prepare_text_demo
@@ -175,7 +176,12 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
     options.update(skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction, skip_bad_shards=args.skip_bad_shards)
     options.update(columns=args.columns, delimiter=args.csv_delimiter, allow_mixed=args.allow_mixed_data)
-    return training_batches(path, WithScores(parts.collator), **options)
+    if args.token_budget:  # rows of similar length filling the budget per rank (docs/data.md), not batch_size rows
+        options.update(token_budget=args.token_budget, row_length=lengths_for(parts.collator))
+    loader, rows = training_batches(path, WithScores(parts.collator), **options)
+    if args.token_budget:  # the shared loop counts an epoch in --batch-size rows per rank: a pass in those units
+        rows = loader.sampler.batches_per_pass(0) * args.batch_size * world
+    return loader, rows
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
             average_gradients(p for p in parts.state.parameters() if p.requires_grad)  # plain grads: one all-reduce
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(parts.state.parameters(), args.max_grad_norm)  # NaN/inf: clips nothing
-            samples = args.batch_size * world * len(batches)
+            samples = loader.step_rows  # this step's rows over all ranks (a token budget varies them)
             if guard.check(step, loss, grad_norm, rows=samples, bad_rows=loader.bad_rows):  # agreed by every rank
                 scaler.step(optimizer)  # else skipped: a NaN on one rank would reach every weight
             scaler.update()  # --fp16: an inf/NaN gradient lowers the loss scale

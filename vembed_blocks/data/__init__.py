@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     ),
     "load_task_dir": "row_files",
     **dict.fromkeys(["WeightedTaskSampler", "parse_group_weights", "parse_weights"], "sampler"),
+    **dict.fromkeys(["TokenBudgetSampler", "lengths_for", "row_lengths"], "length_batches"),
     "ShardReader": "shard_stream",
     **dict.fromkeys(["DatasetSource", "ShardError", "ShardSet"], "shard_formats"),
     **dict.fromkeys(["StreamLoader", "expand_shards", "is_stream_spec", "open_stream"], "shards"),

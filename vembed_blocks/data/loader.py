@@ -63,7 +63,7 @@ class TaskBatches(IterableDataset):
     Worker ``w`` of ``N`` builds the batches of steps ``(t - first) % N == w`` (each worker replays the
     cheap index draws of the others, never their loading), and the DataLoader's in-order
     round robin puts them back in step order. Each item is a dict
-    ``{"step", "task", "stream", "batch", "sampler_state", "bad_rows"}``: ``stream`` is ``task`` or
+    ``{"step", "task", "stream", "batch", "sampler_state", "bad_rows", "global_rows"}``: ``stream`` is ``task`` or
     ``task/group``, ``batch`` is ``collate_fn(records)`` (the list of records without one) and
     ``sampler_state`` is the sampler's state *after* this step: save the one of the last batch you
     trained on, and pass it as ``state`` (or load it into the sampler) to resume exactly. ``steps``
@@ -114,6 +114,7 @@ class TaskBatches(IterableDataset):
                 "batch": batch,
                 "sampler_state": sampler.state_dict(),
                 "bad_rows": bad,
+                "global_rows": getattr(sampler, "drawn_rows", None) or sampler.global_batch,  # all ranks, as drawn
             }
 
     def _collate(self, records: list[Any], step: int, task: str) -> tuple[Any, int]:
@@ -179,6 +180,7 @@ class TaskLoader:
         self.identity = None if identity is None else json.loads(json.dumps(identity))
         self.skip_bad, self.read_skipped, self.bad_shards = skip_bad, int(read_skipped), 0
         self._state = self._with_run(sampler.state_dict(), 0)
+        self.step_rows = 0  # rows of the last step yielded, all ranks and micro-batches (token budgets vary it)
 
     def _with_run(self, sampler_state: Mapping[str, Any], bad_rows: int) -> dict[str, Any]:
         return {**sampler_state, "grad_accum_steps": self.accum, "identity": self.identity, "bad_rows": bad_rows}
@@ -217,15 +219,15 @@ class TaskLoader:
         )
         generator = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(micro, batch_size=None, num_workers=self.num_workers, generator=generator)
-        batches, tasks, bad = [], [], self.bad_rows
+        batches, tasks, bad, rows = [], [], self.bad_rows, 0
         for item in loader:
             batches.append(item["batch"])
             tasks.append(item["stream"])
-            bad += item["bad_rows"]
+            bad, rows = bad + item["bad_rows"], rows + item["global_rows"]
             if len(batches) == self.accum:
-                self._state = self._with_run(item["sampler_state"], bad)
+                self._state, self.step_rows = self._with_run(item["sampler_state"], bad), rows
                 yield (item["step"] + 1) // self.accum, batches, tasks
-                batches, tasks = [], []
+                batches, tasks, rows = [], [], 0
 
 
 def _comparable(value: Any) -> Any:
@@ -312,14 +314,23 @@ def task_loader(
     identity: Mapping[str, Any] | None = None,
     skip_bad: bool = False,
     read_skipped: int = 0,
+    token_budget: int | None = None,
+    lengths: Sequence[int] | None = None,
     **sampler_options: Any,
 ) -> tuple[TaskLoader, int]:
     """``(TaskLoader, rows per epoch)`` over ``tasks`` (name -> rows): ``batch_size`` rows per rank, the
     sampler and DataLoader seeded with ``seed``. ``sampler_options`` go to `WeightedTaskSampler`
     (``weights``, ``group_of``, ``group_weights``); ``identity``, ``skip_bad``, ``read_skipped`` to
-    `TaskLoader`; rows per epoch counts the tasks it can draw."""
+    `TaskLoader`; rows per epoch counts the tasks it can draw. ``token_budget`` (one task, ``lengths[i]``:
+    row ``i``'s tokens) uses `length_batches.TokenBudgetSampler` instead: ``batch_size`` is then unused."""
     sizes = {name: len(rows) for name, rows in tasks.items()}
-    sampler = WeightedTaskSampler(sizes, batch_size, seed=seed, rank=rank, world_size=world_size, **sampler_options)
+    ids = dict(seed=seed, rank=rank, world_size=world_size)
+    if token_budget is None:
+        sampler = WeightedTaskSampler(sizes, batch_size, **ids, **sampler_options)
+    else:  # one task; batch_size is unused
+        from .length_batches import budget_sampler
+
+        sampler = budget_sampler(tasks, lengths, token_budget, **ids, **sampler_options)
     run = dict(identity=identity, skip_bad=skip_bad, read_skipped=read_skipped)
     loader = TaskLoader(tasks, sampler, collate, num_workers, seed, grad_accum_steps, **run)
     return loader, sum(sizes[name] for name in sampler.tasks)
@@ -343,6 +354,8 @@ def training_batches(
     columns: Mapping[str, str] | None = None,
     delimiter: str | None = None,
     allow_mixed: bool = False,
+    token_budget: int | None = None,
+    row_length: Callable[[list], Sequence[int]] | None = None,
 ) -> tuple[Any, int]:
     """``(loader, rows per epoch)`` for a training path: sharded sets stream, a file is one task.
 
@@ -356,7 +369,8 @@ def training_batches(
     images fail in ``collate`` (``loader.bad_rows``). ``columns`` (canonical field -> the file's column,
     `columns.parse_columns`) and ``format`` apply to both, ``delimiter`` to a CSV file. The file's identity
     (`file_fingerprint` and its record count) goes into the state, so a resume on other data is refused.
-    Both give the same ``steps`` / ``state_dict`` interface.
+    Both give the same ``steps`` / ``state_dict`` interface. ``token_budget`` (a file only; `task_loader`):
+    ``row_length(records)`` gives each row's tokens, e.g. `length_batches.lengths_for(collator)`.
     """
     from ..user_errors import UserError
     from .row_files import read_file
@@ -376,8 +390,11 @@ def training_batches(
                 stacklevel=2,
             )
         identity = {"train": {**file_fingerprint(path), "rows": len(records)}}
-        run = dict(identity=identity, skip_bad=skip_bad, read_skipped=reader.skipped)
+        run = dict(identity=identity, skip_bad=skip_bad, read_skipped=reader.skipped, token_budget=token_budget)
+        run["lengths"] = row_length(records) if token_budget is not None and row_length is not None else None
         return task_loader({"train": records}, collate, **options, **run)
+    if token_budget is not None:
+        raise UserError(f"{path} names shards, which stream: a token budget needs a training file's lengths up front")
     # The folder is checked (and its files logged) before the --max-steps error: both are fixed at once.
     stream = dict(format=format, columns=columns, allow_mixed=allow_mixed, skip_bad_shards=skip_bad_shards)
     loader = open_stream(path, collate_fn=collate, **stream, **options)

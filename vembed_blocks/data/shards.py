@@ -192,6 +192,7 @@ class StreamLoader:
             skip_bad_shards,
         )
         self.num_workers, self.seed, self.accum = num_workers, int(seed), grad_accum_steps
+        self.step_rows = batch_size * world_size * grad_accum_steps  # rows per step, all ranks (TaskLoader's)
         self._state: dict[str, Any] = {
             "kind": "stream",
             "step": 0,
