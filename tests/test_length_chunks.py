@@ -91,7 +91,7 @@ def test_trimmed_chunks_equal_the_padded_batch_in_float64(bert, path: str) -> No
     seen: list = []
     fn_seen = mean_pooled(model, seen)
     if path == "plain":
-        encode = lambda side: encode_in_length_chunks(fn_seen, inputs[side], 3)
+        encode = lambda side: encode_in_length_chunks(fn_seen, inputs[side], 3, min_tokens=0)
     else:
         options = {"memory_budget": 0} if path == "gradcache_classic" else {}
         size = {"max_tokens": 40} if path == "gradcache_max_tokens" else {"chunk_size": 3}
@@ -129,7 +129,7 @@ def test_rows_come_back_in_input_order(bert) -> None:
     fn = mean_pooled(model)
     with torch.no_grad():
         alone = torch.cat([fn(**{k: v[i : i + 1] for k, v in inputs.items()}) for i in range(len(LENGTHS_D))])
-        got = encode_in_length_chunks(fn, inputs, 4)
+        got = encode_in_length_chunks(fn, inputs, 4, min_tokens=0)
         via_gc = GradCache(chunk_size=4, splitter=LengthSplit).encode(fn, **inputs)
     torch.testing.assert_close(got, alone, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(via_gc, alone, rtol=1e-12, atol=1e-12)
@@ -149,7 +149,7 @@ def test_dropout_replay_of_trimmed_chunks_is_exact() -> None:
         dense_loss(encode(model, q_in), encode(model, d_in)).backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    want = run(lambda m, x: encode_in_length_chunks(m, x, 4), copy.deepcopy(tower))
+    want = run(lambda m, x: encode_in_length_chunks(m, x, 4, min_tokens=0), copy.deepcopy(tower))
     for options in ({}, {"memory_budget": 0}):
         gc = GradCache(chunk_size=4, splitter=LengthSplit, **options)
         got = run(lambda m, x: gc.encode(m, **x), copy.deepcopy(tower))
@@ -157,7 +157,7 @@ def test_dropout_replay_of_trimmed_chunks_is_exact() -> None:
             assert torch.equal(a, b) or (a - b).norm() <= 1e-6 * b.norm()
 
 
-def test_left_padding_is_sorted_not_trimmed(bert) -> None:
+def test_left_padding_is_not_trimmed(bert) -> None:
     model, _ = bert
     g = torch.Generator().manual_seed(5)
     lengths = torch.tensor([2, 6, 1, 4])
@@ -169,8 +169,34 @@ def test_left_padding_is_sorted_not_trimmed(bert) -> None:
     with torch.no_grad():
         got = encode_in_length_chunks(mean_pooled(model, seen), inputs, 2)
         want = mean_pooled(model)(**inputs)
-    assert [c["input_ids"].shape[1] for c in seen] == [6, 6]
+    assert [c["input_ids"].shape for c in seen] == [(4, 6)]  # nothing to trim: one call, as given
+    assert torch.equal(seen[0]["input_ids"], inputs["input_ids"])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    chunks = GradCache(chunk_size=2, splitter=LengthSplit)  # GradCache chunks sorted, full width
+    with torch.no_grad():
+        torch.testing.assert_close(chunks.encode(mean_pooled(model), **inputs), want, rtol=1e-12, atol=1e-12)
+
+
+def test_chunks_only_where_they_cut_enough_padding(bert) -> None:
+    """min_saving: lengths 12..14 in a batch padded to 14 would save under 20% of the padded tokens, so fn
+    runs once on the batch as given; with min_saving=0 it runs on the sorted, trimmed chunks. min_tokens: a
+    batch of fewer padded tokens runs once however much it would save."""
+    model, tok = bert
+    inputs = tokens(tok, [12, 11, 12, 10, 12, 11], 4)  # + [CLS]/[SEP]: 12..14 tokens
+    split = LengthSplit(((), inputs))
+    real = sorted(inputs["attention_mask"].sum(1).tolist(), reverse=True)
+    assert split.padded_tokens(2) == (6 * 14, sum(2 * real[s] for s in (0, 2, 4)))
+    spread = tokens(tok, LENGTHS_D, 2)  # 10 rows padded to 32: 320 tokens, chunks of 2 would cut over half
+    for batch, options, calls in (
+        (inputs, dict(min_saving=0.2, min_tokens=0), [6]),
+        (inputs, dict(min_saving=0.0, min_tokens=0), [2, 2, 2]),
+        (spread, dict(min_tokens=321), [10]),
+        (spread, dict(min_tokens=320), [2] * 5),
+    ):
+        seen: list = []
+        with torch.no_grad():
+            encode_in_length_chunks(mean_pooled(model, seen), batch, 2, **options)
+        assert [len(c["input_ids"]) for c in seen] == calls, options
 
 
 def test_inputs_without_a_mask_pass_through() -> None:
