@@ -157,6 +157,22 @@ def test_dropout_replay_of_trimmed_chunks_is_exact() -> None:
             assert torch.equal(a, b) or (a - b).norm() <= 1e-6 * b.norm()
 
 
+def test_gradcache_keeps_the_widest_chunk_graph(bert) -> None:
+    """keep_graphs=1 keeps the costliest chunk's graph: with LengthSplit the cost is padded tokens, so the widest
+    (first) chunk is run once and never replayed, the narrower ones twice."""
+    model, tok = bert
+    inputs = tokens(tok, LENGTHS_D, 2)
+    seen: list = []
+    gc = GradCache(chunk_size=4, splitter=LengthSplit)
+    emb = gc.encode(mean_pooled(model, seen), **inputs)
+    emb.pow(2).sum().backward()
+    widths = [c["input_ids"].shape[1] for c in seen]
+    real = sorted(inputs["attention_mask"].sum(1).tolist(), reverse=True)
+    assert widths == [real[0], real[4], real[8], real[4], real[8]]  # first pass, then the replays
+    split = LengthSplit(((), inputs))
+    assert split.costs([(0, 4), (4, 8), (8, 10)]) == [4 * real[0], 4 * real[4], 2 * real[8]]
+
+
 def test_left_padding_is_not_trimmed(bert) -> None:
     model, _ = bert
     g = torch.Generator().manual_seed(5)

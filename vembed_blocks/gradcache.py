@@ -271,6 +271,8 @@ class GradCache:
         tree = getattr(split, "inputs", (args, kwargs))  # in the order the chunks are cut (LengthSplit sorts)
         bounds, costs = chunk_bounds(len(split), tree, self.chunk_size, self.max_tokens)
         restore = getattr(split, "restore", lambda out: out)  # a splitter that reorders rows puts them back
+        if hasattr(split, "costs"):  # a trimming splitter (LengthSplit): padded tokens, so the widest chunk is kept
+            costs = split.costs(bounds)
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             owners = [*self.sync_modules, fn, getattr(fn, "__self__", None)]
             if any(isinstance(m, nn.Module) and m.training for m in owners):

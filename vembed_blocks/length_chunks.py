@@ -103,6 +103,11 @@ class LengthSplit(RowSplit):
             return out[:, : self._width].contiguous()
         return out
 
+    def costs(self, bounds: list[tuple[int, int]]) -> list[int]:
+        """Padded tokens of each chunk ``[s, e)`` as cut (rows x width): `GradCache` keeps the costliest graphs."""
+        width = self._shape[1] if self._shape else 1
+        return [(e - s) * (max(1, self._lengths[s]) if self.trimmed else width) for s, e in bounds]
+
     def padded_tokens(self, chunk_size: int) -> tuple[int, int]:
         """``(B * L, the sum over chunks of rows * width)``: the batch's padded tokens, whole and cut into
         chunks of ``chunk_size`` rows (equal when nothing is trimmed)."""
