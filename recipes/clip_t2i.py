@@ -110,7 +110,6 @@ class Parts:
     collator: DualEncoderCollator
     processor: object
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
-    trim: bool = False  # text in length-sorted chunks cut to their longest row (exact: padded to the longest)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -162,7 +161,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     collator = DualEncoderCollator(processor, **padding)
     trim = args.trim_padding and padding["padding"] is True  # SigLIP pools position -1 of max_length padding
     state = nn.ModuleDict({"model": model, "loss": criterion})
-    return Parts(model, state, groups, criterion, collator, processor, LengthSplit if trim else None, trim)
+    return Parts(model, state, groups, criterion, collator, processor, LengthSplit if trim else None)
 
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
@@ -184,7 +183,7 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
         with autocast(args, device):
             if gc is not None:
                 return gc.encode(fn, **inputs).float()
-            if parts.trim and "pixel_values" not in inputs:  # text: length-sorted chunks, graphs kept
+            if parts.splitter is LengthSplit and "pixel_values" not in inputs:  # text: sorted chunks, graphs kept
                 return encode_in_length_chunks(fn, inputs, args.trim_chunk_size).float()
             return fn(**inputs).float()
 

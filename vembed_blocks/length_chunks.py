@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from .gradcache_split import RowSplit, find_mask
+from .gradcache_split import RowSplit, chunk_bounds, find_mask
 
 __all__ = ["LengthSplit", "encode_in_length_chunks", "is_right_padded"]
 
@@ -110,12 +110,9 @@ class LengthSplit(RowSplit):
 
     def padded_tokens(self, chunk_size: int) -> tuple[int, int]:
         """``(B * L, the sum over chunks of rows * width)``: the batch's padded tokens, whole and cut into
-        chunks of ``chunk_size`` rows (equal when nothing is trimmed)."""
-        full = self.rows * self._shape[1] if self._shape else 0
-        if not self.trimmed:
-            return full, full
-        starts = range(0, self.rows, chunk_size)
-        return full, sum(min(chunk_size, self.rows - s) * max(1, self._lengths[s]) for s in starts)
+        chunks of ``chunk_size`` rows (`costs`; equal when nothing is trimmed)."""
+        width = self._shape[1] if self._shape else 1
+        return self.rows * width, sum(self.costs(chunk_bounds(self.rows, None, chunk_size, None)[0]))
 
     def restore(self, out: torch.Tensor) -> torch.Tensor:
         """``out[B, ...]``, rows in sorted order -> the same rows in input order (differentiable)."""
@@ -156,5 +153,5 @@ def encode_in_length_chunks(
     padded, trimmed = split.padded_tokens(chunk_size)
     if padded < min_tokens or trimmed > (1 - min_saving) * padded:
         return fn(**inputs)
-    outs = [fn(**split[s : s + chunk_size][1]) for s in range(0, len(split), chunk_size)]
+    outs = [fn(**split[s:e][1]) for s, e in chunk_bounds(len(split), None, chunk_size, None)[0]]
     return split.restore(torch.cat(outs))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..user_errors import UserError
-from .sampler import _feistel, _mix, _name_key
+from .sampler import _feistel, _mix, _name_key, rank_and_world
 
 if TYPE_CHECKING:
     from .records import Record
@@ -103,11 +103,7 @@ class TokenBudgetSampler:
         task: str = "train",
         window: int | None = None,
     ) -> None:
-        if rank is None or world_size is None:
-            from ..distributed import get_rank, get_world_size
-
-            rank = get_rank() if rank is None else rank
-            world_size = get_world_size() if world_size is None else world_size
+        rank, world_size = rank_and_world(rank, world_size)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
@@ -126,6 +122,7 @@ class TokenBudgetSampler:
         self.windows = max(1, n // self.window)  # windows per pass; the last takes the remainder
         self.fingerprint = zlib.crc32(self.lengths.astype("<i8").tobytes())
         self.step, self.pass_, self.window_index, self.batch_index = 0, 0, 0, 0
+        self.drawn_rows = 0  # rows of the last global batch drawn, all ranks (`TaskLoader.step_rows` sums them)
         self._cache: tuple[tuple[int, int], list[np.ndarray]] | None = None  # the current window's batches
         long = int((self.lengths > self.token_budget).sum())
         if long:
@@ -175,7 +172,7 @@ class TokenBudgetSampler:
     def __next__(self) -> tuple[str, list[int]]:
         batches = self._current()
         rows = batches[self.batch_index]
-        self.drawn_rows = len(rows)  # this global batch's rows, all ranks (`TaskLoader.step_rows` sums them)
+        self.drawn_rows = len(rows)
         self.step, self.batch_index = self.step + 1, self.batch_index + 1
         if self.batch_index == len(batches):
             self.batch_index, self.window_index = 0, self.window_index + 1

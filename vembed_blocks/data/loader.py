@@ -114,7 +114,7 @@ class TaskBatches(IterableDataset):
                 "batch": batch,
                 "sampler_state": sampler.state_dict(),
                 "bad_rows": bad,
-                "global_rows": getattr(sampler, "drawn_rows", None) or sampler.global_batch,  # all ranks, as drawn
+                "global_rows": sampler.drawn_rows,  # all ranks' rows of this draw
             }
 
     def _collate(self, records: list[Any], step: int, task: str) -> tuple[Any, int]:

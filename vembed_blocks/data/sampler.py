@@ -82,6 +82,16 @@ def parse_group_weights(spec: str) -> dict[int, float]:
     return out
 
 
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)`` as given, each ``None`` read from the process group (0 / 1 without one)."""
+    if rank is None or world_size is None:
+        from ..distributed import get_rank, get_world_size
+
+        rank = get_rank() if rank is None else rank
+        world_size = get_world_size() if world_size is None else world_size
+    return rank, world_size
+
+
 def _feistel(x: np.ndarray, n: int, round_keys: list[int]) -> np.ndarray:
     """A keyed bijection of ``[0, n)`` applied to ``x`` without materialising it.
 
@@ -238,15 +248,12 @@ class WeightedTaskSampler:
         group_of: Mapping[str, Sequence[Hashable]] | None = None,
         group_weights: Mapping[Hashable, float] | None = None,
     ) -> None:
-        if rank is None or world_size is None:
-            from ..distributed import get_rank, get_world_size
-
-            rank = get_rank() if rank is None else rank
-            world_size = get_world_size() if world_size is None else world_size
+        rank, world_size = rank_and_world(rank, world_size)
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, int(seed)
         self.global_batch = batch_size * world_size
+        self.drawn_rows = self.global_batch  # rows of every draw, all ranks (TokenBudgetSampler's vary)
         self.step = 0
         self.tasks, task_w = self._task_weights(dict(task_sizes), weights)
         self._task_cum = np.cumsum(task_w)
