@@ -17,7 +17,9 @@ __version__ = "0.1.0"
 # public name -> module (relative to this package) that defines it
 _EXPORTS: dict[str, str] = {
     # losses, pooling, GradCache, gradient sync
-    **dict.fromkeys(["InfoNCE", "SigLIP", "Triplet", "CoSENT", "Matryoshka", "Distill"], "losses"),
+    **dict.fromkeys(["InfoNCE", "SigLIP", "Triplet", "CoSENT", "Distill"], "losses"),
+    "Matryoshka": "matryoshka",
+    "FalseNegatives": "false_negatives",
     **dict.fromkeys(["ColBERT", "maxsim"], "colbert"),
     **dict.fromkeys(["mine_hard_negatives", "write_mined_file"], "mining"),
     **dict.fromkeys(["pool", "POOL_METHODS"], "pooling"),

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .distributed import all_gather_ints, gather_with_grad, get_rank, is_dist, pad_dim
+from .false_negatives import pair_filter
 
 #: With ``tile_size=None`` a loss goes tiled when its dense score tensor would hold more than
 #: this many elements (rows x candidates, times Lq x Ld for ColBERT): 2**26 float32 = 256 MiB.
@@ -148,16 +149,49 @@ def dropped(rows: Side, cols: Side) -> torch.Tensor | None:
     return drop
 
 
-def signed_logits(rows: Side, cols: Side, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def candidate_masks(
+    rows: Side, cols: Side, z: torch.Tensor, tally: dict | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(drop[r, c], down[r, c])`` for a softmax over columns: what `dropped` removes plus what the
+    false-negative rules remove (`false_negatives.pair_filter`), and the rules' log-weights."""
+    drop = dropped(rows, cols)
+    if not _has_rules(rows):
+        return drop, None
+    eligible = rows.meta["id"][:, None] != cols.meta["id"][None, :]
+    eligible = eligible if drop is None else eligible & ~drop
+    more, down = pair_filter(rows.meta, cols.meta, z, eligible, tally)
+    if more is not None:
+        drop = more if drop is None else drop | more
+    return drop, down
+
+
+def _has_rules(rows: Side) -> bool:
+    return any(k in rows.meta for k in ("content", "bound", "guide"))
+
+
+def signed_logits(
+    rows: Side, cols: Side, bias: torch.Tensor, tally: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``sign * (z + bias)`` (+1 for positives: the own column or a shared label, else -1),
-    the positive mask and the valid-column mask (None: all valid)."""
-    z = (rows.x @ cols.x.T).to(acc_dtype(rows.x)) + bias
+    the positive mask and the pair weights (None: all 1; 0 for invalid columns and pairs the
+    false-negative rules drop, ``weight`` for those they down-weight)."""
+    z = (rows.x @ cols.x.T).to(acc_dtype(rows.x))
     positive = rows.meta["id"][:, None] == cols.meta["id"][None, :]
     if "label" in rows.meta and "label" in cols.meta:
         positive |= (rows.meta["label"][:, None] == cols.meta["label"][None, :]) & (cols.meta["id"] >= 0)[None, :]
-    signed = torch.where(positive, z, -z)
     keep = cols.meta["valid"][None, :] if "valid" in cols.meta else None
-    return signed, positive, keep
+    weight = None if keep is None else keep.to(z.dtype).expand_as(z)
+    if _has_rules(rows):
+        eligible = ~positive if keep is None else ~positive & keep
+        drop, down = pair_filter(rows.meta, cols.meta, z, eligible, tally)
+        if drop is not None or down is not None:
+            weight = torch.ones_like(z) if weight is None else weight.clone()
+            if down is not None:
+                weight = weight * down.exp()
+            if drop is not None:
+                weight = weight.masked_fill(drop, 0.0)
+    z = z + bias
+    return torch.where(positive, z, -z), positive, weight
 
 
 def ring_pad(cols: Side, n: int) -> Side:
@@ -168,7 +202,7 @@ def ring_pad(cols: Side, n: int) -> Side:
     """
     meta = dict(cols.meta)
     meta.setdefault("valid", torch.ones(len(cols), dtype=torch.bool, device=cols.x.device))
-    fill = {"valid": False, "id": -1, "tokens": True}
+    fill = {"valid": False, "id": -1, "tokens": True, "content": -1}
     return Side(pad_dim(cols.x, 0, n), {k: pad_dim(v, 0, n, fill.get(k, 0)) for k, v in meta.items()})
 
 
@@ -178,7 +212,7 @@ def unique_unlabelled(labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def gather_parts(parts: list[torch.Tensor], shapes: list[list[tuple[int, ...]]], group=None) -> list[torch.Tensor]:
-    """Several tensors of one dtype from every rank in one all-gather, with gradient.
+    """Several tensors of one dtype from every rank in one all-gather, with gradient (a float dtype).
 
     ``shapes[r][i]`` is rank r's shape of ``parts[i]`` (known to every rank, e.g. from
     `all_gather_ints`). Returns, for each part, every rank's rows concatenated in rank order.
@@ -186,7 +220,7 @@ def gather_parts(parts: list[torch.Tensor], shapes: list[list[tuple[int, ...]]],
     """
     numels = [[math.prod(s) for s in rank] for rank in shapes]
     flat = torch.cat([p.reshape(-1) for p in parts])
-    if torch.is_grad_enabled() and not flat.requires_grad:
+    if torch.is_grad_enabled() and flat.is_floating_point() and not flat.requires_grad:
         # In the graph on every rank, so a rank whose own inputs need no gradient (say, its only
         # trainable input is negatives it does not have) still runs the backward's all-reduce.
         flat.requires_grad_()
@@ -202,7 +236,9 @@ class Candidates:
     ``cols``: per column tensor asked for, every rank's rows in rank order (``[sum_r B_r, D]``),
     or this rank's own on a ring / without gathering; ``negatives[M, D]`` / ``valid[M]`` likewise;
     ``labels[B]`` this rank's and ``col_labels`` those of ``cols``; ``offset`` the global id of
-    this rank's first row; ``sizes`` / ``negs`` every rank's row and negative counts.
+    this rank's first row; ``sizes`` / ``negs`` every rank's row and negative counts;
+    ``content`` / ``guide``: per column tensor, then the negatives, their content ids ``[n]``
+    and guide embeddings ``[n, G]`` (None when no rank has them), gathered like ``cols``.
     """
 
     cols: list[torch.Tensor]
@@ -214,22 +250,32 @@ class Candidates:
     sizes: list[int]
     negs: list[int]
     ring: bool
+    content: list[torch.Tensor] | None = None
+    guide: list[torch.Tensor] | None = None
 
-    def sides(self, rows: torch.Tensor, cols: torch.Tensor, negatives: bool = True) -> tuple[Side, Side]:
-        """``rows[B, D]`` (this rank's, scaled) and the columns ``cols`` (+ the hard negatives), with masks."""
-        dev = rows.device
+    def sides(
+        self, rows: torch.Tensor, k: int = 0, negatives: bool = True, row_meta: dict | None = None
+    ) -> tuple[Side, Side]:
+        """``rows[B, D]`` (this rank's, scaled) and the column tensor ``cols[k]`` (+ the hard negatives),
+        with masks; ``row_meta``: more row metadata (the false-negative rules')."""
+        dev, cols = rows.device, self.cols[k]
         row_id = self.offset + torch.arange(rows.shape[0], device=dev)
         # Gathered columns start at global id 0; a ring's (or an ungathered loss's) are this rank's own.
         col_id = (self.offset if self.ring else 0) + torch.arange(len(cols), device=dev)
-        row_meta, col_meta = {"id": row_id}, {"id": col_id}
+        row_meta, col_meta = {"id": row_id, **(row_meta or {})}, {"id": col_id}
         if self.labels is not None:
             row_meta["label"] = unique_unlabelled(self.labels, row_id)
             col_meta["label"] = unique_unlabelled(self.col_labels, col_id)
         neg = self.negatives if negatives else None
+        for key, per_col in (("content", self.content), ("guide", self.guide)):
+            if per_col is not None:
+                col_meta[key] = per_col[k] if neg is None else torch.cat([per_col[k], per_col[-1]])
         if neg is not None:  # extra columns: id -1 (nobody's target), label never compared
             m = neg.shape[0]
             cols = torch.cat([cols, neg.to(cols.dtype)])
-            col_meta = {k: torch.cat([v, v.new_full((m,), -1 if k == "id" else 0)]) for k, v in col_meta.items()}
+            for key in ("id", "label"):
+                if key in col_meta:
+                    col_meta[key] = torch.cat([col_meta[key], col_meta[key].new_full((m,), -1 if key == "id" else 0)])
             if self.valid is not None:
                 col_meta["valid"] = torch.cat([torch.ones(len(cols) - m, dtype=torch.bool, device=dev), self.valid])
         side = Side(cols, col_meta)
@@ -247,17 +293,21 @@ def exchange(
     gather_on: bool,
     ring: bool = False,
     group=None,
+    content: list[torch.Tensor | None] | None = None,
+    guide: list[torch.Tensor | None] | None = None,
 ) -> Candidates:
     """Gather a contrastive loss's candidates from every rank of ``group``: 3 collectives, 1 host read.
 
     ``cols``: this rank's ``[B, D]`` column tensors (the positives; a symmetric loss adds the
-    queries); ``labels[B]`` integer ids (< 0: none); ``negatives[M, D]`` with ``negatives_valid[M]``.
-    First one all-gather of six ints per rank (B, M, D, which optional inputs it has) settles
-    every shape and which inputs exist anywhere: a rank lacking one that another has takes part
-    with an empty / unlabelled / all-valid one, so the result is one process on the
-    concatenated batch with those masked. Then one all-gather (with gradient) of every float
-    tensor packed in one buffer (validity as 0/1) and one of the int64 labels (string labels
-    arrive as `data.label_id` hashes, too wide for a float). A ring needs only the first.
+    queries); ``labels[B]`` integer ids (< 0: none); ``negatives[M, D]`` with ``negatives_valid[M]``;
+    ``content`` / ``guide``: for each column tensor and then the negatives, content ids ``[B]`` /
+    ``[M]`` and guide embeddings ``[B, G]`` / ``[M, G]`` (the false-negative rules; an entry may be
+    None: no ids, -1). First one all-gather of eight ints per rank (B, M, D, which optional inputs it
+    has, G) settles every shape and which inputs exist anywhere: a rank lacking one that another has
+    takes part with an empty / unlabelled / all-valid one, so the result is one process on the
+    concatenated batch with those masked (guide embeddings must be on all ranks or none). Then one
+    all-gather (with gradient) of every float tensor packed in one buffer (validity as 0/1) and one
+    of the int64 labels and content ids (hashes, too wide for a float). A ring needs only the first.
     """
     b, dim, dev = cols[0].shape[0], cols[0].shape[-1], cols[0].device
     if labels is not None:
@@ -265,11 +315,14 @@ def exchange(
             raise ValueError(f"labels must be integer ids (>= 0, or < 0 for no label), got dtype {labels.dtype}")
         labels = labels.long()
     m = 0 if negatives is None else negatives.shape[0]
-    header = [b, m, dim, int(labels is not None), int(negatives is not None), int(negatives_valid is not None)]
+    gdim = 0 if guide is None else guide[0].shape[-1]
+    header = [b, m, dim, *(int(x is not None) for x in (labels, negatives, negatives_valid, content)), gdim]
     on = gather_on and is_dist(group)
     table = all_gather_ints(header, dev, group) if on else [header]
     if len({row[2] for row in table}) > 1:
         raise ValueError(f"embedding dims differ across ranks: {[row[2] for row in table]}")
+    if len({row[7] for row in table}) > 1:
+        raise ValueError(f"guide embeddings on some ranks only, or of different dims: {[row[7] for row in table]}")
     sizes, negs = [row[0] for row in table], [row[1] for row in table]
     if sum(sizes) + sum(negs) == 1:  # known on the host already: costs no sync
         warnings.warn(
@@ -278,20 +331,37 @@ def exchange(
             RuntimeWarning,
             stacklevel=3,
         )
-    has_labels, has_neg, has_valid = (any(row[i] for row in table) for i in (3, 4, 5))
+    has_labels, has_neg, has_valid, has_content = (any(row[i] for row in table) for i in (3, 4, 5, 6))
     if has_labels and labels is None:
         labels = torch.full((b,), -1, dtype=torch.long, device=dev)
     if has_neg and negatives is None:
         negatives = cols[0].new_zeros(0, dim)
     if has_valid and negatives_valid is None:
         negatives_valid = torch.ones(m, dtype=torch.bool, device=dev)
+    counts = [b] * len(cols) + [m]
+    if has_content:  # a missing entry: no ids (-1), a duplicate of nobody
+        content = content or [None] * len(counts)
+        content = [torch.full((n,), -1, device=dev) if c is None else c for c, n in zip(content, counts)]
+        content = [c.to(dev, torch.long).reshape(n) for c, n in zip(content, counts)]
+    if gdim:
+        guide = [cols[0].new_zeros(n, gdim) if g is None else g.detach() for g, n in zip(guide, counts)]
     offset = sum(sizes[: get_rank(group)]) if on else 0
     if ring or not on:
-        return Candidates(cols, negatives, negatives_valid, labels, labels, offset, sizes, negs, ring)
-    parts = [*cols, *[negatives] * has_neg, *[negatives_valid] * has_valid]
-    shapes = [[(n, dim)] * len(cols) + [(k, dim)] * has_neg + [(k,)] * has_valid for n, k in zip(sizes, negs)]
+        return Candidates(cols, negatives, negatives_valid, labels, labels, offset, sizes, negs, ring, content, guide)
+    k = len(cols)
+    guides = guide if gdim else []
+    parts = [*cols, *[negatives] * has_neg, *[negatives_valid] * has_valid, *guides]
+    shapes = [
+        [(n, dim)] * k + [(j, dim)] * has_neg + [(j,)] * has_valid + ([(n, gdim)] * k + [(j, gdim)]) * bool(gdim)
+        for n, j in zip(sizes, negs)
+    ]
     got = gather_parts([x.to(cols[0].dtype) for x in parts], shapes, group)
-    negatives = got[len(cols)] if has_neg else None
-    valid = got[-1] > 0.5 if has_valid else None
-    col_labels = gather_with_grad(labels, group, sizes) if has_labels else None
-    return Candidates(got[: len(cols)], negatives, valid, labels, col_labels, offset, sizes, negs, ring)
+    negatives = got[k] if has_neg else None
+    valid = got[k + has_neg] > 0.5 if has_valid else None
+    guide = got[k + has_neg + has_valid :] if gdim else None
+    ints = [*[labels] * has_labels, *(content if has_content else [])]
+    int_shapes = [[(n,)] * has_labels + ([(n,)] * k + [(j,)]) * has_content for n, j in zip(sizes, negs)]
+    ints = gather_parts(ints, int_shapes, group) if ints else []
+    col_labels = ints[0] if has_labels else None
+    content = ints[has_labels:] if has_content else None
+    return Candidates(got[:k], negatives, valid, labels, col_labels, offset, sizes, negs, ring, content, guide)

@@ -1,4 +1,4 @@
-"""Embedding losses: InfoNCE, SigLIP, Triplet, CoSENT, Matryoshka, Distill.
+"""Embedding losses: InfoNCE, SigLIP, Triplet, CoSENT, Distill (and Matryoshka, from `vembed_blocks.matryoshka`).
 
 Inputs are raw embeddings; cosine losses normalise internally. B rows, D dims, K negatives.
 Imports torch, `_loss_utils` and `distributed`; the tiled kernels (`vembed_blocks.tiled`) load
@@ -15,7 +15,6 @@ runs 3 collectives and reads the host once (`_loss_utils.exchange`), whatever th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,10 +22,10 @@ import torch.nn.functional as F
 
 from ._loss_utils import (
     Side,
+    candidate_masks,
     check_mask,
     check_rows,
     check_temperature,
-    dropped,
     exchange,
     flatten_negatives,
     on_device,
@@ -35,8 +34,17 @@ from ._loss_utils import (
     signed_logits,
 )
 from .distributed import is_dist
+from .false_negatives import FalseNegatives, per_side, row_rules
 
-__all__ = ["InfoNCE", "SigLIP", "Triplet", "CoSENT", "Matryoshka", "Distill"]
+__all__ = ["InfoNCE", "SigLIP", "Triplet", "CoSENT", "Distill"]  # and Matryoshka (below)
+
+
+def __getattr__(name: str):
+    if name == "Matryoshka":  # its own block (`vembed_blocks.matryoshka`), loaded only when asked for
+        from .matryoshka import Matryoshka
+
+        return Matryoshka
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- InfoNCE
@@ -53,7 +61,10 @@ class InfoNCE(nn.Module):
       fewer) or ``[M,D]`` a pool (each rank's pool is gathered too);
     - ``labels[B]``: positives of other rows with the same label are removed from the
       candidates (duplicates are not negatives);
-    - ``symmetric``: also each positive against all (gathered) queries, the two averaged.
+    - ``symmetric``: also each positive against all (gathered) queries, the two averaged;
+    - ``false_negatives`` (`FalseNegatives`) with ``content_ids`` / ``guide`` (dicts of ``query``,
+      ``positive``, ``negatives``): the false-negative rules of `vembed_blocks.false_negatives`;
+      ``masked`` then holds each rule's hit count of the last call.
 
     Logits are ``cos / temperature``; with ``learn_temperature`` the log of ``1/temperature``
     is a parameter (put the loss's parameters in your optimizer).
@@ -78,6 +89,7 @@ class InfoNCE(nn.Module):
         tile_size: int | None = None,
         ring: bool = False,
         group=None,
+        false_negatives: FalseNegatives | None = None,
     ) -> None:
         super().__init__()
         check_temperature("InfoNCE", temperature)
@@ -85,6 +97,7 @@ class InfoNCE(nn.Module):
         self.log_scale = scale_param(math.log(1.0 / temperature), learn_temperature)
         self.learn, self.symmetric, self.gather = learn_temperature, symmetric, gather
         self.tile_size, self.ring, self.group = tile_size, ring, group
+        self.false_negatives, self.masked = false_negatives, {}
 
     @property
     def temperature(self) -> float:
@@ -97,36 +110,69 @@ class InfoNCE(nn.Module):
         negatives: torch.Tensor | None = None,
         negatives_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        content_ids: dict[str, torch.Tensor] | None = None,
+        guide: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         check_rows("InfoNCE", query=query, positive=positive)
         if query.dim() != 2:
             raise ValueError(f"InfoNCE: query must be [B, D], got shape {tuple(query.shape)}")
         check_mask("InfoNCE", "labels", labels, query.shape[:1])
-        neg, neg_valid = flatten_negatives("InfoNCE", query.shape[0], query.shape[1], negatives, negatives_mask)
+        b, sides = query.shape[0], ("query", "positive") if self.symmetric else ("positive",)
+        shape = None if negatives is None else tuple(negatives.shape[:-1])
+        ids = per_side("InfoNCE", "content_ids", content_ids, b, shape, sides, query.device)
+        gd = per_side("InfoNCE", "guide", guide, b, shape, ("query", "positive"), query.device)
+        neg, neg_valid = flatten_negatives("InfoNCE", b, query.shape[1], negatives, negatives_mask)
         q, p = F.normalize(query, dim=-1), F.normalize(positive, dim=-1)
         neg = None if neg is None else F.normalize(neg, dim=-1)
         scale = torch.exp(on_device(self.log_scale, q)) if self.learn else math.exp(self.log_scale)
         ring = self.ring and self.gather and is_dist(self.group)
         # One exchange serves both directions: the queries travel too when symmetric.
-        cols = [p, q] if self.symmetric else [p]
-        cand = exchange(cols, labels, neg, neg_valid, gather_on=self.gather, ring=ring, group=self.group)
-        loss = self._direction(*cand.sides(scale * q, cand.cols[0]), p, ring)
+        cols, order = ([p, q], [1, 0, 2]) if self.symmetric else ([p], [1, 2])
+        pick = lambda xs: None if xs is None else [xs[i] for i in order]  # noqa: E731
+        cand = exchange(
+            cols,
+            labels,
+            neg,
+            neg_valid,
+            gather_on=self.gather,
+            ring=ring,
+            group=self.group,
+            content=pick(ids),
+            guide=pick(gd),
+        )
+        fn, self.masked = self.false_negatives, {}
+        qs = scale * q
+        rules = row_rules(fn, (qs * p).sum(-1), scale, *_rule_inputs(ids, gd, 1, 0))
+        loss = self._direction(*cand.sides(qs, 0, row_meta=rules), p, ring)
         if not self.symmetric:
             return loss
-        return (loss + self._direction(*cand.sides(scale * p, cand.cols[1], negatives=False), q, ring)) / 2
+        ps = scale * p
+        rules = row_rules(fn, (ps * q).sum(-1), scale, *_rule_inputs(ids, gd, 0, 1))
+        return (loss + self._direction(*cand.sides(ps, 1, negatives=False, row_meta=rules), q, ring)) / 2
 
     def _direction(self, rows: Side, cols: Side, own: torch.Tensor, ring: bool) -> torch.Tensor:
         """Mean cross-entropy of each row's own column (``own``, unscaled) among its candidates."""
         tile = resolve_tile(self.tile_size, len(rows), len(cols), ring=ring)
         if tile is None:  # dense: the whole score matrix at once
             logits = rows.x @ cols.x.T
-            drop = dropped(rows, cols)
+            drop, down = candidate_masks(rows, cols, logits, self.masked)
+            logits = logits if down is None else logits + down
             logits = logits if drop is None else logits.masked_fill(drop, float("-inf"))
             return F.cross_entropy(logits, rows.meta["id"])
         from .tiled import tiled_logsumexp  # the kernels load when a loss first tiles
 
-        lse = tiled_logsumexp(rows, cols, tile, ring=ring, group=self.group)
+        lse = tiled_logsumexp(rows, cols, tile, ring=ring, group=self.group, tally=self.masked)
         return (lse - (rows.x * own).sum(-1)).mean()
+
+
+def _rule_inputs(ids, guide, target: int, row: int) -> tuple:
+    """(content ids of the rows' targets, guide of the rows, guide of their targets) from `per_side` lists
+    (index 0 queries, 1 positives)."""
+    return (
+        None if ids is None else ids[target],
+        None if guide is None else guide[row],
+        None if guide is None else guide[target],
+    )
 
 
 # ----------------------------------------------------------------------------- SigLIP
@@ -145,6 +191,8 @@ class SigLIP(nn.Module):
     block plus negative-only blocks from other ranks), divided by the local B, so the
     mean over ranks is the dense loss of the global batch. ``tile_size`` / ``ring`` / ``group``:
     as for `InfoNCE` (pairs are independent, so tiles need no running statistics).
+    ``false_negatives`` with ``content_ids`` / ``guide`` (``query`` = a, ``positive`` = b): as for
+    `InfoNCE`; a pair the rules drop adds no term (one they down-weight, ``weight`` times its term).
     """
 
     matryoshka_args = (0, 1, "negatives")
@@ -158,6 +206,7 @@ class SigLIP(nn.Module):
         tile_size: int | None = None,
         ring: bool = False,
         group=None,
+        false_negatives: FalseNegatives | None = None,
     ) -> None:
         super().__init__()
         check_temperature("SigLIP", temperature)
@@ -165,6 +214,7 @@ class SigLIP(nn.Module):
         self.log_scale = scale_param(math.log(temperature), learn)
         self.bias = scale_param(bias, learn)
         self.learn, self.gather, self.tile_size, self.ring, self.group = learn, gather, tile_size, ring, group
+        self.false_negatives, self.masked = false_negatives, {}
 
     def forward(
         self,
@@ -173,28 +223,49 @@ class SigLIP(nn.Module):
         labels: torch.Tensor | None = None,
         negatives: torch.Tensor | None = None,
         negatives_mask: torch.Tensor | None = None,
+        content_ids: dict[str, torch.Tensor] | None = None,
+        guide: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         check_rows("SigLIP", a=a, b=b)
         if a.dim() != 2:
             raise ValueError(f"SigLIP: a must be [B, D], got shape {tuple(a.shape)}")
         check_mask("SigLIP", "labels", labels, a.shape[:1])
+        shape = None if negatives is None else tuple(negatives.shape[:-1])
+        ids = per_side("SigLIP", "content_ids", content_ids, a.shape[0], shape, ("positive",), a.device)
+        gd = per_side("SigLIP", "guide", guide, a.shape[0], shape, ("query", "positive"), a.device)
         neg, neg_valid = flatten_negatives("SigLIP", a.shape[0], a.shape[1], negatives, negatives_mask)
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
         neg = None if neg is None else F.normalize(neg, dim=-1)
         scale = torch.exp(on_device(self.log_scale, a)) if self.learn else math.exp(self.log_scale)
         bias = on_device(self.bias, a) if self.learn else torch.tensor(self.bias, dtype=a.dtype, device=a.device)
         ring = self.ring and self.gather and is_dist(self.group)
-        cand = exchange([b], labels, neg, neg_valid, gather_on=self.gather, ring=ring, group=self.group)
-        rows, cols = cand.sides(scale * a, cand.cols[0])
+        pick = lambda xs: None if xs is None else xs[1:]  # noqa: E731  (the columns: b, then the negatives)
+        cand = exchange(
+            [b],
+            labels,
+            neg,
+            neg_valid,
+            gather_on=self.gather,
+            ring=ring,
+            group=self.group,
+            content=pick(ids),
+            guide=pick(gd),
+        )
+        self.masked, sa = {}, scale * a
+        rules = row_rules(self.false_negatives, (sa * b).sum(-1), scale, *_rule_inputs(ids, gd, 1, 0))
+        rows, cols = cand.sides(sa, 0, row_meta=rules)
         tile = resolve_tile(self.tile_size, len(rows), len(cols), ring=ring)
         if tile is None:  # dense: every pair at once
-            signed, _, keep = signed_logits(rows, cols, bias)
+            signed, _, weight = signed_logits(rows, cols, bias, self.masked)
             terms = -F.logsigmoid(signed)
+            if weight is not None:  # weight-0 pairs exactly 0, whatever their term
+                terms = torch.where(weight > 0, terms * weight, torch.zeros((), dtype=terms.dtype))
             # Summed in float32 (signed_logits), returned in the inputs' dtype like the tiled path.
-            return ((terms if keep is None else terms * keep).sum() / a.shape[0]).to(rows.x.dtype)
+            return (terms.sum() / a.shape[0]).to(rows.x.dtype)
         from .tiled import tiled_sigmoid_loss
 
-        return tiled_sigmoid_loss(rows, cols, bias, tile, ring=ring, group=self.group) / a.shape[0]
+        loss = tiled_sigmoid_loss(rows, cols, bias, tile, ring=ring, group=self.group, tally=self.masked)
+        return loss / a.shape[0]
 
 
 # ----------------------------------------------------------------------------- Triplet
@@ -278,75 +349,6 @@ class CoSENT(nn.Module):
         diff = cos[None, :] - cos[:, None]  # [i, j] = scale * (cos_j - cos_i)
         ordered = scores[:, None] > scores[None, :]
         return torch.logsumexp(torch.cat([diff.new_zeros(1), diff[ordered]]), dim=0)
-
-
-# ----------------------------------------------------------------------------- Matryoshka
-
-
-class Matryoshka(nn.Module):
-    """Sum over nested prefixes of the embedding: ``sum_d weight_d * loss(x[..., :d], ...)``.
-
-    ``forward(*args, **kwargs)`` calls ``loss`` once per dim with the arguments named in
-    ``truncate`` cut to their first d features; every other argument (masks, labels, scores,
-    a `Distill` teacher's embeddings) passes unchanged, whatever its width. ``truncate`` holds
-    positions (int) and keyword names (str); an entry that is absent in a call (e.g. no
-    ``negatives``) is skipped. Default: the loss's ``matryoshka_args``: `InfoNCE` / `SigLIP`
-    ``(0, 1, "negatives")``, `Triplet` ``(0, 1, 2, "negatives")``, `ColBERT` ``(0, 2, 4,
-    "negatives")`` (token embeddings, not masks), `Distill` ``(0, 1)`` (the student only); a
-    loss without that attribute needs ``truncate`` given. The full dim is that of the first
-    positional argument; a truncated argument of another width is an error. ``dims`` are sorted largest first with their
-    ``weights`` kept paired (default all 1).
-    """
-
-    def __init__(
-        self,
-        loss: Callable[..., torch.Tensor],
-        dims: Sequence[int],
-        weights: Sequence[float] | None = None,
-        truncate: Sequence[int | str] | None = None,
-    ) -> None:
-        super().__init__()
-        dims = [int(d) for d in dims]
-        weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
-        if not dims:
-            raise ValueError("Matryoshka: dims is empty")
-        if len(weights) != len(dims):
-            raise ValueError(f"Matryoshka: {len(dims)} dims but {len(weights)} weights")
-        if min(dims) <= 0 or len(set(dims)) != len(dims):
-            raise ValueError(f"Matryoshka: dims must be distinct positive integers, got {dims}")
-        if truncate is None:
-            truncate = getattr(loss, "matryoshka_args", None)  # a class attribute: no import of every loss
-            if truncate is None:
-                raise ValueError(
-                    f"Matryoshka: pass truncate= (the positions / keyword names of the embedding "
-                    f"arguments of {type(loss).__name__} to cut)"
-                )
-        pairs = sorted(zip(dims, weights), key=lambda dw: -dw[0])
-        self.loss, self.truncate = loss, tuple(truncate)
-        self.dims = [d for d, _ in pairs]
-        self.weights = [w for _, w in pairs]
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not args or not torch.is_tensor(args[0]):
-            raise ValueError("Matryoshka: the first positional argument must be an embedding tensor")
-        full = args[0].shape[-1]
-        if self.dims[0] > full:
-            raise ValueError(f"Matryoshka: dim {self.dims[0]} is larger than the embedding dim {full}")
-        named = [(i, x) for i, x in enumerate(args) if i in self.truncate]
-        named += [(k, x) for k, x in kwargs.items() if k in self.truncate]
-        for key, x in named:
-            if x is not None and (not torch.is_tensor(x) or x.shape[-1] != full):
-                shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-                raise ValueError(f"Matryoshka: argument {key!r} is to be truncated but is {shape}, not [..., {full}]")
-
-        def cut(key: int | str, x: Any, d: int) -> Any:
-            return x[..., :d] if key in self.truncate and x is not None else x
-
-        total = 0
-        for d, w in zip(self.dims, self.weights):
-            cut_args = [cut(i, x, d) for i, x in enumerate(args)]
-            total = total + w * self.loss(*cut_args, **{k: cut(k, v, d) for k, v in kwargs.items()})
-        return total
 
 
 # ----------------------------------------------------------------------------- Distill

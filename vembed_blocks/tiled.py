@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from ._loss_utils import Side, acc_dtype, dropped, signed_logits
+from ._loss_utils import Side, acc_dtype, candidate_masks, signed_logits
 from .distributed import get_world_size, is_dist, ring_shift
 
 __all__ = [
@@ -113,7 +113,7 @@ class _TiledLSE(torch.autograd.Function):
     """``lse[i] = logsumexp_j z[i, j]`` over the non-dropped columns, tile by tile."""
 
     @staticmethod
-    def forward(ctx, scorer, tile, ring, group, row_meta, col_meta, row_x, col_x):
+    def forward(ctx, scorer, tile, ring, group, tally, row_meta, col_meta, row_x, col_x):
         rows, cols = Side(row_x, row_meta), Side(col_x, col_meta)
         acc = acc_dtype(row_x)
         m = torch.full((len(rows),), -math.inf, dtype=acc, device=row_x.device)  # running max
@@ -122,7 +122,7 @@ class _TiledLSE(torch.autograd.Function):
             for r0, r1 in _spans(len(rows), tile):
                 rt = rows.slice(r0, r1)
                 for c0, c1 in _spans(len(block), tile):
-                    z = _masked_scores(scorer, rt, block.slice(c0, c1))
+                    z = _masked_scores(scorer, rt, block.slice(c0, c1), tally)
                     new = torch.maximum(m[r0:r1], z.amax(dim=1))
                     safe = new.masked_fill(new == -math.inf, 0.0)  # a fully dropped tile: no -inf - -inf
                     s[r0:r1].mul_(torch.exp(m[r0:r1] - safe)).add_(z.sub_(safe[:, None]).exp_().sum(dim=1))
@@ -150,43 +150,53 @@ class _TiledLSE(torch.autograd.Function):
                     ctx.scorer.accumulate(rt, ct, p, drows[r0:r1], dblock[c0:c1])
 
         dcols = _sweep_backward(cols, ctx.ring, ctx.group, visit)
-        return None, None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype)
+        return None, None, None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype)
 
 
-def _masked_scores(scorer: Scorer, rows: Side, cols: Side) -> torch.Tensor:
-    """One tile of scores in the accumulation dtype, dropped pairs at -inf (weight 0 in the softmax)."""
+def _masked_scores(scorer: Scorer, rows: Side, cols: Side, tally: dict | None = None) -> torch.Tensor:
+    """One tile of scores in the accumulation dtype, dropped pairs at -inf (weight 0 in the softmax),
+    down-weighted ones (false-negative rules) shifted by their log-weight."""
     z = scorer.score(rows, cols).to(acc_dtype(rows.x))
-    drop = dropped(rows, cols)
+    drop, down = candidate_masks(rows, cols, z, tally)
+    if down is not None:
+        z.add_(down)
     return z if drop is None else z.masked_fill_(drop, -math.inf)
 
 
 def tiled_logsumexp(
-    rows: Side, cols: Side, tile: int, scorer: Scorer | None = None, ring: bool = False, group=None
+    rows: Side,
+    cols: Side,
+    tile: int,
+    scorer: Scorer | None = None,
+    ring: bool = False,
+    group=None,
+    tally: dict | None = None,
 ) -> torch.Tensor:
     """``[B]`` logsumexp over columns of ``scorer(rows, cols)`` with masks from the metadata.
 
     Differentiable in ``rows.x`` and ``cols.x``. ``ring``: ``cols`` are this rank's columns
     only (padded to the largest rank's with `_loss_utils.ring_pad`), passed around the ranks
     of ``group`` (default: the world); every rank must call it (and its backward) together.
+    ``tally``: a dict the forward adds each false-negative rule's hit count to.
     """
     scorer = scorer or DotScorer()
-    return _TiledLSE.apply(scorer, int(tile), bool(ring), group, rows.meta, cols.meta, rows.x, cols.x)
+    return _TiledLSE.apply(scorer, int(tile), bool(ring), group, tally, rows.meta, cols.meta, rows.x, cols.x)
 
 
 class _TiledSigmoid(torch.autograd.Function):
     """``sum_ij -log sigmoid(sign_ij * (z_ij + bias))`` over valid pairs, tile by tile."""
 
     @staticmethod
-    def forward(ctx, tile, ring, group, row_meta, col_meta, row_x, col_x, bias):
+    def forward(ctx, tile, ring, group, tally, row_meta, col_meta, row_x, col_x, bias):
         rows, cols = Side(row_x, row_meta), Side(col_x, col_meta)
         total = torch.zeros((), dtype=acc_dtype(row_x), device=row_x.device)
         for block in _column_blocks(cols, ring, group):
             for r0, r1 in _spans(len(rows), tile):
                 rt = rows.slice(r0, r1)
                 for c0, c1 in _spans(len(block), tile):
-                    signed, _, keep = signed_logits(rt, block.slice(c0, c1), bias)
+                    signed, _, weight = signed_logits(rt, block.slice(c0, c1), bias, tally)
                     terms = -torch.nn.functional.logsigmoid(signed)
-                    total += (terms if keep is None else terms.masked_fill_(~keep, 0.0)).sum()
+                    total += (terms if weight is None else _weighted(terms, weight)).sum()
         ctx.save_for_backward(row_x, col_x, bias)
         ctx.tile, ctx.ring, ctx.group, ctx.row_meta, ctx.col_meta = tile, ring, group, row_meta, col_meta
         return total.to(row_x.dtype)
@@ -205,26 +215,37 @@ class _TiledSigmoid(torch.autograd.Function):
                 rt = rows.slice(r0, r1)
                 for c0, c1 in _spans(len(block), tile):
                     ct = block.slice(c0, c1)
-                    signed, positive, keep = signed_logits(rt, ct, bias)
+                    signed, positive, weight = signed_logits(rt, ct, bias)
                     # d/dz of -log sigmoid(sign * z) is -sign * sigmoid(-sign * z).
                     dsigned = torch.sigmoid(signed.neg_()).mul_(grad)
                     dz = torch.where(positive, -dsigned, dsigned)
-                    if keep is not None:
-                        dz.masked_fill_(~keep, 0.0)
+                    if weight is not None:
+                        dz = _weighted(dz, weight)
                     dbias.add_(dz.sum())
                     DotScorer().accumulate(rt, ct, dz, drows[r0:r1], dblock[c0:c1])
 
         dcols = _sweep_backward(cols, ctx.ring, ctx.group, visit)
-        dbias = dbias.to(bias.dtype) if ctx.needs_input_grad[7] else None
-        return None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype), dbias
+        dbias = dbias.to(bias.dtype) if ctx.needs_input_grad[8] else None
+        return None, None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype), dbias
+
+
+def _weighted(terms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``terms * weight`` with weight-0 pairs exactly 0 (whatever their term)."""
+    return torch.where(weight > 0, terms * weight, torch.zeros((), dtype=terms.dtype, device=terms.device))
 
 
 def tiled_sigmoid_loss(
-    rows: Side, cols: Side, bias: torch.Tensor, tile: int, ring: bool = False, group=None
+    rows: Side,
+    cols: Side,
+    bias: torch.Tensor,
+    tile: int,
+    ring: bool = False,
+    group=None,
+    tally: dict | None = None,
 ) -> torch.Tensor:
     """Sum over valid pairs of ``-log sigmoid(+-(rows.x_i . cols.x_j + bias))`` (+ for positives).
 
     Positives: a column whose ``id`` equals the row's ``id``, or (labels given) a labelled column
     with the row's label. Differentiable in ``rows.x``, ``cols.x`` and ``bias`` (a 0-d tensor).
     """
-    return _TiledSigmoid.apply(int(tile), bool(ring), group, rows.meta, cols.meta, rows.x, cols.x, bias)
+    return _TiledSigmoid.apply(int(tile), bool(ring), group, tally, rows.meta, cols.meta, rows.x, cols.x, bias)
