@@ -87,7 +87,7 @@ def test_text_collator_through_bert(data, tmp_path):
         ],
     )
     batch = TextCollator(tok, max_length=6, query_instruction="query: ")(recs)
-    assert set(batch) == {"query", "positive", "negatives", "negatives_mask", "labels"}
+    assert set(batch) == {"query", "positive", "negatives", "negatives_mask", "labels", "content_ids"}
     assert batch["query"]["input_ids"].shape == (3, 3)  # "query: red cat" = 3 tokens ("query:" is one unknown word)
     assert batch["positive"]["input_ids"].shape == (3, 6)  # "a photo of a red cat" = 6, the max_length
     assert batch["negatives"]["input_ids"].shape[0] == 4  # 3 + 0 + 1 real negatives
@@ -166,7 +166,7 @@ def test_dual_encoder_collator_through_clip(data, tmp_path):
         ],
     )
     batch = DualEncoderCollator(proc)(recs)
-    assert set(batch) == {"query", "positive", "negatives", "negatives_mask"}
+    assert set(batch) == {"query", "positive", "negatives", "negatives_mask", "content_ids"}
     assert set(batch["query"]) == {"input_ids", "attention_mask"} and batch["query"]["input_ids"].shape == (2, 5)
     assert batch["query"]["input_ids"][:, 0].tolist() == [proc.tokenizer.bos_token_id] * 2
     assert set(batch["positive"]) == {"pixel_values"} and batch["positive"]["pixel_values"].shape == (2, 3, 32, 32)
@@ -310,7 +310,7 @@ def test_vlm_collator_through_qwen3_vl(data, tmp_path):
     )
     assert len(edit) == 4  # the third row also gives an inverse record
     batch = VLMCollator(proc, query_instruction="represent the user input .")(edit)
-    assert set(batch) == {"query", "positive"}
+    assert set(batch) == {"query", "positive", "content_ids"}
     q = batch["query"]
     assert set(q) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
     assert (q["attention_mask"][:, -1] == 1).all() and (q["attention_mask"][:, 0] == 0).any()  # left padded

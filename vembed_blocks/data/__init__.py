@@ -13,6 +13,8 @@ _EXPORTS: dict[str, str] = {
         ["DualEncoderCollator", "FixedNegatives", "TextCollator", "VLMCollator", "WithScores", "label_id"], "collate"
     ),
     "scatter_negatives": "collate",
+    "scatter_negative_ids": "collate",
+    **dict.fromkeys(["content_id", "content_ids"], "content_ids"),
     **dict.fromkeys(["EmbedStore", "EmbedWriter", "StoreError", "collate_embeddings", "ensure_meta"], "embed_store"),
     **dict.fromkeys(["ImageLoadError", "ShardImage", "load_image", "load_images"], "images"),
     **dict.fromkeys(["TaskBatches", "TaskLoader", "file_fingerprint", "task_loader", "training_batches"], "loader"),

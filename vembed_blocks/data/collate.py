@@ -9,6 +9,8 @@ number of real negatives, ``M = negatives_mask.sum()``)::
       "negatives": {model inputs for the M real negatives, row-major by record},   # only if K > 0
       "negatives_mask": BoolTensor[B, K],   True = real negative                   # only if K > 0
       "labels": Tensor[B],                                                          # only if some record has a label
+      "content_ids": {"query": LongTensor[B], "positive": LongTensor[B],
+                      "negatives": LongTensor[M]},   # "negatives" only if K > 0, row-major like "negatives"
     }
 
 Each inner dict goes straight into the model or ``GradCache.encode(fn, **batch["query"])``.
@@ -16,6 +18,9 @@ One side alone (evaluation, an API): ``collator.encode(items, is_query, sources=
 same per-side dict; ``sources`` (e.g. ``"file:line"`` per item) only label error messages.
 Negatives are encoded flat (no padding rows burn compute); ``scatter_negatives`` turns
 their ``[M, D]`` embeddings into the ``[B, K, D]`` + mask that the losses take.
+Content ids (`content_ids.content_id`): equal for items with equal text and image bytes, the same on
+every rank and run, so a loss can drop a candidate equal to a row's own positive (a false negative);
+``scatter_negative_ids`` lays the negatives' ids out as ``[B, K]`` (-1 where the mask is False).
 Labels: str labels become `label_id(s)` (a hash: the same id on every rank and in every run),
 ints/bools a LongTensor (ints must be >= 0). (The readers refuse float labels; a `Record` built in
 code with float labels collates them as a FloatTensor, which must then be on every record of the
@@ -44,6 +49,7 @@ __all__ = [
     "FixedNegatives",
     "WithScores",
     "scatter_negatives",
+    "scatter_negative_ids",
     "label_id",
 ]
 
@@ -57,6 +63,24 @@ def scatter_negatives(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Ten
         raise ValueError(f"mask marks {int(mask.sum())} real negatives but got {embeddings.shape[0]} embeddings")
     out = embeddings.new_zeros(*mask.shape, *embeddings.shape[1:])
     out[mask.to(embeddings.device)] = embeddings
+    return out
+
+
+def scatter_negative_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``ids`` of the negatives -> ``LongTensor[B, K]``, -1 where ``mask[B, K]`` is False.
+
+    ``ids``: ``[M]`` with ``M = mask.sum()`` (a plain collator: the real negatives, row-major), or
+    ``[B * K]`` (`FixedNegatives`: every slot encoded, padding included, whose ids are dropped).
+    """
+    ids, mask = ids.reshape(-1), mask.to(device=ids.device, dtype=torch.bool)
+    out = torch.full(mask.shape, -1, dtype=torch.long, device=ids.device)
+    if ids.numel() == mask.numel():
+        return torch.where(mask, ids.view(mask.shape).long(), out)
+    if ids.numel() != int(mask.sum()):
+        raise ValueError(
+            f"mask marks {int(mask.sum())} real negatives of {mask.numel()} slots but got {ids.numel()} ids"
+        )
+    out[mask] = ids.long()
     return out
 
 
@@ -89,6 +113,23 @@ def _labels(records: Sequence[Record]) -> torch.Tensor | None:
                 raise RecordError(r.source, "record has no numeric label (score) but others in its batch do")
         return torch.tensor(values, dtype=torch.float)
     raise RecordError(records[0].source, f"labels in a batch must all be str, all int or all numbers: {values}")
+
+
+def _content_ids(records: Sequence[Record]) -> dict[str, torch.Tensor]:
+    """``{"query": [B], "positive": [B], "negatives": [M]}`` content ids ("negatives" only if any), in the
+    order the sides are encoded: the items as given, before any instruction prefix."""
+    # Imported here: a block loads at most 3 package modules at import (tests/test_footprint.py).
+    from .content_ids import content_ids
+
+    sources = [r.source for r in records]
+    out = {
+        "query": content_ids([r.query for r in records], sources),
+        "positive": content_ids([r.positive for r in records], sources),
+    }
+    negs = [(n, r.source) for r in records for n in r.negatives]
+    if negs:
+        out["negatives"] = content_ids([n for n, _ in negs], [s for _, s in negs])
+    return out
 
 
 def _sources(items: Sequence[Item], sources: Sequence[str] | None) -> Sequence[str]:
@@ -130,6 +171,7 @@ class _Collator:
         labels = _labels(records)
         if labels is not None:
             out["labels"] = labels
+        out["content_ids"] = _content_ids(records)
         return out
 
     def _text(self, item: Item, is_query: bool) -> str | None:
@@ -289,6 +331,9 @@ class FixedNegatives:
     number of negatives per step; a ragged count would hang. Padding costs forwards, never
     correctness (padded slots are masked in the loss). ``k = 0`` drops the data's negatives,
     with a warning once per process (a silently unused column is a surprise).
+
+    ``content_ids["negatives"]`` is ``[B * k]``, aligned with the encoded slots: a padded slot has its
+    positive's id (that is what it encodes); ``scatter_negative_ids`` turns it into -1 by the mask.
     """
 
     def __init__(self, collator: Callable[[Sequence[Record]], dict[str, Any]], k: int) -> None:
