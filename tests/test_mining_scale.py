@@ -1,6 +1,7 @@
 """mine_hard_negatives with tiled candidates: the same result for every block size and chunk size as a
 plain float64 dense reference (full score matrix, the positive and the false-negative filter masked,
-ties to the lower candidate index)."""
+ties to the lower candidate index). Then evaluation through the same tiled top-k (embed.top_scores): the
+metrics of the full score matrix, bit for bit."""
 
 from __future__ import annotations
 
@@ -125,3 +126,67 @@ def test_float64_inputs_and_no_queries():
     _check(mine_hard_negatives(q.double(), c.double(), pos, 4, 0.1, candidate_block=7), _reference(q, c, pos, 4, 0.1))
     idx, val = mine_hard_negatives(q[:0], c, pos[:0], 4, margin=0.1, candidate_block=7)
     assert idx.shape == (0, 4) and val.shape == (0, 4)
+
+
+# ---------------------------------------------------------------- evaluation: the same tiled top-k (embed.top_scores)
+
+
+def _eval_case(q=14, n=30, d=6, seed=4):
+    """Entries in {-1, 0, 1}: dot products are small integers, exact in float32, with many real ties."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, 2, (q, d), generator=g).float(), torch.randint(-1, 2, (n, d), generator=g).float()
+
+
+def _label_set(n=30, q=14, classes=4, seed=5):
+    """A LabelRetrievalSet whose queries are corpus rows 0..q-1 (own row excluded), labels i % classes."""
+    from vembed_blocks.embed import LabelRetrievalSet
+
+    labels = [i % classes for i in range(n)]
+    rel = [{j for j in range(n) if labels[j] == labels[i]} - {i} for i in range(q)]
+    return LabelRetrievalSet(list(range(q)), list(range(n)), rel, labels[:q], labels, list(range(q)))
+
+
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("ks, curve_k", [((1, 3, 5), 7), ((1, 10), 0), ((1, 40), 45)])
+def test_evaluation_top_scores_rank_as_the_full_matrix(monkeypatch, labels, ks, curve_k):
+    """retrieval_metrics and recall_curve on top_scores equal those on the full self-excluded [Q, N] matrix,
+    bit for bit, with tiles over queries and documents (TILE_BYTES shrunk): cut-offs below N, at N and beyond."""
+    from vembed_blocks.embed import RetrievalSet, self_excluded_scores, top_scores
+    from vembed_blocks.metrics import recall_curve, retrieval_metrics
+
+    q, d = _eval_case()
+    if labels:
+        rs = _label_set()
+        q[:5] = d[:5]  # queries that are their own corpus rows: the best score, excluded
+    else:
+        g = torch.Generator().manual_seed(6)
+        rs = RetrievalSet(
+            list(range(14)),
+            list(range(30)),
+            [set(torch.randperm(30, generator=g)[: 1 + i % 3].tolist()) for i in range(14)],
+        )
+    full = self_excluded_scores(rs, q @ d.T)
+    want = retrieval_metrics(full, rs.relevant, ks=ks)
+    monkeypatch.setattr(mining, "TILE_BYTES", 4 * 4 * 7)  # chunk 4 -> blocks of 7 documents
+    scores, relevant = top_scores(rs, q, d, max([*ks, curve_k]), chunk_size=4)
+    assert scores.shape[1] < 30 or max(ks) >= 30  # bounded where the cut-offs allow it
+    assert retrieval_metrics(scores, relevant, ks=ks) == want
+    if curve_k:
+        assert recall_curve(scores, relevant, max_k=curve_k) == recall_curve(full, rs.relevant, max_k=curve_k)
+
+
+def test_evaluate_retrieval_by_never_builds_the_full_matrix(monkeypatch):
+    """Dot-product evaluation goes through top_scores: the [Q, N] product is never taken."""
+    from vembed_blocks import embed
+    from vembed_blocks.data.records import Item, Record
+
+    records = [Record(Item(text=f"q{i}"), Item(text=f"d{i}"), [Item(text=f"n{i}")]) for i in range(12)]
+    items = [it for r in records for it in (r.query, r.positive, *r.negatives)]
+    vec = dict(zip(items, torch.randn(len(items), 8, generator=torch.Generator().manual_seed(7))))
+    encode = lambda items, is_query: torch.stack([vec[it] for it in items])  # noqa: E731
+    want = embed.evaluate_retrieval_by(records, encode, ks=(1, 3), curve_k=4, score=lambda a, b: a @ b.T)
+    calls = []
+    real = embed.top_scores
+    monkeypatch.setattr(embed, "top_scores", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    got = embed.evaluate_retrieval_by(records, encode, ks=(1, 3), curve_k=4)
+    assert got == want and calls == [4]

@@ -28,6 +28,7 @@ __all__ = [
     "retrieval_set_by_label",
     "retrieval_set_for",
     "self_excluded_scores",
+    "top_scores",
     "evaluate_retrieval_by",
 ]
 
@@ -274,6 +275,45 @@ def self_excluded_scores(rs: RetrievalSet, scores: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
+def top_scores(
+    rs: RetrievalSet, q: torch.Tensor, d: torch.Tensor, depth: int, chunk_size: int = 1024
+) -> tuple[torch.Tensor, list[set[int]]]:
+    """``(scores[Q, M], relevant)`` that rank like ``self_excluded_scores(rs, q @ d.T)`` with ``rs.relevant``
+    for every metric cut-off up to ``depth``, without the ``[Q, N]`` matrix.
+
+    ``q[Q, D]``, ``d[N, D]``: dot products. Each row's top ``min(depth, N)`` documents (`mining.top_k_tiled`,
+    ties to the lower index; the query's own item, `LabelRetrievalSet.self_doc`, masked ``-inf`` in its tile)
+    become columns ``0..depth-1`` in rank order; its relevant documents outside them are ``-inf`` columns after
+    those (beyond every cut-off, but counted in ``|R|`` as recall and nDCG need), the rest ``-inf`` padding:
+    ``M = depth + max_q |R_q - top_q|``. Where that reaches N, the full matrix is returned (no larger than
+    today's). Exact: the metrics read only the top ``depth`` ranks and ``|R|``; only BLAS rounding of the
+    tiles' matmul shape (1 ulp) can reorder near-equal scores, as any chunking may.
+    """
+    from .mining import top_k_tiled
+
+    n = d.shape[0]
+    depth = min(max(1, depth), n)
+    own = [(i, j) for i, j in enumerate(getattr(rs, "self_doc", [])) if j is not None]
+    self_doc = torch.full((q.shape[0],), -1, dtype=torch.long)
+    if own:
+        self_doc[[i for i, _ in own]] = torch.tensor([j for _, j in own])
+
+    def skip_self(tile: torch.Tensor, qs: int, start: int) -> None:
+        p = self_doc[qs : qs + len(tile)] - start
+        rows = ((p >= 0) & (p < tile.shape[1])).nonzero()[:, 0]
+        tile[rows, p[rows]] = float("-inf")
+
+    val, idx = top_k_tiled(q, d, depth, chunk_size, mask=skip_self if own else None)
+    inside = [{c for c, j in enumerate(row) if j in rel} for row, rel in zip(idx.tolist(), rs.relevant)]
+    missing = [len(rel) - len(cols) for rel, cols in zip(rs.relevant, inside)]
+    extra = max(missing, default=0)
+    if depth + extra >= n:
+        return self_excluded_scores(rs, q @ d.T), rs.relevant
+    scores = torch.cat([val, val.new_full((len(val), extra), float("-inf"))], 1)
+    return scores, [cols | set(range(depth, depth + m)) for cols, m in zip(inside, missing)]
+
+
+@torch.no_grad()
 def evaluate_retrieval_by(
     records: Iterable,
     encode: Callable[[list, bool], torch.Tensor],
@@ -291,7 +331,8 @@ def evaluate_retrieval_by(
     A NaN or inf embedding (query or document) raises ``ValueError`` naming how many and the first row
     (`metrics.check_finite`) instead of ranking NaN scores first. Queries or documents that are all one vector
     (`metrics.check_embeddings`: a tokenizer that does not cover the data, a collapsed model) are logged as
-    a warning on rank 0; the metrics are still computed."""
+    a warning on rank 0; the metrics are still computed. With ``score=None`` (dot products) it ranks through
+    `top_scores`: each query's top ``max(ks, curve_k)`` documents, tiled, never the ``[Q, N]`` score matrix."""
     from .metrics import check_embeddings, check_finite, recall_curve, retrieval_metrics
 
     rs = retrieval_set_for(records, relevance)
@@ -305,8 +346,11 @@ def evaluate_retrieval_by(
         finding = check_embeddings(what, parts[0], masks[0] if masks and parts[0].dim() == 3 else None)
         if finding and get_rank() == 0:  # every rank holds all rows: one warning is enough
             log.warning(finding)
-    scores = self_excluded_scores(rs, q @ d.T if score is None else score(q, d))
-    metrics: dict = retrieval_metrics(scores, rs.relevant, ks=ks)
+    if score is None:  # dot products: only each query's top max(ks, curve_k), never the [Q, N] matrix
+        scores, relevant = top_scores(rs, q, d, max([*ks, curve_k, 1]))
+    else:
+        scores, relevant = self_excluded_scores(rs, score(q, d)), rs.relevant
+    metrics: dict = retrieval_metrics(scores, relevant, ks=ks)
     if curve_k > 0:
-        metrics["recall_curve"] = recall_curve(scores, rs.relevant, max_k=curve_k)
+        metrics["recall_curve"] = recall_curve(scores, relevant, max_k=curve_k)
     return metrics

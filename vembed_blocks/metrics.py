@@ -282,9 +282,12 @@ def search(
 
     ``query_emb[Q, D]``, ``doc_emb[N, D]`` (normalise both first for cosine). Returns
     ``(scores[Q, k], indices[Q, k])``, best first, ties to the lower document index. Only
-    ``Q x (k + chunk_size)`` scores exist at any moment, never ``Q x N``. A NaN or inf
-    embedding raises ``ValueError`` (`check_finite`).
+    ``Q x (k + chunk_size)`` scores exist at any moment, never ``Q x N``: the miner's tiled top-k
+    (`mining.top_k_tiled`, one query chunk of all Q). A NaN or inf embedding raises ``ValueError``
+    (`check_finite`).
     """
+    from .mining import top_k_tiled
+
     if query_emb.dim() != 2 or doc_emb.dim() != 2 or query_emb.shape[1] != doc_emb.shape[1]:
         raise ValueError(f"search: need [Q, D] and [N, D], got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}")
     num_d = doc_emb.shape[0]
@@ -294,16 +297,7 @@ def search(
         raise ValueError(f"search: chunk_size must be positive, got {chunk_size}")
     check_finite(query_emb, "query embeddings", "search")
     check_finite(doc_emb, "document embeddings", "search")
-    best_s = query_emb.new_empty(query_emb.shape[0], 0)
-    best_i = torch.empty(query_emb.shape[0], 0, dtype=torch.long, device=query_emb.device)
-    for start in range(0, num_d, chunk_size):
-        chunk = query_emb @ doc_emb[start : start + chunk_size].T
-        idx = torch.arange(start, start + chunk.shape[1], device=query_emb.device).expand_as(chunk)
-        # Earlier (lower-index) candidates come first, so a stable sort keeps ties in index order.
-        cat_s, cat_i = torch.cat([best_s, chunk], 1), torch.cat([best_i, idx], 1)
-        order = torch.sort(cat_s, dim=1, descending=True, stable=True).indices[:, :k]
-        best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
-    return best_s, best_i
+    return top_k_tiled(query_emb, doc_emb, k, max(1, query_emb.shape[0]), candidate_block=chunk_size)
 
 
 def format_table(
