@@ -52,7 +52,14 @@ from vembed_blocks.data.columns import parse_columns, parse_csv_delimiter
 from vembed_blocks.data.records import FORMATS, load_records
 from vembed_blocks.demo import COLOURS, SHAPES
 from vembed_blocks.distributed import init_distributed, shutdown_distributed
-from vembed_blocks.embed import RELEVANCE, embed_on_all_ranks, retrieval_set_for, self_excluded_scores
+from vembed_blocks.embed import (
+    RELEVANCE,
+    embed_on_all_ranks,
+    retrieval_set_for,
+    self_excluded_scores,
+    top_docs,
+    top_scores,
+)
 from vembed_blocks.encoder import Encoder, load_encoder
 from vembed_blocks.metrics import check_embeddings, format_table, recall_curve, retrieval_metrics
 from vembed_blocks.run_log import write_args
@@ -188,31 +195,38 @@ def save_embeddings(out: str, rs, q, d) -> None:
         json.dump(items, f)
 
 
-def topk_rows(rs, scores: torch.Tensor, k: int, chunk: int = 1024):
-    """Yield, for each row of ``scores[Q', N]`` (the first Q' queries), its ``k`` best corpus items (ties to the
-    lower index, as the metrics rank) with score and relevance; the query's own item (labels) is never listed."""
+def best_docs(rs, enc: Encoder, q, d, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores[Q, k'], corpus indices[Q, k'])``: each query's best corpus items, best first, ties to the lower
+    index (as the metrics rank), its own item (labels) left out. Unit vectors: ranked tile by tile
+    (`embed.top_docs`); multi-vector models: sorted MaxSim rows."""
+    if not enc.multi_vector:
+        return top_docs(rs, q, d, k)
+    vals, idx = torch.sort(self_excluded_scores(rs, enc.similarity(q, d)).float(), dim=1, descending=True, stable=True)
+    return vals[:, : k + 1], idx[:, : k + 1]
+
+
+def topk_rows(rs, best: tuple[torch.Tensor, torch.Tensor], k: int):
+    """Yield, for each query of ``best`` (`best_docs`), its ``k`` best corpus items with score and relevance;
+    the query's own item (labels) is never listed."""
     self_doc = getattr(rs, "self_doc", [None] * len(rs.queries))
-    for start in range(0, scores.shape[0], chunk):
-        block = scores[start : start + chunk].float()
-        order = torch.sort(block, dim=1, descending=True, stable=True).indices[:, : k + 1].tolist()
-        for i, ranked in enumerate(order):
-            qi = start + i
-            ranked = [j for j in ranked if j != self_doc[qi]][:k]
-            row = {"query_index": qi, "query": vars(rs.queries[qi]), "num_relevant": len(rs.relevant[qi])}
-            if hasattr(rs, "query_labels"):
-                row["label"] = rs.query_labels[qi]
-            row["results"] = [
-                {"rank": r + 1, "corpus_index": j, "score": block[i, j].item(), "relevant": j in rs.relevant[qi]}
-                | vars(rs.docs[j])
-                for r, j in enumerate(ranked)
-            ]
-            yield row
+    vals, order = best[0].float(), best[1].tolist()
+    for qi, ranked in enumerate(order):
+        ranked = [(r, j) for r, j in enumerate(ranked) if j >= 0 and j != self_doc[qi]][:k]
+        row = {"query_index": qi, "query": vars(rs.queries[qi]), "num_relevant": len(rs.relevant[qi])}
+        if hasattr(rs, "query_labels"):
+            row["label"] = rs.query_labels[qi]
+        row["results"] = [
+            {"rank": n + 1, "corpus_index": j, "score": vals[qi, r].item(), "relevant": j in rs.relevant[qi]}
+            | vars(rs.docs[j])
+            for n, (r, j) in enumerate(ranked)
+        ]
+        yield row
 
 
-def write_topk(path: str, rs, scores: torch.Tensor, k: int) -> None:
+def write_topk(path: str, rs, best: tuple[torch.Tensor, torch.Tensor], k: int) -> None:
     """``topk.jsonl``: one JSON line per query (`topk_rows`)."""
     with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in topk_rows(rs, scores, k))
+        f.writelines(json.dumps(row) + "\n" for row in topk_rows(rs, best, k))
 
 
 def describe(item: dict) -> str:
@@ -222,9 +236,9 @@ def describe(item: dict) -> str:
     return " + ".join([*images, *([repr(item["text"])] if item["text"] else [])])
 
 
-def print_examples(rs, scores: torch.Tensor, n: int, k: int) -> None:
+def print_examples(rs, best: tuple[torch.Tensor, torch.Tensor], n: int, k: int) -> None:
     """The first ``n`` queries and their ``k`` best corpus items (``*`` marks a relevant one)."""
-    for row in topk_rows(rs, scores[:n], min(k, len(rs.docs))):
+    for row in topk_rows(rs, (best[0][:n], best[1][:n]), min(k, len(rs.docs))):
         label = f", label {row['label']!r}" if "label" in row else ""
         print(f"query {row['query_index']}: {describe(row['query'])} ({row['num_relevant']} relevant{label})")
         for hit in row["results"]:
@@ -239,9 +253,13 @@ def score_and_write(args: argparse.Namespace, enc: Encoder, rs, q, d) -> dict[st
         finding = check_embeddings(name, *(emb if isinstance(emb, tuple) else (emb,)))
         if finding:
             log.warning(finding)
-    # Unit vectors: dot products (as the recipes score); multi-vector models: MaxSim.
-    scores = self_excluded_scores(rs, enc.similarity(q, d) if enc.multi_vector else q @ d.T)
-    metrics = retrieval_metrics(scores, rs.relevant, ks=args.ks_list)
+    # Unit vectors: dot products (as the recipes score), ranked tile by tile: never the [Q, N] matrix;
+    # multi-vector models: MaxSim.
+    if enc.multi_vector:
+        scores, relevant = self_excluded_scores(rs, enc.similarity(q, d)), rs.relevant
+    else:
+        scores, relevant = top_scores(rs, q, d, max([*args.ks_list, args.curve_k]))
+    metrics = retrieval_metrics(scores, relevant, ks=args.ks_list)
     unscored = sum(not r for r in rs.relevant)
     if unscored:
         log.warning(
@@ -249,16 +267,17 @@ def score_and_write(args: argparse.Namespace, enc: Encoder, rs, q, d) -> dict[st
         )
     result: dict = {"after": metrics}
     if args.curve_k:
-        result["recall_curve"] = {"after": recall_curve(scores, rs.relevant, max_k=args.curve_k)}
+        result["recall_curve"] = {"after": recall_curve(scores, relevant, max_k=args.curve_k)}
     result["counts"] = {"queries": len(rs.queries), "corpus": len(rs.docs), "queries_without_relevant": unscored}
     save_embeddings(args.output, rs, q, d)
+    best = best_docs(rs, enc, q, d, min(max(args.top_k, args.show_k, 1), len(rs.docs)))
     if args.top_k:
-        write_topk(os.path.join(args.output, "topk.jsonl"), rs, scores, min(args.top_k, len(rs.docs)))
+        write_topk(os.path.join(args.output, "topk.jsonl"), rs, best, min(args.top_k, len(rs.docs)))
     with open(os.path.join(args.output, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     names = [n for n in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10") if n in metrics] or list(metrics)
     print(format_table(metrics, names=names, label=enc.family), flush=True)
-    print_examples(rs, scores, args.show, args.show_k)
+    print_examples(rs, best, args.show, args.show_k)
     log.info("wrote %s", write_report(args.output))
     files = sorted(f for f in os.listdir(args.output) if os.path.isfile(os.path.join(args.output, f)))
     print(f"wrote to {args.output}: {', '.join(files)}", flush=True)

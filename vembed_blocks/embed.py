@@ -275,6 +275,27 @@ def self_excluded_scores(rs: RetrievalSet, scores: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
+def top_docs(
+    rs: RetrievalSet, q: torch.Tensor, d: torch.Tensor, k: int, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores[Q, k], doc indices[Q, k])``: each query's ``k`` best documents by dot product, best first, ties
+    to the lower index, the query's own item (`LabelRetrievalSet.self_doc`) never among them (`mining.top_k_tiled`:
+    one ``[chunk_size, block]`` tile of scores at a time, never ``[Q, N]``)."""
+    from .mining import top_k_tiled
+
+    own = [(i, j) for i, j in enumerate(getattr(rs, "self_doc", [])) if j is not None]
+    self_doc = torch.full((q.shape[0],), -1, dtype=torch.long)
+    if own:
+        self_doc[[i for i, _ in own]] = torch.tensor([j for _, j in own])
+
+    def skip_self(tile: torch.Tensor, qs: int, start: int) -> None:
+        p = self_doc[qs : qs + len(tile)] - start
+        rows = ((p >= 0) & (p < tile.shape[1])).nonzero()[:, 0]
+        tile[rows, p[rows]] = float("-inf")
+
+    return top_k_tiled(q, d, min(k, d.shape[0]), chunk_size, mask=skip_self if own else None)
+
+
 def top_scores(
     rs: RetrievalSet, q: torch.Tensor, d: torch.Tensor, depth: int, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, list[set[int]]]:
@@ -289,21 +310,9 @@ def top_scores(
     today's). Exact: the metrics read only the top ``depth`` ranks and ``|R|``; only BLAS rounding of the
     tiles' matmul shape (1 ulp) can reorder near-equal scores, as any chunking may.
     """
-    from .mining import top_k_tiled
-
     n = d.shape[0]
     depth = min(max(1, depth), n)
-    own = [(i, j) for i, j in enumerate(getattr(rs, "self_doc", [])) if j is not None]
-    self_doc = torch.full((q.shape[0],), -1, dtype=torch.long)
-    if own:
-        self_doc[[i for i, _ in own]] = torch.tensor([j for _, j in own])
-
-    def skip_self(tile: torch.Tensor, qs: int, start: int) -> None:
-        p = self_doc[qs : qs + len(tile)] - start
-        rows = ((p >= 0) & (p < tile.shape[1])).nonzero()[:, 0]
-        tile[rows, p[rows]] = float("-inf")
-
-    val, idx = top_k_tiled(q, d, depth, chunk_size, mask=skip_self if own else None)
+    val, idx = top_docs(rs, q, d, depth, chunk_size)
     inside = [{c for c, j in enumerate(row) if j in rel} for row, rel in zip(idx.tolist(), rs.relevant)]
     missing = [len(rel) - len(cols) for rel, cols in zip(rs.relevant, inside)]
     extra = max(missing, default=0)
