@@ -39,7 +39,13 @@ RUNS = {
     "margin 0.1, weight 0.5": ["--fn-margin", "0.1", "--fn-weight", "0.5"],
     "guide (MiniLM), margin 0": ["--fn-guide", "{guide}", "--fn-guide-margin", "0"],
     "duplicates + margin + guide": [
-        "--fn-duplicates", "--fn-margin", "0.1", "--fn-guide", "{guide}", "--fn-guide-margin", "0",
+        "--fn-duplicates",
+        "--fn-margin",
+        "0.1",
+        "--fn-guide",
+        "{guide}",
+        "--fn-guide-margin",
+        "0",
     ],  # fmt: skip
     "labels (oracle)": ["--data", "{labelled}"],
 }
@@ -57,9 +63,8 @@ def write_data(out: str, plant: float, seed: int) -> tuple[str, str, str, int]:
         by_label.setdefault(r["label"], []).append(r)
     for r in rng.sample(rows, round(plant * len(rows))):
         r["positive"] = rng.choice([o for o in by_label[r["label"]] if o is not r])["positive"]
-    dups = sum(
-        1 for group in by_label.values() for i, a in enumerate(group) for b in group[i + 1 :] if a["positive"] == b["positive"]
-    )
+    pairs = [(a, b) for group in by_label.values() for i, a in enumerate(group) for b in group[i + 1 :]]
+    dups = sum(a["positive"] == b["positive"] for a, b in pairs)
     labelled, unlabelled = os.path.join(out, "train_labelled.jsonl"), os.path.join(out, "train_unlabelled.jsonl")
     with open(labelled, "w") as f, open(unlabelled, "w") as g:
         for r in rows:

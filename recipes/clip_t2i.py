@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from vembed_blocks import towers
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data.collate import DualEncoderCollator
+from vembed_blocks.data.guide_inputs import WithGuideInputs
 from vembed_blocks.data.loader import training_batches
 from vembed_blocks.data.records import load_records
 from vembed_blocks.demo import build_tiny_clip, render_demo
@@ -48,11 +49,19 @@ from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.export import export_pretrained
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.gradcache_split import RowSplit
 from vembed_blocks.input_check import InputCheck
 from vembed_blocks.length_chunks import LengthSplit, encode_in_length_chunks
 from vembed_blocks.losses import Matryoshka
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
-from vembed_blocks.recipe_flags import add_padding_args, common_parser, mrl_dims
+from vembed_blocks.recipe_flags import (
+    add_false_negative_args,
+    add_padding_args,
+    common_parser,
+    false_negative_counts,
+    false_negative_rules,
+    mrl_dims,
+)
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import (
     RunLog,
@@ -92,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, help=temperature)
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
     add_padding_args(p, token_budget=False)  # --trim-padding (on: CLIP and composed towers), --trim-chunk-size
+    add_false_negative_args(p, "a CLIP/SigLIP folder or HF id (default family: another --model)")
     args, _ = p.parse_known_args(argv)
     if args.data is None:  # the demo trains a random model from scratch: its own defaults, explicit flags win
         p.set_defaults(lr=2e-3, max_steps=40 if args.demo_quick else 300)
@@ -110,6 +120,9 @@ class Parts:
     collator: DualEncoderCollator
     processor: object
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
+    guide: object = None  # --fn-guide: the frozen guide's embedding function (inputs -> [b, G])
+    guide_collator: object = None  # its own processor's inputs of the same rows
+    masked: dict = field(default_factory=dict)  # false negatives each rule masked this step (step_loss adds)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -144,7 +157,9 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         )
     else:
         model, processor = towers.load_dual_encoder(args.model)
-    criterion = towers.contrastive_loss_for(model.to(device), args.loss, args.temperature, args.symmetric)
+    a = args  # the false-negative rules (--fn-*): checked at parse time
+    rules = false_negative_rules(a.fn_margin, a.fn_ratio, a.fn_weight, a.fn_guide, a.fn_guide_margin, a.fn_guide_ratio)
+    criterion = towers.contrastive_loss_for(model.to(device), args.loss, args.temperature, args.symmetric, rules)
     if args.mrl_dims:  # the loss over nested prefixes of the embedding
         criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     criterion = criterion.to(device)
@@ -161,7 +176,14 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     collator = DualEncoderCollator(processor, **padding)
     trim = args.trim_padding and padding["padding"] is True  # SigLIP pools position -1 of max_length padding
     state = nn.ModuleDict({"model": model, "loss": criterion})
-    return Parts(model, state, groups, criterion, collator, processor, LengthSplit if trim else None)
+    parts = Parts(model, state, groups, criterion, collator, processor, LengthSplit if trim else None)
+    parts.masked = false_negative_counts(args.fn_duplicates, rules)
+    if args.fn_guide:  # frozen, eval mode: its scores only choose which candidates to drop
+        guide, guide_processor = towers.load_dual_encoder(args.fn_guide)
+        guide = guide.to(device).eval().requires_grad_(False)
+        parts.guide = lambda **x: towers.dual_encoder_features(guide, x)
+        parts.guide_collator = DualEncoderCollator(guide_processor, **towers.text_padding(guide))
+    return parts
 
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
@@ -170,7 +192,8 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
     options.update(skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction, skip_bad_shards=args.skip_bad_shards)
     options.update(columns=args.columns, delimiter=args.csv_delimiter, allow_mixed=args.allow_mixed_data)
-    return training_batches(path, parts.collator, **options)
+    collate = WithGuideInputs(parts.collator, parts.guide_collator) if args.fn_guide else parts.collator
+    return training_batches(path, collate, **options)
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
@@ -190,7 +213,25 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
     if "negatives" in batch:  # the flat real negatives: a candidate pool (SigLIP: negative-only columns)
         extra["negatives"] = encode(batch["negatives"])
-    return parts.criterion(encode(batch["query"]), encode(batch["positive"]), **extra)
+    if args.fn_duplicates:  # content ids ([M] negatives, like the pool): candidates equal to the positive drop
+        extra["content_ids"] = {k: v.to(device) for k, v in batch["content_ids"].items()}
+    if parts.guide is not None:  # --fn-guide: the frozen guide's embeddings of the same rows, without gradient
+        sides = [k for k in ("query", "positive", "negatives") if k in batch["guide"]]
+        extra["guide"] = {k: guide_embed(args, parts, batch["guide"][k], device) for k in sides}
+    loss = parts.criterion(encode(batch["query"]), encode(batch["positive"]), **extra)
+    if parts.model.training:  # a training micro-batch (validation_loss runs in eval mode): this step's counts
+        hits = getattr(parts.criterion, "loss", parts.criterion).masked  # Matryoshka: its inner loss's
+        parts.masked.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in parts.masked.items()})
+    return loss
+
+
+@torch.no_grad()
+def guide_embed(args: argparse.Namespace, parts: Parts, inputs: dict, device) -> torch.Tensor:
+    """The frozen guide's ``[b, G]`` embeddings of one side, --chunk-size rows at a time (bounded memory)."""
+    split = RowSplit(((), {k: v.to(device) for k, v in inputs.items()}))
+    rows = args.chunk_size or len(split)
+    with autocast(args, device):
+        return torch.cat([parts.guide(**split[s : s + rows][1]) for s in range(0, len(split), rows)]).float()
 
 
 @torch.no_grad()
@@ -247,6 +288,15 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+def masked_counts(parts, world: int) -> dict[str, int]:
+    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
+    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
+    masked = getattr(parts, "masked", {})
+    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
+    masked.update(dict.fromkeys(masked, 0))
+    return counts
 
 
 # </shared>
@@ -312,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
             lr = scheduler.get_last_lr()[0]
-            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts())
+            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts(), **masked_counts(parts, world))
             run_log.log(step, total, samples, loss=losses[-1], lr=lr, **extra)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)

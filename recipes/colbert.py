@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.colbert import ColBERT, maxsim_in_blocks, save_colbert_head
-from vembed_blocks.data.collate import FixedNegatives, TextCollator, VLMCollator
+from vembed_blocks.data.collate import FixedNegatives, TextCollator, VLMCollator, scatter_negative_ids
+from vembed_blocks.data.guide_inputs import WithGuideInputs
 from vembed_blocks.data.loader import TaskLoader, training_batches
 from vembed_blocks.data.records import load_records
 from vembed_blocks.demo.text import prepare_text_demo
@@ -48,11 +49,18 @@ from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.export import export_pretrained
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.gradcache_split import RowSplit
 from vembed_blocks.input_check import InputCheck
 from vembed_blocks.losses import Matryoshka
 from vembed_blocks.model_folders import check_model_arg, hub_errors
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
-from vembed_blocks.recipe_flags import common_parser, mrl_dims
+from vembed_blocks.recipe_flags import (
+    add_false_negative_args,
+    common_parser,
+    false_negative_counts,
+    false_negative_rules,
+    mrl_dims,
+)
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import (
     RunLog,
@@ -64,8 +72,9 @@ from vembed_blocks.run_log import (
 )
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.step_guard import StepGuard
+from vembed_blocks.text_encoder import load_text_encoder, text_features
 from vembed_blocks.user_errors import report_user_errors
-from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_token_embeddings
+from vembed_blocks.vlm import VLMSplit, load_vlm_processor, shard_vlm, vlm_embed, vlm_token_embeddings
 
 log = logging.getLogger("colbert")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the demo text pairs (and a tiny BERT)"
@@ -86,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-negatives", type=int, default=0, help="hard negatives per row (fixed: equal forwards)")
     p.add_argument("--temperature", type=float, default=0.05, help="logits = MaxSim / T")
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
+    add_false_negative_args(p, "single-vector: text, an HF or sentence-transformers folder; vlm, a Qwen-VL")
     args, _ = p.parse_known_args(argv)
     if args.data is None:  # the demo trains a random model from scratch: a larger step, a narrow projection
         p.set_defaults(lr=1e-3, max_steps=20 if args.demo_quick else 60, batch_size=32, dim=32, num_negatives=1)
@@ -107,6 +117,9 @@ class Parts:
     processor: object
     proj: nn.Linear | None  # tokens -> --dim (outside the sharded model; its gradient is averaged by the loop)
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
+    guide: object = None  # --fn-guide: the frozen guide's single-vector embedding function (inputs -> [b, G])
+    guide_collator: object = None  # its own tokenizer's / processor's inputs of the same rows
+    masked: dict = field(default_factory=dict)  # false negatives each rule masked this step (step_loss adds)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -152,7 +165,9 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         compile_layers(model)
     model.train()
     model = shard_vlm(model, mixed_precision="bf16" if args.bf16 else None)  # a VLM's vision tower in the root unit
-    criterion = ColBERT(temperature=args.temperature)
+    a = args  # the false-negative rules (--fn-*): checked at parse time
+    rules = false_negative_rules(a.fn_margin, a.fn_ratio, a.fn_weight, a.fn_guide, a.fn_guide_margin, a.fn_guide_ratio)
+    criterion = ColBERT(temperature=args.temperature, false_negatives=rules)
     if args.mrl_dims:  # MaxSim over nested prefixes of every token vector
         criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -160,7 +175,27 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         groups.append({"params": list(proj.parameters()), "lr": args.proj_lr or 10 * args.lr})
     state = nn.ModuleDict({"model": model, **({"proj": proj} if proj is not None else {})})
     splitter = VLMSplit if args.encoder == "vlm" else None  # VLMSplit: flat pixel_values cut by image
-    return Parts(model, state, groups, criterion, collator, processor, proj, splitter)
+    parts = Parts(model, state, groups, criterion, collator, processor, proj, splitter)
+    parts.masked = false_negative_counts(args.fn_duplicates, rules)
+    parts.guide, parts.guide_collator = load_guide(args, device) if args.fn_guide else (None, None)
+    return parts
+
+
+def load_guide(args: argparse.Namespace, device: torch.device) -> tuple[object, object]:
+    """--fn-guide, frozen, eval mode, unsharded: (its single-vector embedding function, its collator)."""
+    from transformers import AutoModel
+
+    if args.encoder == "vlm":
+        processor = load_vlm_processor(args.fn_guide, flag="--fn-guide")
+        collator = VLMCollator(processor, args.query_instruction, args.doc_instruction, args.max_image_side)
+        with hub_errors("--fn-guide", args.fn_guide):
+            guide = AutoModel.from_pretrained(args.fn_guide, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        fn = lambda **x: vlm_embed(guide, x)
+    else:
+        guide, collator, cfg = load_text_encoder(args.fn_guide)
+        fn = lambda **x: text_features(guide, x, cfg.pooling, normalize=False)
+    guide.to(device).eval().requires_grad_(False)
+    return fn, collator
 
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
@@ -169,7 +204,10 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
     options.update(skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction, skip_bad_shards=args.skip_bad_shards)
     options.update(columns=args.columns, delimiter=args.csv_delimiter, allow_mixed=args.allow_mixed_data)
-    return training_batches(path, FixedNegatives(parts.collator, args.num_negatives), **options)
+    collate = FixedNegatives(parts.collator, args.num_negatives)
+    if args.fn_guide:  # the guide's own inputs of the same rows, negatives laid out alike
+        collate = WithGuideInputs(collate, FixedNegatives(parts.guide_collator, args.num_negatives))
+    return training_batches(path, collate, **options)
 
 
 def token_embeddings(args: argparse.Namespace, parts: Parts, inputs: dict) -> torch.Tensor:
@@ -200,7 +238,30 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
         b, k = q.shape[0], args.num_negatives
         nm = nm.view(b, k, -1) & batch["negatives_mask"].to(device)[..., None]
         extra = {"negatives": n.view(b, k, n.shape[1], -1), "negatives_mask": nm}
-    return parts.criterion(q, qm, d, dm, **extra)
+    if args.fn_duplicates:  # content ids (negatives [B, K], -1 on padded slots): candidates equal to the positive
+        ids = {k: v.to(device) for k, v in batch["content_ids"].items()}
+        if args.num_negatives:
+            ids["negatives"] = scatter_negative_ids(ids["negatives"], batch["negatives_mask"])
+        extra["content_ids"] = ids
+    if parts.guide is not None:  # --fn-guide: the frozen guide's single vectors of the same rows, without gradient
+        sides = [k for k in ("query", "positive", "negatives") if k in batch["guide"]]
+        extra["guide"] = guide = {k: guide_embed(args, parts, batch["guide"][k], device) for k in sides}
+        if "negatives" in guide:  # [B*K, G] in row order -> [B, K, G]
+            guide["negatives"] = guide["negatives"].view(q.shape[0], args.num_negatives, -1)
+    loss = parts.criterion(q, qm, d, dm, **extra)
+    if parts.model.training:  # a training micro-batch (validation_loss runs in eval mode): this step's counts
+        hits = getattr(parts.criterion, "loss", parts.criterion).masked  # Matryoshka: its inner loss's
+        parts.masked.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in parts.masked.items()})
+    return loss
+
+
+@torch.no_grad()
+def guide_embed(args: argparse.Namespace, parts: Parts, inputs: dict, device) -> torch.Tensor:
+    """The frozen guide's ``[b, G]`` embeddings of one side, --chunk-size rows at a time (bounded memory)."""
+    split = (parts.splitter or RowSplit)(((), {k: v.to(device) for k, v in inputs.items()}))
+    rows = args.chunk_size or len(split)
+    with autocast(args, device):
+        return torch.cat([parts.guide(**split[s : s + rows][1]) for s in range(0, len(split), rows)]).float()
 
 
 @torch.no_grad()
@@ -259,6 +320,15 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+def masked_counts(parts, world: int) -> dict[str, int]:
+    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
+    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
+    masked = getattr(parts, "masked", {})
+    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
+    masked.update(dict.fromkeys(masked, 0))
+    return counts
 
 
 # </shared>
@@ -324,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
             lr = scheduler.get_last_lr()[0]
-            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts())
+            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts(), **masked_counts(parts, world))
             run_log.log(step, total, samples, loss=losses[-1], lr=lr, **extra)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)

@@ -254,6 +254,15 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
 
 
+def masked_counts(parts, world: int) -> dict[str, int]:
+    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
+    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
+    masked = getattr(parts, "masked", {})
+    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
+    masked.update(dict.fromkeys(masked, 0))
+    return counts
+
+
 # </shared>
 
 
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
             lr = scheduler.get_last_lr()[0]
-            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts())
+            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts(), **masked_counts(parts, world))
             run_log.log(step, total, samples, loss=losses[-1], lr=lr, **extra)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)

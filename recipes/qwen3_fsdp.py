@@ -34,14 +34,15 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vembed_blocks.data.collate import FixedNegatives, VLMCollator
+from vembed_blocks.data.collate import FixedNegatives, VLMCollator, scatter_negative_ids
+from vembed_blocks.data.guide_inputs import WithGuideInputs
 from vembed_blocks.data.loader import training_batches
 from vembed_blocks.data.records import load_records
 from vembed_blocks.demo import render_demo
@@ -61,7 +62,13 @@ from vembed_blocks.input_check import InputCheck
 from vembed_blocks.losses import InfoNCE, Matryoshka
 from vembed_blocks.model_folders import hub_errors
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, shard_model
-from vembed_blocks.recipe_flags import common_parser, mrl_dims
+from vembed_blocks.recipe_flags import (
+    add_false_negative_args,
+    common_parser,
+    false_negative_counts,
+    false_negative_rules,
+    mrl_dims,
+)
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import (
     RunLog,
@@ -92,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE: logits = cos / T")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tracing only)")
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
+    add_false_negative_args(p, "a Qwen-VL folder or HF id, loaded like --model (unsharded)")
     args, _ = p.parse_known_args(argv)
     if args.data is None:  # the demo trains a random model from scratch: its own defaults, explicit flags win
         p.set_defaults(lr=2e-3, max_steps=30 if args.demo_quick else 300)
@@ -110,6 +118,9 @@ class Parts:
     collator: VLMCollator
     processor: object
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
+    guide: object = None  # --fn-guide: the frozen guide's embedding function (inputs -> [b, G])
+    guide_collator: object = None  # its own processor's inputs of the same rows
+    masked: dict = field(default_factory=dict)  # false negatives each rule masked this step (step_loss adds)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -154,18 +165,32 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     if hasattr(model, "set_reduce_scatter_unused_params"):
         model.set_reduce_scatter_unused_params(True)  # a chunk without images: its tower grads are zeros, not missing
     ignore_fsdp_view_warning()  # FSDP2's "returned a view tensor" at every forward: vlm_embed only reads the view
-    criterion = InfoNCE(temperature=args.temperature)
+    a = args  # the false-negative rules (--fn-*): checked at parse time
+    rules = false_negative_rules(a.fn_margin, a.fn_ratio, a.fn_weight, a.fn_guide, a.fn_guide_margin, a.fn_guide_ratio)
+    criterion = InfoNCE(temperature=args.temperature, false_negatives=rules)
     if args.mrl_dims:  # the loss over nested prefixes of the embedding
         criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     collator = VLMCollator(processor, args.query_instruction, args.doc_instruction, args.max_image_side)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     state = nn.ModuleDict({"model": model, "loss": criterion})
-    return Parts(model, state, groups, criterion, collator, processor, splitter=VLMSplit)  # flat pixels by image
+    parts = Parts(model, state, groups, criterion, collator, processor, splitter=VLMSplit)  # flat pixels by image
+    parts.masked = false_negative_counts(args.fn_duplicates, rules)
+    if args.fn_guide:  # frozen, unsharded, eval mode: its scores only choose which candidates to drop
+        guide_processor = load_vlm_processor(args.fn_guide, flag="--fn-guide")
+        with hub_errors("--fn-guide", args.fn_guide):
+            guide = AutoModel.from_pretrained(args.fn_guide, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        guide = guide.to(device).eval().requires_grad_(False)
+        parts.guide = lambda **x: vlm_embed(guide, x)
+        instructions = args.query_instruction, args.doc_instruction, args.max_image_side
+        parts.guide_collator = VLMCollator(guide_processor, *instructions)
+    return parts
 
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
     """(batches, rows per epoch): one task; exactly --num-negatives negatives a row (FSDP2: same forwards)."""
     collate = FixedNegatives(parts.collator, args.num_negatives)
+    if args.fn_guide:  # the guide's own inputs of the same rows, negatives laid out alike
+        collate = WithGuideInputs(collate, FixedNegatives(parts.guide_collator, args.num_negatives))
     options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, format=args.format)
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
     options.update(skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction, skip_bad_shards=args.skip_bad_shards)
@@ -188,7 +213,30 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     if args.num_negatives:  # [B*K] rows in row order -> [B, K, D]; padded slots masked out
         n = encode(batch["negatives"]).view(q.shape[0], args.num_negatives, -1)
         extra.update(negatives=n, negatives_mask=batch["negatives_mask"].to(device))
-    return parts.criterion(q, p, **extra)
+    if args.fn_duplicates:  # content ids (negatives [B, K], -1 on padded slots): candidates equal to the positive
+        ids = {k: v.to(device) for k, v in batch["content_ids"].items()}
+        if args.num_negatives:
+            ids["negatives"] = scatter_negative_ids(ids["negatives"], extra["negatives_mask"])
+        extra["content_ids"] = ids
+    if parts.guide is not None:  # --fn-guide: the frozen guide's embeddings of the same rows, without gradient
+        sides = [k for k in ("query", "positive", "negatives") if k in batch["guide"]]
+        extra["guide"] = guide = {k: guide_embed(args, parts, batch["guide"][k], device) for k in sides}
+        if "negatives" in guide:  # [B*K, G] in row order -> [B, K, G]
+            guide["negatives"] = guide["negatives"].view(q.shape[0], args.num_negatives, -1)
+    loss = parts.criterion(q, p, **extra)
+    if parts.model.training:  # a training micro-batch (validation_loss runs in eval mode): this step's counts
+        hits = getattr(parts.criterion, "loss", parts.criterion).masked  # Matryoshka: its inner loss's
+        parts.masked.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in parts.masked.items()})
+    return loss
+
+
+@torch.no_grad()
+def guide_embed(args: argparse.Namespace, parts: Parts, inputs: dict, device) -> torch.Tensor:
+    """The frozen guide's ``[b, G]`` embeddings of one side, --chunk-size rows at a time (bounded memory)."""
+    split = VLMSplit(((), {k: v.to(device) for k, v in inputs.items()}))
+    rows = args.chunk_size or len(split)
+    with autocast(args, device):
+        return torch.cat([parts.guide(**split[s : s + rows][1]) for s in range(0, len(split), rows)]).float()
 
 
 @torch.no_grad()
@@ -243,6 +291,15 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+def masked_counts(parts, world: int) -> dict[str, int]:
+    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
+    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
+    masked = getattr(parts, "masked", {})
+    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
+    masked.update(dict.fromkeys(masked, 0))
+    return counts
 
 
 # </shared>
@@ -308,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
             lr = scheduler.get_last_lr()[0]
-            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts())
+            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts(), **masked_counts(parts, world))
             run_log.log(step, total, samples, loss=losses[-1], lr=lr, **extra)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)

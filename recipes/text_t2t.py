@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,7 @@ import torch.nn as nn
 from vembed_blocks import text_encoder
 from vembed_blocks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vembed_blocks.data.collate import TextCollator, WithScores, scatter_negatives
+from vembed_blocks.data.guide_inputs import WithGuideInputs
 from vembed_blocks.data.length_batches import lengths_for
 from vembed_blocks.data.loader import TaskLoader, training_batches
 from vembed_blocks.data.records import load_records
@@ -40,13 +41,21 @@ from vembed_blocks.distributed import average_gradients, init_distributed, mean_
 from vembed_blocks.embed import evaluate_retrieval_by
 from vembed_blocks.grad_sync import clip_gradients, defer_gradient_sync
 from vembed_blocks.gradcache import GradCache
+from vembed_blocks.gradcache_split import RowSplit
 from vembed_blocks.input_check import InputCheck
 from vembed_blocks.length_chunks import LengthSplit, encode_in_length_chunks
 from vembed_blocks.losses import CoSENT, InfoNCE, Matryoshka, Triplet
 from vembed_blocks.mining import write_mined_file
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.recipe_flags import add_padding_args, common_parser, mrl_dims
+from vembed_blocks.recipe_flags import (
+    add_false_negative_args,
+    add_padding_args,
+    common_parser,
+    false_negative_counts,
+    false_negative_rules,
+    mrl_dims,
+)
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import (
     RunLog,
@@ -81,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mine-ratio", type=float, help="skip candidates scoring above ratio * positive")
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
     add_padding_args(p)  # --trim-padding (on), --trim-chunk-size, --token-budget
+    add_false_negative_args(p, "a text model folder or HF id (plain HF or sentence-transformers), like --model")
     args, _ = p.parse_known_args(argv)
     if args.data is None:  # the demo trains a random model from scratch: a larger step than a fine-tune
         p.set_defaults(lr=1e-3, max_steps=20 if args.demo_quick else 60, batch_size=32)
@@ -101,6 +111,9 @@ class Parts:
     collator: TextCollator
     cfg: text_encoder.TextEncoderConfig  # pooling, normalisation, max length of the folder (or the flags)
     splitter: object = None  # how GradCache cuts the inputs into chunks (None: every tensor on dim 0)
+    guide: object = None  # --fn-guide: the frozen guide's embedding function (inputs -> [b, G])
+    guide_collator: object = None  # its own tokenizer's inputs of the same rows
+    masked: dict = field(default_factory=dict)  # false negatives each rule masked this step (step_loss adds)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -141,17 +154,28 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     if args.compile:  # last: compiles the checkpointed, LoRA-wrapped blocks
         compile_layers(model)
     model.train()
+    a = args  # the false-negative rules (--fn-*): checked at parse time
+    rules = false_negative_rules(a.fn_margin, a.fn_ratio, a.fn_weight, a.fn_guide, a.fn_guide_margin, a.fn_guide_ratio)
+    if (rules or args.fn_duplicates) and args.loss != "infonce":
+        raise SystemExit("the --fn-* false-negative rules need --loss infonce")
     if args.loss == "cosent":
         criterion = CoSENT()
     elif args.loss == "triplet":
         criterion = Triplet(margin=args.margin)
     else:
-        criterion = InfoNCE(temperature=args.temperature, symmetric=args.symmetric)
+        criterion = InfoNCE(temperature=args.temperature, symmetric=args.symmetric, false_negatives=rules)
     if args.mrl_dims:  # the loss over nested prefixes of the embedding
         criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     splitter = LengthSplit if args.trim_padding else None  # exact: the pooling reads attention_mask
-    return Parts(model, nn.ModuleDict({"model": model, "loss": criterion}), groups, criterion, collator, cfg, splitter)
+    state = nn.ModuleDict({"model": model, "loss": criterion})
+    parts = Parts(model, state, groups, criterion, collator, cfg, splitter)
+    parts.masked = false_negative_counts(args.fn_duplicates, rules)
+    if args.fn_guide:  # frozen, eval mode: its scores only choose which candidates to drop
+        guide, parts.guide_collator, guide_cfg = load_text_encoder(args.fn_guide)
+        guide = guide.to(device).eval().requires_grad_(False)
+        parts.guide = lambda **x: text_features(guide, x, guide_cfg.pooling, normalize=False)
+    return parts
 
 
 def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int) -> tuple[TaskLoader, int]:
@@ -178,7 +202,8 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
     options.update(columns=args.columns, delimiter=args.csv_delimiter, allow_mixed=args.allow_mixed_data)
     if args.token_budget:  # rows of similar length filling the budget per rank (docs/data.md), not batch_size rows
         options.update(token_budget=args.token_budget, row_length=lengths_for(parts.collator))
-    loader, rows = training_batches(path, WithScores(parts.collator), **options)
+    collate = WithGuideInputs(parts.collator, parts.guide_collator) if args.fn_guide else parts.collator
+    loader, rows = training_batches(path, WithScores(collate), **options)
     if args.token_budget:  # the shared loop counts an epoch in --batch-size rows per rank: a pass in those units
         rows = loader.sampler.batches_per_pass(0) * args.batch_size * world
     return loader, rows
@@ -211,7 +236,25 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
         return parts.criterion(q, p, scatter_negatives(neg, mask), negatives_mask=mask)
     labels = batch.get("labels")
     extra = {"labels": labels.to(device)} if labels is not None and not labels.is_floating_point() else {}
-    return parts.criterion(q, p, negatives=neg, **extra)
+    if args.fn_duplicates:  # content ids ([M] negatives, like the pool): candidates equal to the positive drop
+        extra["content_ids"] = {k: v.to(device) for k, v in batch["content_ids"].items()}
+    if parts.guide is not None:  # --fn-guide: the frozen guide's embeddings of the same rows, without gradient
+        sides = [k for k in ("query", "positive", "negatives") if k in batch["guide"]]
+        extra["guide"] = {k: guide_embed(args, parts, batch["guide"][k], device) for k in sides}
+    loss = parts.criterion(q, p, negatives=neg, **extra)
+    if parts.model.training:  # a training micro-batch (validation_loss runs in eval mode): this step's counts
+        hits = getattr(parts.criterion, "loss", parts.criterion).masked  # Matryoshka: its inner loss's
+        parts.masked.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in parts.masked.items()})
+    return loss
+
+
+@torch.no_grad()
+def guide_embed(args: argparse.Namespace, parts: Parts, inputs: dict, device) -> torch.Tensor:
+    """The frozen guide's ``[b, G]`` embeddings of one side, --chunk-size rows at a time (bounded memory)."""
+    split = RowSplit(((), {k: v.to(device) for k, v in inputs.items()}))
+    rows = args.chunk_size or len(split)
+    with autocast(args, device):
+        return torch.cat([parts.guide(**split[s : s + rows][1]) for s in range(0, len(split), rows)]).float()
 
 
 @torch.no_grad()
@@ -255,6 +298,15 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
+
+
+def masked_counts(parts, world: int) -> dict[str, int]:
+    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
+    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
+    masked = getattr(parts, "masked", {})
+    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
+    masked.update(dict.fromkeys(masked, 0))
+    return counts
 
 
 # </shared>
@@ -320,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(mean_over_ranks(loss))  # the global batch's loss, not this rank's
             lr = scheduler.get_last_lr()[0]
-            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts())
+            extra = dict(grad_norm=grad_norm, task=" ".join(streams), **guard.counts(), **masked_counts(parts, world))
             run_log.log(step, total, samples, loss=losses[-1], lr=lr, **extra)
             if (args.save_every and step % args.save_every == 0) or step == end:
                 save_checkpoint(ckpt_dir, step=step, **ckpt)

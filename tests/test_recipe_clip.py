@@ -146,3 +146,27 @@ def test_fp16_loss_scaling_trains_and_fsdp_recipes_refuse_it(demo, tmp_path, cap
             "--fp16: not supported: fp16 loss scaling over FSDP2-sharded gradients; use --bf16"
             in capsys.readouterr().err
         )
+
+
+def test_torchrun_false_negative_counts_are_global(demo, tmp_path):
+    """Every --fn-* rule on (the guide: the same tiny CLIP, frozen), GradCache chunks, 2 ranks x 4 rows: every
+    step is all 8 rows, and rows 0 and 1 share a positive image, so each step masks at least those 2 duplicates.
+    The logged counts are summed over ranks: step 1 (same weights) counts what one process on the 8 rows does."""
+    rows = [json.loads(line) for line in Path(demo["train"]).read_text().splitlines()[:8]]
+    for i, r in enumerate(rows):
+        r["negatives"] = [rows[(i + 3) % 8]["positive"]]
+    rows[1]["positive"] = rows[0]["positive"]
+    data = Path(demo["root"]) / "dup.jsonl"  # beside the images it names
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fn = ["--fn-duplicates", "--fn-margin", "0.1", "--fn-weight", "0.5", "--fn-guide", demo["clip"]]
+    fn += ["--data", str(data), "--max-steps", "2", "--fn-guide-margin", "0.05"]
+    torchrun("clip_t2i", *common(demo, tmp_path / "two", demo["clip"], *fn, "--batch-size", "4"))
+    result = clip_t2i.main(common(demo, tmp_path / "one", demo["clip"], *fn, "--batch-size", "8"))
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+    one, two = (
+        [json.loads(x) for x in (tmp_path / n / "train_log.jsonl").read_text().splitlines()] for n in ("one", "two")
+    )
+    assert len(two) == 2 and all(r["masked_duplicates"] >= 2 for r in two), two
+    assert two[0]["masked_duplicates"] == one[0]["masked_duplicates"], (one, two)
+    for rule in ("margin", "guide"):  # scores at a threshold may round apart (other chunk shapes): a pair or two
+        assert abs(two[0][f"masked_{rule}"] - one[0][f"masked_{rule}"]) <= 2, (one, two)

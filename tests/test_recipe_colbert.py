@@ -228,3 +228,33 @@ def test_torchrun_ragged_negatives_and_labels(tmp_path):
         want = one_process_loss(argv, [records[i] for i in step0[0] + step0[1]])
         assert losses[1] == pytest.approx(want, abs=1e-4), (name, k, losses, want)
         assert ("--num-negatives is 0" in logs) == (k == 0), logs[-3000:]
+
+
+def test_false_negative_rules_mask_and_log_their_counts(tmp_path):
+    """Every --fn-* rule on (the guide: the same tiny BERT as a mean-pooled single-vector embedder, frozen),
+    GradCache chunks, a fixed negative per row: one batch of 8 rows where rows 0 and 1 share a positive, so each
+    step masks at least those 2 duplicates; the log counts every rule's masked candidates and the loss is finite."""
+    train, _ = pets_dataset(tmp_path)
+    rows = [json.loads(line) for line in Path(train).read_text().splitlines()[:8]]
+    rows[1]["positive"] = rows[0]["positive"]
+    data = tmp_path / "dup.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bert = tiny_bert(str(tmp_path / "bert"))
+    fn = [
+        "--fn-duplicates",
+        "--fn-margin",
+        "0.1",
+        "--fn-weight",
+        "0.5",
+        "--fn-guide",
+        bert,
+        "--fn-guide-margin",
+        "0.05",
+    ]
+    run = common(bert, str(data), train, tmp_path / "fn", "--batch-size", "8", "--max-steps", "2", *fn)
+    del run[run.index("--val-data") : run.index("--val-data") + 2]  # no evaluation: the log is what is checked
+    result = colbert.main(run)
+    assert all(math.isfinite(x) for x in result["losses"])
+    logged = [json.loads(line) for line in (tmp_path / "fn" / "train_log.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(r["masked_duplicates"] >= 2 for r in logged), logged
+    assert all(0 <= r[f"masked_{k}"] <= 8 * 15 for r in logged for k in ("margin", "guide")), logged  # 8 x 15 pairs

@@ -243,3 +243,21 @@ def test_token_budget_batches_learn_and_resume_exactly(toy, tmp_path):
         assert loader.step_rows == len(batch["query"]["input_ids"])
         sizes.append(loader.step_rows)
     assert len(set(sizes)) > 1 and max(sizes) > 8, sizes  # not --batch-size 8 rows every step
+
+
+def test_false_negative_rules_mask_and_log_their_counts(toy, tmp_path):
+    """Every --fn-* rule on (the guide: the same tiny BERT, frozen), GradCache chunks: one batch of all 8 rows
+    where rows 0 and 1 share a positive, so each step masks at least those 2 duplicates; the log counts every
+    rule's masked candidates per step (at most the step's 8 x 15 pairs: the validation loss of --eval-every is
+    not counted) and the loss stays finite."""
+    rows = [json.loads(line) for line in Path(toy["negs"]).read_text().splitlines()[:8]]
+    rows[1]["positive"] = rows[0]["positive"]
+    data = write_jsonl(tmp_path / "dup.jsonl", rows)
+    fn = ["--fn-duplicates", "--fn-margin", "0.1", "--fn-weight", "0.5", "--fn-guide", toy["model"]]
+    run = ["--data", data, "--max-steps", "2", "--log-every", "1", "--chunk-size", "3", "--eval-every", "1", *fn]
+    run += ["--fn-guide-margin", "0.05"]  # --eval-every: validation_loss runs the rules too, not counted
+    result = text_t2t.main(common(toy, tmp_path / "fn", *run))
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+    logged = [json.loads(line) for line in (tmp_path / "fn" / "train_log.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(r["masked_duplicates"] >= 2 for r in logged), logged
+    assert all(0 <= r[f"masked_{k}"] <= 8 * 15 for r in logged for k in ("margin", "guide")), logged

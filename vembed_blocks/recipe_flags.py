@@ -16,7 +16,17 @@ import os
 from .run_log import TRACKERS
 from .schedule import SCHEDULES
 
-__all__ = ["HelpFormatter", "common_parser", "add_common_args", "add_padding_args", "check_common_args", "mrl_dims"]
+__all__ = [
+    "HelpFormatter",
+    "common_parser",
+    "add_common_args",
+    "add_padding_args",
+    "add_false_negative_args",
+    "check_common_args",
+    "false_negative_counts",
+    "false_negative_rules",
+    "mrl_dims",
+]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -143,6 +153,58 @@ def add_padding_args(p: argparse.ArgumentParser, token_budget: bool = True) -> a
     return p
 
 
+def add_false_negative_args(p: argparse.ArgumentParser, guide_help: str) -> argparse.ArgumentParser:
+    """The false-negative flags of the contrastive recipes (`vembed_blocks.false_negatives`): ``--fn-duplicates``,
+    the score rule (``--fn-margin`` / ``--fn-ratio``, ``--fn-weight``) and the guide rule (``--fn-guide`` with
+    ``--fn-guide-margin`` / ``--fn-guide-ratio``). ``guide_help``: what ``--fn-guide`` loads in this recipe."""
+    a = p.add_argument
+    dup = "drop candidates whose content (text, image bytes) equals the row's positive"
+    a("--fn-duplicates", action=argparse.BooleanOptionalAction, default=False, help=dup)
+    a("--fn-margin", type=float, help="drop candidates scoring above (positive - margin), before the temperature")
+    a("--fn-ratio", type=float, help="drop candidates scoring above ratio * positive")
+    a("--fn-weight", type=float, default=0.0, help="--fn-margin/--fn-ratio hits: 0 = drop, (0, 1) = down-weight")
+    a("--fn-guide", metavar="MODEL_DIR", help=f"frozen guide model for --fn-guide-margin/-ratio: {guide_help}")
+    a("--fn-guide-margin", type=float, help="drop candidates the guide scores above (its positive - margin)")
+    a("--fn-guide-ratio", type=float, help="drop candidates the guide scores above ratio * its positive")
+    return p
+
+
+def false_negative_rules(
+    margin: float | None = None,
+    ratio: float | None = None,
+    weight: float = 0.0,
+    guide: str | None = None,
+    guide_margin: float | None = None,
+    guide_ratio: float | None = None,
+):
+    """The `FalseNegatives` of the ``--fn-*`` flags' values (None: no score or guide rule; ``--fn-duplicates``
+    needs none, only content ids), or ``SystemExit`` naming the flags that do not go together."""
+    from .false_negatives import FalseNegatives
+
+    scores, guided = margin is not None or ratio is not None, guide_margin is not None or guide_ratio is not None
+    if weight and not scores:
+        raise SystemExit("--fn-weight needs --fn-margin or --fn-ratio (it weights what they hit)")
+    if not 0 <= weight < 1:
+        raise SystemExit(f"--fn-weight must be in [0, 1) (0 = drop), got {weight}")
+    for flag, value in (("--fn-ratio", ratio), ("--fn-guide-ratio", guide_ratio)):
+        if value is not None and not value > 0:
+            raise SystemExit(f"{flag} must be > 0, got {value}")
+    if guided and not guide:
+        raise SystemExit("--fn-guide-margin / --fn-guide-ratio need --fn-guide (the guide model)")
+    if guide and not guided:
+        raise SystemExit("--fn-guide needs --fn-guide-margin or --fn-guide-ratio (its threshold)")
+    if not scores and not guided:
+        return None
+    return FalseNegatives(margin, ratio, weight, guide_margin, guide_ratio)
+
+
+def false_negative_counts(duplicates: bool, rules) -> dict[str, int]:
+    """``{rule: 0}`` for each false-negative rule on (``--fn-duplicates``, then the `FalseNegatives` ``rules``):
+    the counters of what each rule masked in a step, the same keys on every rank."""
+    on = (duplicates, rules is not None and rules.scores, rules is not None and rules.guided)
+    return {rule: 0 for rule, yes in zip(("duplicates", "margin", "guide"), on) if yes}
+
+
 def check_common_args(args: argparse.Namespace) -> None:
     """``SystemExit`` naming the first shared flag with a value that cannot work (or a file that is not there)."""
     from .data.shards import is_stream_spec
@@ -174,6 +236,9 @@ def check_common_args(args: argparse.Namespace) -> None:
     if getattr(args, "temperature", None) is not None and not args.temperature > 0:  # a recipe's own flag
         raise SystemExit(f"--temperature must be > 0 (logits = similarity / temperature), got {args.temperature}")
     mrl_dims(args.mrl_dims)
+    if hasattr(args, "fn_guide"):  # add_false_negative_args' flags, where a recipe has them
+        a = args
+        false_negative_rules(a.fn_margin, a.fn_ratio, a.fn_weight, a.fn_guide, a.fn_guide_margin, a.fn_guide_ratio)
     _parse_data_flags(args)
 
 

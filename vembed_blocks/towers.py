@@ -309,7 +309,11 @@ class _without_load_report:
 
 
 def contrastive_loss_for(
-    model: torch.nn.Module, kind: str = "infonce", temperature: float | None = None, symmetric: bool = False
+    model: torch.nn.Module,
+    kind: str = "infonce",
+    temperature: float | None = None,
+    symmetric: bool = False,
+    false_negatives=None,
 ) -> torch.nn.Module:
     """InfoNCE (``kind="infonce"``) or SigLIP whose learnable temperature (and bias) start from ``model``'s own.
 
@@ -318,6 +322,7 @@ def contrastive_loss_for(
     ``temperature`` (``> 0``) overrides the start with the same meaning for both kinds: logits are
     similarities divided by it (SigLIP's scale ``t`` is ``1 / temperature``). The loss owns the temperature
     from here on: the model's own parameters are frozen (`write_temperature_back` copies the learned values into them).
+    ``false_negatives``: the loss's `FalseNegatives` rules (`vembed_blocks.false_negatives`), or None.
     """
     from .losses import InfoNCE, SigLIP
 
@@ -327,10 +332,11 @@ def contrastive_loss_for(
     if kind == "siglip":
         scale = None if temperature is None else 1.0 / temperature
         t = scale or (math.exp(logit_scale.item()) if logit_scale is not None else 10.0)
-        loss: torch.nn.Module = SigLIP(temperature=t, bias=bias.item() if bias is not None else -10.0, learn=True)
+        b = bias.item() if bias is not None else -10.0
+        loss: torch.nn.Module = SigLIP(temperature=t, bias=b, learn=True, false_negatives=false_negatives)
     elif kind == "infonce":
         t = temperature or (math.exp(-logit_scale.item()) if logit_scale is not None else 0.05)  # None: the model's
-        loss = InfoNCE(temperature=t, learn_temperature=True, symmetric=symmetric)
+        loss = InfoNCE(temperature=t, learn_temperature=True, symmetric=symmetric, false_negatives=false_negatives)
     else:
         raise ValueError(f"contrastive_loss_for: kind must be 'infonce' or 'siglip', got {kind!r}")
     for name in ("logit_scale", "logit_bias"):
