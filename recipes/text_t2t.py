@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mine-negatives", type=int, default=0, help="mine K hard negatives per row before training")
     p.add_argument("--mine-margin", type=float, help="skip candidates scoring above (positive - margin)")
     p.add_argument("--mine-ratio", type=float, help="skip candidates scoring above ratio * positive")
+    a = p.add_argument
+    a("--mine-range", type=int, nargs=2, metavar=("N", "M"), help="mine from ranks N..M-1 (drawn with --seed)")
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
     add_padding_args(p)  # --trim-padding (on), --trim-chunk-size, --token-budget
     add_false_negative_args(p, "a text model folder or HF id (plain HF or sentence-transformers), like --model")
@@ -192,6 +194,8 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
                 args.mine_margin,
                 args.mine_ratio,
                 args.eval_batch_size,
+                rank_range=tuple(args.mine_range) if args.mine_range else None,
+                seed=args.seed,
             )
             parts.model.train()
             log.info("mined %d negatives per row -> %s", args.mine_negatives, mined)

@@ -98,6 +98,9 @@ def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
         "2",
         "--mine-margin",
         "0.0",
+        "--mine-range",
+        "1",
+        "6",
         "--chunk-size",
         "5",
         "--mrl-dims",
@@ -120,6 +123,7 @@ def test_torchrun_mined_infonce_learns_resumes_and_exports(toy, tmp_path):
     mined = [json.loads(line) for line in (straight / "mined.jsonl").read_text().splitlines()]
     assert len(mined) == 96
     assert all(len(r["negatives"]) == 2 and r["positive"] not in r["negatives"] for r in mined)
+    assert all(len(r["negative_scores"]) == 2 and r["negative_scores"][0] < r["positive_score"] for r in mined)
     assert (split / "mined.jsonl").read_text() == (straight / "mined.jsonl").read_text()
     evals = [json.loads(line) for line in (straight / "eval_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [6] and 0 < evals[0]["loss"] < 20  # validation loss beside the metrics
