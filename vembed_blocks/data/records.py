@@ -16,6 +16,7 @@ Formats (detected per row from its keys, see ``_detect``)::
     edit {"source_image": image | [image, ...] | null, "target_image": image,
           "instruction": text, "instruction_cn": text,
           "inverse_instruction": text, "inverse_instruction_cn": text}
+    swift {"messages": [turn, ...], "positive_messages": [[turn, ...], ...], ...}  (`data.swift_format`)
 
 plus an optional ``label`` (an int or a string, ``_Row.label``; missing, null or blank: no label)
 and ``task`` on every format. CSV may start with a UTF-8 BOM.
@@ -25,7 +26,8 @@ instruction, inverse records, ``t2i_mode``, ``language``) live there.
 
 Imports: standard library, `user_errors`; `data.row_files` (rows with line numbers; home of ``IndexedRecords``
 / ``load_records``, re-exported here) and `data.columns` (column mapping, hints) on first use; `data.images`
-(Pillow) only when ``verify_images`` decodes, `vembed_blocks.edit.records` only for edit rows.
+(Pillow) only when ``verify_images`` decodes, `vembed_blocks.edit.records` only for edit rows,
+`data.swift_format` only for ms-swift rows.
 
 THE IMAGE-VS-TEXT RULE (the only place it is decided, ``_is_image``):
 fields whose name ends in ``_image`` are always images; ``query`` and the instruction
@@ -66,7 +68,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FORMATS = ("t2i", "i2i", "i2t", "m2i", "t2t", "edit")
+FORMATS = ("t2i", "i2i", "i2t", "m2i", "t2t", "edit", "swift")
 _IMAGE_DOC_FORMATS = {"t2i": True, "i2i": True, "m2i": True, "i2t": False, "t2t": False}
 # Canonical field names a column mapping may rename (the last six are the edit format's).
 FIELDS = (
@@ -227,6 +229,8 @@ def _detect(row: _Row, declared: str | None) -> str:
     if row.has("query"):
         pos = row.raw.get("positive")
         return "t2i" if isinstance(pos, str) and _is_image("positive", pos, None) else "t2t"
+    if row.has("messages") or row.has("positive_messages"):  # ms-swift's rows; one without messages is told so
+        return "swift"
     from .columns import unknown_format_hint  # the fix: --columns / --csv-delimiter with this file's values
 
     raise row.fail(f"unknown format: row keys {sorted(row.raw)} match none of {FORMATS}" + unknown_format_hint(row.raw))
@@ -276,17 +280,24 @@ def parse_row(
         raise RecordError(source, f"expected a JSON object, got {type(raw).__name__}")
     row = _Row(raw, source, base_dir, check_images, verify_images)
     fmt = _detect(row, format)
-    if fmt == "edit":
+    used = set(FIELDS)
+    if fmt == "swift":
+        from .swift_format import SWIFT_FIELDS, swift_records  # ms-swift's messages rows, several positives
+
+        records, used = swift_records(row), used.union(SWIFT_FIELDS)
+    elif fmt == "edit":
         from ..edit.records import edit_records  # the edit wing owns the seed-004 format
 
         records = edit_records(row, t2i_mode=t2i_mode, inverse=inverse, language=language)
     else:
         records = [_pair(row, fmt)]
-    used = set(FIELDS)
     extra = {k: v for k, v in raw.items() if k not in used}
-    label = row.label()
+    # ms-swift's "label" is a score or a 0/1 pair flag, not a class: kept in extra, never a grouping label
+    label = None if fmt == "swift" else row.label()
+    if fmt == "swift" and raw.get("label") is not None:
+        extra["swift_label"] = raw["label"]
     for rec in records:
-        rec.label = label
+        rec.label = rec.label if label is None else label  # swift: siblings of several positives share one
         rec.task = task if task is not None else raw.get("task")
         rec.extra = {**extra, **rec.extra}
         rec.source = source
