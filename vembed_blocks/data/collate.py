@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import unicodedata
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,7 +52,13 @@ __all__ = [
     "scatter_negatives",
     "scatter_negative_ids",
     "label_id",
+    "format_instruction",
+    "EMPTY_CONTENT",
 ]
+
+# What a chat carries for an item with neither text nor image, as the official Qwen3-VL-Embedding
+# embedder sends (an empty user turn would pool on the template alone).
+EMPTY_CONTENT = "NULL"
 
 
 def scatter_negatives(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -269,7 +276,9 @@ class VLMCollator(_Collator):
 
     Each item becomes ``[system: instruction] [user: <image>... text]`` rendered by the
     processor's chat template (``add_generation_prompt`` appends the assistant prefix, whose
-    last token is then the pooled one). The processor expands each image placeholder to
+    last token is then the pooled one), laid out as the official Qwen3-VL-Embedding embedder does
+    (`_chat`: the instruction gets a final ``"."`` unless it ends in punctuation, an item with
+    neither text nor image sends ``"NULL"``). The processor expands each image placeholder to
     ``prod(image_grid_thw) / merge_size**2`` tokens. Left padding puts every row's last real
     token at position -1 (``pool(..., "last")`` works for either side anyway).
 
@@ -312,14 +321,34 @@ class VLMCollator(_Collator):
         return dict(enc)
 
 
+def format_instruction(text: str | None) -> str | None:
+    """A system instruction as the official Qwen3-VL-Embedding embedder sends it.
+
+    Rule: strip surrounding whitespace; if the last character is not unicode punctuation (general
+    category ``P*``: ``.`` ``?`` ``!`` ``。`` ``"`` ``)`` ... but not symbols such as ``$``), append ``"."``.
+    ``None`` or a blank text -> ``None`` (no system turn; the official embedder would send its default
+    ``"Represent the user's input."`` there, which is `VLMCollator`'s default instruction).
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    return text if unicodedata.category(text[-1]).startswith("P") else text + "."
+
+
 def _chat(item: Item, instruction: str | None) -> list[dict]:
-    """The default conversation: optional system instruction, then the item's images and text."""
+    """The default conversation, laid out as the official Qwen3-VL-Embedding embedder does:
+    ``[system: format_instruction(instruction)]`` (left out when that is None), then a user turn with
+    the item's images, then its text when non-empty; an item with neither gets `EMPTY_CONTENT` as text.
+    The text is sent as is (not stripped), as there."""
     content: list[dict] = [{"type": "image"} for _ in item.images]
-    if item.text is not None:
+    if item.text:
         content.append({"type": "text", "text": item.text})
+    if not content:
+        content.append({"type": "text", "text": EMPTY_CONTENT})
     messages = [{"role": "user", "content": content}]
-    if instruction:
-        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": instruction}]})
+    system = format_instruction(instruction)
+    if system:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
     return messages
 
 
