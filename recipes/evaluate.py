@@ -195,18 +195,22 @@ def save_embeddings(out: str, rs, q, d) -> None:
         json.dump(items, f)
 
 
-def best_docs(rs, enc: Encoder, q, d, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scores[Q, k'], corpus indices[Q, k'])``: each query's best corpus items, best first, ties to the lower
-    index (as the metrics rank), its own item (labels) left out. Unit vectors: ranked tile by tile
-    (`embed.top_docs`); multi-vector models: sorted MaxSim rows."""
+def rank(args: argparse.Namespace, enc: Encoder, rs, q, d) -> tuple[torch.Tensor, list, tuple]:
+    """``(scores, relevant, best)``: what the metrics read (`embed.top_scores`), and each query's best corpus
+    items ``(scores[Q, k], corpus indices[Q, k])``, best first, ties to the lower index, its own item
+    (labels) left out, for topk.jsonl and the examples. Unit vectors: the corpus ranked once, tile by tile
+    (`embed.top_docs`), never the ``[Q, N]`` matrix; multi-vector models: the MaxSim matrix, computed once."""
+    depth = min(max([*args.ks_list, args.curve_k, args.top_k, args.show_k]), len(rs.docs))
     if not enc.multi_vector:
-        return top_docs(rs, q, d, k)
-    vals, idx = torch.sort(self_excluded_scores(rs, enc.similarity(q, d)).float(), dim=1, descending=True, stable=True)
-    return vals[:, : k + 1], idx[:, : k + 1]
+        best = top_docs(rs, q, d, depth)
+        return (*top_scores(rs, q, d, depth, best=best), best)
+    scores = self_excluded_scores(rs, enc.similarity(q, d))
+    vals, idx = torch.sort(scores.float(), dim=1, descending=True, stable=True)
+    return scores, rs.relevant, (vals[:, : depth + 1], idx[:, : depth + 1])
 
 
 def topk_rows(rs, best: tuple[torch.Tensor, torch.Tensor], k: int):
-    """Yield, for each query of ``best`` (`best_docs`), its ``k`` best corpus items with score and relevance;
+    """Yield, for each query of ``best`` (`rank`), its ``k`` best corpus items with score and relevance;
     the query's own item (labels) is never listed."""
     self_doc = getattr(rs, "self_doc", [None] * len(rs.queries))
     vals, order = best[0].float(), best[1].tolist()
@@ -253,12 +257,7 @@ def score_and_write(args: argparse.Namespace, enc: Encoder, rs, q, d) -> dict[st
         finding = check_embeddings(name, *(emb if isinstance(emb, tuple) else (emb,)))
         if finding:
             log.warning(finding)
-    # Unit vectors: dot products (as the recipes score), ranked tile by tile: never the [Q, N] matrix;
-    # multi-vector models: MaxSim.
-    if enc.multi_vector:
-        scores, relevant = self_excluded_scores(rs, enc.similarity(q, d)), rs.relevant
-    else:
-        scores, relevant = top_scores(rs, q, d, max([*args.ks_list, args.curve_k]))
+    scores, relevant, best = rank(args, enc, rs, q, d)  # dot products of unit vectors (as the recipes), or MaxSim
     metrics = retrieval_metrics(scores, relevant, ks=args.ks_list)
     unscored = sum(not r for r in rs.relevant)
     if unscored:
@@ -270,7 +269,6 @@ def score_and_write(args: argparse.Namespace, enc: Encoder, rs, q, d) -> dict[st
         result["recall_curve"] = {"after": recall_curve(scores, relevant, max_k=args.curve_k)}
     result["counts"] = {"queries": len(rs.queries), "corpus": len(rs.docs), "queries_without_relevant": unscored}
     save_embeddings(args.output, rs, q, d)
-    best = best_docs(rs, enc, q, d, min(max(args.top_k, args.show_k, 1), len(rs.docs)))
     if args.top_k:
         write_topk(os.path.join(args.output, "topk.jsonl"), rs, best, min(args.top_k, len(rs.docs)))
     with open(os.path.join(args.output, "metrics.json"), "w") as f:

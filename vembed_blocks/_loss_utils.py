@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .distributed import all_gather_ints, gather_with_grad, get_rank, is_dist, pad_dim
-from .false_negatives import pair_filter
+from .false_negatives import has_rules, pair_filter
 
 #: With ``tile_size=None`` a loss goes tiled when its dense score tensor would hold more than
 #: this many elements (rows x candidates, times Lq x Ld for ColBERT): 2**26 float32 = 256 MiB.
@@ -155,7 +155,7 @@ def candidate_masks(
     """``(drop[r, c], down[r, c])`` for a softmax over columns: what `dropped` removes plus what the
     false-negative rules remove (`false_negatives.pair_filter`), and the rules' log-weights."""
     drop = dropped(rows, cols)
-    if not _has_rules(rows):
+    if not has_rules(rows.meta):
         return drop, None
     eligible = rows.meta["id"][:, None] != cols.meta["id"][None, :]
     eligible = eligible if drop is None else eligible & ~drop
@@ -165,8 +165,9 @@ def candidate_masks(
     return drop, down
 
 
-def _has_rules(rows: Side) -> bool:
-    return any(k in rows.meta for k in ("content", "bound", "guide"))
+def weighted(terms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``terms * weight`` with weight-0 pairs exactly 0 (whatever their term)."""
+    return torch.where(weight > 0, terms * weight, torch.zeros((), dtype=terms.dtype, device=terms.device))
 
 
 def signed_logits(
@@ -181,7 +182,7 @@ def signed_logits(
         positive |= (rows.meta["label"][:, None] == cols.meta["label"][None, :]) & (cols.meta["id"] >= 0)[None, :]
     keep = cols.meta["valid"][None, :] if "valid" in cols.meta else None
     weight = None if keep is None else keep.to(z.dtype).expand_as(z)
-    if _has_rules(rows):
+    if has_rules(rows.meta):
         eligible = ~positive if keep is None else ~positive & keep
         drop, down = pair_filter(rows.meta, cols.meta, z, eligible, tally)
         if drop is not None or down is not None:

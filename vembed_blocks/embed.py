@@ -297,7 +297,12 @@ def top_docs(
 
 
 def top_scores(
-    rs: RetrievalSet, q: torch.Tensor, d: torch.Tensor, depth: int, chunk_size: int = 1024
+    rs: RetrievalSet,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    depth: int,
+    chunk_size: int = 1024,
+    best: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[set[int]]]:
     """``(scores[Q, M], relevant)`` that rank like ``self_excluded_scores(rs, q @ d.T)`` with ``rs.relevant``
     for every metric cut-off up to ``depth``, without the ``[Q, N]`` matrix.
@@ -308,11 +313,16 @@ def top_scores(
     those (beyond every cut-off, but counted in ``|R|`` as recall and nDCG need), the rest ``-inf`` padding:
     ``M = depth + max_q |R_q - top_q|``. Where that reaches N, the full matrix is returned (no larger than
     today's). Exact: the metrics read only the top ``depth`` ranks and ``|R|``; only BLAS rounding of the
-    tiles' matmul shape (1 ulp) can reorder near-equal scores, as any chunking may.
+    tiles' matmul shape (1 ulp) can reorder near-equal scores, as any chunking may. ``best``: the
+    ``top_docs(rs, q, d, k)`` a caller already has, for any ``k >= depth`` (its k columns are used), so the
+    corpus is not ranked twice.
     """
     n = d.shape[0]
-    depth = min(max(1, depth), n)
-    val, idx = top_docs(rs, q, d, depth, chunk_size)
+    want = min(max(1, depth), n)
+    val, idx = best if best is not None else top_docs(rs, q, d, want, chunk_size)
+    if val.shape[1] < want:
+        raise ValueError(f"top_scores: best has {val.shape[1]} columns, fewer than depth {want}")
+    depth = val.shape[1]
     inside = [{c for c, j in enumerate(row) if j in rel} for row, rel in zip(idx.tolist(), rs.relevant)]
     missing = [len(rel) - len(cols) for rel, cols in zip(rs.relevant, inside)]
     extra = max(missing, default=0)

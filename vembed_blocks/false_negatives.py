@@ -126,6 +126,11 @@ def row_rules(
     return meta
 
 
+def has_rules(rows_meta: dict[str, torch.Tensor]) -> bool:
+    """Whether `row_rules` put any rule's metadata on these rows (else no pair needs judging)."""
+    return any(k in rows_meta for k in ("content", "bound", "guide"))
+
+
 def rule_hits(
     rows_meta: dict[str, torch.Tensor], cols_meta: dict[str, torch.Tensor], z: torch.Tensor, eligible: torch.Tensor
 ) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from ._loss_utils import (
     resolve_tile,
     scale_param,
     signed_logits,
+    weighted,
 )
 from .distributed import is_dist
 from .false_negatives import FalseNegatives, per_side, row_rules
@@ -259,7 +260,7 @@ class SigLIP(nn.Module):
             signed, _, weight = signed_logits(rows, cols, bias, self.masked)
             terms = -F.logsigmoid(signed)
             if weight is not None:  # weight-0 pairs exactly 0, whatever their term
-                terms = torch.where(weight > 0, terms * weight, torch.zeros((), dtype=terms.dtype))
+                terms = weighted(terms, weight)
             # Summed in float32 (signed_logits), returned in the inputs' dtype like the tiled path.
             return (terms.sum() / a.shape[0]).to(rows.x.dtype)
         from .tiled import tiled_sigmoid_loss

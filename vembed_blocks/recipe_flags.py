@@ -201,8 +201,10 @@ def false_negative_rules(
 def false_negative_counts(duplicates: bool, rules) -> dict[str, int]:
     """``{rule: 0}`` for each false-negative rule on (``--fn-duplicates``, then the `FalseNegatives` ``rules``):
     the counters of what each rule masked in a step, the same keys on every rank."""
+    from .false_negatives import RULES
+
     on = (duplicates, rules is not None and rules.scores, rules is not None and rules.guided)
-    return {rule: 0 for rule, yes in zip(("duplicates", "margin", "guide"), on) if yes}
+    return {rule: 0 for rule, yes in zip(RULES, on) if yes}
 
 
 def check_common_args(args: argparse.Namespace) -> None:

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from ._loss_utils import Side, acc_dtype, candidate_masks, signed_logits
+from ._loss_utils import Side, acc_dtype, candidate_masks, signed_logits, weighted
 from .distributed import get_world_size, is_dist, ring_shift
 
 __all__ = [
@@ -196,7 +196,7 @@ class _TiledSigmoid(torch.autograd.Function):
                 for c0, c1 in _spans(len(block), tile):
                     signed, _, weight = signed_logits(rt, block.slice(c0, c1), bias, tally)
                     terms = -torch.nn.functional.logsigmoid(signed)
-                    total += (terms if weight is None else _weighted(terms, weight)).sum()
+                    total += (terms if weight is None else weighted(terms, weight)).sum()
         ctx.save_for_backward(row_x, col_x, bias)
         ctx.tile, ctx.ring, ctx.group, ctx.row_meta, ctx.col_meta = tile, ring, group, row_meta, col_meta
         return total.to(row_x.dtype)
@@ -220,18 +220,13 @@ class _TiledSigmoid(torch.autograd.Function):
                     dsigned = torch.sigmoid(signed.neg_()).mul_(grad)
                     dz = torch.where(positive, -dsigned, dsigned)
                     if weight is not None:
-                        dz = _weighted(dz, weight)
+                        dz = weighted(dz, weight)
                     dbias.add_(dz.sum())
                     DotScorer().accumulate(rt, ct, dz, drows[r0:r1], dblock[c0:c1])
 
         dcols = _sweep_backward(cols, ctx.ring, ctx.group, visit)
         dbias = dbias.to(bias.dtype) if ctx.needs_input_grad[8] else None
         return None, None, None, None, None, None, drows.to(row_x.dtype), dcols.to(col_x.dtype), dbias
-
-
-def _weighted(terms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``terms * weight`` with weight-0 pairs exactly 0 (whatever their term)."""
-    return torch.where(weight > 0, terms * weight, torch.zeros((), dtype=terms.dtype, device=terms.device))
 
 
 def tiled_sigmoid_loss(
