@@ -46,6 +46,7 @@ from .sampler import WeightedTaskSampler
 __all__ = ["TaskBatches", "TaskLoader", "file_fingerprint", "task_loader", "training_batches"]
 
 log = logging.getLogger(__name__)
+Collate = Callable[[list[Any]], Any]  # records -> batch
 
 
 def _data_errors() -> tuple[type[Exception], ...]:
@@ -64,12 +65,14 @@ class TaskBatches(IterableDataset):
     cheap index draws of the others, never their loading), and the DataLoader's in-order
     round robin puts them back in step order. Each item is a dict
     ``{"step", "task", "stream", "batch", "sampler_state", "bad_rows", "global_rows"}``: ``stream`` is ``task`` or
-    ``task/group``, ``batch`` is ``collate_fn(records)`` (the list of records without one) and
+    ``task/group``, ``batch`` is ``collate_fn(records)`` (``collate_fn[task](records)`` for a mapping task ->
+    collate, which must cover every drawn task; the list of records without one), ``global_rows`` the
+    draw's rows on all ranks (``sampler.drawn_rows``), and
     ``sampler_state`` is the sampler's state *after* this step: save the one of the last batch you
     trained on, and pass it as ``state`` (or load it into the sampler) to resume exactly. ``steps``
     makes the stream finite.
 
-    ``skip_bad``: when ``collate_fn`` raises ``ImageLoadError`` / ``RecordError``, the rows are
+    ``skip_bad``: when the (task's) ``collate_fn`` raises ``ImageLoadError`` / ``RecordError``, the rows are
     collated one at a time to find the bad ones, which are logged and dropped; the batch is the
     others, in the sampler's order (``bad_rows``: how many were dropped; the draws never change).
     A micro-batch whose rows are all bad is a ``ValueError``.
@@ -79,7 +82,7 @@ class TaskBatches(IterableDataset):
         self,
         tasks: Mapping[str, Sequence[Any]],
         sampler: WeightedTaskSampler,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
+        collate_fn: Collate | Mapping[str, Collate] | None = None,
         steps: int | None = None,
         state: Mapping[str, Any] | None = None,
         skip_bad: bool = False,
@@ -87,6 +90,7 @@ class TaskBatches(IterableDataset):
         missing = sorted(set(sampler.tasks) - set(tasks))
         if missing:
             raise ValueError(f"sampler draws tasks with no records: {missing}")
+        _check_collates(collate_fn, sampler)
         self.tasks, self.collate_fn, self.steps, self.skip_bad = tasks, collate_fn, steps, skip_bad
         self.sampler = copy.deepcopy(sampler)  # the caller's sampler is never advanced behind its back
         if state is not None:
@@ -119,19 +123,20 @@ class TaskBatches(IterableDataset):
 
     def _collate(self, records: list[Any], step: int, task: str) -> tuple[Any, int]:
         """``(collate_fn(the good records), how many bad ones were dropped)``; see the class docstring."""
-        if self.collate_fn is None:
+        collate = self.collate_fn[task] if isinstance(self.collate_fn, Mapping) else self.collate_fn
+        if collate is None:
             return records, 0
         if not self.skip_bad:
-            return self.collate_fn(records), 0
+            return collate(records), 0
         errors = _data_errors()
         try:
-            return self.collate_fn(records), 0
+            return collate(records), 0
         except errors:
             pass  # find the bad rows below; the common, clean batch pays for one collate only
         good, bad = [], []
         for record in records:
             try:
-                self.collate_fn([record])
+                collate([record])
             except errors as e:
                 bad.append(e)
                 log.warning("dropped a bad row from micro-batch %d (task %r): %s", step, task, e)
@@ -141,11 +146,11 @@ class TaskBatches(IterableDataset):
             raise ValueError(
                 f"every row of micro-batch {step} (task {task!r}, {len(records)} rows) is bad; first error: {bad[0]}"
             ) from bad[0]
-        return self.collate_fn(good), len(bad)
+        return collate(good), len(bad)
 
 
 class TaskLoader:
-    """Batches of ``sampler`` over ``tasks`` (collated by ``collate_fn``), resumable via ``state_dict``.
+    """Batches of ``sampler`` over ``tasks`` (collated by ``collate_fn``, or per task, see `TaskBatches`), resumable.
 
     ``state_dict()`` is the sampler state after the last batch ``steps`` yielded (before any:
     the sampler's own) plus ``grad_accum_steps``, ``identity`` and ``bad_rows``: plain Python
@@ -163,7 +168,7 @@ class TaskLoader:
         self,
         tasks: Mapping[str, Sequence[Any]],
         sampler: WeightedTaskSampler,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
+        collate_fn: Collate | Mapping[str, Collate] | None = None,
         num_workers: int = 0,
         seed: int = 0,
         grad_accum_steps: int = 1,
@@ -174,13 +179,14 @@ class TaskLoader:
     ) -> None:
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        _check_collates(collate_fn, sampler)
         self.tasks, self.sampler, self.collate_fn = tasks, sampler, collate_fn
         self.num_workers, self.seed, self.accum = num_workers, seed, grad_accum_steps
         # Round-tripped through JSON: plain types (weights_only loads) that compare equal to a loaded copy.
         self.identity = None if identity is None else json.loads(json.dumps(identity))
         self.skip_bad, self.read_skipped, self.bad_shards = skip_bad, int(read_skipped), 0
         self._state = self._with_run(sampler.state_dict(), 0)
-        self.step_rows = 0  # rows of the last step yielded, all ranks and micro-batches (token budgets vary it)
+        self.step_rows = 0  # rows of the last step yielded, all ranks and micro-batches (may vary)
 
     def _with_run(self, sampler_state: Mapping[str, Any], bad_rows: int) -> dict[str, Any]:
         return {**sampler_state, "grad_accum_steps": self.accum, "identity": self.identity, "bad_rows": bad_rows}
@@ -237,6 +243,13 @@ def _comparable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_comparable(v) for v in value]
     return value
+
+
+def _check_collates(collate_fn: Any, sampler: WeightedTaskSampler) -> None:
+    """``ValueError`` naming the drawn tasks a per-task ``collate_fn`` mapping lacks."""
+    missing = sorted(set(sampler.tasks) - set(collate_fn)) if isinstance(collate_fn, Mapping) else []
+    if missing:
+        raise ValueError(f"collate_fn has no function for drawn tasks {missing}")
 
 
 def _check_same_data(saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> None:
@@ -303,9 +316,9 @@ def _check_same_draws(sampler: WeightedTaskSampler) -> None:
 
 def task_loader(
     tasks: Mapping[str, Sequence[Any]],
-    collate: Callable[[list], Any],
+    collate: Collate | Mapping[str, Collate],
     *,
-    batch_size: int,
+    batch_size: int | Mapping[str, int],
     seed: int,
     rank: int,
     world_size: int,
@@ -318,7 +331,7 @@ def task_loader(
     lengths: Sequence[int] | None = None,
     **sampler_options: Any,
 ) -> tuple[TaskLoader, int]:
-    """``(TaskLoader, rows per epoch)`` over ``tasks`` (name -> rows): ``batch_size`` rows per rank, the
+    """``(TaskLoader, rows per epoch)`` over ``tasks`` (name -> rows): ``batch_size`` rows per rank (or per task), the
     sampler and DataLoader seeded with ``seed``. ``sampler_options`` go to `WeightedTaskSampler`
     (``weights``, ``group_of``, ``group_weights``); ``identity``, ``skip_bad``, ``read_skipped`` to
     `TaskLoader`; rows per epoch counts the tasks it can draw. ``token_budget`` (one task, ``lengths[i]``:

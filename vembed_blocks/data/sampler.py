@@ -2,8 +2,8 @@
 
 ``WeightedTaskSampler`` yields ``(task, indices)`` forever. Step ``t``'s task (and group)
 is a pure function of ``(seed, t)``, so all ranks agree without communicating and the whole
-global batch (``batch_size * world_size`` rows; ``batch_size`` is per rank) comes from one
-task: in-batch and cross-rank negatives are then of the same kind. Rows come from a
+global batch (``batch_size * world_size`` rows; ``batch_size`` is per rank, one int or one per
+task) comes from one task: in-batch and cross-rank negatives are then of the same kind. Rows come from a
 per-(task, group) stream: pass ``p`` of the stream is a keyed permutation (a Feistel
 bijection, never materialised for big streams) derived from ``(seed, task, group, p)``, with
 the few rows at its start re-ordered so that a global batch straddling two passes never holds
@@ -215,7 +215,11 @@ class WeightedTaskSampler:
 
     Args:
         task_sizes: rows per task. Task names are sorted, so dict order never matters.
-        batch_size: rows per rank per step; the global batch is ``batch_size * world_size``.
+        batch_size: rows per rank per step; the global batch is ``batch_size * world_size``. A mapping
+            ``{task: rows per rank}`` (one for every drawn task) gives each task its own: a step drawn
+            from task ``T`` is ``batch_size[T]`` rows per rank, ``batch_size[T] * world_size`` in all.
+            ``self.batch_size`` / ``self.global_batch`` are then dicts over the drawn tasks (else ints);
+            ``drawn_rows`` is the global batch of the last draw (before any: ``global_batch``, or 0).
         weights: task -> weight; ``P(task) = w / sum(w)``. Tasks missing from it are excluded
             (a warning names them). ``None`` weights every task by its size (like one
             concatenated dataset).
@@ -228,18 +232,19 @@ class WeightedTaskSampler:
             weighted groups that no task has. ``None``: all groups weigh 1.
 
     No global batch holds a row twice when its stream (task, or task and group) has at least
-    ``batch_size * world_size`` rows, even across a pass boundary; every pass still uses each
+    its task's ``batch_size * world_size`` rows, even across a pass boundary; every pass still uses each
     row exactly once. A smaller stream repeats rows within a batch (a warning names it).
 
     Raises ``ValueError`` for weights naming unknown tasks, a zero total weight, an empty
-    task with weight, or a grouped task none of whose groups can be drawn (all would
-    otherwise loop forever or sample nothing).
+    task with weight, a grouped task none of whose groups can be drawn (all would
+    otherwise loop forever or sample nothing), or a per-task ``batch_size`` naming an unknown
+    task or lacking / below 1 for a drawn one.
     """
 
     def __init__(
         self,
         task_sizes: Mapping[str, int],
-        batch_size: int,
+        batch_size: int | Mapping[str, int],
         weights: Mapping[str, float] | None = None,
         seed: int = 0,
         rank: int | None = None,
@@ -249,22 +254,40 @@ class WeightedTaskSampler:
         group_weights: Mapping[Hashable, float] | None = None,
     ) -> None:
         rank, world_size = rank_and_world(rank, world_size)
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        per_task = isinstance(batch_size, Mapping)
+        if (not per_task and batch_size < 1) or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, int(seed)
-        self.global_batch = batch_size * world_size
-        self.drawn_rows = self.global_batch  # rows of every draw, all ranks (TokenBudgetSampler's vary)
+        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.step = 0
         self.tasks, task_w = self._task_weights(dict(task_sizes), weights)
         self._task_cum = np.cumsum(task_w)
+        self._per_rank = self._task_batches(batch_size, task_sizes)  # task -> rows per rank
+        self.batch_size: int | dict[str, int] = dict(self._per_rank) if per_task else batch_size
+        self.global_batch: int | dict[str, int] = (
+            {t: b * world_size for t, b in self._per_rank.items()} if per_task else batch_size * world_size
+        )
+        self.drawn_rows = 0 if per_task else self.global_batch  # the last draw's rows, all ranks
         self._groups: dict[str, tuple[list[str], np.ndarray]] = {}  # task -> (group names, cumulative weights)
         self._streams: dict[str, _Stream] = {}
         self._build_streams(dict(task_sizes), group_of or {}, group_weights)
-        small = sorted(k for k, s in self._streams.items() if len(s) < self.global_batch)
+        small = sorted(k for k, s in self._streams.items() if len(s) < s.batch)
         if small:
+            of = "" if isinstance(self.global_batch, int) else " of their task"
             warnings.warn(
-                f"streams smaller than the global batch ({self.global_batch}) repeat rows within a batch: {small}"
+                f"streams smaller than the global batch{of} ({self.global_batch}) repeat rows within a batch: {small}"
             )
+
+    def _task_batches(self, batch_size: int | Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, int]:
+        """The per-rank batch of each drawn task (sorted), refusing unknown, missing or < 1 per-task ones."""
+        if not isinstance(batch_size, Mapping):
+            return dict.fromkeys(self.tasks, batch_size)
+        unknown = sorted(set(batch_size) - set(sizes))
+        if unknown:
+            raise ValueError(f"batch_size names unknown tasks {unknown}; tasks are {sorted(sizes)}")
+        for task in self.tasks:
+            if task not in batch_size or int(batch_size[task]) < 1:
+                raise ValueError(f"task {task!r} needs a batch_size >= 1, got {batch_size.get(task)}")
+        return {t: int(batch_size[t]) for t in self.tasks}
 
     def _task_weights(
         self, sizes: dict[str, int], weights: Mapping[str, float] | None
@@ -296,8 +319,9 @@ class WeightedTaskSampler:
         gw = None if group_weights is None else {str(g): float(w) for g, w in group_weights.items()}
         seen: set[str] = set()
         for task in self.tasks:
+            batch = self._per_rank[task] * self.world_size
             if task not in group_of:
-                self._streams[task] = _Stream(sizes[task], None, (self.seed, _name_key(task)), self.global_batch)
+                self._streams[task] = _Stream(sizes[task], None, (self.seed, _name_key(task)), batch)
                 continue
             labels = np.asarray([str(g) for g in group_of[task]])
             if len(labels) != sizes[task]:
@@ -312,7 +336,7 @@ class WeightedTaskSampler:
             for g in drawn:
                 members = np.flatnonzero(labels == g)
                 keys = (self.seed, _name_key(task), _name_key(g))
-                self._streams[f"{task}/{g}"] = _Stream(len(members), members, keys, self.global_batch)
+                self._streams[f"{task}/{g}"] = _Stream(len(members), members, keys, batch)
             self._groups[task] = (drawn, np.cumsum([1.0 if gw is None else gw[g] for g in drawn]))
         if gw is not None and group_of:
             orphans = sorted(g for g, w in gw.items() if w > 0 and g not in seen)
@@ -320,7 +344,7 @@ class WeightedTaskSampler:
                 warnings.warn(f"groups {orphans} have weight but no rows in any sampled task; they are never drawn")
 
     def draw_spec(self) -> str:
-        """Everything ``draw`` and the row streams depend on (seed, global batch, tasks, weights, groups), as text:
+        """Everything ``draw`` and the row streams depend on (seed, global batch(es), tasks, weights, groups), as text:
         two samplers with equal specs draw the same tasks and rows at every step."""
         groups = {t: (names, [round(float(c), 9) for c in cum]) for t, (names, cum) in sorted(self._groups.items())}
         weights = [round(float(c), 9) for c in self._task_cum]
@@ -343,15 +367,18 @@ class WeightedTaskSampler:
     def __next__(self) -> tuple[str, list[int]]:
         task, key = self.draw(self.step)
         rows = self._streams[key].take()  # every rank advances the same cursor
-        self.step += 1
-        return task, rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+        self.step, self.drawn_rows, b = self.step + 1, len(rows), self._per_rank[task]
+        return task, rows[self.rank * b : (self.rank + 1) * b].tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        """Step + one ``[pass, offset]`` per stream + each stream's rows (plain types, JSON-serialisable)."""
+        """Step + one ``[pass, offset]`` per stream + each stream's rows (plain types, JSON-serialisable).
+
+        ``global_batch``: an int, or ``{task: its global batch}`` for a per-task ``batch_size``."""
+        gb = self.global_batch
         return {
             "step": self.step,
             "seed": self.seed,
-            "global_batch": self.global_batch,
+            "global_batch": gb if isinstance(gb, int) else dict(gb),
             "streams": {k: s.state() for k, s in self._streams.items()},
             "sizes": {k: len(s) for k, s in self._streams.items()},
         }
@@ -359,13 +386,22 @@ class WeightedTaskSampler:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: the next batches equal those an uninterrupted run would have drawn.
 
-        The world size may change if the global batch does not. A state of another seed, global
-        batch, set of streams or stream size (``sizes``: rows changed since the save) is refused.
+        The world size may change if the global batch(es) do not. A state of another seed, global
+        batch (an int one for a per-task sampler or the reverse; for per-task ones the message names
+        the task and both), set of streams or stream size (``sizes``: rows changed since the save) is refused.
         """
-        if state["seed"] != self.seed or state["global_batch"] != self.global_batch:
+        saved, now = state["global_batch"], self.global_batch
+        if state["seed"] == self.seed and isinstance(saved, Mapping) and isinstance(now, dict):
+            for t in sorted(set(saved) | set(now)):
+                if saved.get(t) != now.get(t):
+                    raise ValueError(
+                        f"task {t!r} had global batch {saved.get(t)} when the checkpoint was saved, now {now.get(t)}: "
+                        "resume with the batch sizes it was saved with"
+                    )
+        elif state["seed"] != self.seed or saved != now:  # also an int state for a per-task sampler, or the reverse
             raise ValueError(
-                f"sampler state is for seed {state['seed']} / global batch {state['global_batch']}, "
-                f"this sampler has {self.seed} / {self.global_batch}"
+                f"sampler state is for seed {state['seed']} / global batch {saved}, "
+                f"this sampler has {self.seed} / {now}"
             )
         if set(state["streams"]) != set(self._streams):
             raise ValueError(f"sampler state has streams {sorted(state['streams'])}, expected {sorted(self._streams)}")
