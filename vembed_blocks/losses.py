@@ -77,6 +77,8 @@ class InfoNCE(nn.Module):
     loss. ``ring=True`` (with ``gather`` under a process group): candidates are not gathered
     but passed rank to rank, so no rank holds them all (always tiled). ``group``: the process
     group to gather over (default None: the world); every collective of the call runs on it.
+    ``in_batch_negatives=False``: each query against its own positive and its own hard negatives
+    only (classification tasks), nothing gathered; semantics in `vembed_blocks._own_candidates`.
     """
 
     matryoshka_args = (0, 1, "negatives")  # what `Matryoshka` truncates by default
@@ -91,14 +93,19 @@ class InfoNCE(nn.Module):
         ring: bool = False,
         group=None,
         false_negatives: FalseNegatives | None = None,
+        in_batch_negatives: bool = True,
     ) -> None:
         super().__init__()
         check_temperature("InfoNCE", temperature)
         resolve_tile(tile_size, 0, 0)  # validates
+        if not in_batch_negatives:  # its own module: loads only when used (each block loads <= 3 others)
+            from ._own_candidates import check_own
+
+            check_own(in_batch_negatives, symmetric, ring)
         self.log_scale = scale_param(math.log(1.0 / temperature), learn_temperature)
         self.learn, self.symmetric, self.gather = learn_temperature, symmetric, gather
         self.tile_size, self.ring, self.group = tile_size, ring, group
-        self.false_negatives, self.masked = false_negatives, {}
+        self.false_negatives, self.masked, self.in_batch = false_negatives, {}, in_batch_negatives
 
     @property
     def temperature(self) -> float:
@@ -126,6 +133,12 @@ class InfoNCE(nn.Module):
         q, p = F.normalize(query, dim=-1), F.normalize(positive, dim=-1)
         neg = None if neg is None else F.normalize(neg, dim=-1)
         scale = torch.exp(on_device(self.log_scale, q)) if self.learn else math.exp(self.log_scale)
+        fn, self.masked, qs = self.false_negatives, {}, scale * q
+        rules = row_rules(fn, (qs * p).sum(-1), scale, *_rule_inputs(ids, gd, 1, 0))
+        if not self.in_batch:  # each row's own candidates: no exchange
+            from ._own_candidates import own_loss
+
+            return own_loss(qs, p, neg, neg_valid, shape, rules, ids, gd, self.masked, self.gather, self.group)
         ring = self.ring and self.gather and is_dist(self.group)
         # One exchange serves both directions: the queries travel too when symmetric.
         cols, order = ([p, q], [1, 0, 2]) if self.symmetric else ([p], [1, 2])
@@ -141,9 +154,6 @@ class InfoNCE(nn.Module):
             content=pick(ids),
             guide=pick(gd),
         )
-        fn, self.masked = self.false_negatives, {}
-        qs = scale * q
-        rules = row_rules(fn, (qs * p).sum(-1), scale, *_rule_inputs(ids, gd, 1, 0))
         loss = self._direction(*cand.sides(qs, 0, row_meta=rules), p, ring)
         if not self.symmetric:
             return loss
