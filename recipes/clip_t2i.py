@@ -247,7 +247,8 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
 
     parts.model.eval()
     records = load_records(path, format=args.format, columns=args.columns, delimiter=args.csv_delimiter)
-    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
+    widths = mrl_dims(args.mrl_dims)  # also the metrics at each Matryoshka width ("dim<w>/<metric>")
+    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100, widths=widths)
     parts.model.train()
     return metrics
 

@@ -217,7 +217,8 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     parts.model.eval()
     encode = unit_text_encoder(parts.model, parts.collator, parts.cfg, args.bf16)
     records = load_records(path, format="t2t", columns=args.columns, delimiter=args.csv_delimiter)
-    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
+    widths = mrl_dims(args.mrl_dims)  # also the metrics at each Matryoshka width ("dim<w>/<metric>")
+    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100, widths=widths)
     parts.model.train()
     return metrics
 

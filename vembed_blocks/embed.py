@@ -341,6 +341,7 @@ def evaluate_retrieval_by(
     score: Callable[..., torch.Tensor] | None = None,
     ks: Sequence[int] = (1, 5, 10),
     curve_k: int = 0,
+    widths: Sequence[int] = (),
 ) -> dict:
     """`evaluate_retrieval` with relevance by ``"positives"`` or ``"labels"`` (`retrieval_set_for`; the
     query's own item excluded): what a training recipe's evaluation calls for a ``--relevance`` flag.
@@ -351,12 +352,26 @@ def evaluate_retrieval_by(
     (`metrics.check_finite`) instead of ranking NaN scores first. Queries or documents that are all one vector
     (`metrics.check_embeddings`: a tokenizer that does not cover the data, a collapsed model) are logged as
     a warning on rank 0; the metrics are still computed. With ``score=None`` (dot products) it ranks through
-    `top_scores`: each query's top ``max(ks, curve_k)`` documents, tiled, never the ``[Q, N]`` score matrix."""
+    `top_scores`: each query's top ``max(ks, curve_k)`` documents, tiled, never the ``[Q, N]`` score matrix.
+
+    ``widths`` (Matryoshka): the embeddings are computed once; for each width ``w`` the same metrics are computed
+    again on the first ``w`` dimensions of the query and document embeddings, each row re-normalised to unit L2
+    length, scored as above (``score`` on the prefixes, or `top_scores`), and added as ``f"dim{w}/{metric}"``
+    (``"dim64/recall@1"``); the plain keys stay the full width, ``"recall_curve"`` too. A width below 1 or above the
+    embedding's, or any width with a multi-vector (tuple) output, raises ``ValueError`` (before the corpus is
+    embedded)."""
     from .metrics import check_embeddings, check_finite, recall_curve, retrieval_metrics
 
+    widths = list(dict.fromkeys(widths))
+    if any(w < 1 for w in widths):
+        raise ValueError(f"evaluate_retrieval_by: widths must be >= 1, got {min(widths)}")
     rs = retrieval_set_for(records, relevance)
     q = embed_on_all_ranks(rs.queries, lambda items: encode(items, True), batch_size, "embed queries")
     check_finite(q, "query embeddings")  # before the corpus is embedded; every rank holds all rows: all raise
+    if widths and isinstance(q, tuple):
+        raise ValueError("evaluate_retrieval_by: widths need single-vector embeddings; encode returned a tuple")
+    if widths and max(widths) > q.shape[-1]:
+        raise ValueError(f"evaluate_retrieval_by: width {max(widths)} is larger than the embedding ({q.shape[-1]})")
     d = embed_on_all_ranks(rs.docs, lambda items: encode(items, False), batch_size, "embed corpus")
     check_finite(d, "document embeddings")
     for what, emb in (("query embeddings", q), ("document embeddings", d)):
@@ -365,11 +380,18 @@ def evaluate_retrieval_by(
         finding = check_embeddings(what, parts[0], masks[0] if masks and parts[0].dim() == 3 else None)
         if finding and get_rank() == 0:  # every rank holds all rows: one warning is enough
             log.warning(finding)
-    if score is None:  # dot products: only each query's top max(ks, curve_k), never the [Q, N] matrix
-        scores, relevant = top_scores(rs, q, d, max([*ks, curve_k, 1]))
-    else:
-        scores, relevant = self_excluded_scores(rs, score(q, d)), rs.relevant
+
+    def ranked(q, d, depth: int) -> tuple[torch.Tensor, list[set[int]]]:
+        if score is None:  # dot products: only each query's top max(ks, curve_k), never the [Q, N] matrix
+            return top_scores(rs, q, d, depth)
+        return self_excluded_scores(rs, score(q, d)), rs.relevant
+
+    scores, relevant = ranked(q, d, max([*ks, curve_k, 1]))
     metrics: dict = retrieval_metrics(scores, relevant, ks=ks)
     if curve_k > 0:
         metrics["recall_curve"] = recall_curve(scores, relevant, max_k=curve_k)
+    for w in widths:  # Matryoshka prefixes of the same embeddings, each row back to unit length
+        prefix = [torch.nn.functional.normalize(x[..., :w], dim=-1) for x in (q, d)]
+        at_w = retrieval_metrics(*ranked(*prefix, max([*ks, 1])), ks=ks)
+        metrics.update({f"dim{w}/{name}": v for name, v in at_w.items()})
     return metrics

@@ -308,10 +308,13 @@ def format_table(
 ) -> str:
     """A plain-text table of ``names`` from ``before`` (headed ``label``; and ``after``, as a second column).
 
-    ``names`` defaults to the retrieval metrics both have (recall@1/5/10, mrr@10, ndcg@10), else to every
-    numeric metric ``before`` has (e.g. a loss per task), sorted."""
+    ``names`` defaults to the headline retrieval metrics (recall@1/5/10, mrr@10, ndcg@10), also behind prefixes
+    (``"colour/recall@1"``, ``"dim64/recall@1"``: grouped by prefix), else to every numeric metric ``before`` has
+    (e.g. a loss per task), sorted."""
     if names is None:
-        common = [n for n in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10") if n in before]
+        head = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
+        split = [(*n.rpartition("/")[::2], n) for n in before]  # (prefix, metric, key)
+        common = [n for *_, n in sorted((pre, head.index(m), n) for pre, m, n in split if m in head)]
         names = common or sorted(k for k, v in before.items() if isinstance(v, (int, float)))
     width = max([10, *(len(n) for n in names)])
     rows = [f"{'metric':<{width}} {label:>8}" + (f" {'after':>8}" if after else "")]

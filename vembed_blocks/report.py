@@ -3,7 +3,8 @@
 ``write_report(run_dir)`` reads only what a run leaves behind, each file optional (a missing one is
 named in the report): ``args.json``, ``train_log.jsonl`` (``{"step", "loss", "lr", "time"?, ...}``),
 ``eval_log.jsonl`` (``{"step", <metric>: value, ...}``), ``metrics.json`` (``{"before"?, "after",
-"recall_curve"?: {"before": [r@1, r@2, ...], "after": [...]}}``), ``checkpoints/``, ``final/``.
+"recall_curve"?: {"before": [r@1, r@2, ...], "after": [...]}}``; metrics at a Matryoshka width,
+``[<task>/]dim<w>/<metric>``, get a table per task), ``checkpoints/``, ``final/``.
 Logs appended by resumed launches repeat steps: a step not above the previous row starts the rows
 over from there (the later launch wins). Plots need matplotlib (the ``report`` extra).
 Regenerate from a finished folder: ``python -m vembed_blocks.report RUN_DIR``. See docs/report.md.
@@ -26,6 +27,9 @@ _KEY_FLAGS = (
     "weight_decay", "max_grad_norm", "chunk_size", "lora", "bf16", "fp16", "grad_checkpointing", "compile", "seed",
 )  # fmt: skip
 _RANK_FAMILIES = re.compile(r"(hit|mrr|ndcg|map)@\d+")
+# A metric at one Matryoshka width (`embed.evaluate_retrieval_by(widths=)`), maybe behind a task: "t/dim64/mrr@10".
+_WIDTH_KEY = re.compile(r"(?:(?P<task>.+)/)?dim(?P<width>\d+)/(?P<metric>[^/]+)")
+_WIDTH_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
 
 def read_step_log(path: str) -> list[dict[str, Any]]:
@@ -114,7 +118,7 @@ def plot_loss_lr(rows: list[dict[str, Any]], path: str) -> bool:
 def _eval_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """(retrieval columns to draw, loss columns): every recall@k, mrr/ndcg at the largest k, other scalars."""
     names = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("step", "time")]
-    names = [k for k in names if any(_number(r.get(k)) for r in rows)]
+    names = [k for k in names if any(_number(r.get(k)) for r in rows) and not _WIDTH_KEY.fullmatch(k)]
     losses = [n for n in names if "loss" in n]
     ks = [int(n.split("@")[1]) for n in names if _RANK_FAMILIES.fullmatch(n)]
     top = [f"{fam}@{max(ks)}" for fam in ("mrr", "ndcg")] if ks else []
@@ -234,8 +238,11 @@ def _validation_name(run_dir: str, config: dict[str, Any]) -> str:
 
 
 def _metrics_table(metrics: dict[str, Any], trained: bool = True) -> list[str]:
+    """Every metric of metrics.json, except the ``dim<w>/`` ones when `_width_tables` shows them."""
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     names = list(dict.fromkeys([*after, *before]))
+    if _width_tables(metrics):
+        names = [n for n in names if not _WIDTH_KEY.fullmatch(n)]
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     for n in names:
         b, a = before.get(n), after.get(n)
@@ -244,6 +251,36 @@ def _metrics_table(metrics: dict[str, Any], trained: bool = True) -> list[str]:
     if not before and trained:
         lines += ["", "No metrics before training were recorded (a resumed run without metrics_before.json)."]
     return lines
+
+
+def _width_tables(metrics: dict[str, Any]) -> list[str]:
+    """The "By Matryoshka width" section: per task prefix, a row per metric of `_WIDTH_METRICS` and a column per width
+    (the plain keys as "full", then ``dim<w>/`` largest first), each cell ``after`` or ``before -> after``;
+    ``[]`` when metrics.json has no such key."""
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    tasks: dict[str, set[int]] = {}
+    for key in (*after, *before):
+        m = _WIDTH_KEY.fullmatch(key)
+        if m and m["metric"] in _WIDTH_METRICS:
+            tasks.setdefault(m["task"] or "", set()).add(int(m["width"]))
+    if not tasks:
+        return []
+    fmt = lambda v: "-" if v is None else _fmt(v)
+    cell = lambda b, a: fmt(a) if b is None else f"{fmt(b)} -> {fmt(a)}"
+    out = ["## By Matryoshka width", "", "Retrieval on the first w dimensions of each embedding, re-normalised to"]
+    out += ["unit length; a cell is `after` or `before -> after`. Other metrics per width are in `metrics.json`.", ""]
+    for task in sorted(tasks):
+        pre = f"{task}/" if task else ""
+        cols = [("full", pre)] if any(pre + n in after or pre + n in before for n in _WIDTH_METRICS) else []
+        cols += [(str(w), f"{pre}dim{w}/") for w in sorted(tasks[task], reverse=True)]
+        names = [n for n in _WIDTH_METRICS if any(p + n in after or p + n in before for _, p in cols)]
+        out += [f"### {task}", ""] if task else []
+        out += ["| metric | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for n in names:
+            cells = [cell(before.get(p + n), after.get(p + n)) for _, p in cols]
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+        out += [""]
+    return out
 
 
 def _files(run_dir: str, n_train: int, n_evals: int) -> list[str]:
@@ -296,7 +333,7 @@ def write_report(run_dir: str) -> str:
     health = (metrics or {}).get("health") or {k: v for k, v in (train[-1] if train else {}).items() if k in _HEALTH}
     if any(health.values()):  # what the run skipped is read beside its metrics, never instead of them
         out += ["", "Skipped in training: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in health.items())]
-    out += [""]
+    out += ["", *(_width_tables(metrics) if metrics else [])]
     plots = [
         ("Training loss and learning rate", "loss_lr.png", train, lambda f: plot_loss_lr(train, f),
          "No train_log.jsonl rows."),
