@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared = dict(output="runs/colbert", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0, fsdp=True)
     p = common_parser(__doc__, **shared, data_help=DATA_HELP, require_data=False)
     p.add_argument("--model", help="HF id or local folder: a BERT-like model or a Qwen-VL model; default: demo BERT")
-    p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format")
+    p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t", "swift"], help="declare the data format")
     p.add_argument("--encoder", choices=["auto", "text", "vlm"], default="auto", help="auto: vlm if a vision_config")
     p.add_argument("--dim", type=int, default=128, help="linear projection of every token to this width (0 = none)")
     p.add_argument("--proj-lr", type=float, help="learning rate of the new projection (default: 10 x --lr)")

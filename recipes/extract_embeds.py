@@ -89,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="input column names, e.g. --field source_image=src --field target_image=tgt",
     )
     p.add_argument(
-        "--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t", "edit"], help="declare the format (else detected)"
+        "--format",
+        choices=["t2i", "i2t", "i2i", "m2i", "t2t", "edit", "swift"],
+        help="declare the format (else detected)",
     )
     p.add_argument(
         "--image-sample-size",

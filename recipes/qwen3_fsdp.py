@@ -21,6 +21,16 @@ Your data and weights: one GPU, eight GPUs, and two nodes of eight (run the thir
         recipes/qwen3_fsdp.py --model Qwen/Qwen3-VL-8B-Instruct --data train.jsonl --val-data val.jsonl \
         --batch-size 32 --chunk-size 4 --bf16 --grad-checkpointing --output /shared/runs/qwen3
 
+Several tasks, one policy each (--tasks: a JSONL/CSV table, a row per task: data, val_data, weight,
+batch_size, in_batch_negatives, temperature, query/doc instruction, num_negatives, mrl_dims; see
+vembed_blocks/task_table.py): every global batch is one task's; metrics are per task ("<task>/recall@1"). The
+demo's two tasks, caption retrieval and colour classification with in-batch negatives off:
+
+    python recipes/qwen3_fsdp.py --demo-tasks
+
+A Qwen3-VL-Embedding --model gets its published set-up as defaults (vembed_blocks/published.py: LoRA r32/alpha32
+on q/k/v/o/gate/up/down, bf16, its Matryoshka widths); flags you give win.
+
 --batch-size is per rank. FSDP2 runs a collective in every sharded forward, so every rank
 must run the same forwards: each rank encodes exactly batch-size x --num-negatives hard
 negatives (short rows padded with masked copies of their positive) and evaluation is split
@@ -45,7 +55,7 @@ from vembed_blocks.data.collate import FixedNegatives, VLMCollator, scatter_nega
 from vembed_blocks.data.guide_inputs import WithGuideInputs
 from vembed_blocks.data.loader import training_batches
 from vembed_blocks.data.records import load_records
-from vembed_blocks.demo import render_demo
+from vembed_blocks.demo import render_demo, render_two_task_demo
 from vembed_blocks.demo.vlm import build_demo_qwen3vl
 from vembed_blocks.distributed import (
     average_gradients,
@@ -62,6 +72,7 @@ from vembed_blocks.input_check import InputCheck
 from vembed_blocks.losses import InfoNCE, Matryoshka
 from vembed_blocks.model_folders import hub_errors
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers, shard_model
+from vembed_blocks.published import published_defaults
 from vembed_blocks.recipe_flags import (
     add_false_negative_args,
     common_parser,
@@ -80,28 +91,34 @@ from vembed_blocks.run_log import (
 )
 from vembed_blocks.schedule import make_scheduler, warmup_steps
 from vembed_blocks.step_guard import StepGuard
+from vembed_blocks.task_table import TaskPolicy, read_task_table, task_table_batches
 from vembed_blocks.user_errors import report_user_errors
 from vembed_blocks.vlm import VLMSplit, ignore_fsdp_view_warning, load_vlm_processor, vlm_embed, vlm_text_blocks
 
 log = logging.getLogger("qwen3_fsdp")
 DATA_HELP = "training file (JSONL/CSV/Parquet); default: the rendered demo set (and a tiny Qwen3-VL)"
+VAL_PER_TASK = "<each --tasks row's val_data>"  # the run's validation set with --tasks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = dict(output="runs/qwen3_fsdp", lr=1e-5, batch_size=32, eval_batch_size=32, lora_alpha=32.0)
     p = common_parser(__doc__, **defaults, fsdp=True, data_help=DATA_HELP, require_data=False)
     p.add_argument("--model", help="HF id or folder of a Qwen3-VL (or Qwen2-VL); default: a tiny random one (demo)")
-    p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t"], help="declare the data format")
+    p.add_argument("--format", choices=["t2i", "i2t", "i2i", "m2i", "t2t", "swift"], help="declare the data format")
     p.add_argument("--query-instruction", default="Represent the user's input.", help="system prompt of queries")
     p.add_argument("--doc-instruction", help="system prompt of documents (default: the query one)")
     p.add_argument("--max-image-side", type=int, default=1024, help="downscale larger images before the processor")
     p.add_argument("--num-negatives", type=int, default=0, help="hard negatives per row (fixed, see above; 0 = none)")
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE: logits = cos / T")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tracing only)")
+    p.add_argument("--tasks", help="a task table (JSONL/CSV, a row per task; see above), instead of --data")
+    p.add_argument("--lora-targets", help="LoRA module-name suffixes, comma-separated (default: attention projections)")
     p.add_argument("--demo-quick", action="store_true", help="demo: a smaller set and model (tests)")
+    p.add_argument("--demo-tasks", action="store_true", help="demo: two tasks, retrieval and colour classification")
     add_false_negative_args(p, "a Qwen-VL folder or HF id, loaded like --model (unsharded)")
     args, _ = p.parse_known_args(argv)
-    if args.data is None:  # the demo trains a random model from scratch: its own defaults, explicit flags win
+    p.set_defaults(**published_defaults(args.model))  # a Qwen3-VL-Embedding's published set-up; flags win
+    if args.data is None and args.tasks is None:  # the demo trains a random model: its own defaults, flags win
         p.set_defaults(lr=2e-3, max_steps=30 if args.demo_quick else 300)
     return p.parse_args(argv)
 
@@ -121,6 +138,7 @@ class Parts:
     guide: object = None  # --fn-guide: the frozen guide's embedding function (inputs -> [b, G])
     guide_collator: object = None  # its own processor's inputs of the same rows
     masked: dict = field(default_factory=dict)  # false negatives each rule masked this step (step_loss adds)
+    tasks: dict[str, TaskPolicy] = field(default_factory=dict)  # --tasks: each task's policy (criterion: by task)
 
 
 def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, str | None]:
@@ -128,19 +146,38 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
     a tiny Qwen3-VL (rank 0)."""
     if args.num_negatives < 0:
         raise SystemExit("--num-negatives must be >= 0")
-    if args.data is not None:
+    if args.data is not None and args.tasks is not None:
+        raise SystemExit("give --data (one task) or --tasks (a table of tasks), not both")
+    if args.tasks is not None and args.val_data is not None:
+        raise SystemExit("--tasks: each task's validation file is the table's val_data column, not --val-data")
+    if args.data is not None or args.tasks is not None:
         if args.model is None:
-            raise SystemExit("--model is required with --data (an HF id or a local folder)")
-        return args.data, args.val_data
+            raise SystemExit(f"--model is required with {'--data' if args.tasks is None else '--tasks'}")
+        if args.tasks is None:
+            return args.data, args.val_data
+        return args.tasks, VAL_PER_TASK if any(t.val_data for t in task_table(args).values()) else None
     demo = os.path.join(args.output, "demo")
     if rank == 0:
         render_demo(demo, per_combo=1 if args.demo_quick else 8, seed=args.seed)
         if args.model is None:
             build_demo_qwen3vl(os.path.join(demo, "model"), args.demo_quick)
+        if args.demo_tasks:  # + colour classification (in-batch negatives off) and a table of the two tasks
+            render_two_task_demo(demo, per_combo=1 if args.demo_quick else 8, seed=args.seed)
     if world > 1:
         torch.distributed.barrier()
     args.model = args.model or os.path.join(demo, "model")
+    if args.demo_tasks:
+        args.tasks = os.path.join(demo, "tasks.jsonl")
+        return args.tasks, VAL_PER_TASK
     return os.path.join(demo, "train.jsonl"), args.val_data or os.path.join(demo, "val.jsonl")
+
+
+def task_table(args: argparse.Namespace) -> dict[str, TaskPolicy]:
+    """--tasks read, each column a row leaves out taken from the flags (--batch-size, --temperature, ...)."""
+    flags = dict(batch_size=args.batch_size, temperature=args.temperature, num_negatives=args.num_negatives)
+    flags.update(query_instruction=args.query_instruction, format=args.format, mrl_dims=tuple(mrl_dims(args.mrl_dims)))
+    flags["doc_instruction"] = args.doc_instruction or args.query_instruction  # not the row's query instruction
+    return read_task_table(args.tasks, flags)
 
 
 def build(args: argparse.Namespace, device: torch.device) -> Parts:
@@ -153,7 +190,8 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     if args.grad_checkpointing:
         checkpoint_layers(model)
     if args.lora:  # after checkpointing: LoRA wraps the layers checkpointing must still see as blocks
-        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha)
+        targets = args.lora_targets.split(",") if args.lora_targets else None  # None: the attention projections
+        model = apply_lora(model, r=args.lora, alpha=args.lora_alpha, targets=targets)
     if args.compile:  # last: compiles the checkpointed, LoRA-wrapped blocks (failing blocks run eagerly)
         compile_layers(model, backend=args.compile_backend, fallback_to_eager=True)
     model.train()
@@ -167,14 +205,17 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     ignore_fsdp_view_warning()  # FSDP2's "returned a view tensor" at every forward: vlm_embed only reads the view
     a = args  # the false-negative rules (--fn-*): checked at parse time
     rules = false_negative_rules(a.fn_margin, a.fn_ratio, a.fn_weight, a.fn_guide, a.fn_guide_margin, a.fn_guide_ratio)
-    criterion = InfoNCE(temperature=args.temperature, false_negatives=rules)
-    if args.mrl_dims:  # the loss over nested prefixes of the embedding
-        criterion = Matryoshka(criterion, mrl_dims(args.mrl_dims))
+    criterion = contrastive_loss(args.temperature, True, mrl_dims(args.mrl_dims), rules)
+    tasks = task_table(args) if args.tasks else {}
+    if tasks:  # --tasks: a loss per task (its temperature, in-batch negatives, Matryoshka widths); step_loss picks
+        criterion = nn.ModuleDict(
+            {n: contrastive_loss(t.temperature, t.in_batch_negatives, t.mrl_dims, rules) for n, t in tasks.items()}
+        )
     collator = VLMCollator(processor, args.query_instruction, args.doc_instruction, args.max_image_side)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     state = nn.ModuleDict({"model": model, "loss": criterion})
     parts = Parts(model, state, groups, criterion, collator, processor, splitter=VLMSplit)  # flat pixels by image
-    parts.masked = false_negative_counts(args.fn_duplicates, rules)
+    parts.masked, parts.tasks = false_negative_counts(args.fn_duplicates, rules), tasks
     if args.fn_guide:  # frozen, unsharded, eval mode: its scores only choose which candidates to drop
         guide_processor = load_vlm_processor(args.fn_guide, flag="--fn-guide")
         with hub_errors("--fn-guide", args.fn_guide):
@@ -186,11 +227,37 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
     return parts
 
 
-def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
-    """(batches, rows per epoch): one task; exactly --num-negatives negatives a row (FSDP2: same forwards)."""
-    collate = FixedNegatives(parts.collator, args.num_negatives)
+def contrastive_loss(temperature: float, in_batch_negatives: bool, dims, rules) -> nn.Module:
+    """InfoNCE over all ranks' candidates (``in_batch_negatives=False``: a row's own positive and negatives only),
+    at nested Matryoshka prefixes when ``dims`` are given."""
+    loss = InfoNCE(temperature=temperature, in_batch_negatives=in_batch_negatives, false_negatives=rules)
+    return Matryoshka(loss, list(dims)) if dims else loss
+
+
+def collate_for(args: argparse.Namespace, parts: Parts, task: TaskPolicy | None = None):
+    """Rows -> inputs with exactly the task's (or --num-negatives) negatives a row, by its instructions."""
+    k, sides = args.num_negatives, (args.query_instruction, args.doc_instruction, args.max_image_side)
+    if task is not None:
+        k, sides = task.num_negatives, (task.query_instruction, task.doc_instruction, args.max_image_side)
+    collate = FixedNegatives(VLMCollator(parts.processor, *sides), k)
     if args.fn_guide:  # the guide's own inputs of the same rows, negatives laid out alike
-        collate = WithGuideInputs(collate, FixedNegatives(parts.guide_collator, args.num_negatives))
+        collate = WithGuideInputs(collate, FixedNegatives(VLMCollator(parts.guide_collator.processor, *sides), k))
+    return collate
+
+
+def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, world: int):
+    """(batches, rows per epoch): exactly --num-negatives negatives a row (FSDP2: same forwards). --tasks: each
+    task's policy; rows per epoch in --batch-size rows (each task's rows once); no validation loss (None)."""
+    if parts.tasks:
+        if path != args.tasks:
+            return None
+        options = dict(seed=args.seed, rank=rank, world_size=world, num_workers=args.num_workers)
+        options.update(grad_accum_steps=args.grad_accum_steps, skip_bad=args.skip_bad, columns=args.columns)
+        options.update(max_bad_fraction=args.max_bad_fraction, delimiter=args.csv_delimiter)
+        loader, rows = task_table_batches(parts.tasks, lambda t: collate_for(args, parts, t), **options)
+        per_batch = sum(rows[n] / t.batch_size for n, t in parts.tasks.items() if t.weight > 0)
+        return loader, round(per_batch * args.batch_size)
+    collate = collate_for(args, parts)
     options = dict(batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world, format=args.format)
     options.update(num_workers=args.num_workers, grad_accum_steps=args.grad_accum_steps, max_steps=args.max_steps)
     options.update(skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction, skip_bad_shards=args.skip_bad_shards)
@@ -199,7 +266,8 @@ def load_data(args: argparse.Namespace, parts: Parts, path: str, rank: int, worl
 
 
 def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache | None, device) -> torch.Tensor:
-    """Last-token embeddings of queries, positives and the fixed-count negatives; InfoNCE over all ranks."""
+    """Last-token embeddings of queries, positives and the fixed-count negatives; InfoNCE over all ranks (--tasks:
+    the loss of the batch's task)."""
 
     fn = lambda **x: vlm_embed(parts.model, x)
 
@@ -210,22 +278,24 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
 
     q, p = encode(batch["query"]), encode(batch["positive"])
     extra = {"labels": batch["labels"].to(device)} if "labels" in batch else {}
-    if args.num_negatives:  # [B*K] rows in row order -> [B, K, D]; padded slots masked out
-        n = encode(batch["negatives"]).view(q.shape[0], args.num_negatives, -1)
+    k = batch["negatives_mask"].shape[1] if "negatives" in batch else 0  # the task's (--num-negatives) count
+    if k:  # [B*K] rows in row order -> [B, K, D]; padded slots masked out
+        n = encode(batch["negatives"]).view(q.shape[0], k, -1)
         extra.update(negatives=n, negatives_mask=batch["negatives_mask"].to(device))
     if args.fn_duplicates:  # content ids (negatives [B, K], -1 on padded slots): candidates equal to the positive
         ids = {k: v.to(device) for k, v in batch["content_ids"].items()}
-        if args.num_negatives:
+        if k:
             ids["negatives"] = scatter_negative_ids(ids["negatives"], extra["negatives_mask"])
         extra["content_ids"] = ids
     if parts.guide is not None:  # --fn-guide: the frozen guide's embeddings of the same rows, without gradient
         sides = [k for k in ("query", "positive", "negatives") if k in batch["guide"]]
         extra["guide"] = guide = {k: guide_embed(args, parts, batch["guide"][k], device) for k in sides}
         if "negatives" in guide:  # [B*K, G] in row order -> [B, K, G]
-            guide["negatives"] = guide["negatives"].view(q.shape[0], args.num_negatives, -1)
-    loss = parts.criterion(q, p, **extra)
+            guide["negatives"] = guide["negatives"].view(q.shape[0], k, -1)
+    criterion = parts.criterion[batch["task"]] if "task" in batch else parts.criterion
+    loss = criterion(q, p, **extra)
     if parts.model.training:  # a training micro-batch (validation_loss runs in eval mode): this step's counts
-        hits = getattr(parts.criterion, "loss", parts.criterion).masked  # Matryoshka: its inner loss's
+        hits = getattr(criterion, "loss", criterion).masked  # Matryoshka: its inner loss's
         parts.masked.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in parts.masked.items()})
     return loss
 
@@ -241,18 +311,32 @@ def guide_embed(args: argparse.Namespace, parts: Parts, inputs: dict, device) ->
 
 @torch.no_grad()
 def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[str, float]:
-    """Retrieval metrics of ``path``; every rank embeds an equal share (FSDP2 forwards are collectives)."""
+    """Retrieval metrics of ``path`` (and at each --mrl-dims width, "dim<w>/<metric>"); every rank embeds an equal
+    share (FSDP2 forwards are collectives). --tasks: each task's val_data, "<task>/<metric>", its instructions."""
+    if not parts.tasks:
+        return evaluate_file(args, parts, path, parts.collator, args.format, mrl_dims(args.mrl_dims), device)
+    out = {}
+    for name, t in parts.tasks.items():
+        if t.val_data:
+            collator = VLMCollator(parts.processor, t.query_instruction, t.doc_instruction, args.max_image_side)
+            metrics = evaluate_file(args, parts, t.val_data, collator, t.format, t.mrl_dims, device)
+            out.update({f"{name}/{k}": v for k, v in metrics.items() if k != "recall_curve"})
+    return out
+
+
+def evaluate_file(args: argparse.Namespace, parts: Parts, path: str, collator, fmt, widths, device) -> dict:
+    """Retrieval metrics of one file's queries against its documents, embedded through ``collator``."""
 
     fn = lambda **x: vlm_embed(parts.model, x)
 
     def encode(items: list, is_query: bool) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in parts.collator.encode(items, is_query).items()}
+        inputs = {k: v.to(device) for k, v in collator.encode(items, is_query).items()}
         with autocast(args, device):
             return F.normalize(fn(**inputs).float(), dim=-1)
 
     parts.model.eval()
-    records = load_records(path, format=args.format, columns=args.columns, delimiter=args.csv_delimiter)
-    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100)
+    records = load_records(path, format=fmt, columns=args.columns, delimiter=args.csv_delimiter)
+    metrics = evaluate_retrieval_by(records, encode, args.relevance, args.eval_batch_size, curve_k=100, widths=widths)
     parts.model.train()
     return metrics
 
@@ -262,6 +346,9 @@ def export(args: argparse.Namespace, parts: Parts, final: str) -> None:
     export_pretrained(parts.model, final, processor=parts.processor)
     if get_rank() == 0:  # what the folder alone does not say: the encoder block (load_encoder) reads it
         spec = dict(pooling="last", query_instruction=args.query_instruction, doc_instruction=args.doc_instruction)
+        if parts.tasks:  # what each task's inputs were told: serve a task's queries with its own instruction
+            keys = ("query_instruction", "doc_instruction", "mrl_dims")
+            spec["tasks"] = {n: {k: getattr(t, k) for k in keys} for n, t in parts.tasks.items()}
         with open(os.path.join(final, "vlm_embedding.json"), "w") as f:
             json.dump({**spec, "max_image_side": args.max_image_side}, f, indent=1)
 

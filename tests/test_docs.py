@@ -233,3 +233,21 @@ def test_readme_encode_snippet_runs_on_the_demo_exports(bare_runs, monkeypatch):
     exec(compile(snippet.replace("img/a.png", str(image)), str(README), "exec"), scope)
     assert scope["scores"].shape == (1, 1)
     assert len(scope["vectors"]) == 1
+
+
+def test_two_task_demo_table_is_what_its_bare_run_measures(tmp_path):
+    """docs/recipes/qwen3_fsdp.md's two-task table: ``python recipes/qwen3_fsdp.py --demo-tasks`` as written,
+    each before -> after figure against the run's metrics.json (per task, and the colour task at width 32)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user's shell: torch's default
+    cmd = [sys.executable, str(ROOT / "recipes" / "qwen3_fsdp.py"), "--demo-tasks"]
+    done = run_watched(cmd, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    metrics = json.loads((tmp_path / "runs" / "qwen3_fsdp" / "metrics.json").read_text())
+    page = (ROOT / "docs" / "recipes" / "qwen3_fsdp.md").read_text().split("<!-- two-task demo table -->")[1]
+    rows = {line.split("|")[1].strip(): line.split("|")[3:-1] for line in page.splitlines() if line.startswith("| ")}
+    columns = {"retrieval": ["recall@1", "recall@5"], "colour": ["recall@1", "recall@5", "dim32/recall@1"]}
+    for task, names in columns.items():
+        got = [q for cell in rows[task] for q in quoted(cell)]
+        assert_quoted(
+            f"the two-task table's {task} row", got, metric_pairs(metrics, *(f"{task}/{n}" for n in names)), 0
+        )

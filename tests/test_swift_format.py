@@ -69,9 +69,9 @@ def _expected(d, path):
                {"swift_label": 1}, f"{path}:2"),
         Record(Item(images=(a,)), Item(text="red"), red_negs, f"{path}:2#q", None, "swift", {"swift_label": 1},
                f"{path}:2"),
-        Record(Item(text="same  as this", images=(c,)), Item(text="p1"), [], f"{path}:3#q", None, "swift",
+        Record(Item(text="same as this", images=(c,)), Item(text="p1"), [], f"{path}:3#q", None, "swift",
                {"id": 7}, f"{path}:3"),
-        Record(Item(text="same  as this", images=(c,)), Item(images=(a,)), [], f"{path}:3#q", None, "swift",
+        Record(Item(text="same as this", images=(c,)), Item(images=(a,)), [], f"{path}:3#q", None, "swift",
                {"id": 7}, f"{path}:3"),
     ]  # fmt: skip
 
@@ -123,3 +123,16 @@ def test_skip_bad_counts_a_bad_row_and_keeps_the_rest(d):
     path = _jsonl(d, [ROWS[0], {**ROWS[1], "images": []}, ROWS[2]])
     reader = read_records(path, skip_bad=True)
     assert [r.source for r in reader] == [f"{path}:1", f"{path}:3", f"{path}:3"] and reader.skipped == 1
+
+
+def test_text_around_a_tag_is_joined_by_one_space(tmp_path):
+    row = {
+        "messages": [_user("a red <image> cat<image>sat")],
+        "images": ["a.png", "b.png"],
+        "positive_messages": [[_user("x")]],
+    }
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (path := tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    (record,) = list(read_records(str(path)))
+    assert record.query.text == "a red cat sat"

@@ -86,6 +86,8 @@ _EXPORTS: dict[str, str] = {
         ["TaskBatches", "TaskLoader", "task_loader", "training_batches", "file_fingerprint"], "data.loader"
     ),
     "load_task_dir": "data.row_files",
+    **dict.fromkeys(["TaskPolicy", "TaskCollate", "read_task_table", "task_table_batches"], "task_table"),
+    "published_defaults": "published",
     **dict.fromkeys(["open_stream", "StreamLoader", "is_stream_spec"], "data.shards"),
     **dict.fromkeys(["EmbedStore", "EmbedWriter"], "data.embed_store"),
 }

@@ -95,7 +95,8 @@ def add_common_args(
     a("--warmup-steps", type=int, default=0, help="linear warmup steps")
     a("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of the steps (instead of --warmup-steps)")
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
-    a("--bf16", action="store_true", help="bf16 autocast (FSDP2 recipes: bf16 parameters, fp32 reduce)")
+    bf16_help = "bf16 autocast (FSDP2 recipes: bf16 parameters, fp32 reduce); --no-bf16: off"
+    a("--bf16", action=argparse.BooleanOptionalAction, default=False, help=bf16_help)
     if fsdp:
         a("--fp16", action=_Refused, help="not supported: fp16 loss scaling over FSDP2-sharded gradients; use --bf16")
     else:

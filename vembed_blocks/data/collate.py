@@ -56,6 +56,10 @@ __all__ = [
     "EMPTY_CONTENT",
 ]
 
+_NO_ROW_INSTRUCTIONS = (
+    "this row has its own instruction (extra['instruction'], e.g. ms-swift's system turn), which only VLMCollator "
+    "sends (a chat's system turn); drop it from the data or use a VLM recipe"
+)
 # What a chat carries for an item with neither text nor image, as the official Qwen3-VL-Embedding
 # embedder sends (an empty user turn would pool on the template alone).
 EMPTY_CONTENT = "NULL"
@@ -166,8 +170,12 @@ class _Collator:
         if not records:
             raise ValueError("cannot collate an empty batch")
         sources = [r.source for r in records]
+        own = [r.extra.get("instruction") for r in records]  # a row's own (e.g. ms-swift's system turn)
+        by_row = {"instructions": own} if any(i is not None for i in own) else {}
+        if by_row and not isinstance(self, VLMCollator):
+            raise RecordError(sources[own.index(next(i for i in own if i is not None))], _NO_ROW_INSTRUCTIONS)
         out: dict[str, Any] = {
-            "query": self.encode([r.query for r in records], True, sources),
+            "query": self.encode([r.query for r in records], True, sources, **by_row),
             "positive": self.encode([r.positive for r in records], False, sources),
         }
         k = max(len(r.negatives) for r in records)
@@ -280,7 +288,8 @@ class VLMCollator(_Collator):
     (`_chat`: the instruction gets a final ``"."`` unless it ends in punctuation, an item with
     neither text nor image sends ``"NULL"``). The processor expands each image placeholder to
     ``prod(image_grid_thw) / merge_size**2`` tokens. Left padding puts every row's last real
-    token at position -1 (``pool(..., "last")`` works for either side anyway).
+    token at position -1 (``pool(..., "last")`` works for either side anyway). A record's own instruction
+    (``Record.extra["instruction"]``: ms-swift's system turn) replaces the query instruction for its query.
 
     Each side: everything the processor returns: ``input_ids[n, L]``, ``attention_mask[n, L]``,
     ``mm_token_type_ids[n, L]`` and, when the side has images, flat ``pixel_values[patches, C*T*P*P]``
@@ -305,12 +314,18 @@ class VLMCollator(_Collator):
         self.message_fn = message_fn or _chat
 
     def encode(
-        self, items: Sequence[Item], is_query: bool, sources: Sequence[str] | None = None
+        self,
+        items: Sequence[Item],
+        is_query: bool,
+        sources: Sequence[str] | None = None,
+        instructions: Sequence[str | None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        instruction = self.query_instruction if is_query else self.doc_instruction
+        """``instructions``: one per item, its own system prompt (None: the side's instruction)."""
+        side = self.query_instruction if is_query else self.doc_instruction
+        own = instructions or [None] * len(items)
         texts, images = [], []
-        for it, src in zip(items, _sources(items, sources)):
-            messages = self.message_fn(it, instruction)
+        for it, src, instruction in zip(items, _sources(items, sources), own):
+            messages = self.message_fn(it, side if instruction is None else instruction)
             texts.append(
                 self.processor.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=self.add_generation_prompt

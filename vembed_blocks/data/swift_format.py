@@ -10,11 +10,12 @@ A row (JSONL line or Parquet row)::
      "negative_messages": [[...], ...], "negative_images": [[...], ...],   (hard negatives, optional)
      "label": number}          (optional: ms-swift's score / pair flag, kept as extra["swift_label"])
 
-Each conversation is one ``Item``: its user turn's content with the ``<image>`` tags removed (stripped;
-None when only tags are left) and the paths listed for it, in order. The number of tags must equal the
-number of paths, conversation by conversation. The query's system turn is kept as
-``Record.extra["instruction"]``; a positive's or negative's system turn is prepended to its text with a
-space, which is what ms-swift's Qwen3-Embedding template feeds the model.
+Each conversation is one ``Item``: its user turn's content with the ``<image>`` tags removed (the text
+around each tag stripped and joined by one space; None when only tags are left) and the paths listed for
+it, in order. The number of tags must equal the number of paths, conversation by conversation. The
+query's system turn is kept as ``Record.extra["instruction"]`` (`data.collate.VLMCollator` sends it as
+that query's system turn); a positive's or negative's system turn is prepended to its text with a space,
+which is what ms-swift's Qwen3-Embedding template feeds the model.
 
 Several positives: one ``Record`` per positive, each with the same query and all the row's negatives.
 So that no positive is an in-batch negative of its own query, the records of such a row share a label
@@ -124,7 +125,7 @@ def _conversation(row: _Row, name: str, turns: Any, images: tuple[str, ...]) -> 
     tags = content.count(IMAGE_TAG)
     if tags != len(images):
         raise row.fail(f"{name!r} has {tags} {IMAGE_TAG} tag(s) but {len(images)} image path(s) are listed for it")
-    text = content.replace(IMAGE_TAG, "").strip() or None
+    text = " ".join(p.strip() for p in content.split(IMAGE_TAG) if p.strip()) or None  # "a <image> b": "a b"
     if text is None and not images:
         raise row.fail(f"{name!r}: empty user turn (no text, no image)")
     system = systems[0].strip() if systems and systems[0].strip() else None

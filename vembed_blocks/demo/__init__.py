@@ -17,9 +17,11 @@ from .shapes import (
     TEMPLATES,
     build_tiny_clip,
     demo_words,
+    render_colour_classes,
     render_demo,
     render_edit_demo,
     render_image_pairs,
+    render_two_task_demo,
     word_level_tokenizer,
 )
 
@@ -31,8 +33,10 @@ __all__ = [
     "TEMPLATES",
     "build_tiny_clip",
     "demo_words",
+    "render_colour_classes",
     "render_demo",
     "render_edit_demo",
     "render_image_pairs",
+    "render_two_task_demo",
     "word_level_tokenizer",
 ]

@@ -135,6 +135,40 @@ def render_image_pairs(out_dir: str, per_combo: int, seed: int) -> str:
     return _write_jsonl(os.path.join(out_dir, "pairs.jsonl"), rows)
 
 
+def render_colour_classes(out_dir: str, per_combo: int, seed: int) -> tuple[str, str]:
+    """A classification task over fresh renders: an image's class is its colour. I2T rows ``{"query_image",
+    "positive": its colour, "negatives": the other colours}``; train: ``per_combo`` images per shape x colour x
+    position, val: one. Other rows of a colour share its positive, so train it with in-batch negatives off.
+    Returns ``(out_dir/colour_train.jsonl, out_dir/colour_val.jsonl)``."""
+    rng = random.Random(seed + 1)  # not the retrieval set's images
+    os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
+    files = []
+    for split, n in (("train", per_combo), ("val", 1)):
+        rows = []
+        for combo in _combos():
+            for k in range(n):
+                image = _save(out_dir, rng, f"cls_{split}_" + "_".join(combo) + f"_{k}", combo)
+                rows.append(
+                    {"query_image": image, "positive": combo[1], "negatives": sorted(set(COLOURS) - {combo[1]})}
+                )
+        rng.shuffle(rows)
+        files.append(_write_jsonl(os.path.join(out_dir, f"colour_{split}.jsonl"), rows))
+    return files[0], files[1]
+
+
+def render_two_task_demo(out_dir: str, per_combo: int, seed: int) -> str:
+    """Beside `render_demo`'s set (rendered first): `render_colour_classes` and ``out_dir/tasks.jsonl``, a task
+    table (`vembed_blocks.task_table`) of caption retrieval and colour classification, the latter with in-batch
+    negatives off (other rows of a colour share its positive), the other five colours as its negatives, its
+    own temperature, instruction (words of the demo vocabulary) and Matryoshka widths."""
+    render_colour_classes(out_dir, per_combo, seed)
+    retrieval = dict(name="retrieval", data="train.jsonl", val_data="val.jsonl", weight=2, batch_size=32)
+    colour = dict(name="colour", data="colour_train.jsonl", val_data="colour_val.jsonl", batch_size=8)
+    colour.update(in_batch_negatives=False, num_negatives=5, temperature=0.1, mrl_dims=[64, 32])
+    colour["query_instruction"] = "the colour of the shape"
+    return _write_jsonl(os.path.join(out_dir, "tasks.jsonl"), [retrieval, colour])
+
+
 def _edit_row(out_dir: str, rng: random.Random, i: int, sources: int, combo: tuple[str, str, str]) -> dict:
     """One edit row whose target is ``combo``, with ``sources`` (0, 1 or 2) source images."""
     s, c, p = combo
