@@ -146,3 +146,14 @@ def test_published_defaults_of_qwen3_vl_embedding(tmp_path):
     assert published_defaults(_folder(tmp_path, "qwen3_vl_embedding_tiny", 48)) == {**base, "mrl_dims": "48"}
     assert published_defaults(_folder(tmp_path, "Qwen3-VL-2B-Instruct", 2048)) == {}  # not the embedder
     assert published_defaults("Qwen/Qwen3-VL-2B-Instruct") == {} and published_defaults(None) == {}
+
+
+def test_the_report_of_a_multi_task_run_names_the_table_and_each_tasks_steps(tmp_path):
+    from vembed_blocks.report import write_report
+
+    (tmp_path / "args.json").write_text(json.dumps({"tasks": "t.jsonl", "batch_size": 32, "data": None}))
+    rows = [{"step": i + 1, "loss": 1.0, "task": t} for i, t in enumerate(["a", "b", "a", "a"])]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = open(write_report(str(tmp_path))).read()
+    assert "- data: the task table `t.jsonl` (each task's data and val_data)" in text
+    assert "- steps per task: a 3, b 1" in text and "- batch: each task's batch_size per rank" in text

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+from collections import Counter
 from typing import Any
 
 __all__ = ["write_report", "read_step_log", "plot_loss_lr", "plot_eval", "plot_recall_curve"]
@@ -184,12 +185,16 @@ def _summary(run_dir: str, config: dict[str, Any], train: list[dict[str, Any]]) 
     lines = [
         f"- model: `{config.get('model') or config.get('vision_model') or 'not recorded'}`"
         + (f" + `{config['text_model']}`" if config.get("text_model") else ""),
-        f"- data: {_data_name(config, 'data')}, validation: {_validation_name(run_dir, config)}",
+        f"- data: {_data_name(config, 'data')}, validation: {_validation_name(run_dir, config)}"
+        if not config.get("tasks")
+        else f"- data: the task table `{config['tasks']}` (each task's data and val_data)",
         f"- steps done: {train[-1]['step'] if train else 'none logged'}"
         + (f" of {config['max_steps']}" if train and config.get("max_steps") else ""),
         f"- batch: {batch or '?'} per rank x {ranks or '? (not recorded)'} rank(s)"
         + (f" x {accum} accumulation" if accum > 1 else "")
-        + per_step,
+        + per_step
+        if not config.get("tasks")
+        else f"- batch: each task's batch_size per rank x {ranks or '? (not recorded)'} rank(s)",
         f"- lr: {config.get('lr', 'not recorded')}",
         f"- loss: {_fmt(loss[0])} -> {_fmt(loss[-1])}" if loss else "- loss: no training rows",
         f"- wall time: {times[-1] - times[0]:.1f} s from the first to the last logged step"
@@ -197,6 +202,9 @@ def _summary(run_dir: str, config: dict[str, Any], train: list[dict[str, Any]]) 
         else "- wall time: not recorded (train_log.jsonl rows carry no `time`)",
         "- flags: " + (", ".join(flags) or "none set"),
     ]
+    drawn = Counter(r["task"] for r in train if r.get("task"))
+    if len(drawn) > 1:  # a multi-task run: how the steps fell to each task
+        lines.insert(3, "- steps per task: " + ", ".join(f"{t} {n}" for t, n in sorted(drawn.items())))
     if config:
         lines += ["", "<details><summary>all arguments (args.json)</summary>", "", "```json"]
         lines += [json.dumps(config, indent=1), "```", "</details>"]
