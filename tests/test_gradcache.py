@@ -633,6 +633,45 @@ def test_ddp_and_fsdp2_two_ranks() -> None:
                 assert count == 1 and err < 1e-5, (name, count, err)
 
 
+def _ragged_fsdp2_body(rank: int, world: int) -> dict:
+    """FSDP2 with 6 rows on rank 0 and 3 on rank 1 (a bad row dropped on one rank): chunks of 2 are 3 against 2,
+    and every FSDP2 forward is a collective. The loss is the global mean (each rank: its rows' sum x world / N)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from vembed_blocks.distributed import gather_with_offset
+
+    torch.set_default_dtype(torch.float64)
+    rows = [6, 3]
+    n, start = sum(rows), sum(rows[:rank])
+    q_all, d_all = batch(n, 40), batch(n, 41)
+    mine = lambda b: {k: v[start : start + rows[rank]] for k, v in b.items()}  # noqa: E731
+    ref = Tower()
+    info_nce(ref(**q_all), ref(**d_all)).backward()
+    want, out, mesh = grads(ref), {}, init_device_mesh("cpu", (world,))
+    for name, keep, each in (("keep1", 1, False), ("keep0", 0, False), ("each", 1, True)):
+        m = Tower()
+        fully_shard(m.block, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        gc = GradCache(chunk_size=2, keep_graphs=keep, sync_each_chunk=each)
+        q, p = F.normalize(gc.encode(m, **mine(q_all)), dim=-1), F.normalize(gc.encode(m, **mine(d_all)), dim=-1)
+        all_p, offset = gather_with_offset(p)
+        loss = F.cross_entropy(q @ all_p.T / 0.1, torch.arange(len(q)) + offset, reduction="sum") * world / n
+        loss.backward()
+        out[name] = _max_err([p.grad.full_tensor() for p in m.parameters()], want)
+    m.eval()
+    with torch.no_grad():  # an evaluation forward through GradCache: the same number of forwards too
+        got = gc.encode(m, **mine(q_all))
+    out["eval"] = float((got - ref(**mine(q_all))).abs().max())
+    return out
+
+
+def test_fsdp2_ranks_with_fewer_rows_run_spare_chunks() -> None:
+    """2 gloo ranks, ragged rows under FSDP2: no hang, and gradients equal one process on all 9 rows."""
+    for res in run_ranks(_ragged_fsdp2_body, 2, timeout=180):
+        assert all(v < 1e-8 for v in res.values()), res
+
+
 # ---------------------------------------------------------------------------- CUDA only
 # Skipped without a CUDA device: these carry no claim on a CPU-only run. The CPU tests above cover the
 # same logic through a fake lazily-initialised device (LazyDevice) and CPU autocast/GradScaler.

@@ -8,6 +8,9 @@ padded to 2 and masked). Checked against references written here:
 - the first step's loss (a colour step) equals the in-batch-off loss of the global batch computed in one process:
   per row, cross-entropy of [own positive, own real negatives] at each width, summed over widths, averaged;
 - a run stopped at step 3 and resumed logs the uninterrupted run's losses at steps 4-6;
+- a fault on one rank: step 1's colour row on rank 1 has a broken image and --skip-bad drops it there alone, so
+  that rank encodes fewer rows and GradCache chunks (FSDP2 needs as many collectives: the run must not hang);
+  the loss is the in-batch-off mean over the three rows left;
 - metrics.json holds per-task metrics and per-width ones; the colour accuracy equals one recomputed from the
   exported folder with the task's instruction; vlm_embedding.json records each task's instructions.
 """
@@ -52,11 +55,18 @@ def setup(tmp_path_factory) -> dict:
     classify = dict(name="colour", data=colour, val_data=colour, batch_size=2, in_batch_negatives=False)
     classify.update(temperature=0.1, num_negatives=2, query_instruction="the colour", mrl_dims=[32, 16])
     (root / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (caption, classify)))
-    return {"tasks": str(root / "tasks.jsonl"), "model": tiny_qwen3vl(str(root / "model")), "colour": colour}
+    rows = [json.loads(line) for line in Path(colour).read_text().splitlines()]
+    rows[first_step_rows()[2]]["query_image"] = "broken.png"  # rank 1's first row at step 1
+    (root / "broken.png").write_bytes(b"not a png")
+    (root / "colour_bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    classify["data"] = str(root / "colour_bad.jsonl")
+    (root / "tasks_bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (caption, classify)))
+    out = {"tasks": str(root / "tasks.jsonl"), "tasks_bad": str(root / "tasks_bad.jsonl"), "colour": colour}
+    return {**out, "model": tiny_qwen3vl(str(root / "model"))}
 
 
-def argv(setup: dict, out: Path, *extra: str) -> list[str]:
-    flags = ["--model", setup["model"], "--tasks", setup["tasks"], "--output", str(out), "--seed", str(SEED)]
+def argv(setup: dict, out: Path, *extra: str, tasks: str = "tasks") -> list[str]:
+    flags = ["--model", setup["model"], "--tasks", setup[tasks], "--output", str(out), "--seed", str(SEED)]
     flags += ["--chunk-size", "2", "--max-steps", "6", "--lr", "3e-3", "--num-workers", "0", "--log-every", "1"]
     return [*flags, *extra]
 
@@ -130,6 +140,16 @@ def test_two_tasks_on_two_ranks_follow_their_policies_and_resume_exactly(setup, 
     assert colour_accuracy(straight / "final", setup["colour"]) == pytest.approx(
         [metrics["after"]["colour/recall@1"], metrics["after"]["colour/dim16/recall@1"]], abs=1e-6
     )
+
+
+def test_a_row_dropped_on_one_rank_alone_neither_hangs_nor_biases_the_loss(setup, tmp_path):
+    out = tmp_path / "bad"
+    logs = torchrun("qwen3_fsdp", *argv(setup, out, "--skip-bad", "--max-steps", "2", tasks="tasks_bad"), stderr=True)
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert "dropped a bad row" in logs and [r["bad_rows"] for r in logged] == [1, 1], logged
+    left = [i for k, i in enumerate(first_step_rows()) if k != 2]
+    want = colour_loss_by_hand(setup["model"], setup["colour"], left)
+    assert logged[0]["loss"] == pytest.approx(want, abs=1e-4), (logged[0], want)
 
 
 def colour_accuracy(final: Path, colour_file: str) -> list[float]:

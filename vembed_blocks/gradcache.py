@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._torch_private import fsdp_gradient_sync, queue_backward_callback
 from .gradcache_budget import EncodePlan, KeepPlanner
-from .gradcache_split import RowSplit, check_chunk_output, chunk_bounds
+from .gradcache_split import RowSplit, check_chunk_output, chunk_bounds, chunks_behind, run_spare, spare_rng
 
 __all__ = ["GradCache", "RandState", "RowSplit", "CudaRNG", "EncodePlan"]
 
@@ -157,6 +157,7 @@ class _Record:
     bounds: list[tuple[int, int]]
     autocast: list[tuple[str, bool, torch.dtype]]
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk -> output with its graph
+    spare: list[Any] = field(default_factory=list)  # FSDP2: extra one-row chunks, run for the collectives only
     sync: list[nn.Module] = field(default_factory=list)
     grad: torch.Tensor | None = None
     held: float = 0  # estimated bytes of the kept graphs (memory_budget), until backward
@@ -205,7 +206,9 @@ class GradCache:
         sync_module: the DDP or FSDP2 module (or a list) whose gradient sync GradCache must
             control. ``fn`` itself (or the module a bound method ``fn`` belongs to) is detected.
             DDP: every chunk but the very last replayed one runs under ``no_sync``, so one
-            all-reduce per step. FSDP2: ``set_requires_gradient_sync(False)`` until the last unit.
+            all-reduce per step. FSDP2: ``set_requires_gradient_sync(False)`` until the last unit; a
+            rank with fewer chunks (fewer rows) runs spare one-row chunks, outputs dropped and zero
+            gradients, so that every rank runs the same collectives (`gradcache_split.chunks_behind`).
         sync_each_chunk: FSDP2 only: reduce-scatter after every chunk (sharded gradients) instead
             of accumulating unsharded gradients until the end.
         splitter: how ``encode`` inputs are cut into row chunks: a callable ``splitter(inputs)`` (``inputs``
@@ -281,8 +284,12 @@ class GradCache:
                     "training mode, so its output could not carry gradient: call it with grad enabled, or call "
                     "model.eval() first to embed without gradient."
                 )
-            return restore(torch.cat([fn(*chunk[0], **chunk[1]) for chunk in (split[s:e] for s, e in bounds)]))
+            behind = chunks_behind(len(bounds), _sharded(self._sync_modules(fn)))  # agreed before any forward
+            outs = [fn(*chunk[0], **chunk[1]) for chunk in (split[s:e] for s, e in bounds)]
+            run_spare(fn, split, behind)
+            return restore(torch.cat(outs))
         rec = _Record(fn, [], [], bounds, _autocast_state(), sync=self._sync_modules(fn))
+        behind = chunks_behind(len(bounds), _sharded(rec.sync))  # agreed before any forward: those are collectives
         planner = KeepPlanner(costs, self.keep_graphs, self.memory_budget, self._held)
         outs, ran_with_grad, trainable = [], False, False
         for i, (s, e) in enumerate(bounds):
@@ -304,6 +311,7 @@ class GradCache:
                 check_chunk_output(out, e - s, outs, i)
             rec.states[i].complete()  # a device (CUDA) initialised by this chunk: record its fresh RNG
             outs.append(out)
+        rec.spare = run_spare(fn, split, behind)
         rec.held = planner.held
         self.last_plan = planner.plan(len(bounds), len(rec.kept))
         if ran_with_grad and not trainable:  # frozen tower: its output carries no gradient, nothing to replay
@@ -357,7 +365,7 @@ class GradCache:
         Each DDP/FSDP module syncs on its own last unit only (towers may be separate modules).
         """
         units = [(r, i) for r in ready for i in sorted(r.kept)]
-        units += [(r, i) for r in ready for i in range(len(r.bounds)) if i not in r.kept]
+        units += [(r, i) for r in ready for i in range(len(r.bounds) + len(r.spare)) if i not in r.kept]
         mods = list({id(m): m for r in ready for m in r.sync}.values())
         if not mods:  # a chunk whose cached gradient is all zero contributes nothing (exact)
             units = [(r, i) for r, i in units if bool(r.grad[slice(*r.bounds[i])].any())]
@@ -381,6 +389,13 @@ class GradCache:
 
 def _backprop_chunk(r: _Record, i: int) -> None:
     """Backpropagate chunk ``i``'s cached gradient, through its kept graph or a replay."""
+    if i >= len(r.bounds):  # a spare chunk: forward and a zero backward, for FSDP2's collectives only
+        args, kwargs = r.spare[i - len(r.bounds)]
+        with spare_rng(), _autocast(r.autocast), torch.enable_grad():
+            out = r.fn(*args, **kwargs)
+        if out.requires_grad:
+            torch.autograd.backward(out, torch.zeros_like(out))
+        return
     s, e = r.bounds[i]
     grad = r.grad[s:e]
     out = r.kept.pop(i, None)
@@ -397,8 +412,12 @@ def _backprop_chunk(r: _Record, i: int) -> None:
 
 def _release(r: _Record) -> None:
     """Drop everything a record holds (inputs, RNG states, graphs, cached gradient)."""
-    r.fn, r.chunks, r.states, r.grad, r.sync, r.held = None, [], [], None, [], 0
+    r.fn, r.chunks, r.states, r.grad, r.sync, r.held, r.spare = None, [], [], None, [], 0, []
     r.kept.clear()
+
+
+def _sharded(mods: list[nn.Module]) -> bool:
+    return any(isinstance(m, _fsdp_module_class()) for m in mods)
 
 
 def _user_fsdp_sync(m: nn.Module) -> bool:

@@ -14,7 +14,16 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["RowSplit", "check_chunk_output", "chunk_bounds", "find_mask", "tensors"]
+__all__ = [
+    "RowSplit",
+    "check_chunk_output",
+    "chunk_bounds",
+    "chunks_behind",
+    "find_mask",
+    "run_spare",
+    "spare_rng",
+    "tensors",
+]
 
 
 class RowSplit:
@@ -150,3 +159,34 @@ def check_chunk_output(out: Any, rows: int, prev: list[torch.Tensor], i: int) ->
             f"GradCache: chunk {i} output has shape {list(out.shape)}, expected {want}: fn must return one row "
             "per input row with the same trailing shape for every chunk (pad token outputs to a fixed length)."
         )
+
+
+def chunks_behind(n: int, sharded: bool) -> int:
+    """How many more chunks than ``n`` the busiest rank runs: every FSDP2 forward (and backward) is a collective,
+    so a rank with fewer rows (a bad row dropped on it alone, a ragged last batch) must run that many extra
+    chunks or the others wait forever. 0 unless ``sharded`` under a process group of several ranks; one
+    all-reduce (MAX) of a scalar on the default group otherwise."""
+    import torch.distributed as dist
+
+    if not sharded or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0
+    on_gpu = dist.get_backend() == "nccl"
+    most = torch.tensor([n], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item()) - n
+
+
+def spare_rng():
+    """A context that restores every RNG after it (an extra chunk must not move this rank's random streams)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [])
+
+
+def run_spare(fn: Any, split: Any, n: int) -> list[Any]:
+    """``n`` forwards of ``split``'s first row without gradient, outputs dropped (`chunks_behind`), RNG spared;
+    returns their inputs (replayed with a zero gradient)."""
+    spare = [split[0:1] for _ in range(n)]
+    with torch.no_grad(), spare_rng():
+        for args, kwargs in spare:
+            fn(*args, **kwargs)
+    return spare
