@@ -152,8 +152,14 @@ def test_torchrun_fsdp_learns_resumes_and_exports(toy, tmp_path):
         d = F.normalize(vlm_embed(model, collator.encode(rs.docs, False)), dim=-1)
     got = retrieval_metrics(q @ d.T, rs.relevant, ks=(1, 5, 10))
     after = json.loads((split / "metrics.json").read_text())["after"]
+    assert {"dim32/recall@1", "dim16/recall@1"} <= set(after)  # --mrl-dims 32,16: the metrics at each width too
     for name, value in after.items():
-        assert got[name] == pytest.approx(value, abs=1e-4), name
+        if name.startswith("dim16/"):  # the first 16 dimensions, renormalised
+            q16, d16 = F.normalize(q[:, :16], dim=-1), F.normalize(d[:, :16], dim=-1)
+            got16 = retrieval_metrics(q16 @ d16.T, rs.relevant, ks=(1, 5, 10))
+            assert got16[name.split("/", 1)[1]] == pytest.approx(value, abs=1e-4), name
+        else:  # the full width (32: the model's) under both names
+            assert got[name.split("/", 1)[-1]] == pytest.approx(value, abs=1e-4), name
 
 
 def test_single_process_lora_merges_into_the_export(toy, tmp_path):
