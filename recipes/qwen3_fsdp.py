@@ -162,7 +162,8 @@ def prepare_data(args: argparse.Namespace, rank: int, world: int) -> tuple[str, 
         if args.model is None:
             build_demo_qwen3vl(os.path.join(demo, "model"), args.demo_quick)
         if args.demo_tasks:  # + colour classification (in-batch negatives off) and a table of the two tasks
-            render_two_task_demo(demo, per_combo=1 if args.demo_quick else 8, seed=args.seed)
+            widths = () if args.model else (32, 16) if args.demo_quick else (64, 32)  # the demo model's (or none)
+            render_two_task_demo(demo, per_combo=1 if args.demo_quick else 8, seed=args.seed, widths=widths)
     if world > 1:
         torch.distributed.barrier()
     args.model = args.model or os.path.join(demo, "model")

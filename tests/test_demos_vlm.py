@@ -99,3 +99,18 @@ def test_extract_and_multitask_demos_on_two_ranks(tmp_path):
     metrics = json.loads((tmp_path / "head" / "metrics.json").read_text())
     for task in ("edit", "pairs"):
         assert_retrieval_improves(metrics["before"], metrics["after"], f"{task}/", k=5)
+
+
+def test_qwen3_two_task_demo_quick_evaluates_each_task_during_and_after(tmp_path):
+    """--demo-tasks --demo-quick: the table holds the quick model's widths (32, 16); --eval-every gives per-task
+    (and per-width) metrics in eval_log.jsonl, with no validation loss (undefined across tasks)."""
+    result = qwen3.main(["--output", str(tmp_path), "--demo-tasks", "--eval-every", "10", *QUICK])
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "tasks.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["retrieval", "colour"] and rows[1]["mrl_dims"] == [32, 16]
+    assert not rows[1]["in_batch_negatives"] and rows[1]["num_negatives"] == 5
+    evals = [json.loads(line) for line in (tmp_path / "eval_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [10, 20] and all("loss" not in e for e in evals)
+    for metrics in (*evals, result["before"], result["after"]):
+        assert {"retrieval/recall@5", "colour/recall@1", "colour/dim16/recall@1"} <= set(metrics), metrics
+    logged = {json.loads(line)["task"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()}
+    assert logged == {"retrieval", "colour"}

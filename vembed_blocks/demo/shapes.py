@@ -156,15 +156,15 @@ def render_colour_classes(out_dir: str, per_combo: int, seed: int) -> tuple[str,
     return files[0], files[1]
 
 
-def render_two_task_demo(out_dir: str, per_combo: int, seed: int) -> str:
+def render_two_task_demo(out_dir: str, per_combo: int, seed: int, widths: tuple[int, ...] = (64, 32)) -> str:
     """Beside `render_demo`'s set (rendered first): `render_colour_classes` and ``out_dir/tasks.jsonl``, a task
     table (`vembed_blocks.task_table`) of caption retrieval and colour classification, the latter with in-batch
     negatives off (other rows of a colour share its positive), the other five colours as its negatives, its
-    own temperature, instruction (words of the demo vocabulary) and Matryoshka widths."""
+    own temperature, instruction (words of the demo vocabulary) and Matryoshka ``widths`` (at most the model's)."""
     render_colour_classes(out_dir, per_combo, seed)
     retrieval = dict(name="retrieval", data="train.jsonl", val_data="val.jsonl", weight=2, batch_size=32)
     colour = dict(name="colour", data="colour_train.jsonl", val_data="colour_val.jsonl", batch_size=8)
-    colour.update(in_batch_negatives=False, num_negatives=5, temperature=0.1, mrl_dims=[64, 32])
+    colour.update(in_batch_negatives=False, num_negatives=5, temperature=0.1, mrl_dims=list(widths))
     colour["query_instruction"] = "the colour of the shape"
     return _write_jsonl(os.path.join(out_dir, "tasks.jsonl"), [retrieval, colour])
 
