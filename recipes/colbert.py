@@ -56,9 +56,11 @@ from vembed_blocks.model_folders import check_model_arg, hub_errors
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.recipe_flags import (
     add_false_negative_args,
+    add_masked,
     common_parser,
     false_negative_counts,
     false_negative_rules,
+    masked_counts,
     mrl_dims,
 )
 from vembed_blocks.report import write_report
@@ -250,8 +252,7 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
             guide["negatives"] = guide["negatives"].view(q.shape[0], args.num_negatives, -1)
     loss = parts.criterion(q, qm, d, dm, **extra)
     if parts.model.training:  # a training micro-batch (validation_loss runs in eval mode): this step's counts
-        hits = getattr(parts.criterion, "loss", parts.criterion).masked  # Matryoshka: its inner loss's
-        parts.masked.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in parts.masked.items()})
+        add_masked(parts.masked, parts.criterion, device)  # Matryoshka: its inner loss's
     return loss
 
 
@@ -320,15 +321,6 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
-
-
-def masked_counts(parts, world: int) -> dict[str, int]:
-    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
-    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
-    masked = getattr(parts, "masked", {})
-    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
-    masked.update(dict.fromkeys(masked, 0))
-    return counts
 
 
 # </shared>

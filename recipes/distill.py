@@ -50,7 +50,7 @@ from vembed_blocks.input_check import InputCheck
 from vembed_blocks.losses import Distill, Matryoshka
 from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
-from vembed_blocks.recipe_flags import common_parser, mrl_dims
+from vembed_blocks.recipe_flags import common_parser, masked_counts, mrl_dims
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import (
     RunLog,
@@ -253,15 +253,6 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
-
-
-def masked_counts(parts, world: int) -> dict[str, int]:
-    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
-    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
-    masked = getattr(parts, "masked", {})
-    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
-    masked.update(dict.fromkeys(masked, 0))
-    return counts
 
 
 # </shared>

@@ -50,7 +50,7 @@ from vembed_blocks.gradcache import GradCache
 from vembed_blocks.input_check import InputCheck
 from vembed_blocks.model_folders import check_model_arg, hub_errors
 from vembed_blocks.parallel import checkpoint_layers, compile_layers, shard_model
-from vembed_blocks.recipe_flags import common_parser
+from vembed_blocks.recipe_flags import common_parser, masked_counts
 from vembed_blocks.report import write_report
 from vembed_blocks.run_log import (
     RunLog,
@@ -260,15 +260,6 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
-
-
-def masked_counts(parts, world: int) -> dict[str, int]:
-    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
-    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
-    masked = getattr(parts, "masked", {})
-    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
-    masked.update(dict.fromkeys(masked, 0))
-    return counts
 
 
 # </shared>

@@ -75,9 +75,11 @@ from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.published import published_defaults
 from vembed_blocks.recipe_flags import (
     add_false_negative_args,
+    add_masked,
     common_parser,
     false_negative_counts,
     false_negative_rules,
+    masked_counts,
     mrl_dims,
 )
 from vembed_blocks.report import write_report
@@ -212,7 +214,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
         criterion = nn.ModuleDict(
             {n: contrastive_loss(t.temperature, t.in_batch_negatives, t.mrl_dims, rules) for n, t in tasks.items()}
         )
-    collator = VLMCollator(processor, args.query_instruction, args.doc_instruction, args.max_image_side)
+    collator = collator_for(args, processor)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     state = nn.ModuleDict({"model": model, "loss": criterion})
     parts = Parts(model, state, groups, criterion, collator, processor, splitter=VLMSplit)  # flat pixels by image
@@ -223,8 +225,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Parts:
             guide = AutoModel.from_pretrained(args.fn_guide, dtype=torch.bfloat16 if args.bf16 else torch.float32)
         guide = guide.to(device).eval().requires_grad_(False)
         parts.guide = lambda **x: vlm_embed(guide, x)
-        instructions = args.query_instruction, args.doc_instruction, args.max_image_side
-        parts.guide_collator = VLMCollator(guide_processor, *instructions)
+        parts.guide_collator = collator_for(args, guide_processor)
     return parts
 
 
@@ -235,14 +236,18 @@ def contrastive_loss(temperature: float, in_batch_negatives: bool, dims, rules) 
     return Matryoshka(loss, list(dims)) if dims else loss
 
 
+def collator_for(args: argparse.Namespace, processor, task: TaskPolicy | None = None) -> VLMCollator:
+    """Chats by the task's instructions (without one: the flags')."""
+    source = args if task is None else task
+    return VLMCollator(processor, source.query_instruction, source.doc_instruction, args.max_image_side)
+
+
 def collate_for(args: argparse.Namespace, parts: Parts, task: TaskPolicy | None = None):
     """Rows -> inputs with exactly the task's (or --num-negatives) negatives a row, by its instructions."""
-    k, sides = args.num_negatives, (args.query_instruction, args.doc_instruction, args.max_image_side)
-    if task is not None:
-        k, sides = task.num_negatives, (task.query_instruction, task.doc_instruction, args.max_image_side)
-    collate = FixedNegatives(VLMCollator(parts.processor, *sides), k)
+    k = args.num_negatives if task is None else task.num_negatives
+    collate = FixedNegatives(collator_for(args, parts.processor, task), k)
     if args.fn_guide:  # the guide's own inputs of the same rows, negatives laid out alike
-        collate = WithGuideInputs(collate, FixedNegatives(VLMCollator(parts.guide_collator.processor, *sides), k))
+        collate = WithGuideInputs(collate, FixedNegatives(collator_for(args, parts.guide_collator.processor, task), k))
     return collate
 
 
@@ -296,8 +301,7 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
     criterion = parts.criterion[batch["task"]] if "task" in batch else parts.criterion
     loss = criterion(q, p, **extra)
     if parts.model.training:  # a training micro-batch (validation_loss runs in eval mode): this step's counts
-        hits = getattr(criterion, "loss", criterion).masked  # Matryoshka: its inner loss's
-        parts.masked.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in parts.masked.items()})
+        add_masked(parts.masked, criterion, device)  # Matryoshka: its inner loss's
     return loss
 
 
@@ -319,8 +323,9 @@ def evaluate(args: argparse.Namespace, parts: Parts, path: str, device) -> dict[
     out = {}
     for name, t in parts.tasks.items():
         if t.val_data:
-            collator = VLMCollator(parts.processor, t.query_instruction, t.doc_instruction, args.max_image_side)
-            metrics = evaluate_file(args, parts, t.val_data, collator, t.format, t.mrl_dims, device)
+            metrics = evaluate_file(
+                args, parts, t.val_data, collator_for(args, parts.processor, t), t.format, t.mrl_dims, device
+            )
             out.update({f"{name}/{k}": v for k, v in metrics.items() if k != "recall_curve"})
     return out
 
@@ -379,15 +384,6 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
-
-
-def masked_counts(parts, world: int) -> dict[str, int]:
-    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
-    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
-    masked = getattr(parts, "masked", {})
-    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
-    masked.update(dict.fromkeys(masked, 0))
-    return counts
 
 
 # </shared>

@@ -50,10 +50,12 @@ from vembed_blocks.parallel import apply_lora, checkpoint_layers, compile_layers
 from vembed_blocks.pooling import POOL_METHODS
 from vembed_blocks.recipe_flags import (
     add_false_negative_args,
+    add_masked,
     add_padding_args,
     common_parser,
     false_negative_counts,
     false_negative_rules,
+    masked_counts,
     mrl_dims,
 )
 from vembed_blocks.report import write_report
@@ -247,8 +249,7 @@ def step_loss(args: argparse.Namespace, parts: Parts, batch: dict, gc: GradCache
         extra["guide"] = {k: guide_embed(args, parts, batch["guide"][k], device) for k in sides}
     loss = parts.criterion(q, p, negatives=neg, **extra)
     if parts.model.training:  # a training micro-batch (validation_loss runs in eval mode): this step's counts
-        hits = getattr(parts.criterion, "loss", parts.criterion).masked  # Matryoshka: its inner loss's
-        parts.masked.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in parts.masked.items()})
+        add_masked(parts.masked, parts.criterion, device)  # Matryoshka: its inner loss's
     return loss
 
 
@@ -303,15 +304,6 @@ def validation_loss(args: argparse.Namespace, parts, path: str, rank: int, world
         losses = [step_loss(args, parts, b, None, device).float() for _, micro, _ in loader.steps(steps) for b in micro]
         parts.model.train()
     return {"loss": mean_over_ranks(torch.stack(losses).mean())}
-
-
-def masked_counts(parts, world: int) -> dict[str, int]:
-    """``masked_<rule>``: the candidates each false-negative rule masked in this step (``parts.masked``, which
-    step_loss fills), summed over micro-batches and ranks, then zeroed for the next step; {} without rules."""
-    masked = getattr(parts, "masked", {})
-    counts = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in masked.items()}
-    masked.update(dict.fromkeys(masked, 0))
-    return counts
 
 
 # </shared>

@@ -24,6 +24,8 @@ __all__ = [
     "add_false_negative_args",
     "check_common_args",
     "false_negative_counts",
+    "add_masked",
+    "masked_counts",
     "false_negative_rules",
     "mrl_dims",
 ]
@@ -206,6 +208,28 @@ def false_negative_counts(duplicates: bool, rules) -> dict[str, int]:
 
     on = (duplicates, rules is not None and rules.scores, rules is not None and rules.guided)
     return {rule: 0 for rule, yes in zip(RULES, on) if yes}
+
+
+def add_masked(counts: dict, criterion, device) -> None:
+    """Add the hits of ``criterion``'s last call (its ``masked``; a `Matryoshka`'s inner loss's) to ``counts``
+    (`false_negative_counts`), key by key, as tensors on ``device`` (what the all-reduce of `masked_counts`
+    needs): a step's micro-batches accumulate."""
+    import torch
+
+    hits = getattr(criterion, "loss", criterion).masked
+    counts.update({k: n + torch.as_tensor(hits.get(k, 0), device=device) for k, n in counts.items()})
+
+
+def masked_counts(parts, world: int) -> dict[str, int]:
+    """``{masked_<rule>: n}``: what each rule masked in this step (``parts.masked``, which `add_masked` filled; a
+    recipe without rules has none: ``{}``), summed over micro-batches and ranks (one all-reduce per rule; every
+    rank has the same keys), then zeroed for the next step."""
+    from .distributed import mean_over_ranks
+
+    counts = getattr(parts, "masked", {})
+    out = {f"masked_{rule}": round(mean_over_ranks(n) * world) for rule, n in counts.items()}
+    counts.update(dict.fromkeys(counts, 0))
+    return out
 
 
 def check_common_args(args: argparse.Namespace) -> None:
